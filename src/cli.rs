@@ -1,0 +1,97 @@
+//! Command line: global options, one subcommand per runbook step, exit codes per SPEC.md
+//! (0 success, 1 a finding or failed check, 2 usage or configuration error).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{Config, Overrides, DEFAULT_CONFIG_PATH};
+use crate::error::Result;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Stream a live PostgreSQL database into PostgreSQL or Citus: snapshot copy, then pgoutput change data capture, transactional and exactly once"
+)]
+pub struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, global = true, default_value = DEFAULT_CONFIG_PATH, value_name = "PATH")]
+    pub config: PathBuf,
+    /// Source connection string; overrides SLUICE_SOURCE_URL and source.url.
+    #[arg(long, global = true, value_name = "URL")]
+    pub source: Option<String>,
+    /// Target connection string; overrides SLUICE_TARGET_URL and target.url.
+    #[arg(long, global = true, value_name = "URL")]
+    pub target: Option<String>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {}
+
+impl Cli {
+    pub fn load_config(&self) -> Result<Config> {
+        Config::load(
+            &self.config,
+            &Overrides {
+                source_url: self.source.clone(),
+                target_url: self.target.clone(),
+            },
+        )
+    }
+}
+
+/// Logs go to stderr so that stdout stays for command output (`status --json`).
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let code = if error.use_stderr() { 2 } else { 0 };
+            let _ = error.print();
+            return code;
+        }
+    };
+    init_logging(cli.log_format);
+    crate::tls::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("Error: cannot start the async runtime: {error}");
+            return 1;
+        }
+    };
+    let result: Result<i32> = runtime.block_on(async move { match cli.command {} });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("Error: {}", error.report());
+            error.exit_code()
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The status every reporting surface shares: `sluice status`, `sluice lag`, the control
+//! socket and `/metrics`. The daemon owns one [`SharedStatus`] and updates it as it works;
+//! readers take a [`StatusReport`] snapshot.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::lsn::Lsn;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DaemonState {
+    #[default]
+    Starting,
+    Copying,
+    Streaming,
+    Stalled,
+    Stopped,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TableState {
+    #[default]
+    Pending,
+    Copying,
+    Copied,
+    Streaming,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableStatus {
+    pub name: String,
+    pub state: TableState,
+    pub rows_copied: u64,
+}
+
+/// The SPEC.md status fields (and a few more). LSNs serialise as `16/B374D848`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct StatusReport {
+    pub state: DaemonState,
+    pub slot: String,
+    /// The source's current WAL position (`pg_current_wal_lsn()`), last sampled.
+    pub source_lsn: Option<Lsn>,
+    /// End of the last WAL data received from the slot.
+    pub received_lsn: Option<Lsn>,
+    /// End LSN of the last source commit applied on the target.
+    pub applied_lsn: Option<Lsn>,
+    /// The position sluice has caught up to: `applied_lsn`, or a later keepalive position
+    /// acknowledged while nothing was in flight.
+    pub caught_up_lsn: Option<Lsn>,
+    pub confirmed_flush_lsn: Option<Lsn>,
+    pub restart_lsn: Option<Lsn>,
+    pub lag_bytes: Option<u64>,
+    pub lag_seconds: Option<f64>,
+    pub retained_wal_bytes: Option<u64>,
+    /// `pg_replication_slots.wal_status` (`reserved`, `extended`, `unreserved`, `lost`).
+    pub wal_status: Option<String>,
+    pub safe_wal_size: Option<i64>,
+    pub applied_transactions: u64,
+    pub applied_changes: u64,
+    pub last_error: Option<String>,
+    /// Seconds since the current stall began, when stalled.
+    pub stalled_seconds: Option<f64>,
+    pub warnings: Vec<String>,
+    pub tables: Vec<TableStatus>,
+    /// Unix time (seconds) the daemon started, when running.
+    pub started_at: Option<f64>,
+    /// Unix time (seconds) of this report.
+    pub reported_at: f64,
+    pub pid: Option<u32>,
+}
+
+/// The daemon's live status, updated by the stream, the applier, the copier and the monitor.
+#[derive(Debug, Clone, Default)]
+pub struct SharedStatus {
+    inner: Arc<Mutex<StatusReport>>,
+    tables: Arc<Mutex<BTreeMap<String, TableStatus>>>,
+}
+
+impl SharedStatus {
+    pub fn new(slot: &str) -> Self {
+        let status = SharedStatus::default();
+        status.update(|s| {
+            s.slot = slot.to_string();
+            s.pid = Some(std::process::id());
+            s.started_at = Some(unix_now());
+        });
+        status
+    }
+
+    /// Changes the report under the lock; keep the closure short.
+    pub fn update(&self, change: impl FnOnce(&mut StatusReport)) {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        change(&mut guard);
+    }
+
+    pub fn set_table(&self, name: &str, state: TableState, rows_copied: u64) {
+        let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        tables.insert(
+            name.to_string(),
+            TableStatus {
+                name: name.to_string(),
+                state,
+                rows_copied,
+            },
+        );
+    }
+
+    pub fn snapshot(&self) -> StatusReport {
+        let mut report = self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        report.tables = self
+            .tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        report.reported_at = unix_now();
+        report
+    }
+}
+
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}

@@ -1,0 +1,265 @@
+//! Errors with a kind that decides what the daemon does next.
+//!
+//! - `Config`: the operator's input is wrong (file, key, URL). Exit 2.
+//! - `Transient`: the world hiccuped (connection refused/reset/timed out, a server restarting,
+//!   a slot still held by a dying session). Retried with backoff and jitter, never skipped.
+//! - `Definite`: retrying cannot help (authentication, a missing database or slot, permission
+//!   denied, an invalidated slot, a state dir of another source). Reported at once, exit 1.
+//! - `Apply`: the target refused a change (type mismatch, missing column, constraint). The
+//!   daemon stalls, keeps the slot, and retries slowly until the target is fixed.
+//!
+//! Messages start with a capital letter, name the object (table, LSN, key) and say what to do.
+//! The source chain is kept, never flattened into a string, so `{:#}`-style reporting and
+//! classification can look at the original error.
+
+use std::error::Error as StdError;
+use std::fmt;
+
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    Config,
+    Transient,
+    Definite,
+    Apply,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Config => "config",
+            ErrorKind::Transient => "transient",
+            ErrorKind::Definite => "definite",
+            ErrorKind::Apply => "apply",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    source: Option<BoxError>,
+}
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub fn with_source(
+        kind: ErrorKind,
+        message: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    pub fn config(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Config, message)
+    }
+
+    pub fn definite(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Definite, message)
+    }
+
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Transient, message)
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.kind == ErrorKind::Transient
+    }
+
+    /// Exit code per SPEC.md: 2 for usage or configuration errors, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self.kind {
+            ErrorKind::Config => 2,
+            _ => 1,
+        }
+    }
+
+    /// The message with its whole source chain, for logs and status.
+    pub fn report(&self) -> String {
+        let mut text = self.message.clone();
+        let mut next = self
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static));
+        while let Some(error) = next {
+            let part = error.to_string();
+            if !part.is_empty() && !text.contains(&part) {
+                text.push_str(": ");
+                text.push_str(&part);
+            }
+            next = error.source();
+        }
+        text
+    }
+
+    /// Adds context in front of the message, keeping kind and source.
+    pub fn context(mut self, context: impl fmt::Display) -> Self {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+
+    /// The SQLSTATE of the PostgreSQL error at the root of this one, if any.
+    pub fn sqlstate(&self) -> Option<&str> {
+        let mut next = self
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static));
+        while let Some(error) = next {
+            if let Some(pg) = error.downcast_ref::<tokio_postgres::Error>() {
+                return pg.code().map(|c| c.code());
+            }
+            next = error.source();
+        }
+        None
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.report())
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
+/// How a PostgreSQL error from a normal (SQL) connection should be treated.
+pub fn classify_sqlstate(code: &str) -> ErrorKind {
+    match code {
+        // connection exceptions, shutdown in progress, cannot connect now, too many
+        // connections, serialization failure, deadlock, lock timeout, out of memory/disk
+        c if c.starts_with("08") => ErrorKind::Transient,
+        "57P01" | "57P02" | "57P03" | "53300" | "53100" | "53200" | "40001" | "40P01" | "55P03"
+        | "57014" | "58000" | "58030" | "XX000" => ErrorKind::Transient,
+        // authentication, missing database, insufficient privilege, invalid role
+        "28000" | "28P01" | "3D000" | "42501" | "42704" => ErrorKind::Definite,
+        _ => ErrorKind::Apply,
+    }
+}
+
+/// Wraps a tokio-postgres error from a connection or catalog query with context.
+/// Errors without a SQLSTATE are I/O or protocol failures of the connection: transient.
+pub fn pg(context: impl Into<String>, error: tokio_postgres::Error) -> Error {
+    let kind = match error.code() {
+        Some(code) => match classify_sqlstate(code.code()) {
+            // Outside apply, a rejected statement is a definite problem of ours or the
+            // operator's, not something to stall on.
+            ErrorKind::Apply => ErrorKind::Definite,
+            kind => kind,
+        },
+        None => ErrorKind::Transient,
+    };
+    Error::with_source(kind, context, error)
+}
+
+/// Wraps an error from the replication transport. Server messages are classified by what
+/// PostgreSQL said: a slot held by a dying session or a server shutting down is transient.
+pub fn replication(context: impl Into<String>, error: pgwire_replication::PgWireError) -> Error {
+    use pgwire_replication::PgWireError as W;
+    let kind = match &error {
+        W::Io(_) | W::Task(_) => ErrorKind::Transient,
+        W::Auth(_) | W::Tls(_) | W::MessageTooLarge { .. } => ErrorKind::Definite,
+        W::Server(message) | W::Protocol(message) | W::Internal(message) => {
+            classify_server_message(message)
+        }
+        _ => ErrorKind::Definite,
+    };
+    Error::with_source(kind, context, error)
+}
+
+fn classify_server_message(message: &str) -> ErrorKind {
+    let lower = message.to_ascii_lowercase();
+    let transient = [
+        "is active for pid",
+        "the database system is starting up",
+        "the database system is shutting down",
+        "the database system is in recovery mode",
+        "terminating connection",
+        "connection reset",
+        "connection refused",
+        "timed out",
+        "too many connections",
+        "57p01",
+        "57p03",
+        "53300",
+        "08006",
+        "unexpected eof",
+        "worker ended",
+        "session ended",
+    ];
+    if transient.iter().any(|needle| lower.contains(needle)) {
+        ErrorKind::Transient
+    } else {
+        ErrorKind::Definite
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_spec() {
+        assert_eq!(Error::config("x").exit_code(), 2);
+        assert_eq!(Error::definite("x").exit_code(), 1);
+        assert_eq!(Error::transient("x").exit_code(), 1);
+    }
+
+    #[test]
+    fn sqlstates_split_into_retry_stop_and_stall() {
+        assert_eq!(classify_sqlstate("08006"), ErrorKind::Transient);
+        assert_eq!(classify_sqlstate("57P01"), ErrorKind::Transient);
+        assert_eq!(classify_sqlstate("28P01"), ErrorKind::Definite);
+        assert_eq!(classify_sqlstate("3D000"), ErrorKind::Definite);
+        assert_eq!(classify_sqlstate("23505"), ErrorKind::Apply);
+        assert_eq!(classify_sqlstate("42703"), ErrorKind::Apply);
+    }
+
+    #[test]
+    fn replication_server_messages_are_classified() {
+        let held = pgwire_replication::PgWireError::Server(
+            "ERROR: replication slot \"s\" is active for PID 123 (SQLSTATE 55006)".into(),
+        );
+        assert!(replication("start", held).is_transient());
+        let missing = pgwire_replication::PgWireError::Server(
+            "ERROR: replication slot \"s\" does not exist".into(),
+        );
+        assert_eq!(replication("start", missing).kind(), ErrorKind::Definite);
+    }
+
+    #[test]
+    fn report_keeps_the_chain() {
+        let io = std::io::Error::other("reset by peer");
+        let error = Error::with_source(ErrorKind::Transient, "Reading from the source", io)
+            .context("Slot sluice");
+        assert_eq!(
+            error.report(),
+            "Slot sluice: Reading from the source: reset by peer"
+        );
+    }
+}

@@ -1,0 +1,1 @@
+//! The pgoutput decoder (protocol versions 1 to 4).

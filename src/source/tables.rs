@@ -1,0 +1,137 @@
+//! Which tables sluice moves: the source's user tables matched by `[tables]` include/exclude.
+//!
+//! Partitions are never selected on their own: a partitioned table is selected as its root
+//! and published with `publish_via_partition_root = true`, so its changes arrive under the
+//! root's name and the target may be partitioned differently (or not at all).
+
+use std::fmt;
+
+use tokio_postgres::Client;
+
+use crate::config::TablesConfig;
+use crate::error::{self, Result};
+
+/// A table by schema and name (unquoted, as in the catalogs).
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> Self {
+        TableName {
+            schema: schema.into(),
+            name: name.into(),
+        }
+    }
+
+    /// `schema.table` as written in config globs and messages.
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+
+    /// `"schema"."table"`, safe to splice into SQL.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+
+    /// Parses `schema.table` (no quoting); `public` when the schema is left out.
+    pub fn parse(text: &str) -> TableName {
+        match text.split_once('.') {
+            Some((schema, name)) => TableName::new(schema, name),
+            None => TableName::new("public", text),
+        }
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// Double-quotes an identifier for SQL.
+pub fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// Single-quotes a string literal for SQL (standard_conforming_strings on).
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// A selected source table and what the catalogs say about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceTable {
+    pub name: TableName,
+    pub oid: u32,
+    /// `d` default, `n` nothing, `f` full, `i` index.
+    pub replica_identity: char,
+    pub has_primary_key: bool,
+    pub is_partitioned: bool,
+    /// `pg_relation_size` plus TOAST, bytes (for copy planning and `check`).
+    pub size_bytes: i64,
+    /// `pg_class.reltuples`, an estimate (-1 when never analysed).
+    pub estimated_rows: i64,
+}
+
+/// The source's selected tables, sorted by name. System schemas, sluice's own schema,
+/// temporary tables and partitions (their root is selected instead) are never selected.
+pub async fn selected_tables(client: &Client, tables: &TablesConfig) -> Result<Vec<SourceTable>> {
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, c.oid, c.relreplident::text,
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+                    c.relkind = 'p',
+                    COALESCE(pg_total_relation_size(c.oid) - pg_indexes_size(c.oid), 0)::int8,
+                    c.reltuples::int8
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p')
+               AND NOT c.relispartition
+               AND c.relpersistence = 'p'
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'sluice')
+               AND n.nspname NOT LIKE 'pg\\_%'
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .map_err(|e| error::pg("Listing the source's tables", e))?;
+    let mut selected = Vec::new();
+    for row in rows {
+        let name = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+        if !tables.selects(&name.qualified()) {
+            continue;
+        }
+        let identity: String = row.get(3);
+        selected.push(SourceTable {
+            name,
+            oid: row.get(2),
+            replica_identity: identity.chars().next().unwrap_or('d'),
+            has_primary_key: row.get(4),
+            is_partitioned: row.get(5),
+            size_bytes: row.get(6),
+            estimated_rows: row.get(7),
+        });
+    }
+    Ok(selected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        let table = TableName::new("My Schema", "we\"ird");
+        assert_eq!(table.quoted(), "\"My Schema\".\"we\"\"ird\"");
+        assert_eq!(table.qualified(), "My Schema.we\"ird");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(
+            TableName::parse("orders"),
+            TableName::new("public", "orders")
+        );
+    }
+}

@@ -1,0 +1,357 @@
+//! TLS with libpq `sslmode` semantics for tokio-postgres connections, and the matching
+//! settings for the replication transport.
+//!
+//! - `disable`: plain TCP. `allow`/`prefer`: TLS when the server offers it, unverified.
+//! - `require`: TLS, unverified, unless `sslrootcert` is given: then as `verify-ca` (libpq
+//!   does the same).
+//! - `verify-ca`: the chain must lead to `sslrootcert` (default `~/.postgresql/root.crt`,
+//!   `system` for the bundled web roots); the host name is not checked.
+//! - `verify-full`: as `verify-ca`, and the certificate must name the host.
+//!
+//! pgwire-replication installs ring as rustls' process-wide provider; we install the same
+//! one first thing (`install_crypto_provider`) so both sides agree whoever connects first.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::conninfo::{ConnInfo, SslMode};
+use crate::error::{self, Error, Result};
+
+/// Installs ring as rustls' process-wide crypto provider (idempotent).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Opens a SQL connection with the TLS the connection string asks for, and runs its
+/// connection task in the background. Errors are classified (see `crate::error`).
+pub async fn connect(info: &ConnInfo, purpose: &str) -> Result<tokio_postgres::Client> {
+    let config = info.tokio_config();
+    let what = || format!("Connecting to {purpose} {}", info.redacted());
+    let connect = async {
+        if info.sslmode == SslMode::Disable {
+            let (client, connection) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|e| error::pg(what(), e))?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            Ok(client)
+        } else {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(client_config(info)?);
+            let (client, connection) = config
+                .connect(tls)
+                .await
+                .map_err(|e| error::pg(what(), e))?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            Ok(client)
+        }
+    };
+    // tokio-postgres's connect_timeout covers the TCP connect only; a server that accepts
+    // and then says nothing must not hang us either.
+    match tokio::time::timeout(info.connect_timeout * 3, connect).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::transient(format!(
+            "{}: no answer within {:?}",
+            what(),
+            info.connect_timeout * 3
+        ))),
+    }
+}
+
+/// The replication transport's TLS settings for the same connection string.
+pub fn replication_tls(info: &ConnInfo) -> Result<pgwire_replication::TlsConfig> {
+    use pgwire_replication::SslMode as W;
+    let root = root_cert_path(info)?;
+    let mode = match info.sslmode {
+        SslMode::Disable => W::Disable,
+        SslMode::Allow | SslMode::Prefer => W::Prefer,
+        SslMode::Require if root.is_some() => W::VerifyCa,
+        SslMode::Require => W::Require,
+        SslMode::VerifyCa => W::VerifyCa,
+        SslMode::VerifyFull => W::VerifyFull,
+    };
+    let mut tls = pgwire_replication::TlsConfig {
+        mode,
+        ca_pem_path: root.filter(|p| p.as_os_str() != "system"),
+        ..Default::default()
+    };
+    if let (Some(cert), Some(key)) = (&info.sslcert, &info.sslkey) {
+        tls = tls.with_client_cert(cert.clone(), key.clone());
+    }
+    Ok(tls)
+}
+
+/// `sslrootcert`, or libpq's default file when it exists. `None` when no verification
+/// material is configured.
+fn root_cert_path(info: &ConnInfo) -> Result<Option<PathBuf>> {
+    if let Some(path) = &info.sslrootcert {
+        return Ok(Some(path.clone()));
+    }
+    let default = std::env::var_os("HOME").map(|h| Path::new(&h).join(".postgresql/root.crt"));
+    match default {
+        Some(path) if path.is_file() => Ok(Some(path)),
+        _ if matches!(info.sslmode, SslMode::VerifyCa | SslMode::VerifyFull) => {
+            Err(Error::config(format!(
+                "{}: sslmode={} needs a root certificate: set sslrootcert=/path/to/ca.pem \
+                 (or sslrootcert=system for the public web roots)",
+                info.redacted(),
+                info.sslmode.as_str()
+            )))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn client_config(info: &ConnInfo) -> Result<ClientConfig> {
+    install_crypto_provider();
+    let root = root_cert_path(info)?;
+    let verify = match info.sslmode {
+        SslMode::VerifyFull => Some(true),
+        SslMode::VerifyCa => Some(false),
+        SslMode::Require if root.is_some() => Some(false),
+        _ => None,
+    };
+    let builder = ClientConfig::builder();
+    let builder = match (verify, root) {
+        (Some(check_host), Some(root)) => {
+            let roots = Arc::new(load_roots(&root, info)?);
+            let webpki = rustls::client::WebPkiServerVerifier::builder(roots)
+                .build()
+                .map_err(|e| {
+                    Error::with_source(
+                        error::ErrorKind::Config,
+                        format!("{}: building the certificate verifier", info.redacted()),
+                        e,
+                    )
+                })?;
+            if check_host {
+                builder.with_webpki_verifier(webpki)
+            } else {
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(ChainOnly(webpki)))
+            }
+        }
+        _ => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification)),
+    };
+    match (&info.sslcert, &info.sslkey) {
+        (Some(cert), Some(key)) => {
+            let certs = read_pem_certs(cert, info)?;
+            let key = read_pem_key(key, info)?;
+            builder.with_client_auth_cert(certs, key).map_err(|e| {
+                Error::with_source(
+                    error::ErrorKind::Config,
+                    format!(
+                        "{}: the client certificate and key do not fit",
+                        info.redacted()
+                    ),
+                    e,
+                )
+            })
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err(Error::config(format!(
+            "{}: sslcert and sslkey must be given together",
+            info.redacted()
+        ))),
+    }
+}
+
+fn load_roots(path: &Path, info: &ConnInfo) -> Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    if path.as_os_str() == "system" {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        return Ok(roots);
+    }
+    for cert in read_pem_certs(path, info)? {
+        roots.add(cert).map_err(|e| {
+            Error::with_source(
+                error::ErrorKind::Config,
+                format!(
+                    "{}: bad root certificate in {}",
+                    info.redacted(),
+                    path.display()
+                ),
+                e,
+            )
+        })?;
+    }
+    Ok(roots)
+}
+
+fn read_pem_certs(path: &Path, info: &ConnInfo) -> Result<Vec<CertificateDer<'static>>> {
+    let bytes = read_file(path, info)?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut bytes.as_slice())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| {
+            Error::with_source(
+                error::ErrorKind::Config,
+                format!(
+                    "{}: reading certificates from {}",
+                    info.redacted(),
+                    path.display()
+                ),
+                e,
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(Error::config(format!(
+            "{}: {} holds no PEM certificate",
+            info.redacted(),
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+fn read_pem_key(path: &Path, info: &ConnInfo) -> Result<PrivateKeyDer<'static>> {
+    let bytes = read_file(path, info)?;
+    rustls_pemfile::private_key(&mut bytes.as_slice())
+        .ok()
+        .flatten()
+        .ok_or_else(|| {
+            Error::config(format!(
+                "{}: {} holds no PEM private key",
+                info.redacted(),
+                path.display()
+            ))
+        })
+}
+
+fn read_file(path: &Path, info: &ConnInfo) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| {
+        Error::with_source(
+            error::ErrorKind::Config,
+            format!("{}: cannot read {}", info.redacted(), path.display()),
+            e,
+        )
+    })
+}
+
+fn supported_schemes() -> Vec<SignatureScheme> {
+    rustls::crypto::ring::default_provider()
+        .signature_verification_algorithms
+        .supported_schemes()
+}
+
+fn verify_tls12(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+    rustls::crypto::verify_tls12_signature(
+        message,
+        cert,
+        dss,
+        &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+    )
+}
+
+fn verify_tls13(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+    rustls::crypto::verify_tls13_signature(
+        message,
+        cert,
+        dss,
+        &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+    )
+}
+
+/// `sslmode=require` without a root certificate: encrypted, not authenticated (libpq).
+#[derive(Debug)]
+struct NoVerification;
+
+impl ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        supported_schemes()
+    }
+}
+
+/// `verify-ca`: the chain must verify; a name mismatch is accepted.
+#[derive(Debug)]
+struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
+            | Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        supported_schemes()
+    }
+}

@@ -1,0 +1,6 @@
+//! sluice's integration tests: one binary (one link step), one module per scenario, every
+//! scenario against real PostgreSQL clusters started by `support::cluster`.
+
+mod support;
+
+mod harness;

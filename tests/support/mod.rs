@@ -1,0 +1,6 @@
+//! Support code shared by the integration tests: real PostgreSQL clusters and helpers.
+#![allow(dead_code, unused_imports)]
+
+pub mod cluster;
+
+pub use cluster::PgCluster;
