@@ -5,6 +5,7 @@
 //! (transactional batches on the target) → `checkpoint` (sled + the target's position row),
 //! with `snapshot` (initial copy), `control` (status socket), `config` and `cli` around it.
 
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod conninfo;

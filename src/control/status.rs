@@ -65,6 +65,8 @@ pub struct StatusReport {
     /// Seconds since the current stall began, when stalled.
     pub stalled_seconds: Option<f64>,
     pub warnings: Vec<String>,
+    /// Errors seen since start, by kind (`transient`, `definite`, `apply`).
+    pub errors_by_kind: BTreeMap<String, u64>,
     pub tables: Vec<TableStatus>,
     /// Unix time (seconds) the daemon started, when running.
     pub started_at: Option<f64>,

@@ -1,0 +1,386 @@
+//! Where sluice remembers how far it got.
+//!
+//! Two records, one authority:
+//!
+//! 1. **The target's position row** (`sluice.applied_position`, one row per slot) is written
+//!    inside the same target transaction as the changes it covers. It is the authority: after
+//!    any crash, the target holds exactly the changes up to its `applied_lsn`, no more, no
+//!    fewer. On start, transactions whose commit end LSN is at or below it are skipped.
+//! 2. **The sled store** in `state.dir` is a local cache of that position plus what only this
+//!    machine knows: which source, slot and target the state dir belongs to, the highest LSN
+//!    ever acknowledged to the slot, and initial-copy progress. sled's `flush()` survives
+//!    `kill -9` but is not power-loss durable (it syncs with `sync_file_range`), which is
+//!    why it is never the authority for what the target holds.
+//!
+//! Order of events per target commit: COMMIT (data + position row) → sled write + flush →
+//! acknowledge the LSN to the slot. A crash between any two steps leaves the later records
+//! behind the earlier ones, never ahead, so nothing is lost (the slot still has it) and
+//! nothing is applied twice (the target's row says what it has).
+
+use std::path::{Path, PathBuf};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tokio_postgres::Client;
+
+use crate::error::{self, Error, ErrorKind, Result};
+use crate::lsn::Lsn;
+
+/// What the state dir belongs to; a state dir of another source, slot or target is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The source cluster's `system_identifier` (IDENTIFY_SYSTEM / pg_control_system()).
+    pub source_system_identifier: String,
+    pub source_database: String,
+    pub slot: String,
+    /// Target as `host:port/dbname` (no user, no password).
+    pub target: String,
+}
+
+/// The locally cached position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Position {
+    /// End LSN of the last source commit applied on the target.
+    pub applied_lsn: Lsn,
+    /// `applied_lsn` or a later keepalive LSN acknowledged while nothing was in flight.
+    pub caught_up_lsn: Lsn,
+    /// The highest LSN ever acknowledged to the slot. A slot whose `confirmed_flush_lsn` is
+    /// beyond this was advanced by someone else (or recreated): changes were lost.
+    pub acked_lsn: Lsn,
+}
+
+const IDENTITY_KEY: &str = "identity";
+const POSITION_KEY: &str = "position";
+
+/// The sled store in `state.dir`. Only one process can hold it: the running daemon.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dir", &self.dir).finish()
+    }
+}
+
+/// The sled database lives in a subdirectory so the state dir can also hold the control
+/// socket and other files.
+pub fn sled_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("checkpoint")
+}
+
+impl Store {
+    /// Opens (creating) the store. Fails with a clear message when another sluice process
+    /// holds it.
+    pub fn open(state_dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(state_dir).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Config,
+                format!("Cannot create state.dir {}", state_dir.display()),
+                e,
+            )
+        })?;
+        restrict_permissions(state_dir);
+        let db = sled::Config::new()
+            .path(sled_path(state_dir))
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| {
+                if is_lock_error(&e) {
+                    Error::with_source(
+                        ErrorKind::Definite,
+                        format!(
+                            "The state dir {} is in use by another sluice process (a running `sluice run`?): stop it first, or use another state.dir",
+                            state_dir.display()
+                        ),
+                        e,
+                    )
+                } else {
+                    Error::with_source(
+                        ErrorKind::Definite,
+                        format!("Cannot open the checkpoint store in {}", state_dir.display()),
+                        e,
+                    )
+                }
+            })?;
+        Ok(Store {
+            db,
+            dir: state_dir.to_path_buf(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn identity(&self) -> Result<Option<Identity>> {
+        self.get(IDENTITY_KEY)
+    }
+
+    /// Records the identity on first use; afterwards refuses a different one.
+    pub fn claim(&self, identity: &Identity) -> Result<()> {
+        match self.identity()? {
+            None => {
+                self.put(IDENTITY_KEY, identity)?;
+                self.flush()
+            }
+            Some(existing) if existing == *identity => Ok(()),
+            Some(existing) => {
+                let mut differences = Vec::new();
+                if existing.source_system_identifier != identity.source_system_identifier
+                    || existing.source_database != identity.source_database
+                {
+                    differences.push(format!(
+                        "source (system {} database {}, now system {} database {})",
+                        existing.source_system_identifier,
+                        existing.source_database,
+                        identity.source_system_identifier,
+                        identity.source_database
+                    ));
+                }
+                if existing.slot != identity.slot {
+                    differences.push(format!("slot ({}, now {})", existing.slot, identity.slot));
+                }
+                if existing.target != identity.target {
+                    differences.push(format!(
+                        "target ({}, now {})",
+                        existing.target, identity.target
+                    ));
+                }
+                Err(Error::definite(format!(
+                    "The state dir {} belongs to another migration: {}. Point state.dir at this migration's directory, or at a new empty one",
+                    self.dir.display(),
+                    differences.join("; ")
+                )))
+            }
+        }
+    }
+
+    pub fn position(&self) -> Result<Option<Position>> {
+        self.get(POSITION_KEY)
+    }
+
+    /// Writes the position and flushes it to disk before returning.
+    pub fn save_position(&self, position: &Position) -> Result<()> {
+        self.put(POSITION_KEY, position)?;
+        self.flush()
+    }
+
+    /// A value of another module (copy progress, ...) under its own key.
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        let Some(bytes) = self.db.get(key).map_err(|e| self.io_error(key, e))? else {
+            return Ok(None);
+        };
+        rmp_serde::from_slice(&bytes).map(Some).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Definite,
+                format!(
+                    "The checkpoint store in {} holds an unreadable {key:?} record: move the state dir away and restart (the target's position row is the authority)",
+                    self.dir.display()
+                ),
+                e,
+            )
+        })
+    }
+
+    /// Stores a value (not flushed: call `flush` when it must survive a crash).
+    pub fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<()> {
+        let bytes = rmp_serde::to_vec_named(value)
+            .map_err(|e| Error::with_source(ErrorKind::Definite, format!("Encoding {key:?}"), e))?;
+        self.db
+            .insert(key, bytes)
+            .map_err(|e| self.io_error(key, e))?;
+        Ok(())
+    }
+
+    pub fn remove(&self, key: &str) -> Result<()> {
+        self.db.remove(key).map_err(|e| self.io_error(key, e))?;
+        Ok(())
+    }
+
+    /// Keys starting with `prefix`, with their values.
+    pub fn scan<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<(String, T)>> {
+        let mut out = Vec::new();
+        for entry in self.db.scan_prefix(prefix) {
+            let (key, _) = entry.map_err(|e| self.io_error(prefix, e))?;
+            let key = String::from_utf8_lossy(&key).into_owned();
+            if let Some(value) = self.get(&key)? {
+                out.push((key, value));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush().map_err(|e| self.io_error("flush", e))?;
+        Ok(())
+    }
+
+    fn io_error(&self, what: &str, error: sled::Error) -> Error {
+        Error::with_source(
+            ErrorKind::Definite,
+            format!(
+                "The checkpoint store in {} failed ({what})",
+                self.dir.display()
+            ),
+            error,
+        )
+    }
+}
+
+fn is_lock_error(error: &sled::Error) -> bool {
+    let text = error.to_string();
+    text.contains("could not acquire lock") || text.contains("WouldBlock")
+}
+
+/// Whether a daemon holds the state dir right now (sled's lock is taken).
+pub fn daemon_holds(state_dir: &Path) -> bool {
+    if !sled_path(state_dir).exists() {
+        return false;
+    }
+    match sled::Config::new().path(sled_path(state_dir)).open() {
+        Ok(_) => false,
+        Err(error) => is_lock_error(&error),
+    }
+}
+
+/// The state dir holds the checkpoint and the control socket: owner-only.
+fn restrict_permissions(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+}
+
+/// The position row on the target, read at start-up and by `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetPosition {
+    pub source_system_identifier: String,
+    pub applied_lsn: Lsn,
+    pub caught_up_lsn: Lsn,
+}
+
+pub const POSITION_TABLE: &str = "sluice.applied_position";
+
+/// Creates sluice's schema and position table on the target when missing.
+pub async fn ensure_position_table(target: &Client) -> Result<()> {
+    target
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS sluice;
+             CREATE TABLE IF NOT EXISTS sluice.applied_position (
+                 slot text PRIMARY KEY,
+                 source_system_identifier text NOT NULL,
+                 applied_lsn pg_lsn NOT NULL,
+                 caught_up_lsn pg_lsn NOT NULL,
+                 updated_at timestamptz NOT NULL DEFAULT now()
+             );",
+        )
+        .await
+        .map_err(|e| error::pg("Creating sluice.applied_position on the target", e))
+}
+
+/// The target's position for `slot`, `None` when sluice never applied anything for it (or
+/// the table does not exist yet).
+pub async fn read_target_position(target: &Client, slot: &str) -> Result<Option<TargetPosition>> {
+    let exists = target
+        .query_one(
+            "SELECT to_regclass('sluice.applied_position') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(|e| error::pg("Looking for sluice.applied_position on the target", e))?
+        .get::<_, bool>(0);
+    if !exists {
+        return Ok(None);
+    }
+    let row = target
+        .query_opt(
+            "SELECT source_system_identifier, applied_lsn::text, caught_up_lsn::text
+             FROM sluice.applied_position WHERE slot = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| error::pg("Reading sluice.applied_position on the target", e))?;
+    let Some(row) = row else { return Ok(None) };
+    let parse = |text: String| {
+        text.parse::<Lsn>().map_err(|e| {
+            Error::with_source(
+                ErrorKind::Definite,
+                "sluice.applied_position on the target holds an invalid LSN",
+                e,
+            )
+        })
+    };
+    Ok(Some(TargetPosition {
+        source_system_identifier: row.get(0),
+        applied_lsn: parse(row.get(1))?,
+        caught_up_lsn: parse(row.get(2))?,
+    }))
+}
+
+/// The statement that records the position inside an apply transaction:
+/// `$1` slot, `$2` system identifier, `$3` applied LSN, `$4` caught-up LSN (text).
+pub const UPSERT_POSITION_SQL: &str = "INSERT INTO sluice.applied_position AS p
+        (slot, source_system_identifier, applied_lsn, caught_up_lsn, updated_at)
+    VALUES ($1, $2, $3::text::pg_lsn, $4::text::pg_lsn, now())
+    ON CONFLICT (slot) DO UPDATE SET
+        source_system_identifier = EXCLUDED.source_system_identifier,
+        applied_lsn = EXCLUDED.applied_lsn,
+        caught_up_lsn = EXCLUDED.caught_up_lsn,
+        updated_at = EXCLUDED.updated_at";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> Identity {
+        Identity {
+            source_system_identifier: "7300000000000000001".into(),
+            source_database: "app".into(),
+            slot: "sluice".into(),
+            target: "coordinator:5432/app".into(),
+        }
+    }
+
+    #[test]
+    fn positions_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.claim(&identity()).unwrap();
+            store
+                .save_position(&Position {
+                    applied_lsn: Lsn(100),
+                    caught_up_lsn: Lsn(120),
+                    acked_lsn: Lsn(120),
+                })
+                .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.position().unwrap().unwrap().caught_up_lsn, Lsn(120));
+        store.claim(&identity()).unwrap();
+    }
+
+    #[test]
+    fn a_state_dir_of_another_migration_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.claim(&identity()).unwrap();
+        let mut other = identity();
+        other.slot = "other".into();
+        other.target = "elsewhere:5432/app".into();
+        let error = store.claim(&other).unwrap_err().to_string();
+        assert!(error.contains("slot (sluice, now other)"), "{error}");
+        assert!(error.contains("target"), "{error}");
+    }
+
+    #[test]
+    fn a_second_opener_is_told_who_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = Store::open(dir.path()).unwrap();
+        assert!(daemon_holds(dir.path()));
+        // sled's lock is per process in some versions; only check the message when it fails
+        if let Err(error) = Store::open(dir.path()) {
+            assert!(error.to_string().contains("in use"), "{error}");
+        }
+    }
+}
