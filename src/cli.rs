@@ -38,7 +38,18 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// The daemon: publication and slot, then stream and apply changes forever (resumes
+    /// from its checkpoint; SIGINT/SIGTERM finish or roll back the open transaction).
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9187).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
 
 impl Cli {
     pub fn load_config(&self) -> Result<Config> {
@@ -86,7 +97,21 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    let result: Result<i32> = runtime.block_on(async move { match cli.command {} });
+    let result: Result<i32> = runtime.block_on(async move {
+        match &cli.command {
+            Command::Run(args) => {
+                let config = cli.load_config()?;
+                crate::daemon::run(
+                    config,
+                    crate::daemon::RunOptions {
+                        metrics_addr: args.metrics_addr,
+                    },
+                )
+                .await?;
+                Ok(0)
+            }
+        }
+    });
     match result {
         Ok(code) => code,
         Err(error) => {

@@ -5,11 +5,13 @@
 //! (transactional batches on the target) → `checkpoint` (sled + the target's position row),
 //! with `snapshot` (initial copy), `control` (status socket), `config` and `cli` around it.
 
+pub mod apply;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod conninfo;
 pub mod control;
+pub mod daemon;
 pub mod error;
 pub mod lsn;
 pub mod pgoutput;

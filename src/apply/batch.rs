@@ -39,7 +39,8 @@ impl Cell {
         }
     }
 
-    pub fn len(&self) -> usize {
+    /// Bytes this cell holds (1 for markers), for memory accounting.
+    pub fn weight(&self) -> usize {
         match self {
             Cell::Text(bytes) => bytes.len(),
             _ => 1,
@@ -92,7 +93,7 @@ impl Run {
 
 /// Encodes key cells into one comparable byte string (length-prefixed, NULL-aware).
 pub fn encode_key(cells: &[Cell]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(cells.iter().map(|c| c.len() + 5).sum());
+    let mut out = Vec::with_capacity(cells.iter().map(|c| c.weight() + 5).sum());
     for cell in cells {
         match cell {
             Cell::Null => out.push(0),

@@ -163,7 +163,13 @@ pub fn update_by_values(table: &str, old: &[SqlColumn], set: &[SqlColumn]) -> St
     let assignments: Vec<String> = set
         .iter()
         .enumerate()
-        .map(|(i, c)| format!("{} = {}", quote_ident(&c.name), c.cast(&format!("${}::text", i + 1))))
+        .map(|(i, c)| {
+            format!(
+                "{} = {}",
+                quote_ident(&c.name),
+                c.cast(&format!("${}::text", i + 1))
+            )
+        })
         .collect();
     format!(
         "UPDATE {table} AS t SET {} WHERE {}",
@@ -292,7 +298,10 @@ mod tests {
 
     #[test]
     fn truncate_keeps_the_source_options() {
-        assert_eq!(truncate(&["a".into(), "b".into()], true, true), "TRUNCATE TABLE a, b RESTART IDENTITY CASCADE");
+        assert_eq!(
+            truncate(&["a".into(), "b".into()], true, true),
+            "TRUNCATE TABLE a, b RESTART IDENTITY CASCADE"
+        );
         assert_eq!(truncate(&["a".into()], false, false), "TRUNCATE TABLE a");
     }
 

@@ -14,9 +14,10 @@ use crate::error::{self, Error, Result};
 use crate::tls;
 
 /// Session settings that fix how the walsender renders values as text, the way PostgreSQL's
-/// own subscriber pins them: dates in ISO, intervals in postgres style, floats exact.
+/// own subscriber pins them: dates in ISO, intervals in postgres style, floats exact; and
+/// timestamps with time zone in UTC, so the same value always reads the same.
 pub const PINNED_OPTIONS: &str =
-    "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3";
+    "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 -c TimeZone=UTC";
 
 /// How long connecting, authenticating or a replication command may take.
 pub const REPLICATION_TIMEOUT: Duration = Duration::from_secs(30);
