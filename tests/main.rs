@@ -4,4 +4,5 @@
 mod support;
 
 mod harness;
+mod run_failures;
 mod run_stream;
