@@ -38,7 +38,14 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Preflight: every prerequisite of the migration, one PASS/WARN/FAIL line each.
+    Check(crate::ops::check::CheckArgs),
+    /// Status of the daemon and the slot; works whether or not the daemon runs.
+    Status(crate::ops::status::StatusArgs),
+    /// Replication lag as one line, or tailed with --follow; --until-below for scripts.
+    Lag(crate::ops::lag::LagArgs),
+}
 
 impl Cli {
     pub fn load_config(&self) -> Result<Config> {
@@ -86,7 +93,13 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    let result: Result<i32> = runtime.block_on(async move { match cli.command {} });
+    let result: Result<i32> = runtime.block_on(async move {
+        match &cli.command {
+            Command::Check(args) => crate::ops::check::run(&cli.load_config()?, args).await,
+            Command::Status(args) => crate::ops::status::run(&cli.load_config()?, args).await,
+            Command::Lag(args) => crate::ops::lag::run(&cli.load_config()?, args).await,
+        }
+    });
     match result {
         Ok(code) => code,
         Err(error) => {

@@ -12,6 +12,7 @@ pub mod conninfo;
 pub mod control;
 pub mod error;
 pub mod lsn;
+pub mod ops;
 pub mod pgoutput;
 pub mod source;
 pub mod tls;
