@@ -4,3 +4,7 @@
 mod support;
 
 mod harness;
+
+mod ops_common;
+mod ops_metrics;
+mod ops_socket;

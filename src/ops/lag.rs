@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use crate::config::{format_size, parse_duration, parse_size, Config};
-use crate::control::status::{unix_now, StatusReport};
+use crate::control::status::{unix_now, DaemonState, StatusReport};
 use crate::error::{Error, Result};
 use crate::ops::status::{collect, Origin};
 
@@ -69,18 +69,20 @@ pub async fn run(config: &Config, args: &LagArgs) -> Result<i32> {
         let sample = take_sample(config).await;
         let (current, origin) = match sample {
             Ok(pair) => pair,
-            // A daemon that cannot be asked (permissions, wedged): with a bound, keep trying
-            // until the timeout; otherwise say so.
-            Err(error) if bound.is_some() => {
-                eprintln!("{}", error.report());
-                (
-                    Sample {
-                        at: Instant::now(),
-                        report: StatusReport::default(),
+            // A daemon that cannot be asked (permissions, wedged): when following or waiting
+            // for a bound, print the reason and keep trying; a one-shot fails with it.
+            Err(error) if bound.is_some() || args.follow => (
+                Sample {
+                    at: Instant::now(),
+                    report: StatusReport {
+                        state: DaemonState::Stopped,
+                        last_error: Some(error.report()),
+                        reported_at: unix_now(),
+                        ..Default::default()
                     },
-                    Origin::Direct,
-                )
-            }
+                },
+                Origin::Direct,
+            ),
             Err(error) => return Err(error),
         };
         // One-shot against a daemon: take the second sample the rate needs.
