@@ -8,3 +8,4 @@ mod harness;
 mod ops_common;
 mod ops_metrics;
 mod ops_socket;
+mod ops_status;

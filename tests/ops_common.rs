@@ -61,7 +61,7 @@ pub fn stderr(output: &Output) -> String {
 }
 
 /// `status --json` output parsed.
-pub fn json(output: &Output) -> serde_json::Value {
+pub fn parse_json(output: &Output) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
         panic!(
             "status --json printed no JSON ({e}):\nstdout: {}\nstderr: {}",

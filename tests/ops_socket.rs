@@ -52,7 +52,7 @@ async fn status_json_comes_from_the_running_daemon_over_the_socket() {
     )
     .await;
     assert!(output.status.success(), "{}", stderr(&output));
-    let json = json(&output);
+    let json = parse_json(&output);
     assert_eq!(json["state"], "streaming");
     assert_eq!(json["slot"], "sluice");
     assert_eq!(json["source_lsn"], "16/B374D848");
