@@ -5,6 +5,7 @@ mod support;
 
 mod harness;
 
+mod ops_check;
 mod ops_common;
 mod ops_metrics;
 mod ops_socket;
