@@ -7,6 +7,7 @@ mod harness;
 
 mod ops_check;
 mod ops_common;
+mod ops_lag;
 mod ops_metrics;
 mod ops_socket;
 mod ops_status;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use crate::config::{format_size, parse_duration, parse_size, Config};
-use crate::control::status::{unix_now, DaemonState, StatusReport};
+use crate::control::status::{unix_now, StatusReport};
 use crate::error::{Error, Result};
 use crate::ops::status::{collect, Origin};
 
@@ -39,6 +39,8 @@ pub struct LagArgs {
 struct Sample {
     at: Instant,
     report: StatusReport,
+    /// Only a running daemon counts applied changes; without it there is no rate.
+    origin: Origin,
 }
 
 pub async fn run(config: &Config, args: &LagArgs) -> Result<i32> {
@@ -75,13 +77,13 @@ pub async fn run(config: &Config, args: &LagArgs) -> Result<i32> {
                 Sample {
                     at: Instant::now(),
                     report: StatusReport {
-                        state: DaemonState::Stopped,
                         last_error: Some(error.report()),
                         reported_at: unix_now(),
                         ..Default::default()
                     },
+                    origin: Origin::Unknown,
                 },
-                Origin::Direct,
+                Origin::Unknown,
             ),
             Err(error) => return Err(error),
         };
@@ -132,6 +134,7 @@ async fn take_sample(config: &Config) -> Result<(Sample, Origin)> {
         Sample {
             at: Instant::now(),
             report,
+            origin,
         },
         origin,
     ))
@@ -144,10 +147,13 @@ fn line(previous: Option<&Sample>, current: &Sample) -> String {
     let time = humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + Duration::from_secs_f64(report.reported_at.max(unix_now())),
     );
-    let state = serde_json::to_value(report.state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
+    let state = match current.origin {
+        Origin::Unknown => "unknown".to_string(),
+        _ => serde_json::to_value(report.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+    };
     let applied = report
         .applied_lsn
         .map(|l| l.to_string())
@@ -161,7 +167,7 @@ fn line(previous: Option<&Sample>, current: &Sample) -> String {
         .map(|s| format!("{s:.1} s"))
         .unwrap_or_else(|| "- s".into());
     let rate = match previous {
-        Some(previous) => {
+        Some(previous) if previous.origin == Origin::Daemon && current.origin == Origin::Daemon => {
             let elapsed = current.at.duration_since(previous.at).as_secs_f64();
             let delta = |now: u64, before: u64| now.saturating_sub(before) as f64 / elapsed;
             if elapsed > 0.0 {
@@ -177,7 +183,7 @@ fn line(previous: Option<&Sample>, current: &Sample) -> String {
                 "- changes/s - tx/s".into()
             }
         }
-        None => "- changes/s - tx/s".into(),
+        _ => "- changes/s - tx/s".into(),
     };
     let retained = report
         .retained_wal_bytes

@@ -35,6 +35,8 @@ pub enum Origin {
     Daemon,
     /// No daemon: read from the source, the target (and the checkpoint).
     Direct,
+    /// A daemon may be there but could not be asked (`lag` keeps trying).
+    Unknown,
 }
 
 pub async fn run(config: &Config, args: &StatusArgs) -> Result<i32> {
@@ -192,6 +194,7 @@ pub fn human(report: &StatusReport, origin: Origin) -> String {
             None => state,
         },
         Origin::Direct => format!("{state} (no daemon answers; read from the source and target)"),
+        Origin::Unknown => "unknown (the daemon could not be asked)".to_string(),
     };
     line("state", how);
     if let Some(stalled) = report.stalled_seconds {
