@@ -9,5 +9,6 @@ mod ops_check;
 mod ops_common;
 mod ops_lag;
 mod ops_metrics;
+mod ops_monitor;
 mod ops_socket;
 mod ops_status;
