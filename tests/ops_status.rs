@@ -119,6 +119,31 @@ async fn status_with_the_daemon_down_reads_the_slot_the_target_row_and_the_check
     let source_lsn = lsn(&json["source_lsn"]);
     assert_eq!(json["lag_bytes"], source_lsn.bytes_since(caught_up));
 
+    // A process holds the checkpoint but nothing answers on the socket (a daemon starting):
+    // not "stopped".
+    {
+        let _held = Store::open(&state).unwrap();
+        let output = run(
+            sluice(&config, &["status", "--json"]),
+            Duration::from_secs(60),
+        )
+        .await;
+        assert!(output.status.success(), "{}", stderr(&output));
+        let json = parse_json(&output);
+        assert_eq!(json["state"], "starting", "{json}");
+        assert!(
+            json["warnings"]
+                .to_string()
+                .contains("does not answer on its control socket"),
+            "{json}"
+        );
+        assert_eq!(
+            json["applied_lsn"],
+            confirmed.as_str(),
+            "the target is still read"
+        );
+    }
+
     // The readable form, with JSON logs on stderr for collectors.
     let mut command = sluice(&config, &["--log-format", "json", "status"]);
     command.env("SLUICE_LOG", "sluice=debug");

@@ -361,6 +361,16 @@ mod tests {
         let bytes = encode(&Request::Status).unwrap();
         let value: serde_json::Value = rmp_serde::from_slice(&bytes).unwrap();
         assert_eq!(value, serde_json::json!({"request": "status"}));
+        // The bytes proto/control.md shows.
+        assert_eq!(bytes, b"\x81\xa7request\xa6status");
+        // Extra keys from newer clients are ignored.
+        let newer =
+            rmp_serde::to_vec_named(&serde_json::json!({"request": "status", "verbose": true}))
+                .unwrap();
+        assert_eq!(
+            rmp_serde::from_slice::<Request>(&newer).unwrap(),
+            Request::Status
+        );
     }
 
     #[test]

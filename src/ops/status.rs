@@ -83,6 +83,15 @@ pub async fn direct_report(config: &Config, read_checkpoint: bool) -> StatusRepo
                 report.caught_up_lsn = Some(position.caught_up_lsn);
             }
             Ok(None) => {}
+            // The store is locked, yet nobody answered on the socket: a daemon is starting
+            // (or wedged before serving). Say so rather than claim it is stopped.
+            Err(_) if checkpoint::daemon_holds(&config.state.dir) => {
+                report.state = DaemonState::Starting;
+                report.warnings.push(format!(
+                    "A sluice process holds {} but does not answer on its control socket yet: starting up? Ask again in a moment",
+                    config.state.dir.display()
+                ));
+            }
             Err(error) => problems.push(error.report()),
         }
     }
