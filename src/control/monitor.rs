@@ -155,7 +155,8 @@ fn note_failure(failures: u32, error: &Error) {
 
 fn backoff(interval: Duration, failures: u32) -> Duration {
     let factor = 1u32 << failures.min(5);
-    (interval * factor)
+    interval
+        .saturating_mul(factor)
         .min(Duration::from_secs(30))
         .max(interval)
 }

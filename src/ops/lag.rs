@@ -64,7 +64,8 @@ pub async fn run(config: &Config, args: &LagArgs) -> Result<i32> {
         ));
     }
     let started = Instant::now();
-    let deadline = timeout.map(|t| started + t);
+    // A timeout too long to represent is no timeout.
+    let deadline = timeout.and_then(|t| started.checked_add(t));
 
     let mut previous: Option<Sample> = None;
     loop {
@@ -144,9 +145,7 @@ async fn take_sample(config: &Config) -> Result<(Sample, Origin)> {
 /// 35 tx/s retained 1 GB`.
 fn line(previous: Option<&Sample>, current: &Sample) -> String {
     let report = &current.report;
-    let time = humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + Duration::from_secs_f64(report.reported_at.max(unix_now())),
-    );
+    let time = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
     let state = match current.origin {
         Origin::Unknown => "unknown".to_string(),
         _ => serde_json::to_value(report.state)
