@@ -51,9 +51,12 @@ impl SlotSample {
 pub async fn sample_slot(source: &Client, slot: &str) -> Result<SlotSample> {
     let row = source
         .query_one(
+            // wal_status and safe_wal_size arrive with PostgreSQL 13; reading them through
+            // to_jsonb keeps the query valid on older sources (they are NULL there).
             "SELECT pg_current_wal_lsn()::text, s.slot_name IS NOT NULL,
-                    s.confirmed_flush_lsn::text, s.restart_lsn::text, s.wal_status,
-                    s.safe_wal_size, COALESCE(s.active, false), s.plugin::text
+                    s.confirmed_flush_lsn::text, s.restart_lsn::text,
+                    to_jsonb(s) ->> 'wal_status', (to_jsonb(s) ->> 'safe_wal_size')::int8,
+                    COALESCE(s.active, false), s.plugin::text
              FROM (SELECT 1) AS one
              LEFT JOIN pg_replication_slots s ON s.slot_name = $1",
             &[&slot],

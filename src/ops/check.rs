@@ -176,7 +176,7 @@ async fn check_source_settings(client: &Client, config: &Config, out: &mut Findi
                     r.rolsuper, r.rolreplication, current_user::text,
                     CASE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_replication')
                          THEN pg_has_role('rds_replication', 'member') ELSE false END,
-                    current_setting('max_slot_wal_keep_size')
+                    current_setting('max_slot_wal_keep_size', true)
              FROM pg_roles r WHERE r.rolname = current_user",
             &[&config.source.slot],
         )
@@ -237,7 +237,8 @@ async fn check_source_settings(client: &Client, config: &Config, out: &mut Findi
         ));
     }
 
-    let keep: String = row.get(10);
+    // NULL before PostgreSQL 13, which has no such bound at all.
+    let keep: Option<String> = row.get(10);
     let wal_size = client
         .query_one(
             "SELECT COALESCE(sum(size), 0)::int8 FROM pg_ls_waldir()",
@@ -248,6 +249,12 @@ async fn check_source_settings(client: &Client, config: &Config, out: &mut Findi
     let wal_text = match &wal_size {
         Ok(size) => format!("pg_wal holds {size} now"),
         Err(_) => "pg_wal size unknown (reading it needs pg_monitor)".to_string(),
+    };
+    let Some(keep) = keep else {
+        out.warn(format!(
+            "source: no max_slot_wal_keep_size before PostgreSQL 13 ({wal_text}): the slot retains WAL without limit while sluice is behind or stopped, which can fill the source's disk; watch `sluice lag` and the source's free space"
+        ));
+        return Ok(());
     };
     if keep.trim() == "-1" {
         out.warn(format!(
