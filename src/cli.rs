@@ -39,6 +39,12 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Preflight: every prerequisite of the migration, one PASS/WARN/FAIL line each.
+    Check(crate::ops::check::CheckArgs),
+    /// Status of the daemon and the slot; works whether or not the daemon runs.
+    Status(crate::ops::status::StatusArgs),
+    /// Replication lag as one line, or tailed with --follow; --until-below for scripts.
+    Lag(crate::ops::lag::LagArgs),
     /// The daemon: publication and slot, then stream and apply changes forever (resumes
     /// from its checkpoint; SIGINT/SIGTERM finish or roll back the open transaction).
     Run(RunArgs),
@@ -110,6 +116,9 @@ pub fn main() -> i32 {
                 .await?;
                 Ok(0)
             }
+            Command::Check(args) => crate::ops::check::run(&cli.load_config()?, args).await,
+            Command::Status(args) => crate::ops::status::run(&cli.load_config()?, args).await,
+            Command::Lag(args) => crate::ops::lag::run(&cli.load_config()?, args).await,
         }
     });
     match result {

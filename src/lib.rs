@@ -14,6 +14,7 @@ pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod lsn;
+pub mod ops;
 pub mod pgoutput;
 pub mod source;
 pub mod tls;

@@ -4,5 +4,12 @@
 mod support;
 
 mod harness;
+mod ops_check;
+mod ops_common;
+mod ops_lag;
+mod ops_metrics;
+mod ops_monitor;
+mod ops_socket;
+mod ops_status;
 mod run_failures;
 mod run_stream;
