@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
 
-use crate::apply::{Applier, ApplyOptions, Progress};
+use crate::apply::{Applier, ApplyOptions, Progress, TargetClients};
 use crate::checkpoint::{self, Identity, Position, Store};
 use crate::config::Config;
 use crate::control::{DaemonState, SharedStatus};
@@ -439,8 +439,12 @@ async fn pipeline(
         table_sync: Default::default(),
         status: status.clone(),
     };
-    let applier = Applier::new(
-        target,
+    let catalog = tls::connect(&config.target.conn, "the target").await?;
+    let applier = Applier::start(
+        TargetClients {
+            apply: target,
+            catalog,
+        },
         store.clone(),
         status.clone(),
         acks_tx,
