@@ -3,4 +3,5 @@
 
 mod support;
 
+mod decode_fixtures;
 mod harness;
