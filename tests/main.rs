@@ -4,4 +4,5 @@
 mod support;
 
 mod decode_fixtures;
+mod decode_live;
 mod harness;
