@@ -222,7 +222,16 @@ async fn main() {
         .nth(1)
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("proto/fixtures"));
-    std::fs::create_dir_all(&out).expect("create the fixtures directory");
+    for (name, count) in capture_all(&out).await {
+        println!("{name}: {count} messages");
+    }
+}
+
+/// Starts a cluster, runs every scenario and writes its `.bin`, the synthetic fixture and
+/// MANIFEST.md into `out`. Also used by `tests/decode_fixtures.rs` to check that a fresh
+/// capture still matches the committed files.
+pub async fn capture_all(out: &Path) -> Vec<(&'static str, usize)> {
+    std::fs::create_dir_all(out).expect("create the fixtures directory");
     let (pg, client) = PgCluster::start_with_client().await;
     let version: String = client
         .query_one("SHOW server_version", &[])
@@ -249,11 +258,12 @@ async fn main() {
     )
     .unwrap();
 
+    let mut counts = Vec::new();
     for scenario in SCENARIOS {
         let frames = capture(&client, scenario).await;
         write_frames(&out.join(format!("{}.bin", scenario.name)), &frames);
         describe(&mut manifest, scenario, &frames);
-        println!("{}: {} messages", scenario.name, frames.len());
+        counts.push((scenario.name, frames.len()));
     }
 
     let synthetic = synthetic_v4_stream_abort();
@@ -271,6 +281,7 @@ async fn main() {
     .unwrap();
     std::fs::write(out.join("MANIFEST.md"), manifest).unwrap();
     drop(pg);
+    counts
 }
 
 async fn capture(client: &tokio_postgres::Client, scenario: &Scenario) -> Vec<Frame> {
