@@ -93,7 +93,8 @@ impl SchemaChange {
         &self.details
     }
 
-    /// True when only names or flags changed but every column kept its type: rows still fit.
+    /// True when the column count or a column's type or typmod changed (by position): rows of
+    /// the old shape no longer fit. False for renames and key-flag changes alone.
     pub fn column_types_changed(&self) -> bool {
         self.old.columns.len() != self.new.columns.len()
             || self
