@@ -3,6 +3,8 @@
 
 mod support;
 
+mod decode_fixtures;
+mod decode_live;
 mod harness;
 mod ops_check;
 mod ops_common;
