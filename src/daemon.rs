@@ -429,7 +429,8 @@ async fn pipeline(
         );
     }
 
-    let (items_tx, items_rx) = mpsc::channel(4096);
+    // Batches of up to 256 items: at most 16 × 256 changes wait between reader and applier.
+    let (items_tx, items_rx) = mpsc::channel(16);
     let (acks_tx, acks_rx) = watch::channel(start_lsn);
     let reader = Reader {
         client,

@@ -79,6 +79,8 @@ pub struct ApplyOptions {
 
 /// How a source relation maps onto its target table.
 pub struct TablePlan {
+    /// The relation description this plan was made for.
+    relation: Arc<Relation>,
     target: TargetTable,
     /// Target column per source column.
     columns: Vec<SqlColumn>,
@@ -197,14 +199,25 @@ impl Applier {
     /// Applies items until the stream ends (`Err`) or `shutdown` fires (`Ok`).
     pub async fn run(
         mut self,
-        mut items: mpsc::Receiver<StreamItem>,
+        mut items: mpsc::Receiver<Vec<StreamItem>>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<()> {
         let mut executor = self.executor.take().expect("the executor runs");
-        let outcome = loop {
+        // One timer for the batch deadline, reset only when the deadline moves: a timer per
+        // item costs more than the item.
+        let timer = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
+        let outcome = 'run: loop {
             let deadline = self
                 .first_commit_waiting
                 .map(|at| at + self.options.batch_max_delay);
+            if deadline != armed {
+                if let Some(at) = deadline {
+                    timer.as_mut().reset(at.into());
+                }
+                armed = deadline;
+            }
             let step = tokio::select! {
                 biased;
                 finished = &mut executor => {
@@ -214,11 +227,18 @@ impl Applier {
                     }));
                 }
                 _ = shutdown.changed() => break self.shut_down().await,
-                _ = sleep_until(deadline), if deadline.is_some() && self.open_txn.is_none() => {
+                _ = &mut timer, if armed.is_some() && self.open_txn.is_none() => {
                     self.commit_batch().await
                 }
-                item = items.recv() => match item {
-                    Some(item) => self.handle(item).await,
+                batch = items.recv() => match batch {
+                    Some(batch) => {
+                        for item in batch {
+                            if let Err(error) = self.handle(item).await {
+                                break 'run Err(error);
+                            }
+                        }
+                        Ok(())
+                    }
                     // The reader stopped; it reports why.
                     None => break Err(Error::transient("The replication stream stopped")),
                 },
@@ -381,7 +401,11 @@ impl Applier {
     /// Plans a relation against its target table (once per relation shape).
     async fn plan(&mut self, relation: &Arc<Relation>) -> Result<Arc<TablePlan>> {
         if let Some(plan) = self.plans.get(&relation.oid) {
-            return Ok(plan.clone());
+            if Arc::ptr_eq(&plan.relation, relation) {
+                return Ok(plan.clone());
+            }
+            // A new description of the table: apply what was planned against the old one.
+            self.flush().await?;
         }
         let name = TableName::new(relation.namespace.clone(), relation.name.clone());
         let table = target::load(&self.catalog, &name, self.citus).await?;
@@ -418,6 +442,7 @@ impl Applier {
         };
         let distribution = table.distribution_column.as_deref().and_then(index_of);
         let plan = Arc::new(TablePlan {
+            relation: relation.clone(),
             target: table,
             columns,
             matching,
@@ -661,11 +686,4 @@ fn cells(tuple: &Tuple, relation: &Relation, what: &str) -> Result<Vec<Cell>> {
         });
     }
     Ok(out)
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
 }

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use tokio::sync::{mpsc, watch};
 
@@ -74,7 +75,8 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(120);
 
 pub struct Reader {
     pub client: ReplicationClient,
-    pub items: mpsc::Sender<StreamItem>,
+    /// Batches of items, in source order.
+    pub items: mpsc::Sender<Vec<StreamItem>>,
     /// Acknowledgements from the applier: every LSN here is durably applied.
     pub acks: watch::Receiver<Lsn>,
     /// Transactions whose commit starts before this are already on the target.
@@ -84,15 +86,29 @@ pub struct Reader {
     pub status: SharedStatus,
 }
 
+/// Items per hand-over to the applier, at most: one channel operation and one wake-up per
+/// batch rather than per row change.
+const BATCH: usize = 256;
+
+/// The reader's decoding state across events.
+struct ReadState {
+    decoder: Decoder,
+    relations: RelationCache,
+    /// The open transaction: whether to drop it, and its commit LSN for per-table skips.
+    open: Option<(bool, Lsn)>,
+}
+
 impl Reader {
     /// Runs until the stream ends or fails. `Ok(())` means the applier went away (shutdown).
     pub async fn run(mut self) -> Result<()> {
-        let mut decoder = Decoder::new(1);
-        let mut relations = RelationCache::new();
-        // The open transaction: whether to drop it, and its commit LSN for per-table skips.
-        let mut open: Option<(bool, Lsn)> = None;
+        let mut state = ReadState {
+            decoder: Decoder::new(1),
+            relations: RelationCache::new(),
+            open: None,
+        };
         loop {
-            let event = tokio::select! {
+            // Wait for the next event (or an acknowledgement to pass on) ...
+            let first = tokio::select! {
                 changed = self.acks.changed() => {
                     if changed.is_err() {
                         return Ok(());
@@ -101,100 +117,118 @@ impl Reader {
                     self.client.update_applied_lsn(lsn.into());
                     continue;
                 }
-                event = tokio::time::timeout(SILENCE_LIMIT, self.client.recv()) => event,
+                event = tokio::time::timeout(SILENCE_LIMIT, self.client.recv()) => match event {
+                    Ok(event) => event,
+                    Err(_) => {
+                        return Err(Error::transient(format!(
+                            "The replication stream was silent for {SILENCE_LIMIT:?}: presuming the connection dead"
+                        )))
+                    }
+                },
             };
-            let event = match event {
-                Err(_) => {
-                    return Err(Error::transient(format!(
-                        "The replication stream was silent for {SILENCE_LIMIT:?}: presuming the connection dead"
-                    )))
+            // ... then take whatever else is already buffered, without waiting.
+            let mut batch = Vec::with_capacity(BATCH);
+            let mut next = Some(first);
+            while let Some(event) = next.take() {
+                if let Some(item) = self.on_event(received(event)?, &mut state)? {
+                    batch.push(item);
                 }
-                Ok(Err(e)) => return Err(error::replication("Reading the replication stream", e)),
-                Ok(Ok(None)) => {
-                    return Err(Error::transient("The source ended the replication stream"))
+                if batch.len() < BATCH {
+                    next = self.client.recv().now_or_never();
                 }
-                Ok(Ok(Some(event))) => event,
-            };
-            let item = match event {
-                ReplicationEvent::Begin {
-                    final_lsn,
-                    xid,
-                    commit_time_micros,
-                } => {
-                    let final_lsn = Lsn::from(final_lsn);
-                    let skip = final_lsn < self.resume_after;
-                    open = Some((skip, final_lsn));
-                    if skip {
-                        continue;
-                    }
-                    StreamItem::Begin {
-                        final_lsn,
-                        xid,
-                        commit_time: PgTimestamp(commit_time_micros),
-                    }
-                }
-                ReplicationEvent::Commit {
-                    lsn,
-                    end_lsn,
-                    commit_time_micros,
-                } => {
-                    let skipped = matches!(open.take(), Some((true, _)));
-                    self.status
-                        .update(|s| s.received_lsn = Some(Lsn::from(end_lsn)));
-                    if skipped {
-                        continue;
-                    }
-                    StreamItem::Commit {
-                        commit_lsn: Lsn::from(lsn),
-                        end_lsn: Lsn::from(end_lsn),
-                        commit_time: PgTimestamp(commit_time_micros),
-                    }
-                }
-                ReplicationEvent::KeepAlive { wal_end, .. } => {
-                    let wal_end = Lsn::from(wal_end);
-                    self.status.update(|s| {
-                        s.received_lsn = Some(s.received_lsn.unwrap_or_default().max(wal_end))
-                    });
-                    if open.is_some() {
-                        continue;
-                    }
-                    StreamItem::KeepAlive { wal_end }
-                }
-                ReplicationEvent::Message {
-                    transactional,
-                    lsn,
-                    prefix,
-                    content,
-                } => {
-                    tracing::debug!(
-                        %prefix, transactional, lsn = %Lsn::from(lsn), bytes = content.len(),
-                        "logical message skipped (sluice does not replay messages)"
-                    );
-                    continue;
-                }
-                ReplicationEvent::StoppedAt { .. } => {
-                    return Err(Error::transient("The replication stream stopped"))
-                }
-                ReplicationEvent::XLogData { data, .. } => {
-                    let message = decoder.decode(data).map_err(|e| {
-                        Error::with_source(
-                            ErrorKind::Definite,
-                            "The source sent a pgoutput message sluice cannot decode",
-                            e,
-                        )
-                    })?;
-                    let skip_txn = matches!(open, Some((true, _)));
-                    match self.to_item(message, &mut relations, open.map(|(_, lsn)| lsn))? {
-                        Some(_) if skip_txn => continue,
-                        Some(item) => item,
-                        None => continue,
-                    }
-                }
-            };
-            if self.items.send(item).await.is_err() {
+            }
+            if !batch.is_empty() && self.items.send(batch).await.is_err() {
                 return Ok(());
             }
         }
+    }
+
+    /// One replication event → at most one stream item.
+    fn on_event(
+        &self,
+        event: ReplicationEvent,
+        state: &mut ReadState,
+    ) -> Result<Option<StreamItem>> {
+        Ok(Some(match event {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => {
+                let final_lsn = Lsn::from(final_lsn);
+                let skip = final_lsn < self.resume_after;
+                state.open = Some((skip, final_lsn));
+                if skip {
+                    return Ok(None);
+                }
+                StreamItem::Begin {
+                    final_lsn,
+                    xid,
+                    commit_time: PgTimestamp(commit_time_micros),
+                }
+            }
+            ReplicationEvent::Commit {
+                lsn,
+                end_lsn,
+                commit_time_micros,
+            } => {
+                let skipped = matches!(state.open.take(), Some((true, _)));
+                self.status
+                    .update(|s| s.received_lsn = Some(Lsn::from(end_lsn)));
+                if skipped {
+                    return Ok(None);
+                }
+                StreamItem::Commit {
+                    commit_lsn: Lsn::from(lsn),
+                    end_lsn: Lsn::from(end_lsn),
+                    commit_time: PgTimestamp(commit_time_micros),
+                }
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                let wal_end = Lsn::from(wal_end);
+                self.status.update(|s| {
+                    s.received_lsn = Some(s.received_lsn.unwrap_or_default().max(wal_end))
+                });
+                if state.open.is_some() {
+                    return Ok(None);
+                }
+                StreamItem::KeepAlive { wal_end }
+            }
+            ReplicationEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => {
+                tracing::debug!(
+                    %prefix, transactional, lsn = %Lsn::from(lsn), bytes = content.len(),
+                    "logical message skipped (sluice does not replay messages)"
+                );
+                return Ok(None);
+            }
+            ReplicationEvent::StoppedAt { .. } => {
+                return Err(Error::transient("The replication stream stopped"))
+            }
+            ReplicationEvent::XLogData { data, .. } => {
+                let message = state.decoder.decode(data).map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::Definite,
+                        "The source sent a pgoutput message sluice cannot decode",
+                        e,
+                    )
+                })?;
+                let (skip_txn, final_lsn) = match state.open {
+                    Some((skip, lsn)) => (skip, Some(lsn)),
+                    None => (false, None),
+                };
+                let item = self.to_item(message, &mut state.relations, final_lsn)?;
+                if skip_txn && !matches!(item, Some(StreamItem::Relation { .. })) {
+                    // Only relation descriptions of an already applied transaction matter.
+                    return Ok(None);
+                }
+                return Ok(item);
+            }
+        }))
     }
 
     /// Turns a decoded message into a stream item; `None` for what the applier does not need.
@@ -286,5 +320,16 @@ impl Reader {
                 )))
             }
         })
+    }
+}
+
+/// The transport's result for one receive, as an event or our error.
+fn received(
+    result: std::result::Result<Option<ReplicationEvent>, pgwire_replication::PgWireError>,
+) -> Result<ReplicationEvent> {
+    match result {
+        Ok(Some(event)) => Ok(event),
+        Ok(None) => Err(Error::transient("The source ended the replication stream")),
+        Err(e) => Err(error::replication("Reading the replication stream", e)),
     }
 }
