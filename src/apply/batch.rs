@@ -22,6 +22,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::pgoutput::{Tuple, Value};
+
 /// One column value as the applier keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cell {
@@ -48,7 +50,46 @@ impl Cell {
     }
 }
 
-pub type Row = Arc<[Cell]>;
+/// A row to insert: the decoded tuple itself (no copy, no conversion), or cells put
+/// together by the applier (a Citus row moved to another shard).
+#[derive(Debug, Clone)]
+pub enum Row {
+    Tuple(Tuple),
+    Cells(Arc<[Cell]>),
+}
+
+impl Row {
+    /// The value of column `index`: `Ok(None)` for NULL, an error for a value that cannot be
+    /// inserted (unchanged TOAST, binary).
+    pub fn text(&self, index: usize) -> Result<Option<&[u8]>, &'static str> {
+        match self {
+            Row::Tuple(tuple) => match tuple.get(index) {
+                Some(Value::Text(bytes)) => Ok(Some(bytes)),
+                Some(Value::Null) => Ok(None),
+                Some(Value::UnchangedToast) => Err("an unchanged TOAST marker in a new row"),
+                Some(Value::Binary(_)) => Err("a binary value"),
+                None => Err("too few values"),
+            },
+            Row::Cells(cells) => match cells.get(index) {
+                Some(Cell::Text(bytes)) => Ok(Some(bytes)),
+                Some(Cell::Null) => Ok(None),
+                Some(Cell::Unchanged) => Err("an unchanged TOAST marker in a new row"),
+                None => Err("too few values"),
+            },
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Row::Tuple(tuple) => tuple.len(),
+            Row::Cells(cells) => cells.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct UpdateRow {
@@ -262,10 +303,10 @@ mod tests {
     #[test]
     fn operations_on_a_table_keep_their_order() {
         let mut queue = TableQueue::default();
-        queue.push_insert(Arc::from(vec![text("1")]));
-        queue.push_insert(Arc::from(vec![text("2")]));
+        queue.push_insert(Row::Cells(Arc::from(vec![text("1")])));
+        queue.push_insert(Row::Cells(Arc::from(vec![text("2")])));
         queue.push_delete(vec![text("1")]);
-        queue.push_insert(Arc::from(vec![text("1")]));
+        queue.push_insert(Row::Cells(Arc::from(vec![text("1")])));
         let kinds: Vec<(usize, &str)> = queue
             .runs
             .iter()

@@ -210,17 +210,16 @@ impl Executor {
         let what = format!("{} insert(s) into {}", rows.len(), plan.target.name);
         if rows.len() >= COPY_MIN_ROWS {
             let statement = self.statement(&sql::copy_in(table, columns), &[]).await?;
-            let size = rows
-                .iter()
-                .map(|r| r.iter().map(Cell::weight).sum::<usize>() + r.len())
-                .sum();
-            let mut buffer = Vec::with_capacity(size);
+            let mut buffer = Vec::with_capacity(rows.len() * columns.len() * 16);
             for row in &rows {
-                for (i, cell) in row.iter().enumerate() {
+                for i in 0..columns.len() {
                     if i > 0 {
                         buffer.push(b'\t');
                     }
-                    sql::copy_text_value(&mut buffer, cell.as_str());
+                    let value = row
+                        .text(i)
+                        .map_err(|problem| self.bad_row(&what, problem))?;
+                    sql::copy_text_value(&mut buffer, value);
                 }
                 buffer.push(b'\n');
             }
@@ -238,11 +237,30 @@ impl Executor {
         let statement = self
             .statement(&text, &vec![Type::TEXT_ARRAY; columns.len()])
             .await?;
-        let arrays =
-            column_arrays(&rows, columns.len(), |row, i| &row[i]).map_err(|e| e.context(&what))?;
+        let mut arrays: Vec<Vec<Option<&str>>> = (0..columns.len())
+            .map(|_| Vec::with_capacity(rows.len()))
+            .collect();
+        for row in &rows {
+            for (i, array) in arrays.iter_mut().enumerate() {
+                let value = row
+                    .text(i)
+                    .map_err(|problem| self.bad_row(&what, problem))?;
+                array.push(match value {
+                    Some(bytes) => Some(utf8(bytes)?),
+                    None => None,
+                });
+            }
+        }
         let result = self.client.execute(&statement, &params(&arrays)).await;
         result.map_err(|e| self.apply_error(&what, e))?;
         Ok(())
+    }
+
+    fn bad_row(&self, what: &str, problem: &str) -> Error {
+        Error::definite(format!(
+            "Applying {what} (source transaction at {}): the stream carried {problem}",
+            self.lsn
+        ))
     }
 
     async fn update(
@@ -548,11 +566,14 @@ impl Executor {
     }
 }
 
+fn utf8(bytes: &[u8]) -> Result<&str> {
+    std::str::from_utf8(bytes)
+        .map_err(|_| Error::new(ErrorKind::Apply, "a value is not valid UTF-8 text"))
+}
+
 fn text_of(cell: &Cell) -> Result<Option<&str>> {
     match cell {
-        Cell::Text(bytes) => std::str::from_utf8(bytes)
-            .map(Some)
-            .map_err(|_| Error::new(ErrorKind::Apply, "a value is not valid UTF-8 text")),
+        Cell::Text(bytes) => utf8(bytes).map(Some),
         _ => Ok(None),
     }
 }

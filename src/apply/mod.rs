@@ -55,7 +55,7 @@ use crate::lsn::Lsn;
 use crate::pgoutput::{OldTuple, PgTimestamp, Relation, ReplicaIdentity, Tuple, Value};
 use crate::source::stream::StreamItem;
 use crate::source::TableName;
-use batch::{Cell, Pending, UpdateRow, ValueChange};
+use batch::{Cell, Pending, Row, UpdateRow, ValueChange};
 use executor::{Executor, Work};
 use sql::SqlColumn;
 use target::TargetTable;
@@ -453,11 +453,18 @@ impl Applier {
     }
 
     fn push_insert(&mut self, relation: &Relation, new: &Tuple) -> Result<()> {
-        let row = cells(new, relation, "INSERT")?;
-        let bytes: usize = row.iter().map(Cell::weight).sum();
+        if new.len() != relation.columns.len() {
+            return Err(column_count_mismatch(relation, new, "INSERT"));
+        }
+        let bytes = new
+            .iter()
+            .map(|v| v.as_bytes().map_or(1, <[u8]>::len))
+            .sum::<usize>();
+        // The tuple itself is queued: its values are escaped into COPY straight from the
+        // received message.
         self.pending
             .queue(relation.oid)
-            .push_insert(Arc::from(row.into_boxed_slice()));
+            .push_insert(Row::Tuple(new.clone()));
         self.pending.rows += 1;
         self.pending.bytes += bytes;
         Ok(())
@@ -538,7 +545,7 @@ impl Applier {
                 }
                 let queue = self.pending.queue(relation.oid);
                 queue.push_delete(old_key);
-                queue.push_insert(Arc::from(row.into_boxed_slice()));
+                queue.push_insert(Row::Cells(Arc::from(row.into_boxed_slice())));
                 self.pending.rows += 2;
                 self.pending.bytes += bytes;
                 return Ok(());
@@ -662,14 +669,18 @@ fn executor_outcome(joined: std::result::Result<Result<()>, tokio::task::JoinErr
 }
 
 /// A tuple's values as applier cells (text only: the stream is not asked for binary).
+fn column_count_mismatch(relation: &Relation, tuple: &Tuple, what: &str) -> Error {
+    Error::definite(format!(
+        "A pgoutput {what} for {} carries {} values for {} columns",
+        relation.qualified_name(),
+        tuple.len(),
+        relation.columns.len()
+    ))
+}
+
 fn cells(tuple: &Tuple, relation: &Relation, what: &str) -> Result<Vec<Cell>> {
     if tuple.len() != relation.columns.len() {
-        return Err(Error::definite(format!(
-            "A pgoutput {what} for {} carries {} values for {} columns",
-            relation.qualified_name(),
-            tuple.len(),
-            relation.columns.len()
-        )));
+        return Err(column_count_mismatch(relation, tuple, what));
     }
     let mut out = Vec::with_capacity(tuple.len());
     for index in 0..tuple.len() {
