@@ -38,7 +38,19 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Duplicate the selected tables' schema on the target (indexes and foreign keys deferred
+    /// until after the copy; tables distributed on Citus as [citus] says).
+    Schema(crate::cutover::schema::SchemaArgs),
+    /// Set the target's sequences of the selected tables from the source's positions.
+    SyncSequences(crate::cutover::sequences::SyncSequencesArgs),
+    /// Compare source and target: row counts, then checksums per primary-key range.
+    Verify(crate::cutover::verify::VerifyArgs),
+    /// Guided switch: freeze the source (optional), wait for zero lag, sync sequences, verify.
+    Cutover(crate::cutover::cutover::CutoverArgs),
+    /// Drop the slot, the publication and the target's sluice schema, after confirmation.
+    Teardown(crate::cutover::teardown::TeardownArgs),
+}
 
 impl Cli {
     pub fn load_config(&self) -> Result<Config> {
@@ -86,7 +98,25 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    let result: Result<i32> = runtime.block_on(async move { match cli.command {} });
+    let result: Result<i32> = runtime.block_on(async move {
+        match &cli.command {
+            Command::Schema(args) => {
+                crate::cutover::schema::command(&cli.load_config()?, args).await
+            }
+            Command::SyncSequences(args) => {
+                crate::cutover::sequences::command(&cli.load_config()?, args).await
+            }
+            Command::Verify(args) => {
+                crate::cutover::verify::command(&cli.load_config()?, args).await
+            }
+            Command::Cutover(args) => {
+                crate::cutover::cutover::command(&cli.load_config()?, args).await
+            }
+            Command::Teardown(args) => {
+                crate::cutover::teardown::command(&cli.load_config()?, args).await
+            }
+        }
+    });
     match result {
         Ok(code) => code,
         Err(error) => {

@@ -6,10 +6,12 @@
 //! with `snapshot` (initial copy), `control` (status socket), `config` and `cli` around it.
 
 pub mod checkpoint;
+pub mod citus;
 pub mod cli;
 pub mod config;
 pub mod conninfo;
 pub mod control;
+pub mod cutover;
 pub mod error;
 pub mod lsn;
 pub mod pgoutput;
