@@ -3,4 +3,7 @@
 
 mod support;
 
+mod cutover_common;
+mod cutover_schema;
+mod cutover_sequences;
 mod harness;

@@ -174,7 +174,7 @@ async fn gather(source: &Client, roots: BTreeMap<u32, TableName>) -> Result<Need
     // Partitions at every level belong to their root: created with it, skipped with it.
     for row in source
         .query(
-            "SELECT p.relid, n.nspname::text, c.relname::text, r.root
+            "SELECT p.relid::oid, n.nspname::text, c.relname::text, r.root
              FROM unnest($1::oid[]) AS r(root)
              CROSS JOIN LATERAL pg_partition_tree(r.root) p
              JOIN pg_class c ON c.oid = p.relid
@@ -787,7 +787,8 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
     let (_, post) = script(post_list, "post.list").await?;
 
     // Pre-data and the deferred statements in one target transaction: all or nothing.
-    let mut ddl = String::from("BEGIN;\n");
+    // IF NOT EXISTS notices ("schema public already exists") are noise here.
+    let mut ddl = String::from("SET client_min_messages = warning;\nBEGIN;\n");
     ddl.push_str(CREATE_DEFERRED_DDL);
     ddl.push('\n');
     for schema in needs.schemas() {

@@ -252,7 +252,7 @@ pub async fn sync(
                 if !dry_run {
                     target
                         .execute(
-                            "SELECT pg_catalog.setval($1::regclass, $2, false)",
+                            "SELECT pg_catalog.setval($1::text::regclass, $2, false)",
                             &[&sequence.name.quoted(), &next],
                         )
                         .await
