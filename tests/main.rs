@@ -6,4 +6,5 @@ mod support;
 mod cutover_common;
 mod cutover_schema;
 mod cutover_sequences;
+mod cutover_verify;
 mod harness;
