@@ -29,11 +29,19 @@ async fn verify_passes_on_equal_data_and_names_what_differs() {
         .await
         .unwrap();
 
-    let output = setup.sluice(&["verify", "--chunk-rows", "100", "--jobs", "2"]).await;
+    let output = setup
+        .sluice(&["verify", "--chunk-rows", "100", "--jobs", "2"])
+        .await;
     assert_eq!(output.status.code(), Some(0), "{}", show(&output));
     let out = stdout(&output);
-    assert!(out.contains("OK public.orders: 1000 rows, 10 key range(s) match"), "{out}");
-    assert!(out.contains("OK public.log: 30 rows, whole-table checksum matches"), "{out}");
+    assert!(
+        out.contains("OK public.orders: 1000 rows, 10 key range(s) match"),
+        "{out}"
+    );
+    assert!(
+        out.contains("OK public.log: 30 rows, whole-table checksum matches"),
+        "{out}"
+    );
     assert!(out.contains("OK public.empty: 0 rows"), "{out}");
     assert!(out.contains("all 4 table(s) match"), "{out}");
 
@@ -54,15 +62,33 @@ async fn verify_passes_on_equal_data_and_names_what_differs() {
         out.contains("DIFF public.orders range [id=501, id=601): 100 row(s) on the source, 100 on the target; 1 key(s) differ: id=537 (changed)"),
         "{out}"
     );
-    assert_eq!(out.matches("DIFF public.orders").count(), 1, "only one range differs: {out}");
-    assert!(out.contains("DIFF public.lines: 150 rows on the source, 149 on the target"), "{out}");
-    assert!(out.contains("(region, n)=(us, 7) (missing on the target)"), "{out}");
-    assert!(out.contains("DIFF public.log: 30 rows on the source, 31 on the target"), "{out}");
+    assert_eq!(
+        out.matches("DIFF public.orders").count(),
+        1,
+        "only one range differs: {out}"
+    );
+    assert!(
+        out.contains("DIFF public.lines: 150 rows on the source, 149 on the target"),
+        "{out}"
+    );
+    assert!(
+        out.contains("(region, n)=(us, 7) (missing on the target)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("DIFF public.log: 30 rows on the source, 31 on the target"),
+        "{out}"
+    );
     assert!(out.contains("OK public.empty"), "{out}");
-    assert!(out.contains("3 of 4 table(s) differ: public.lines, public.log, public.orders"), "{out}");
+    assert!(
+        out.contains("3 of 4 table(s) differ: public.lines, public.log, public.orders"),
+        "{out}"
+    );
 
     // --tables narrows the comparison.
-    let output = setup.sluice(&["verify", "--tables", "public.empty,public.l*"]).await;
+    let output = setup
+        .sluice(&["verify", "--tables", "public.empty,public.l*"])
+        .await;
     assert_eq!(output.status.code(), Some(1), "{}", show(&output));
     let out = stdout(&output);
     assert!(!out.contains("public.orders"), "{out}");
@@ -74,7 +100,9 @@ async fn verify_passes_on_equal_data_and_names_what_differs() {
         .batch_execute("UPDATE public.orders SET amount = amount - 0.01 WHERE id = 537; INSERT INTO public.orders (id) VALUES (5000)")
         .await
         .unwrap();
-    let output = setup.sluice(&["verify", "--tables", "public.orders", "--chunk-rows", "100"]).await;
+    let output = setup
+        .sluice(&["verify", "--tables", "public.orders", "--chunk-rows", "100"])
+        .await;
     assert_eq!(output.status.code(), Some(1), "{}", show(&output));
     assert!(
         stdout(&output).contains("range [id=901, end): 100 row(s) on the source, 101 on the target; 1 key(s) differ: id=5000 (only on the target)"),

@@ -6,5 +6,7 @@ mod support;
 mod cutover_common;
 mod cutover_schema;
 mod cutover_sequences;
+mod cutover_switch;
+mod cutover_teardown;
 mod cutover_verify;
 mod harness;

@@ -151,8 +151,10 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
         "ALTER DATABASE {} SET default_transaction_read_only = on",
         quote_ident(&database)
     );
+    // A session of the frozen database is read-only itself: the undo opens a read-write
+    // transaction explicitly (or run it from another database).
     let undo_sql = format!(
-        "ALTER DATABASE {} RESET default_transaction_read_only",
+        "BEGIN READ WRITE; ALTER DATABASE {} RESET default_transaction_read_only; COMMIT;",
         quote_ident(&database)
     );
     if args.dry_run {
@@ -282,7 +284,7 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
     }
     if args.freeze_source {
         println!(
-            "To undo the freeze (keep the source as the primary): {undo_sql}; (sessions opened before the undo stay read-only until they reconnect)"
+            "To undo the freeze (keep the source as the primary): {undo_sql} (sessions opened before the undo stay read-only until they reconnect)"
         );
     }
     Ok(if ok { 0 } else { 1 })
