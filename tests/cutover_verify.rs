@@ -110,3 +110,77 @@ async fn verify_passes_on_equal_data_and_names_what_differs() {
         show(&output)
     );
 }
+
+/// On a live source a range can differ only because the change is still on its way: verify
+/// waits for the target to catch up with the source and compares that range again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_rechecks_a_range_that_was_still_in_flight() {
+    let setup = Setup::new("").await;
+    setup
+        .both("CREATE TABLE public.t (id int PRIMARY KEY, v text); INSERT INTO public.t SELECT i, 'v' FROM generate_series(1, 100) i;")
+        .await;
+    sluice::checkpoint::ensure_position_table(&setup.target)
+        .await
+        .unwrap();
+    setup
+        .target
+        .execute(
+            sluice::checkpoint::UPSERT_POSITION_SQL,
+            &[&"sluice", &"0", &"0/0", &"0/0"],
+        )
+        .await
+        .unwrap();
+    setup
+        .source
+        .batch_execute("UPDATE public.t SET v = 'new' WHERE id = 50")
+        .await
+        .unwrap();
+    // The daemon's stand-in: applies the change a second later, then keeps its position
+    // at the source's WAL end.
+    let source = setup.pg.connect("src").await;
+    let target = setup.pg.connect("dst").await;
+    let stand_in = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        target
+            .batch_execute("UPDATE public.t SET v = 'new' WHERE id = 50")
+            .await
+            .unwrap();
+        loop {
+            let lsn: String = source
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await
+                .unwrap()
+                .get(0);
+            target
+                .execute(
+                    sluice::checkpoint::UPSERT_POSITION_SQL,
+                    &[&"sluice", &"0", &lsn, &lsn],
+                )
+                .await
+                .unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    let output = setup.sluice(&["verify"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    assert!(
+        stdout(&output).contains("OK public.t: 100 rows, 1 key range(s) match (1 after waiting for the target to catch up)"),
+        "{}",
+        show(&output)
+    );
+
+    // Without re-checks, a difference is reported at once.
+    setup
+        .source
+        .batch_execute("UPDATE public.t SET v = 'newer' WHERE id = 60")
+        .await
+        .unwrap();
+    let output = setup.sluice(&["verify", "--rechecks", "0"]).await;
+    stand_in.abort();
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        stdout(&output).contains("id=60 (changed)"),
+        "{}",
+        show(&output)
+    );
+}

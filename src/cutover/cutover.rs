@@ -24,7 +24,7 @@ use tokio_postgres::Client;
 
 use crate::checkpoint;
 use crate::config::{parse_duration, Config};
-use crate::error::{self, Error, ErrorKind, Result};
+use crate::error::{self, Error, Result};
 use crate::lsn::Lsn;
 use crate::source::quote_ident;
 
@@ -85,21 +85,6 @@ async fn other_sessions(source: &Client, slot: &str) -> Result<Vec<Session>> {
             state: r.get(3),
         })
         .collect())
-}
-
-async fn current_lsn(source: &Client) -> Result<Lsn> {
-    let text: String = source
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .map_err(|e| error::pg("Reading the source's WAL position", e))?
-        .get(0);
-    text.parse::<Lsn>().map_err(|e| {
-        Error::with_source(
-            ErrorKind::Definite,
-            "The source returned an invalid WAL position",
-            e,
-        )
-    })
 }
 
 /// Waits until the target's caught-up position for `slot` reaches `goal`.
@@ -210,7 +195,7 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
     }
 
     // 2. Zero lag.
-    let goal = current_lsn(&source).await?;
+    let goal = super::current_lsn(&source).await?;
     if args.dry_run {
         let caught_up = checkpoint::read_target_position(&target, slot)
             .await?
@@ -246,7 +231,7 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
         None
     } else {
         println!("Step 4: verifying");
-        Some(super::verify::verify(config, &[], args.jobs, 10_000).await?)
+        Some(super::verify::verify(config, &[], args.jobs, 10_000, 2).await?)
     };
 
     // 5. Report.

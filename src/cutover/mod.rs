@@ -33,6 +33,22 @@ pub(crate) async fn connect_both(
     Ok((source, target))
 }
 
+/// The source's current WAL position.
+pub(crate) async fn current_lsn(source: &tokio_postgres::Client) -> Result<crate::Lsn> {
+    let text: String = source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(|e| crate::error::pg("Reading the source's WAL position", e))?
+        .get(0);
+    text.parse::<crate::Lsn>().map_err(|e| {
+        Error::with_source(
+            crate::ErrorKind::Definite,
+            "The source returned an invalid WAL position",
+            e,
+        )
+    })
+}
+
 /// Where a PostgreSQL client tool (`pg_dump`, `pg_restore`) lives: `$PG_BINDIR`, then the
 /// PATH, then the newest `/usr/lib/postgresql/*/bin` (Debian installs the tools there
 /// without putting every version on the PATH). The newest wins because pg_dump refuses

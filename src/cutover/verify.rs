@@ -21,11 +21,13 @@
 //! otherwise re-run it and look for differences that persist.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, StreamExt};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
+use crate::checkpoint;
 use crate::config::{glob_matches, Config};
 use crate::error::{self, Error, Result};
 use crate::source::{quote_ident, selected_tables, SourceTable, TableName};
@@ -41,6 +43,10 @@ pub struct VerifyArgs {
     /// Rows per checksum range.
     #[arg(long, default_value_t = 10_000, value_name = "N")]
     pub chunk_rows: i64,
+    /// A differing range is compared again up to N times, each after the target has caught
+    /// up with the source's current position (needs a running daemon; 0 to report at once).
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub rechecks: u32,
 }
 
 /// How many differing keys are named per range.
@@ -179,11 +185,16 @@ impl TablePlan {
         )
     }
 
+    /// Row count and the sum of the rows' md5 (as two 64-bit halves). A sum is independent
+    /// of row order: no sort, no collation question, and on Citus it is computed on the
+    /// shards (an ordered string_agg would pull every row to the coordinator).
     fn checksum_sql(&self, lower: bool, upper: bool) -> String {
         format!(
-            "SELECT count(*), COALESCE(md5(string_agg({hash}, '' ORDER BY {order})), '') FROM {table} WHERE {range}",
+            "SELECT count(*),
+                    COALESCE(sum(('x' || substr(h, 1, 16))::bit(64)::bigint), 0)::text,
+                    COALESCE(sum(('x' || substr(h, 17, 16))::bit(64)::bigint), 0)::text
+             FROM (SELECT {hash} AS h FROM {table} WHERE {range}) s",
             hash = self.row_hash,
-            order = self.order_by,
             table = self.name.quoted(),
             range = self.range_predicate(lower, upper),
         )
@@ -197,15 +208,6 @@ impl TablePlan {
             table = self.name.quoted(),
             range = self.range_predicate(lower, upper),
             order = self.order_by,
-        )
-    }
-
-    /// Without a key: the multiset of row hashes.
-    fn whole_table_sql(&self) -> String {
-        format!(
-            "SELECT count(*), COALESCE(md5(string_agg(h, '' ORDER BY h)), '') FROM (SELECT {hash} AS h FROM {table}) s",
-            hash = self.row_hash,
-            table = self.name.quoted(),
         )
     }
 
@@ -288,6 +290,7 @@ async fn verify_table(
     config: &Config,
     table: &SourceTable,
     chunk_rows: i64,
+    rechecks: u32,
 ) -> Result<TableVerdict> {
     let (source, target) = super::connect_both(config).await?;
     pinned(&source, "the source").await?;
@@ -324,33 +327,34 @@ async fn verify_table(
     })
     .await?
     .get(0);
-    let mut same = source_rows == target_rows;
-    if !same {
+    // Printed when the table differs; on a live source the two counts are reads at
+    // different moments, so the checksums (re-checked after catching up) decide.
+    if source_rows != target_rows {
         lines.push(format!(
             "DIFF {name}: {source_rows} rows on the source, {target_rows} on the target"
         ));
     }
 
+    let recheck = Recheck {
+        source: &source,
+        target: &target,
+        slot: &config.source.slot,
+        rechecks,
+    };
     if plan.key.is_empty() {
-        let sql = plan.whole_table_sql();
-        let on_source: String = one(&source, &sql, &[], || {
-            format!("Checksumming {name} on the source")
-        })
-        .await?
-        .get(1);
-        let on_target: String = one(&target, &sql, &[], || {
-            format!("Checksumming {name} on the target")
-        })
-        .await?
-        .get(1);
-        if on_source != on_target {
-            same = false;
+        let sql = plan.checksum_sql(false, false);
+        let matched = recheck.compare(&sql, &[], name).await?;
+        let same = matched.same();
+        if !same {
             lines.push(format!(
                 "DIFF {name}: contents differ (no primary key: whole-table checksum, rows cannot be named)"
             ));
-        } else if same {
+        } else {
+            lines.clear();
             lines.push(format!(
-                "OK {name}: {source_rows} rows, whole-table checksum matches (no primary key)"
+                "OK {name}: {} rows, whole-table checksum matches (no primary key){}",
+                matched.rows(),
+                matched.note()
             ));
         }
         return Ok(TableVerdict {
@@ -370,6 +374,7 @@ async fn verify_table(
     let ranges = boundaries.len() + 1;
     let width = plan.key.len();
     let mut differing_ranges = 0;
+    let mut matched_on_recheck = 0;
     for i in 0..ranges {
         let lower = i.checked_sub(1).and_then(|j| boundaries.get(j));
         let upper = boundaries.get(i);
@@ -379,23 +384,14 @@ async fn verify_table(
             .flat_map(|k| k.iter().cloned())
             .collect();
         let sql = plan.checksum_sql(lower.is_some(), upper.is_some());
-        let checksum = |row: tokio_postgres::Row| (row.get::<_, i64>(0), row.get::<_, String>(1));
-        let on_source = checksum(
-            one(&source, &sql, &bounds, || {
-                format!("Checksumming {name} on the source")
-            })
-            .await?,
-        );
-        let on_target = checksum(
-            one(&target, &sql, &bounds, || {
-                format!("Checksumming {name} on the target")
-            })
-            .await?,
-        );
-        if on_source == on_target {
+        let compared = recheck.compare(&sql, &bounds, name).await?;
+        if compared.same() {
+            if compared.rechecked {
+                matched_on_recheck += 1;
+            }
             continue;
         }
-        same = false;
+        let (on_source, on_target) = (compared.source, compared.target);
         differing_ranges += 1;
         // Narrow down: which keys differ in this range.
         let rows_sql = plan.rows_sql(lower.is_some(), upper.is_some());
@@ -435,7 +431,7 @@ async fn verify_table(
             on_target.0,
             differences.len(),
             if shown.is_empty() {
-                "none any more (changed while verifying? run again)".to_string()
+                "none when listed (rows changed while verifying: run again)".to_string()
             } else {
                 shown.join(", ")
             },
@@ -446,13 +442,22 @@ async fn verify_table(
             }
         ));
     }
+    // The ranges decide: on a live source the counts are two reads at different moments.
+    let same = differing_ranges == 0;
     if same {
+        let note = if matched_on_recheck > 0 {
+            format!(" ({matched_on_recheck} after waiting for the target to catch up)")
+        } else {
+            String::new()
+        };
+        let counts = if source_rows == target_rows {
+            String::new()
+        } else {
+            " (the counts moved while verifying)".to_string()
+        };
+        lines.clear();
         lines.push(format!(
-            "OK {name}: {source_rows} rows, {ranges} key range(s) match"
-        ));
-    } else if differing_ranges == 0 {
-        lines.push(format!(
-            "DIFF {name}: counts differ but every range matched on a second read (changed while verifying? run again)"
+            "OK {name}: {source_rows} rows, {ranges} key range(s) match{note}{counts}"
         ));
     }
     Ok(TableVerdict {
@@ -486,6 +491,100 @@ async fn all(
         .map_err(|e| error::pg(what(), e))
 }
 
+/// One range's checksums on both sides: (rows, sum of hash halves).
+struct Compared {
+    source: (i64, String, String),
+    target: (i64, String, String),
+    /// It matched only on a re-check.
+    rechecked: bool,
+}
+
+impl Compared {
+    fn same(&self) -> bool {
+        self.source == self.target
+    }
+
+    fn rows(&self) -> i64 {
+        self.source.0
+    }
+
+    fn note(&self) -> &'static str {
+        if self.rechecked {
+            " after waiting for the target to catch up"
+        } else {
+            ""
+        }
+    }
+}
+
+/// Compares checksums, and re-compares a difference after the target caught up.
+struct Recheck<'a> {
+    source: &'a Client,
+    target: &'a Client,
+    slot: &'a str,
+    rechecks: u32,
+}
+
+/// How long a re-check waits for the target to reach the source's position.
+const RECHECK_WAIT: Duration = Duration::from_secs(30);
+
+impl Recheck<'_> {
+    async fn checksums(&self, sql: &str, bounds: &[String], name: &TableName) -> Result<Compared> {
+        let read = |row: tokio_postgres::Row| {
+            (
+                row.get::<_, i64>(0),
+                row.get::<_, String>(1),
+                row.get::<_, String>(2),
+            )
+        };
+        let source = read(
+            one(self.source, sql, bounds, || {
+                format!("Checksumming {name} on the source")
+            })
+            .await?,
+        );
+        let target = read(
+            one(self.target, sql, bounds, || {
+                format!("Checksumming {name} on the target")
+            })
+            .await?,
+        );
+        Ok(Compared {
+            source,
+            target,
+            rechecked: false,
+        })
+    }
+
+    async fn compare(&self, sql: &str, bounds: &[String], name: &TableName) -> Result<Compared> {
+        let mut compared = self.checksums(sql, bounds, name).await?;
+        for _ in 0..self.rechecks {
+            if compared.same() || !self.wait_for_catch_up().await? {
+                break;
+            }
+            compared = self.checksums(sql, bounds, name).await?;
+            compared.rechecked = true;
+        }
+        Ok(compared)
+    }
+
+    /// Waits until the target's caught-up position passes the source's current one: every
+    /// change committed before now is then applied. False when there is no position to
+    /// wait for (no daemon ever ran) or it did not get there in time.
+    async fn wait_for_catch_up(&self) -> Result<bool> {
+        let goal = super::current_lsn(self.source).await?;
+        let started = Instant::now();
+        loop {
+            match checkpoint::read_target_position(self.target, self.slot).await? {
+                None => return Ok(false),
+                Some(position) if position.caught_up_lsn >= goal => return Ok(true),
+                Some(_) if started.elapsed() >= RECHECK_WAIT => return Ok(false),
+                Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+}
+
 /// Keys that are missing, extra or changed on the target, source order first.
 fn diff_rows(
     source: &[(Vec<String>, String)],
@@ -516,6 +615,7 @@ pub async fn verify(
     only: &[String],
     jobs: usize,
     chunk_rows: i64,
+    rechecks: u32,
 ) -> Result<VerifyReport> {
     if chunk_rows < 1 {
         return Err(Error::config("--chunk-rows must be at least 1"));
@@ -537,7 +637,7 @@ pub async fn verify(
         ..VerifyReport::default()
     };
     let mut verdicts = stream::iter(tables.iter())
-        .map(|table| verify_table(config, table, chunk_rows))
+        .map(|table| verify_table(config, table, chunk_rows, rechecks))
         .buffer_unordered(jobs.max(1));
     let mut failed: Option<Error> = None;
     while let Some(verdict) = verdicts.next().await {
@@ -565,7 +665,14 @@ pub async fn verify(
 
 /// `sluice verify`: exit 0 when every table matches, 1 otherwise.
 pub async fn command(config: &Config, args: &VerifyArgs) -> Result<i32> {
-    let report = verify(config, &args.tables, args.jobs, args.chunk_rows).await?;
+    let report = verify(
+        config,
+        &args.tables,
+        args.jobs,
+        args.chunk_rows,
+        args.rechecks,
+    )
+    .await?;
     if report.ok() {
         println!("Verify: all {} table(s) match.", report.tables);
         Ok(0)
