@@ -129,6 +129,13 @@ pub async fn detect(target: &Client) -> Result<Option<CitusLayout>> {
     let Some(version) = version else {
         return Ok(None);
     };
+    read_layout(target, version.get::<_, String>(0))
+        .await
+        .map(Some)
+}
+
+/// Reads `pg_dist_partition` (the part of [`detect`] after finding the extension).
+pub async fn read_layout(target: &Client, version: String) -> Result<CitusLayout> {
     let rows = target
         .query(LAYOUT_SQL, &[])
         .await
@@ -143,7 +150,7 @@ pub async fn detect(target: &Client) -> Result<Option<CitusLayout>> {
             colocation_id: row.get(5),
         });
     }
-    Ok(Some(CitusLayout::new(version.get::<_, String>(0), tables)))
+    Ok(CitusLayout::new(version, tables))
 }
 
 /// `SELECT create_distributed_table('"s"."t"', 'column' [, colocate_with => '"s"."u"'])`.

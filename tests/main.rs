@@ -3,6 +3,7 @@
 
 mod support;
 
+mod cutover_citus;
 mod cutover_common;
 mod cutover_schema;
 mod cutover_sequences;

@@ -162,7 +162,7 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
         if !args.dry_run {
             if !super::confirm("Freeze the source and end these sessions?", args.yes)? {
                 return Err(Error::definite(
-                    "Cutover not confirmed: the source is unchanged. Pass --yes to freeze without a terminal",
+                    "Cutover not confirmed: the source is unchanged. Answer yes on a terminal, or pass --yes",
                 ));
             }
             source

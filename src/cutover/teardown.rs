@@ -94,7 +94,7 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
     }
     if !super::confirm("Drop these?", args.yes)? {
         return Err(Error::definite(
-            "Teardown not confirmed: nothing was dropped. Pass --yes to run it without a terminal",
+            "Teardown not confirmed: nothing was dropped. Answer yes on a terminal, or pass --yes",
         ));
     }
 
@@ -127,7 +127,10 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
     }
     if schema_exists {
         target
-            .batch_execute("DROP SCHEMA IF EXISTS sluice CASCADE")
+            // Without the "drop cascades to ..." notices on stderr.
+            .batch_execute(
+                "SET client_min_messages = warning; DROP SCHEMA IF EXISTS sluice CASCADE",
+            )
             .await
             .map_err(|e| error::pg("Dropping schema sluice on the target", e))?;
         println!("DROPPED schema sluice on the target");
