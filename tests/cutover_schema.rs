@@ -244,3 +244,65 @@ async fn schema_refuses_citus_layout_on_a_target_without_citus() {
     );
     assert!(!exists(&setup.target, "SELECT 1 FROM pg_class WHERE relname = 't'").await);
 }
+
+#[tokio::test]
+async fn schema_stops_before_any_change_when_the_target_lacks_what_pg_dump_cannot_bring() {
+    let setup = Setup::new("").await;
+    setup
+        .source
+        .batch_execute(
+            "CREATE EXTENSION citext;
+             CREATE TABLE public.users (id int PRIMARY KEY, email citext);",
+        )
+        .await
+        .unwrap();
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        show(&output).contains("run CREATE EXTENSION \"citext\" on the target"),
+        "{}",
+        show(&output)
+    );
+    assert!(
+        !exists(
+            &setup.target,
+            "SELECT 1 FROM pg_class WHERE relname = 'users'"
+        )
+        .await
+    );
+
+    // With the extension there, it goes through.
+    setup
+        .target
+        .batch_execute("CREATE EXTENSION citext")
+        .await
+        .unwrap();
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+
+    // A default calling a function the target lacks: one transaction, nothing created.
+    setup
+        .source
+        .batch_execute(
+            "CREATE FUNCTION public.next_code() RETURNS int LANGUAGE sql AS 'SELECT 7';
+             CREATE TYPE public.state AS ENUM ('new', 'done');
+             CREATE TABLE public.tickets (id int PRIMARY KEY, s public.state, code int DEFAULT public.next_code());",
+        )
+        .await
+        .unwrap();
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let text = show(&output);
+    assert!(
+        text.contains("Creating TABLE public.tickets on the target (nothing was created"),
+        "{text}"
+    );
+    assert!(text.contains("next_code"), "{text}");
+    assert!(
+        !exists(
+            &setup.target,
+            "SELECT 1 FROM pg_type WHERE typname = 'state'"
+        )
+        .await
+    );
+}

@@ -53,7 +53,8 @@ const CREATE_DEFERRED_DDL: &str = "CREATE SCHEMA IF NOT EXISTS sluice;
 
 /// Runs the post-data statements `sluice schema` stored (indexes, constraints other than
 /// the primary key, foreign keys), oldest first, each in its own transaction together with
-/// marking its row applied. Idempotent: applied rows are skipped, and a statement whose
+/// marking its row applied (so call it outside a transaction, on a client not used
+/// concurrently). Idempotent: applied rows are skipped, and a statement whose
 /// object already exists (created by hand) is marked applied. Returns how many statements
 /// ran now. Without the table (no `sluice schema` run) there is nothing to do: `Ok(0)`.
 pub async fn apply_deferred_ddl(target: &Client) -> Result<usize> {
@@ -538,6 +539,7 @@ async fn run_tool(tool: &Path, conn: &ConnInfo, args: &[String]) -> Result<Vec<u
         .args(args)
         .env_remove("PGPASSWORD")
         .env("PGSSLMODE", conn.sslmode.as_str())
+        .env("PGAPPNAME", "sluice-schema")
         .env(
             "PGCONNECT_TIMEOUT",
             conn.connect_timeout.as_secs().max(2).to_string(),
@@ -545,6 +547,9 @@ async fn run_tool(tool: &Path, conn: &ConnInfo, args: &[String]) -> Result<Vec<u
         .stdin(std::process::Stdio::null());
     if let Some(password) = &conn.password {
         command.env("PGPASSWORD", password.expose());
+    }
+    if let Some(options) = &conn.options {
+        command.env("PGOPTIONS", options);
     }
     for (var, path) in [
         ("PGSSLROOTCERT", &conn.sslrootcert),
@@ -711,6 +716,9 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
     let mut dump_args = vec![
         "--schema-only".to_string(),
         "--format=custom".to_string(),
+        // pg_dump share-locks every table of the dumped schemas; behind a pending
+        // ACCESS EXCLUSIVE lock it would wait forever. Fail instead, and say so.
+        "--lock-wait-timeout=60s".to_string(),
         format!("--file={}", archive.display()),
     ];
     for schema in needs.schemas() {
