@@ -44,10 +44,15 @@ impl Setup {
 
     /// Runs `sluice <args> --config <config>` with stdin closed (no terminal).
     pub async fn sluice(&self, args: &[&str]) -> Output {
+        self.sluice_with(&self.config, args).await
+    }
+
+    /// The same with another config file.
+    pub async fn sluice_with(&self, config: &std::path::Path, args: &[&str]) -> Output {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(args)
             .arg("--config")
-            .arg(&self.config)
+            .arg(config)
             .env_remove("SLUICE_SOURCE_URL")
             .env_remove("SLUICE_TARGET_URL")
             .stdin(std::process::Stdio::null())

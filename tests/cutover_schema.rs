@@ -306,3 +306,56 @@ async fn schema_stops_before_any_change_when_the_target_lacks_what_pg_dump_canno
         .await
     );
 }
+
+/// pg_dump gets the password through its environment: it works with password
+/// authentication, and the password shows up in no output, also when it is wrong.
+#[tokio::test]
+async fn schema_passes_the_password_to_pg_dump_without_showing_it() {
+    let setup = Setup::new("").await;
+    setup
+        .source
+        .batch_execute(
+            "CREATE ROLE migrator LOGIN SUPERUSER PASSWORD 'S3cret-pw';
+             CREATE TABLE public.t (id int PRIMARY KEY);",
+        )
+        .await
+        .unwrap();
+    setup.pg.write_hba(
+        "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
+    );
+    setup.pg.reload();
+    let write_config = |name: &str, password: &str| {
+        let path = setup.dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[source]\nurl = \"postgresql://migrator:{password}@127.0.0.1:{}/src\"\n[target]\nurl = \"{}\"\n[state]\ndir = \"{}\"\n",
+                setup.pg.port,
+                setup.pg.url("dst"),
+                setup.dir.path().join("state").display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+
+    let good = write_config("good.toml", "S3cret-pw");
+    let output = setup.sluice_with(&good, &["schema"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    assert!(
+        stdout(&output).contains("CREATED TABLE public.t"),
+        "{}",
+        show(&output)
+    );
+    assert!(!show(&output).contains("S3cret-pw"), "{}", show(&output));
+
+    let bad = write_config("bad.toml", "Wrong-pw");
+    let output = setup.sluice_with(&bad, &["schema"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        show(&output).contains("password authentication failed"),
+        "{}",
+        show(&output)
+    );
+    assert!(!show(&output).contains("Wrong-pw"), "{}", show(&output));
+}
