@@ -140,7 +140,7 @@ async fn cutover_freezes_the_source_and_prints_the_undo() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cutover_dry_run_changes_nothing_and_a_stopped_daemon_times_out() {
+async fn cutover_dry_run_changes_nothing_and_without_progress_it_stops() {
     let setup = Setup::new("").await;
     load(&setup).await;
     let app = setup.pg.connect("src").await;
@@ -163,9 +163,33 @@ async fn cutover_dry_run_changes_nothing_and_a_stopped_daemon_times_out() {
     assert!(!read_only(&setup).await);
     assert_eq!(target_next_id(&setup).await, before);
 
-    // Without a daemon the target never catches up: a clear error, exit 1.
+    // Without a daemon: no position at all is a clear error at once, exit 1 ...
+    let output = setup.sluice(&["cutover", "--timeout", "1m"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        show(&output).contains("no applied position for slot sluice"),
+        "{}",
+        show(&output)
+    );
+    // ... and a position that does not move ends with the timeout.
+    sluice::checkpoint::ensure_position_table(&setup.target)
+        .await
+        .unwrap();
+    setup
+        .target
+        .execute(
+            sluice::checkpoint::UPSERT_POSITION_SQL,
+            &[&"sluice", &"0", &"0/0", &"0/0"],
+        )
+        .await
+        .unwrap();
     let output = setup.sluice(&["cutover", "--timeout", "1s"]).await;
     assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        show(&output).contains("did not catch up"),
+        "{}",
+        show(&output)
+    );
     assert!(
         show(&output).contains("is sluice run running?"),
         "{}",

@@ -97,8 +97,13 @@ async fn wait_for_zero_lag(
     let started = Instant::now();
     let mut last_report = Instant::now();
     loop {
-        let position = checkpoint::read_target_position(target, slot).await?;
-        let caught_up = position.map(|p| p.caught_up_lsn).unwrap_or(Lsn::ZERO);
+        // No position at all: nothing was ever applied for this slot, so waiting is futile.
+        let Some(position) = checkpoint::read_target_position(target, slot).await? else {
+            return Err(Error::definite(format!(
+                "The target has no applied position for slot {slot} (sluice.applied_position): is sluice run running, with the initial copy done? Start it, then run cutover again"
+            )));
+        };
+        let caught_up = position.caught_up_lsn;
         if caught_up >= goal {
             return Ok(caught_up);
         }
