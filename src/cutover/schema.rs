@@ -681,8 +681,10 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
     }
     let foreign: Vec<String> = needs.foreign_types.iter().map(|t| t.quoted()).collect();
     let foreign_present = existing(&target, &foreign, "to_regtype").await?;
+    let created_tables: BTreeSet<&TableName> = needs.tables.values().map(|(t, _)| t).collect();
     for name in &needs.foreign_types {
-        if !foreign_present.contains(&name.quoted()) {
+        // A selected table's row type comes with that table.
+        if !foreign_present.contains(&name.quoted()) && !created_tables.contains(name) {
             return Err(Error::definite(format!(
                 "The selected tables use type {name}, which sluice schema cannot copy (a base type or a table's row type): create it on the target first, then sluice schema again"
             )));
