@@ -39,6 +39,9 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The daemon: publication and slot, then stream and apply changes forever (resumes
+    /// from its checkpoint; SIGINT/SIGTERM finish or roll back the open transaction).
+    Run(RunArgs),
     /// Duplicate the selected tables' schema on the target (indexes and foreign keys deferred
     /// until after the copy; tables distributed on Citus as [citus] says).
     Schema(crate::cutover::schema::SchemaArgs),
@@ -50,6 +53,13 @@ pub enum Command {
     Cutover(crate::cutover::cutover::CutoverArgs),
     /// Drop the slot, the publication and the target's sluice schema, after confirmation.
     Teardown(crate::cutover::teardown::TeardownArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9187).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Cli {
@@ -100,6 +110,17 @@ pub fn main() -> i32 {
     };
     let result: Result<i32> = runtime.block_on(async move {
         match &cli.command {
+            Command::Run(args) => {
+                let config = cli.load_config()?;
+                crate::daemon::run(
+                    config,
+                    crate::daemon::RunOptions {
+                        metrics_addr: args.metrics_addr,
+                    },
+                )
+                .await?;
+                Ok(0)
+            }
             Command::Schema(args) => {
                 crate::cutover::schema::command(&cli.load_config()?, args).await
             }

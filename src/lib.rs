@@ -5,6 +5,7 @@
 //! (transactional batches on the target) → `checkpoint` (sled + the target's position row),
 //! with `snapshot` (initial copy), `control` (status socket), `config` and `cli` around it.
 
+pub mod apply;
 pub mod checkpoint;
 pub mod citus;
 pub mod cli;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod conninfo;
 pub mod control;
 pub mod cutover;
+pub mod daemon;
 pub mod error;
 pub mod lsn;
 pub mod pgoutput;

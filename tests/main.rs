@@ -11,3 +11,5 @@ mod cutover_switch;
 mod cutover_teardown;
 mod cutover_verify;
 mod harness;
+mod run_failures;
+mod run_stream;

@@ -209,7 +209,7 @@ impl PgCluster {
     /// Runs SQL through `psql` (for scripts with `\` commands or many statements);
     /// panics with psql's output on failure.
     pub fn psql(&self, dbname: &str, sql: &str) -> String {
-        let output = Command::new(self.bindir.join("psql"))
+        let output = Command::new(self.tool("psql"))
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
             .arg(self.dsn(dbname))
             .arg("-c")
@@ -218,6 +218,16 @@ impl PgCluster {
             .expect("run psql");
         assert!(output.status.success(), "psql failed: {}", text(&output));
         String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    /// A client tool (psql, pg_dump, pgbench): from the server's bindir, else from PATH.
+    pub fn tool(&self, name: &str) -> PathBuf {
+        let beside = self.bindir.join(name);
+        if beside.is_file() {
+            beside
+        } else {
+            PathBuf::from(name)
+        }
     }
 
     pub fn bindir(&self) -> &Path {
@@ -300,7 +310,11 @@ pub fn postgres_bindir() -> PathBuf {
     }
     if let Some(path) = std::env::var_os("PATH") {
         if let Some(dir) = std::env::split_paths(&path).find(|d| has_tools(d)) {
-            return dir;
+            // Follow a symlinked initdb to the directory that has the other tools too.
+            return fs::canonicalize(dir.join("initdb"))
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+                .unwrap_or(dir);
         }
     }
     let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")

@@ -2,5 +2,6 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod cluster;
+pub mod sluice;
 
 pub use cluster::PgCluster;

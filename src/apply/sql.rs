@@ -1,0 +1,318 @@
+//! The SQL that applies batched row changes, generated per (table, operation, shape).
+//!
+//! Every statement takes its rows as parallel `text[]` parameters, one array per column,
+//! and `unnest`s them, so a run of N changes is one statement with a fixed parameter count
+//! (prepared once, reused for any N). Values stay in the text form pgoutput sent them in
+//! and are cast to the target column's type (`format_type` from the target's catalog), so
+//! enums, domains, arrays and composites work without knowing their OIDs on either side.
+//!
+//! Citus: whenever the distribution column's value is known, UPDATE and DELETE also say
+//! `AND t.<dist> = ANY($n)`, so the statement is routed to the shards holding those rows
+//! instead of every shard (a join against `unnest` alone is not pruned, see FACTS.md). The
+//! distribution column is never assigned in a SET list (Citus refuses that); a change of its
+//! value is applied as DELETE + INSERT by the batcher.
+
+use crate::source::quote_ident;
+
+/// One column of a target table as the generated SQL needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqlColumn {
+    pub name: String,
+    /// `format_type(atttypid, atttypmod)` on the target.
+    pub type_name: String,
+}
+
+impl SqlColumn {
+    pub fn new(name: impl Into<String>, type_name: impl Into<String>) -> Self {
+        SqlColumn {
+            name: name.into(),
+            type_name: type_name.into(),
+        }
+    }
+
+    fn cast(&self, expression: &str) -> String {
+        format!("{expression}::{}", self.type_name)
+    }
+}
+
+/// `$1::text[], $2::text[], ...` for `count` arrays starting at parameter `first`.
+fn text_arrays(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("${i}::text[]"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `s(k0, k1, v0, ...)`: positional aliases, so column names never clash with ours.
+fn aliases(prefix: &str, count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("{prefix}{i}")).collect()
+}
+
+/// `INSERT INTO t (cols) SELECT s.v0::type, ... FROM unnest($1, ...) AS s(v0, ...)`.
+/// Parameters: one text array per column, in `columns` order.
+pub fn insert_unnest(table: &str, columns: &[SqlColumn]) -> String {
+    let names: Vec<String> = columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let values = aliases("v", columns.len());
+    let casts: Vec<String> = columns
+        .iter()
+        .zip(&values)
+        .map(|(c, v)| c.cast(&format!("s.{v}")))
+        .collect();
+    format!(
+        "INSERT INTO {table} ({}) SELECT {} FROM unnest({}) AS s({})",
+        names.join(", "),
+        casts.join(", "),
+        text_arrays(1, columns.len()),
+        values.join(", ")
+    )
+}
+
+/// `COPY t (cols) FROM STDIN` (text format; values escaped by `copy_text`).
+pub fn copy_in(table: &str, columns: &[SqlColumn]) -> String {
+    let names: Vec<String> = columns.iter().map(|c| quote_ident(&c.name)).collect();
+    format!("COPY {table} ({}) FROM STDIN", names.join(", "))
+}
+
+/// The WHERE clause matching target rows to key values `s.k0 ...`, plus Citus routing.
+/// Returns the clause and the number of parameters it adds after `first_param`.
+fn key_match(keys: &[SqlColumn], dist: Option<&SqlColumn>, first_param: usize) -> (String, usize) {
+    let key_aliases = aliases("k", keys.len());
+    let mut conditions: Vec<String> = keys
+        .iter()
+        .zip(&key_aliases)
+        .map(|(k, a)| format!("t.{} = {}", quote_ident(&k.name), k.cast(&format!("s.{a}"))))
+        .collect();
+    let mut extra = 0;
+    if let Some(dist) = dist {
+        conditions.push(format!(
+            "t.{} = ANY(${first_param}::text[]::{}[])",
+            quote_ident(&dist.name),
+            dist.type_name
+        ));
+        extra = 1;
+    }
+    (conditions.join(" AND "), extra)
+}
+
+/// `UPDATE t SET col = s.v0::type ... FROM unnest(keys..., values...) AS s(k0.., v0..)
+/// WHERE t.key = s.k0::type ... [AND t.dist = ANY($n)]`.
+///
+/// Parameters: key arrays (old key values, in `keys` order), then value arrays (in `set`
+/// order), then, with `dist`, one array of the rows' distribution values.
+pub fn update_unnest(
+    table: &str,
+    keys: &[SqlColumn],
+    set: &[SqlColumn],
+    dist: Option<&SqlColumn>,
+) -> String {
+    let key_aliases = aliases("k", keys.len());
+    let value_aliases = aliases("v", set.len());
+    let assignments: Vec<String> = set
+        .iter()
+        .zip(&value_aliases)
+        .map(|(c, v)| format!("{} = {}", quote_ident(&c.name), c.cast(&format!("s.{v}"))))
+        .collect();
+    let arrays = keys.len() + set.len();
+    let (matching, _) = key_match(keys, dist, arrays + 1);
+    let all_aliases: Vec<String> = key_aliases.into_iter().chain(value_aliases).collect();
+    format!(
+        "UPDATE {table} AS t SET {} FROM unnest({}) AS s({}) WHERE {matching}",
+        assignments.join(", "),
+        text_arrays(1, arrays),
+        all_aliases.join(", ")
+    )
+}
+
+/// `DELETE FROM t USING unnest(keys...) AS s(k0..) WHERE t.key = s.k0::type ...
+/// [AND t.dist = ANY($n)]`. Parameters: key arrays, then the distribution values.
+pub fn delete_unnest(table: &str, keys: &[SqlColumn], dist: Option<&SqlColumn>) -> String {
+    let key_aliases = aliases("k", keys.len());
+    let (matching, _) = key_match(keys, dist, keys.len() + 1);
+    format!(
+        "DELETE FROM {table} AS t USING unnest({}) AS s({}) WHERE {matching}",
+        text_arrays(1, keys.len()),
+        key_aliases.join(", ")
+    )
+}
+
+/// Matching one row by all its old values (REPLICA IDENTITY FULL without a usable key on
+/// the target): compared as text, since some types (json, point, xml) have no equality
+/// operator, and `IS NOT DISTINCT FROM` so NULLs match. `LIMIT 1` through ctid changes
+/// exactly one row even when identical rows exist, as the source did.
+fn one_row_by_values(table: &str, columns: &[SqlColumn], first_param: usize) -> String {
+    let conditions: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            format!(
+                "o.{}::text IS NOT DISTINCT FROM ${}::text",
+                quote_ident(&c.name),
+                first_param + i
+            )
+        })
+        .collect();
+    format!(
+        "t.ctid = (SELECT o.ctid FROM {table} AS o WHERE {} LIMIT 1)",
+        conditions.join(" AND ")
+    )
+}
+
+/// One-row UPDATE matched by all old values. Parameters: new values (`set` order), then
+/// old values (`old` order), all text.
+pub fn update_by_values(table: &str, old: &[SqlColumn], set: &[SqlColumn]) -> String {
+    let assignments: Vec<String> = set
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            format!(
+                "{} = {}",
+                quote_ident(&c.name),
+                c.cast(&format!("${}::text", i + 1))
+            )
+        })
+        .collect();
+    format!(
+        "UPDATE {table} AS t SET {} WHERE {}",
+        assignments.join(", "),
+        one_row_by_values(table, old, set.len() + 1)
+    )
+}
+
+/// One-row DELETE matched by all old values. Parameters: old values, text.
+pub fn delete_by_values(table: &str, old: &[SqlColumn]) -> String {
+    format!(
+        "DELETE FROM {table} AS t WHERE {}",
+        one_row_by_values(table, old, 1)
+    )
+}
+
+/// TRUNCATE as the source did it.
+pub fn truncate(tables: &[String], cascade: bool, restart_identity: bool) -> String {
+    let mut sql = format!("TRUNCATE TABLE {}", tables.join(", "));
+    if restart_identity {
+        sql.push_str(" RESTART IDENTITY");
+    }
+    if cascade {
+        sql.push_str(" CASCADE");
+    }
+    sql
+}
+
+/// Appends one value to a COPY text-format row: `\N` for NULL, else the text with
+/// backslash, newline, carriage return and tab escaped. pgoutput's text values need
+/// nothing else.
+pub fn copy_text_value(out: &mut Vec<u8>, value: Option<&[u8]>) {
+    let Some(value) = value else {
+        out.extend_from_slice(b"\\N");
+        return;
+    };
+    let mut start = 0;
+    for (i, &byte) in value.iter().enumerate() {
+        let escape = match byte {
+            b'\\' => b'\\',
+            b'\n' => b'n',
+            b'\r' => b'r',
+            b'\t' => b't',
+            _ => continue,
+        };
+        out.extend_from_slice(&value[start..i]);
+        out.push(b'\\');
+        out.push(escape);
+        start = i + 1;
+    }
+    out.extend_from_slice(&value[start..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> SqlColumn {
+        SqlColumn::new("id", "bigint")
+    }
+
+    fn tenant() -> SqlColumn {
+        SqlColumn::new("tenant_id", "integer")
+    }
+
+    fn note() -> SqlColumn {
+        SqlColumn::new("note", "text")
+    }
+
+    #[test]
+    fn insert_casts_every_column_from_text() {
+        assert_eq!(
+            insert_unnest("\"public\".\"t\"", &[id(), note()]),
+            "INSERT INTO \"public\".\"t\" (\"id\", \"note\") SELECT s.v0::bigint, s.v1::text \
+             FROM unnest($1::text[], $2::text[]) AS s(v0, v1)"
+        );
+    }
+
+    #[test]
+    fn update_on_plain_postgres_joins_on_the_key() {
+        assert_eq!(
+            update_unnest("t", &[id()], &[note()], None),
+            "UPDATE t AS t SET \"note\" = s.v0::text FROM unnest($1::text[], $2::text[]) \
+             AS s(k0, v0) WHERE t.\"id\" = s.k0::bigint"
+        );
+    }
+
+    #[test]
+    fn update_on_citus_routes_by_the_distribution_column_and_never_sets_it() {
+        // The batcher passes SET columns without the distribution column; the statement
+        // adds the ANY() condition that lets Citus prune to the rows' shards.
+        let sql = update_unnest("t", &[tenant(), id()], &[note()], Some(&tenant()));
+        assert_eq!(
+            sql,
+            "UPDATE t AS t SET \"note\" = s.v0::text FROM unnest($1::text[], $2::text[], \
+             $3::text[]) AS s(k0, k1, v0) WHERE t.\"tenant_id\" = s.k0::integer AND \
+             t.\"id\" = s.k1::bigint AND t.\"tenant_id\" = ANY($4::text[]::integer[])"
+        );
+        assert!(!sql.contains("SET \"tenant_id\""));
+    }
+
+    #[test]
+    fn delete_on_citus_is_pruned_too() {
+        assert_eq!(
+            delete_unnest("t", &[id()], Some(&tenant())),
+            "DELETE FROM t AS t USING unnest($1::text[]) AS s(k0) WHERE t.\"id\" = s.k0::bigint \
+             AND t.\"tenant_id\" = ANY($2::text[]::integer[])"
+        );
+        assert_eq!(
+            delete_unnest("t", &[id()], None),
+            "DELETE FROM t AS t USING unnest($1::text[]) AS s(k0) WHERE t.\"id\" = s.k0::bigint"
+        );
+    }
+
+    #[test]
+    fn full_identity_without_a_key_changes_exactly_one_row() {
+        let sql = update_by_values("t", &[id(), note()], &[note()]);
+        assert_eq!(
+            sql,
+            "UPDATE t AS t SET \"note\" = $1::text::text WHERE t.ctid = (SELECT o.ctid FROM t AS o \
+             WHERE o.\"id\"::text IS NOT DISTINCT FROM $2::text AND o.\"note\"::text IS NOT \
+             DISTINCT FROM $3::text LIMIT 1)"
+        );
+        assert!(delete_by_values("t", &[id()]).ends_with("LIMIT 1)"));
+    }
+
+    #[test]
+    fn truncate_keeps_the_source_options() {
+        assert_eq!(
+            truncate(&["a".into(), "b".into()], true, true),
+            "TRUNCATE TABLE a, b RESTART IDENTITY CASCADE"
+        );
+        assert_eq!(truncate(&["a".into()], false, false), "TRUNCATE TABLE a");
+    }
+
+    #[test]
+    fn copy_text_escapes_only_what_copy_needs() {
+        let mut out = Vec::new();
+        copy_text_value(&mut out, Some(b"a\\b\tc\nd\re"));
+        out.push(b'\t');
+        copy_text_value(&mut out, None);
+        out.push(b'\t');
+        copy_text_value(&mut out, Some(b""));
+        assert_eq!(out, b"a\\\\b\\tc\\nd\\re\t\\N\t".to_vec());
+    }
+}

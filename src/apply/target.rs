@@ -1,0 +1,116 @@
+//! What the applier needs to know about each target table, read from the target's catalog
+//! once per table (and again after the source announces a schema change).
+
+use std::collections::HashMap;
+
+use tokio_postgres::Client;
+
+use crate::apply::sql::SqlColumn;
+use crate::error::{self, Error, ErrorKind, Result};
+use crate::source::TableName;
+
+#[derive(Debug, Clone)]
+pub struct TargetTable {
+    pub name: TableName,
+    pub quoted: String,
+    columns: HashMap<String, SqlColumn>,
+    /// Primary-key column names, in key order (empty when the table has none).
+    pub primary_key: Vec<String>,
+    /// Citus distribution column of a hash-distributed table.
+    pub distribution_column: Option<String>,
+}
+
+impl TargetTable {
+    pub fn column(&self, name: &str) -> Option<&SqlColumn> {
+        self.columns.get(name)
+    }
+
+    /// The target column for a source column, or an apply error that names both.
+    pub fn require_column(&self, name: &str) -> Result<&SqlColumn> {
+        self.columns.get(name).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Apply,
+                format!(
+                    "Column {name:?} of {} does not exist on the target: add it (ALTER TABLE {} ADD COLUMN ...) with the source's type; sluice retries by itself",
+                    self.name, self.quoted
+                ),
+            )
+        })
+    }
+
+    pub fn distribution(&self) -> Option<&SqlColumn> {
+        self.distribution_column
+            .as_deref()
+            .and_then(|name| self.columns.get(name))
+    }
+}
+
+/// Reads a table's columns, primary key and (on Citus) distribution column from the target.
+pub async fn load(target: &Client, name: &TableName, citus: bool) -> Result<TargetTable> {
+    let quoted = name.quoted();
+    let rows = target
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                    COALESCE(a.attnum = ANY(i.indkey::int2[]), false),
+                    array_position(i.indkey::int2[], a.attnum)
+             FROM pg_attribute a
+             LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+               AND a.attgenerated = ''
+             ORDER BY a.attnum",
+            &[&quoted],
+        )
+        .await
+        .map_err(|e| error::pg(format!("Reading the columns of {name} on the target"), e))?;
+    if rows.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Apply,
+            format!(
+                "Table {name} does not exist on the target: create it (sluice schema does) or exclude it in [tables]; sluice retries by itself"
+            ),
+        ));
+    }
+    let mut columns = HashMap::new();
+    let mut key: Vec<(i32, String)> = Vec::new();
+    for row in rows {
+        let column: String = row.get(0);
+        let type_name: String = row.get(1);
+        if row.get::<_, bool>(2) {
+            key.push((row.get::<_, Option<i32>>(3).unwrap_or(0), column.clone()));
+        }
+        columns.insert(column.clone(), SqlColumn::new(column, type_name));
+    }
+    key.sort();
+    let distribution_column = if citus {
+        target
+            .query_opt(
+                "SELECT column_to_column_name(logicalrelid, partkey)
+                 FROM pg_dist_partition WHERE logicalrelid = to_regclass($1) AND partmethod = 'h'",
+                &[&quoted],
+            )
+            .await
+            .map_err(|e| error::pg(format!("Reading the Citus distribution of {name}"), e))?
+            .map(|row| row.get::<_, String>(0))
+    } else {
+        None
+    };
+    Ok(TargetTable {
+        name: name.clone(),
+        quoted,
+        columns,
+        primary_key: key.into_iter().map(|(_, name)| name).collect(),
+        distribution_column,
+    })
+}
+
+/// Whether the target runs Citus (the extension is installed in this database).
+pub async fn has_citus(target: &Client) -> Result<bool> {
+    target
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')",
+            &[],
+        )
+        .await
+        .map(|row| row.get(0))
+        .map_err(|e| error::pg("Looking for Citus on the target", e))
+}

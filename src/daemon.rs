@@ -1,0 +1,467 @@
+//! `sluice run`: the supervisor around one streaming pipeline.
+//!
+//! ```text
+//!  start-up checks ─▶ publication ─▶ slot ─▶ positions (target row = authority)
+//!        │
+//!        ▼
+//!  ┌─ pipeline ──────────────────────────────────────────────────────────────┐
+//!  │ replication session ─▶ Reader (decode, skip applied) ─▶ Applier ─▶ target │
+//!  │        ▲                                                   │             │
+//!  │        └────────────── acknowledgements (watch) ◀──────────┘             │
+//!  └──────────────────────────────────────────────────────────────────────────┘
+//!        │ error
+//!        ▼
+//!  transient → back off with jitter, rebuild everything, resume from the target's position
+//!  apply     → replay the failed range in strict mode; if it fails again: stalled, retry slowly
+//!  definite  → stop, exit 1
+//! ```
+//!
+//! Every (re)start reads the position from the target again: whatever happened before (a
+//! crash, a lost connection, a restarted server), the target's row says what it holds.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio_postgres::Client;
+
+use crate::apply::{Applier, ApplyOptions, Progress};
+use crate::checkpoint::{self, Identity, Position, Store};
+use crate::config::Config;
+use crate::control::{DaemonState, SharedStatus};
+use crate::error::{self, Error, ErrorKind, Result};
+use crate::lsn::Lsn;
+use crate::source::replication::{self, with_timeout};
+use crate::source::stream::Reader;
+use crate::source::{quote_ident, selected_tables, SourceTable};
+use crate::tls;
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// Runs until SIGINT/SIGTERM (Ok) or a definite error (Err).
+pub async fn run(config: Config, _options: RunOptions) -> Result<()> {
+    let status = SharedStatus::new(&config.source.slot);
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("stop requested: finishing the open target transaction");
+        let _ = shutdown_tx.send(true);
+    });
+    let store = Store::open(&config.state.dir)?;
+    let result = supervise(&config, &store, &status, shutdown).await;
+    status.update(|s| {
+        s.state = DaemonState::Stopped;
+        if let Err(error) = &result {
+            s.last_error = Some(error.report());
+        }
+    });
+    result
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Exponential backoff with full jitter.
+struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            next: min,
+            min,
+            max,
+        }
+    }
+
+    fn step(&mut self) -> Duration {
+        let ceiling = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let jittered = ceiling.as_secs_f64() * (0.5 + fastrand::f64() / 2.0);
+        Duration::from_secs_f64(jittered)
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+async fn supervise(
+    config: &Config,
+    store: &Store,
+    status: &SharedStatus,
+    shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut retry = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut stall_retry = Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
+    let mut strict_through: Option<Lsn> = None;
+    let mut stalled_since: Option<Instant> = None;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let progress = Arc::new(Progress::default());
+        let started = Instant::now();
+        let outcome = pipeline(
+            config,
+            store,
+            status,
+            shutdown.clone(),
+            strict_through,
+            progress.clone(),
+        )
+        .await;
+        let error = match outcome {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        status.update(|s| {
+            *s.errors_by_kind
+                .entry(error.kind().as_str().to_string())
+                .or_default() += 1;
+            s.last_error = Some(error.report());
+        });
+        // A pipeline that ran a while before failing starts its backoff afresh.
+        if started.elapsed() > Duration::from_secs(60) {
+            retry.reset();
+        }
+        let wait = match error.kind() {
+            ErrorKind::Transient => {
+                let wait = retry.step();
+                tracing::warn!("{}; retrying in {:.1}s", error.report(), wait.as_secs_f64());
+                wait
+            }
+            ErrorKind::Apply => {
+                let seen = Lsn(progress.seen_final_lsn.load(Ordering::Relaxed));
+                if strict_through.is_none_or(|through| through < seen) {
+                    tracing::warn!(
+                        "{}; replaying source transactions through {seen} one by one, in source order",
+                        error.report()
+                    );
+                    strict_through = Some(seen);
+                    Duration::ZERO
+                } else {
+                    let since = *stalled_since.get_or_insert_with(Instant::now);
+                    let wait = stall_retry.step();
+                    tracing::error!(
+                        "apply stalled: {}. The slot is kept and retains WAL; fix the target and sluice continues by itself (next try in {:.0}s)",
+                        error.report(),
+                        wait.as_secs_f64()
+                    );
+                    status.update(|s| {
+                        s.state = DaemonState::Stalled;
+                        s.stalled_seconds = Some(since.elapsed().as_secs_f64());
+                    });
+                    wait
+                }
+            }
+            _ => return Err(error),
+        };
+        if !sleep_or_shutdown(wait, shutdown.clone()).await {
+            return Ok(());
+        }
+        if error.kind() != ErrorKind::Apply {
+            stalled_since = None;
+        }
+    }
+}
+
+/// Sleeps unless shutdown comes first; `false` means shut down.
+async fn sleep_or_shutdown(wait: Duration, mut shutdown: watch::Receiver<bool>) -> bool {
+    if *shutdown.borrow() {
+        return false;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => true,
+        _ = shutdown.changed() => false,
+    }
+}
+
+/// Facts about the slot from `pg_replication_slots`.
+#[derive(Debug, Clone)]
+pub struct SlotState {
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub confirmed_flush_lsn: Option<Lsn>,
+    pub wal_status: Option<String>,
+    pub active_pid: Option<i32>,
+}
+
+pub async fn slot_state(source: &Client, slot: &str) -> Result<Option<SlotState>> {
+    let row = source
+        .query_opt(
+            "SELECT plugin::text, database::text, confirmed_flush_lsn::text, wal_status, active_pid
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| error::pg(format!("Reading replication slot {slot} on the source"), e))?;
+    Ok(row.map(|row| SlotState {
+        plugin: row.get(0),
+        database: row.get(1),
+        confirmed_flush_lsn: row.get::<_, Option<String>>(2).and_then(|t| t.parse().ok()),
+        wal_status: row.get(3),
+        active_pid: row.get(4),
+    }))
+}
+
+/// Creates the publication for the selected tables when missing; an existing one must
+/// publish every selected table.
+pub async fn ensure_publication(
+    source: &Client,
+    publication: &str,
+    tables: &[SourceTable],
+) -> Result<()> {
+    if tables.is_empty() {
+        return Err(Error::config(
+            "No source table matches [tables] include/exclude: nothing to replicate",
+        ));
+    }
+    let exists = source
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| error::pg("Looking up the publication on the source", e))?
+        .is_some();
+    if !exists {
+        let list: Vec<String> = tables.iter().map(|t| t.name.quoted()).collect();
+        let statement = format!(
+            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
+            quote_ident(publication),
+            list.join(", ")
+        );
+        source.batch_execute(&statement).await.map_err(|e| {
+            error::pg(
+                format!("Creating publication {publication} on the source"),
+                e,
+            )
+        })?;
+        tracing::info!(
+            publication,
+            tables = tables.len(),
+            "created the publication"
+        );
+        return Ok(());
+    }
+    let rows = source
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| error::pg("Reading the publication's tables on the source", e))?;
+    let published: std::collections::HashSet<(String, String)> =
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let missing: Vec<String> = tables
+        .iter()
+        .filter(|t| !published.contains(&(t.name.schema.clone(), t.name.name.clone())))
+        .map(|t| t.name.qualified())
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::definite(format!(
+            "Publication {publication} does not publish these selected tables: {}. Add them (ALTER PUBLICATION {publication} ADD TABLE ...) or exclude them in [tables]",
+            missing.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// One run of the pipeline, from connecting to the first error (or shutdown).
+async fn pipeline(
+    config: &Config,
+    store: &Store,
+    status: &SharedStatus,
+    shutdown: watch::Receiver<bool>,
+    strict_through: Option<Lsn>,
+    progress: Arc<Progress>,
+) -> Result<()> {
+    let slot = &config.source.slot;
+    status.update(|s| {
+        if s.state != DaemonState::Stalled {
+            s.state = DaemonState::Starting
+        }
+    });
+    let source = tls::connect(&config.source.conn, "the source").await?;
+    let target = tls::connect(&config.target.conn, "the target").await?;
+
+    let tables = selected_tables(&source, &config.tables).await?;
+    ensure_publication(&source, &config.source.publication, &tables).await?;
+
+    checkpoint::ensure_position_table(&target).await?;
+    let target_position = checkpoint::read_target_position(&target, slot).await?;
+    let local_position = store.position()?;
+
+    let slot_state = match slot_state(&source, slot).await? {
+        Some(state) => state,
+        None if target_position.is_some() => {
+            return Err(Error::definite(format!(
+                "Replication slot {slot} is gone from the source, but the target holds changes applied from it: the changes since then are lost. A fresh copy is needed: `sluice teardown`, then `sluice run` again"
+            )))
+        }
+        None => {
+            let row = source
+                .query_one(
+                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[slot],
+                )
+                .await
+                .map_err(|e| error::pg(format!("Creating replication slot {slot}"), e))?;
+            tracing::info!(slot, at = row.get::<_, String>(0), "created the replication slot");
+            slot_state(&source, slot).await?.ok_or_else(|| {
+                Error::transient(format!("Replication slot {slot} vanished right after creation"))
+            })?
+        }
+    };
+    if slot_state.plugin.as_deref() != Some("pgoutput") {
+        return Err(Error::definite(format!(
+            "Replication slot {slot} uses plugin {}, not pgoutput: choose another source.slot, or drop that slot if it is unused",
+            slot_state.plugin.as_deref().unwrap_or("(physical)")
+        )));
+    }
+    if slot_state.database.as_deref() != Some(config.source.conn.dbname.as_str()) {
+        return Err(Error::definite(format!(
+            "Replication slot {slot} belongs to database {}, not {}: choose another source.slot",
+            slot_state.database.as_deref().unwrap_or("(none)"),
+            config.source.conn.dbname
+        )));
+    }
+    if slot_state.wal_status.as_deref() == Some("lost") {
+        return Err(Error::definite(format!(
+            "Replication slot {slot} was invalidated by the source (wal_status = lost: max_slot_wal_keep_size was exceeded). The WAL it needed is gone; a fresh copy is needed: `sluice teardown`, then `sluice run`"
+        )));
+    }
+
+    // The target's row is the authority; the local cache can only be behind it.
+    let resume = target_position.as_ref().map(|p| Position {
+        applied_lsn: p.applied_lsn,
+        caught_up_lsn: p.caught_up_lsn,
+        acked_lsn: p
+            .caught_up_lsn
+            .max(local_position.map(|l| l.acked_lsn).unwrap_or_default()),
+    });
+    if let (Some(resume), Some(confirmed)) = (resume, slot_state.confirmed_flush_lsn) {
+        if confirmed > resume.acked_lsn {
+            return Err(Error::definite(format!(
+                "Replication slot {slot} has confirmed {confirmed}, beyond anything sluice acknowledged ({}): it was recreated or advanced by someone else, and the changes in between are gone. A fresh copy is needed: `sluice teardown`, then `sluice run`",
+                resume.acked_lsn
+            )));
+        }
+    }
+    let position = resume.unwrap_or_default();
+
+    // The replication session: identify the source, claim the state dir, start streaming.
+    let start_lsn = position.caught_up_lsn;
+    let replication_config =
+        replication::replication_config(&config.source.conn, slot, &config.source.publication)?
+            .with_start_lsn(start_lsn.into())
+            .with_ack_lsn(start_lsn.into());
+    let redacted = config.source.conn.redacted();
+    let mut client = replication::connect_gated(replication_config, &redacted).await?;
+    let system = with_timeout("IDENTIFY_SYSTEM", client.identify_system()).await?;
+    if let Some(target_position) = &target_position {
+        if target_position.source_system_identifier != system.system_id {
+            return Err(Error::definite(format!(
+                "The target's sluice.applied_position for slot {slot} was written from another source cluster (system {}, this source is {}): point sluice at the right source or target",
+                target_position.source_system_identifier, system.system_id
+            )));
+        }
+    }
+    store.claim(&Identity {
+        source_system_identifier: system.system_id.clone(),
+        source_database: config.source.conn.dbname.clone(),
+        slot: slot.clone(),
+        target: format!(
+            "{}:{}/{}",
+            config.target.conn.host, config.target.conn.port, config.target.conn.dbname
+        ),
+    })?;
+    with_timeout("Starting replication", client.start()).await?;
+    with_timeout("Starting replication", client.wait_started()).await?;
+    tracing::info!(slot, from = %start_lsn, "streaming");
+
+    status.update(|s| {
+        s.applied_lsn = target_position.as_ref().map(|p| p.applied_lsn);
+        s.caught_up_lsn = target_position.as_ref().map(|p| p.caught_up_lsn);
+        if s.state == DaemonState::Starting {
+            s.state = DaemonState::Streaming;
+        }
+    });
+    for table in &tables {
+        status.set_table(
+            &table.name.qualified(),
+            crate::control::TableState::Streaming,
+            0,
+        );
+    }
+
+    let (items_tx, items_rx) = mpsc::channel(4096);
+    let (acks_tx, acks_rx) = watch::channel(start_lsn);
+    let reader = Reader {
+        client,
+        items: items_tx,
+        acks: acks_rx,
+        resume_after: start_lsn,
+        table_sync: Default::default(),
+        status: status.clone(),
+    };
+    let applier = Applier::new(
+        target,
+        store.clone(),
+        status.clone(),
+        acks_tx,
+        ApplyOptions {
+            slot: slot.clone(),
+            system_identifier: system.system_id,
+            batch_max_rows: config.apply.batch_max_rows,
+            batch_max_delay: config.apply.batch_max_delay,
+            strict_through,
+        },
+        position,
+        progress,
+    )
+    .await?;
+    let mut reader_task = tokio::spawn(reader.run());
+    let applied = applier.run(items_rx, shutdown).await;
+    match applied {
+        Ok(()) => {
+            // Let the last acknowledgement reach the slot before the session closes.
+            let _ = tokio::time::timeout(Duration::from_millis(300), &mut reader_task).await;
+            reader_task.abort();
+            Ok(())
+        }
+        Err(apply_error) => {
+            // When the reader failed first, its error is the cause.
+            let reader_error =
+                match tokio::time::timeout(Duration::from_secs(1), &mut reader_task).await {
+                    Ok(Ok(Err(error))) => Some(error),
+                    _ => None,
+                };
+            reader_task.abort();
+            Err(match reader_error {
+                Some(error) if apply_error.kind() == ErrorKind::Transient => error,
+                _ => apply_error,
+            })
+        }
+    }
+}

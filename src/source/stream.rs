@@ -1,0 +1,290 @@
+//! The reader: replication events from pgwire-replication → decoded, typed stream items on a
+//! bounded channel to the applier.
+//!
+//! pgwire-replication parses Begin, Commit and Message itself and hands every other pgoutput
+//! message over raw; our decoder turns those into relations and row changes. The reader also
+//! drops what the target already has: a transaction whose commit record starts before the
+//! position the target holds (`final_lsn < resume_after`) was applied before, and a table
+//! that was (re)copied under a later snapshot skips its changes committed before that
+//! snapshot's consistent point.
+//!
+//! Keepalives are forwarded only between transactions: acknowledging a keepalive position
+//! while a transaction is half received would let the slot skip it after a restart.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgwire_replication::{ReplicationClient, ReplicationEvent};
+use tokio::sync::{mpsc, watch};
+
+use crate::control::SharedStatus;
+use crate::error::{self, Error, ErrorKind, Result};
+use crate::lsn::Lsn;
+use crate::pgoutput::{
+    Decoder, LogicalMessage, OldTuple, PgTimestamp, Relation, RelationCache, Tuple,
+};
+use crate::source::TableName;
+
+/// What the applier receives, in source order.
+#[derive(Debug)]
+pub enum StreamItem {
+    Begin {
+        final_lsn: Lsn,
+        xid: u32,
+        commit_time: PgTimestamp,
+    },
+    /// A relation was announced (first use, or after DDL on the source).
+    Relation {
+        relation: Arc<Relation>,
+        changed: bool,
+    },
+    Insert {
+        relation: Arc<Relation>,
+        new: Tuple,
+    },
+    Update {
+        relation: Arc<Relation>,
+        old: Option<OldTuple>,
+        new: Tuple,
+    },
+    Delete {
+        relation: Arc<Relation>,
+        old: OldTuple,
+    },
+    Truncate {
+        relations: Vec<Arc<Relation>>,
+        cascade: bool,
+        restart_identity: bool,
+    },
+    Commit {
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_time: PgTimestamp,
+    },
+    /// The source has sent everything up to `wal_end` and no transaction is open.
+    KeepAlive {
+        wal_end: Lsn,
+    },
+}
+
+/// How long the stream may stay silent before the connection is presumed dead. The
+/// walsender sends a keepalive at least every `wal_sender_timeout / 2` (30 s by default).
+const SILENCE_LIMIT: Duration = Duration::from_secs(120);
+
+pub struct Reader {
+    pub client: ReplicationClient,
+    pub items: mpsc::Sender<StreamItem>,
+    /// Acknowledgements from the applier: every LSN here is durably applied.
+    pub acks: watch::Receiver<Lsn>,
+    /// Transactions whose commit starts before this are already on the target.
+    pub resume_after: Lsn,
+    /// Per table: skip changes of transactions committed before this LSN.
+    pub table_sync: BTreeMap<TableName, Lsn>,
+    pub status: SharedStatus,
+}
+
+impl Reader {
+    /// Runs until the stream ends or fails. `Ok(())` means the applier went away (shutdown).
+    pub async fn run(mut self) -> Result<()> {
+        let mut decoder = Decoder::new(1);
+        let mut relations = RelationCache::new();
+        // The open transaction: whether to drop it, and its commit LSN for per-table skips.
+        let mut open: Option<(bool, Lsn)> = None;
+        loop {
+            let event = tokio::select! {
+                changed = self.acks.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    let lsn = *self.acks.borrow_and_update();
+                    self.client.update_applied_lsn(lsn.into());
+                    continue;
+                }
+                event = tokio::time::timeout(SILENCE_LIMIT, self.client.recv()) => event,
+            };
+            let event = match event {
+                Err(_) => {
+                    return Err(Error::transient(format!(
+                        "The replication stream was silent for {SILENCE_LIMIT:?}: presuming the connection dead"
+                    )))
+                }
+                Ok(Err(e)) => return Err(error::replication("Reading the replication stream", e)),
+                Ok(Ok(None)) => {
+                    return Err(Error::transient("The source ended the replication stream"))
+                }
+                Ok(Ok(Some(event))) => event,
+            };
+            let item = match event {
+                ReplicationEvent::Begin {
+                    final_lsn,
+                    xid,
+                    commit_time_micros,
+                } => {
+                    let final_lsn = Lsn::from(final_lsn);
+                    let skip = final_lsn < self.resume_after;
+                    open = Some((skip, final_lsn));
+                    if skip {
+                        continue;
+                    }
+                    StreamItem::Begin {
+                        final_lsn,
+                        xid,
+                        commit_time: PgTimestamp(commit_time_micros),
+                    }
+                }
+                ReplicationEvent::Commit {
+                    lsn,
+                    end_lsn,
+                    commit_time_micros,
+                } => {
+                    let skipped = matches!(open.take(), Some((true, _)));
+                    self.status
+                        .update(|s| s.received_lsn = Some(Lsn::from(end_lsn)));
+                    if skipped {
+                        continue;
+                    }
+                    StreamItem::Commit {
+                        commit_lsn: Lsn::from(lsn),
+                        end_lsn: Lsn::from(end_lsn),
+                        commit_time: PgTimestamp(commit_time_micros),
+                    }
+                }
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    let wal_end = Lsn::from(wal_end);
+                    self.status.update(|s| {
+                        s.received_lsn = Some(s.received_lsn.unwrap_or_default().max(wal_end))
+                    });
+                    if open.is_some() {
+                        continue;
+                    }
+                    StreamItem::KeepAlive { wal_end }
+                }
+                ReplicationEvent::Message {
+                    transactional,
+                    lsn,
+                    prefix,
+                    content,
+                } => {
+                    tracing::debug!(
+                        %prefix, transactional, lsn = %Lsn::from(lsn), bytes = content.len(),
+                        "logical message skipped (sluice does not replay messages)"
+                    );
+                    continue;
+                }
+                ReplicationEvent::StoppedAt { .. } => {
+                    return Err(Error::transient("The replication stream stopped"))
+                }
+                ReplicationEvent::XLogData { data, .. } => {
+                    let message = decoder.decode(data).map_err(|e| {
+                        Error::with_source(
+                            ErrorKind::Definite,
+                            "The source sent a pgoutput message sluice cannot decode",
+                            e,
+                        )
+                    })?;
+                    let skip_txn = matches!(open, Some((true, _)));
+                    match self.to_item(message, &mut relations, open.map(|(_, lsn)| lsn))? {
+                        Some(_) if skip_txn => continue,
+                        Some(item) => item,
+                        None => continue,
+                    }
+                }
+            };
+            if self.items.send(item).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Turns a decoded message into a stream item; `None` for what the applier does not need.
+    fn to_item(
+        &self,
+        message: LogicalMessage,
+        relations: &mut RelationCache,
+        txn_final_lsn: Option<Lsn>,
+    ) -> Result<Option<StreamItem>> {
+        let resolve = |relations: &RelationCache, oid: u32| -> Result<Arc<Relation>> {
+            relations.resolve(oid).cloned().map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Definite,
+                    "The source sent a change for a relation it never described",
+                    e,
+                )
+            })
+        };
+        // A table copied under a later snapshot already holds this transaction's changes.
+        let synced = |relation: &Relation| -> bool {
+            let Some(final_lsn) = txn_final_lsn else {
+                return false;
+            };
+            if self.table_sync.is_empty() {
+                return false;
+            }
+            let name = TableName::new(relation.namespace.clone(), relation.name.clone());
+            self.table_sync
+                .get(&name)
+                .is_some_and(|sync_lsn| final_lsn < *sync_lsn)
+        };
+        Ok(match message {
+            LogicalMessage::Relation(relation) => {
+                let changed = relations.insert(relation.clone());
+                if let Some(change) = &changed {
+                    tracing::info!(table = %relation.qualified_name(), "source schema changed: {change}");
+                }
+                let relation = resolve(relations, relation.oid)?;
+                Some(StreamItem::Relation {
+                    relation,
+                    changed: changed.is_some(),
+                })
+            }
+            LogicalMessage::Insert(insert) => {
+                let relation = resolve(relations, insert.relation_oid)?;
+                (!synced(&relation)).then_some(StreamItem::Insert {
+                    relation,
+                    new: insert.new,
+                })
+            }
+            LogicalMessage::Update(update) => {
+                let relation = resolve(relations, update.relation_oid)?;
+                (!synced(&relation)).then_some(StreamItem::Update {
+                    relation,
+                    old: update.old,
+                    new: update.new,
+                })
+            }
+            LogicalMessage::Delete(delete) => {
+                let relation = resolve(relations, delete.relation_oid)?;
+                (!synced(&relation)).then_some(StreamItem::Delete {
+                    relation,
+                    old: delete.old,
+                })
+            }
+            LogicalMessage::Truncate(truncate) => {
+                let mut list = Vec::with_capacity(truncate.relation_oids.len());
+                for oid in truncate.relation_oids {
+                    let relation = resolve(relations, oid)?;
+                    if !synced(&relation) {
+                        list.push(relation);
+                    }
+                }
+                (!list.is_empty()).then_some(StreamItem::Truncate {
+                    relations: list,
+                    cascade: truncate.cascade,
+                    restart_identity: truncate.restart_identity,
+                })
+            }
+            // Types travel as text and are cast by name on the target; origins and messages
+            // carry nothing to apply.
+            LogicalMessage::Type(_) | LogicalMessage::Origin(_) | LogicalMessage::Message(_) => {
+                None
+            }
+            other => {
+                return Err(Error::definite(format!(
+                    "The source sent a pgoutput {} message, which protocol version 1 never sends",
+                    other.kind()
+                )))
+            }
+        })
+    }
+}

@@ -1,0 +1,425 @@
+//! `sluice run` under failure: crashes, restarts, lost connections, rejected changes, bad
+//! credentials. Every scenario ends by comparing source and target row for row.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::sluice::{sluice, Daemon, Pair};
+
+const SCHEMA: &str = "
+CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);
+CREATE TABLE history (id bigserial PRIMARY KEY, account int, delta int, note text);
+INSERT INTO accounts SELECT g, 0 FROM generate_series(1, 50) g;
+";
+
+/// A write load of small transactions until `stop` is set; returns how many committed.
+fn start_load(pair: &Pair, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    let dsn = pair.source.dsn("app");
+    tokio::spawn(async move {
+        let mut committed = 0;
+        let mut client = None;
+        while !stop.load(Ordering::Relaxed) {
+            if client.is_none() {
+                match tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await {
+                    Ok((c, connection)) => {
+                        tokio::spawn(connection);
+                        client = Some(c);
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                }
+            }
+            let account = fastrand::i32(1..=50);
+            let delta = fastrand::i32(-100..100);
+            let sql = format!(
+                "BEGIN; UPDATE accounts SET balance = balance + {delta} WHERE id = {account};
+                 INSERT INTO history (account, delta, note) VALUES ({account}, {delta}, repeat('x', {}));
+                 {} COMMIT;",
+                fastrand::usize(0..200),
+                if fastrand::u8(0..10) == 0 {
+                    "DELETE FROM history WHERE id = (SELECT min(id) FROM history);"
+                } else {
+                    ""
+                }
+            );
+            match client.as_ref().unwrap().batch_execute(&sql).await {
+                Ok(()) => committed += 1,
+                Err(_) => client = None,
+            }
+        }
+        committed
+    })
+}
+
+async fn assert_all_same(pair: &Pair) {
+    pair.assert_same("accounts").await;
+    pair.assert_same("history").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_at_random_moments_loses_and_doubles_nothing() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    // No unique constraint on the target's history: a change applied twice would show.
+    pair.target_client()
+        .await
+        .batch_execute("ALTER TABLE history DROP CONSTRAINT history_pkey")
+        .await
+        .unwrap();
+    let config = pair.config("[apply]\nbatch_max_rows = 50\nbatch_max_delay = \"20ms\"\n");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut daemon = pair.start_daemon(&config).await;
+    let load = start_load(&pair, stop.clone());
+    for round in 0..5 {
+        tokio::time::sleep(Duration::from_millis(300 + fastrand::u64(0..900))).await;
+        daemon.kill9();
+        if round % 2 == 0 {
+            // Sometimes the source moves on while sluice is down.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        daemon = pair.start_daemon(&config).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let committed = load.await.unwrap();
+    assert!(committed > 50, "the load ran ({committed} transactions)");
+    pair.wait_caught_up(&daemon).await;
+    assert_all_same(&pair).await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn source_and_target_restarts_mid_stream_are_survived() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    let config = pair.config("");
+    let daemon = pair.start_daemon(&config).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = start_load(&pair, stop.clone());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    pair.target.restart();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    pair.source.restart();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    pair.wait_caught_up(&daemon).await;
+    assert_all_same(&pair).await;
+    let log = daemon.log();
+    assert!(
+        log.contains("retrying in"),
+        "the restarts were noticed and retried:\n{log}"
+    );
+}
+
+/// A TCP proxy in front of the source whose connections the test can cut.
+struct Proxy {
+    port: u16,
+    cut: tokio::sync::broadcast::Sender<()>,
+}
+
+impl Proxy {
+    async fn start(upstream_port: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cut, _) = tokio::sync::broadcast::channel(4);
+        let cuts = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut cut = cuts.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream_port)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.recv() => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, cut }
+    }
+
+    fn cut_all(&self) {
+        let _ = self.cut.send(());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_connection_is_reestablished_without_loss() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    let proxy = Proxy::start(pair.source.port).await;
+    let config = pair.config("");
+    // Point the source URL at the proxy.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("port={}", pair.source.port),
+        &format!("port={}", proxy.port),
+    );
+    std::fs::write(&config, text).unwrap();
+    let daemon = pair.start_daemon(&config).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = start_load(&pair, stop.clone());
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        proxy.cut_all();
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    pair.wait_caught_up(&daemon).await;
+    assert_all_same(&pair).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_million_row_transaction_is_applied_whole_in_bounded_memory() {
+    let pair = Pair::with_schema(
+        "CREATE TABLE big (id int PRIMARY KEY, account int, amount numeric(12,2), note text, created_at timestamptz);",
+    )
+    .await;
+    let config = pair.config("");
+    let daemon = pair.start_daemon(&config).await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute(
+            "INSERT INTO big SELECT g, g % 1000, g / 100.0, md5(g::text), '2026-11-21 10:00+00' FROM generate_series(1, 1000000) g",
+        )
+        .await
+        .unwrap();
+    // While it is applied, the target shows none of it or all of it.
+    let target = pair.target_client().await;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let count: i64 = target
+            .query_one("SELECT count(*) FROM big", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            count == 0 || count == 1_000_000,
+            "the target showed {count} rows of one transaction"
+        );
+        if count == 1_000_000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not applied in time:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pair.wait_caught_up(&daemon).await;
+    pair.assert_same("big").await;
+    let peak = daemon.peak_rss_kb().unwrap_or(0);
+    eprintln!(
+        "sluice peak RSS applying a 1,000,000-row transaction: {} MB",
+        peak / 1024
+    );
+    assert!(
+        peak < 300 * 1024,
+        "peak RSS {peak} kB grows with the transaction"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rejected_change_stalls_and_resumes_once_the_target_is_fixed() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    let target = pair.target_client().await;
+    target
+        .batch_execute("ALTER TABLE history DROP COLUMN note")
+        .await
+        .unwrap();
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute(
+            "INSERT INTO history (account, delta, note) VALUES (1, 5, 'hello');
+             UPDATE accounts SET balance = 5 WHERE id = 1;",
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !daemon.log().contains("apply stalled") {
+        assert!(
+            Instant::now() < deadline,
+            "no stall reported:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = daemon.log();
+    assert!(log.contains("public.history"), "names the table:\n{log}");
+    assert!(log.contains("note"), "names the column:\n{log}");
+    assert!(daemon.is_running(), "a stall keeps the daemon up");
+    // Nothing of that transaction reached the target.
+    let balance: i64 = target
+        .query_one("SELECT balance FROM accounts WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(balance, 0);
+    target
+        .batch_execute("ALTER TABLE history ADD COLUMN note text")
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    assert_all_same(&pair).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn definite_errors_at_start_up_exit_1_within_seconds() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    pair.source.psql(
+        "app",
+        "CREATE ROLE migrator LOGIN REPLICATION PASSWORD 'right'",
+    );
+    pair.source.write_hba(
+        "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost replication all 127.0.0.1/32 scram-sha-256\n",
+    );
+    pair.source.reload();
+    let state = pair.state_dir();
+    let write = |source_url: &str| {
+        let path = pair.dir.path().join("bad.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[source]\nurl = \"{source_url}\"\n[target]\nurl = \"{}\"\n[copy]\nenabled = false\n[state]\ndir = \"{}\"\n",
+                pair.target.dsn("app"),
+                state.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let cases = [
+        (
+            format!(
+                "postgresql://migrator:wrong@127.0.0.1:{}/app",
+                pair.source.port
+            ),
+            "password authentication failed",
+        ),
+        (
+            format!(
+                "postgresql://postgres@127.0.0.1:{}/nosuchdb",
+                pair.source.port
+            ),
+            "nosuchdb",
+        ),
+    ];
+    for (url, expected) in cases {
+        let config = write(&url);
+        let started = Instant::now();
+        let (code, _, stderr) = sluice(&["run", "--config", config.to_str().unwrap()]);
+        assert_eq!(code, 1, "{url}: {stderr}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{url} took {:?}",
+            started.elapsed()
+        );
+        assert!(stderr.contains(expected), "{url}: {stderr}");
+        assert!(!stderr.contains("wrong"), "the password leaked: {stderr}");
+    }
+    // A configuration error is exit 2 and names the key.
+    let config = pair.dir.path().join("typo.toml");
+    std::fs::write(&config, "[source]\nurl = \"host=x\"\nslto = \"s\"\n").unwrap();
+    let (code, _, stderr) = sluice(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("slto"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_advanced_behind_sluices_back_is_refused() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute("UPDATE accounts SET balance = 1 WHERE id = 1")
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    assert!(daemon.terminate().success());
+    source
+        .batch_execute("UPDATE accounts SET balance = 2 WHERE id = 1")
+        .await
+        .unwrap();
+    source
+        .query_one(
+            "SELECT pg_replication_slot_advance('sluice', pg_current_wal_lsn())",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (code, _, stderr) = sluice(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("beyond anything sluice acknowledged"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("fresh copy"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_state_dir_of_another_slot_is_refused_and_an_idle_slot_still_advances() {
+    let pair = Pair::with_schema(&format!("{SCHEMA}\nCREATE TABLE unpublished (v int);")).await;
+    let config = pair.config("[tables]\nexclude = [\"public.unpublished\"]\n");
+    let mut daemon = pair.start_daemon(&config).await;
+    let source = pair.source_client().await;
+    let confirmed = || async {
+        source
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'sluice'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    let before = confirmed().await;
+    // Busy cluster, quiet publication: the slot must still release WAL.
+    source
+        .batch_execute("INSERT INTO unpublished SELECT generate_series(1, 10000)")
+        .await
+        .unwrap();
+    let goal: String = source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = confirmed().await;
+        let advanced: bool = source
+            .query_one(
+                "SELECT $1::text::pg_lsn >= $2::text::pg_lsn",
+                &[&now, &goal],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if advanced {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "confirmed_flush_lsn stayed at {now} (was {before}, goal {goal}):\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(daemon.terminate().success());
+
+    let other = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[source]\n", "[source]\nslot = \"other\"\n");
+    let other_config = pair.dir.path().join("other.toml");
+    std::fs::write(&other_config, other).unwrap();
+    let (code, _, stderr) = sluice(&["run", "--config", other_config.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("belongs to another migration"), "{stderr}");
+    let _unused: Option<Daemon> = None;
+}
