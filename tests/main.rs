@@ -5,6 +5,7 @@ mod support;
 
 mod cutover_citus;
 mod cutover_common;
+mod cutover_live;
 mod cutover_schema;
 mod cutover_sequences;
 mod cutover_switch;
