@@ -359,3 +359,67 @@ async fn schema_passes_the_password_to_pg_dump_without_showing_it() {
     );
     assert!(!show(&output).contains("Wrong-pw"), "{}", show(&output));
 }
+
+/// Names that need quoting everywhere: spaces, capitals, quotes.
+#[tokio::test]
+async fn odd_identifiers_survive_schema_sequences_and_verify() {
+    let setup = Setup::new("").await;
+    setup
+        .source
+        .batch_execute(
+            r#"CREATE SCHEMA "Sales Dept";
+               CREATE TYPE "Sales Dept"."Sta""tus" AS ENUM ('o''pen', 'closed');
+               CREATE TABLE "Sales Dept"."Order Items" (
+                   "Item Id" serial PRIMARY KEY,
+                   "Region" text NOT NULL,
+                   "st" "Sales Dept"."Sta""tus"
+               );
+               CREATE INDEX "By Region" ON "Sales Dept"."Order Items" ("Region");
+               INSERT INTO "Sales Dept"."Order Items" ("Region", "st")
+                   SELECT 'r' || i, 'o''pen' FROM generate_series(1, 30) i;"#,
+        )
+        .await
+        .unwrap();
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    assert!(
+        stdout(&output).contains("DEFERRED INDEX Sales Dept.By Region"),
+        "{}",
+        show(&output)
+    );
+    let t = &setup.target;
+    sluice::cutover::schema::apply_deferred_ddl(t)
+        .await
+        .unwrap();
+    assert!(exists(t, r#"SELECT 1 FROM pg_class WHERE relname = 'By Region'"#).await);
+    // The rows arrive (here by hand), then sequences and verify.
+    t.batch_execute(
+        r#"INSERT INTO "Sales Dept"."Order Items" ("Item Id", "Region", "st")
+           SELECT i, 'r' || i, 'o''pen' FROM generate_series(1, 30) i"#,
+    )
+    .await
+    .unwrap();
+    let output = setup.sluice(&["sync-sequences"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    let next: i64 = t
+        .query_one(
+            r#"SELECT nextval('"Sales Dept"."Order Items_Item Id_seq"')"#,
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(next, 31);
+    let output = setup.sluice(&["verify", "--chunk-rows", "7"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    t.batch_execute(r#"UPDATE "Sales Dept"."Order Items" SET "st" = 'closed' WHERE "Item Id" = 9"#)
+        .await
+        .unwrap();
+    let output = setup.sluice(&["verify", "--chunk-rows", "7"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        stdout(&output).contains("DIFF Sales Dept.Order Items range [Item Id=8, Item Id=15)"),
+        "{}",
+        show(&output)
+    );
+}

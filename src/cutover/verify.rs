@@ -167,7 +167,7 @@ impl TablePlan {
     fn boundaries_sql(&self) -> String {
         format!(
             "SELECT {keys} FROM (SELECT {keys_raw}, row_number() OVER (ORDER BY {order}) AS sluice_rn FROM {table}) s
-             WHERE sluice_rn % $1 = 1 AND sluice_rn > 1 ORDER BY {order}",
+             WHERE sluice_rn % $1 = 1 AND sluice_rn > 1 ORDER BY sluice_rn",
             keys = self
                 .key
                 .iter()
