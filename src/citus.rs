@@ -153,6 +153,33 @@ pub async fn read_layout(target: &Client, version: String) -> Result<CitusLayout
     Ok(CitusLayout::new(version, tables))
 }
 
+/// For `sluice check`: a finding when UPDATE and DELETE of `table` cannot carry its
+/// distribution column, because the column is not in what pgoutput sends for the old row.
+///
+/// pgoutput sends the old row's replica identity: the primary key (`d`), the columns of the
+/// REPLICA IDENTITY index (`i`), every column (`f`), or nothing (`n`). When the new tuple
+/// is absent (DELETE) or the key changed, only those columns are known; without the
+/// distribution column among them the statement goes to every shard, and a DELETE cannot
+/// be routed at all. `identity_columns` are the columns of the primary key or the replica
+/// identity index (empty for `f` and `n`).
+pub fn routing_finding(
+    table: &TableName,
+    distribution_column: &str,
+    replica_identity: char,
+    identity_columns: &[String],
+) -> Option<String> {
+    let known = match replica_identity {
+        'f' => true,
+        'd' | 'i' => identity_columns.iter().any(|c| c == distribution_column),
+        _ => false,
+    };
+    (!known).then(|| {
+        format!(
+            "{table}: distribution column {distribution_column} is not in the replica identity, so UPDATE and DELETE cannot be routed to one shard: add it to the primary key (or a unique index used as REPLICA IDENTITY USING INDEX), or set REPLICA IDENTITY FULL (more WAL)"
+        )
+    })
+}
+
 /// `SELECT create_distributed_table('"s"."t"', 'column' [, colocate_with => '"s"."u"'])`.
 /// The table is a quoted regclass text; the column is passed as its exact name (Citus looks
 /// it up without case folding).
@@ -275,6 +302,25 @@ mod tests {
         );
         assert!(layout.table(&name("public.plain")).is_none());
         assert_eq!(layout.tables().count(), 2);
+    }
+
+    #[test]
+    fn routing_needs_the_distribution_column_in_the_replica_identity() {
+        let t = name("public.orders");
+        let cols = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            routing_finding(&t, "customer_id", 'd', &cols(&["customer_id", "id"])),
+            None
+        );
+        assert_eq!(routing_finding(&t, "customer_id", 'f', &[]), None);
+        let finding = routing_finding(&t, "customer_id", 'd', &cols(&["id"])).unwrap();
+        assert!(
+            finding.starts_with("public.orders: distribution column customer_id"),
+            "{finding}"
+        );
+        assert!(finding.contains("REPLICA IDENTITY FULL"), "{finding}");
+        assert!(routing_finding(&t, "customer_id", 'i', &cols(&["id"])).is_some());
+        assert!(routing_finding(&t, "customer_id", 'n', &[]).is_some());
     }
 
     #[test]
