@@ -188,7 +188,7 @@ async fn gather(source: &Client, roots: BTreeMap<u32, TableName>) -> Result<Need
         let name = TableName::new(row.get::<_, String>(1), row.get::<_, String>(2));
         needs.tables.insert(row.get(0), (name, row.get(3)));
     }
-    // pg_partition_tree returns the table itself for plain tables too; be sure of the roots.
+    // pg_partition_tree returns no rows for a plain table: add the roots themselves.
     for (oid, name) in &roots {
         needs.tables.entry(*oid).or_insert((name.clone(), *oid));
     }

@@ -224,7 +224,22 @@ pub async fn sync(
     dry_run: bool,
 ) -> Result<SyncReport> {
     let tables = selected_tables(source, &config.tables).await?;
-    let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
+    let roots: Vec<u32> = tables.iter().map(|t| t.oid).collect();
+    // Partitions may have defaults of their own: look at every table of each tree.
+    // (pg_partition_tree returns no rows for a plain table, hence the union.)
+    let oids: Vec<u32> = source
+        .query(
+            "SELECT r.root FROM unnest($1::oid[]) AS r(root)
+             UNION
+             SELECT p.relid::oid FROM unnest($1::oid[]) AS r(root)
+             CROSS JOIN LATERAL pg_partition_tree(r.root) p",
+            &[&roots],
+        )
+        .await
+        .map_err(|e| error::pg("Listing the partitions of the selected tables", e))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
     let sequences = sequences_of(source, &oids).await?;
     let mut report = SyncReport::default();
     if sequences.is_empty() {
