@@ -175,23 +175,44 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
                 .await
                 .map_err(|e| error::pg(format!("Freezing the source ({freeze_sql}); this needs the database's owner or a superuser"), e))?;
             println!("FROZEN {database}: new transactions are read-only");
-            // Sessions that started in between are ended too.
-            for s in other_sessions(&source, slot).await? {
-                match source
-                    .query_one("SELECT pg_terminate_backend($1)", &[&s.pid])
-                    .await
-                {
-                    Ok(row) if row.get::<_, bool>(0) => {
-                        println!("ENDED session pid {} ({} {:?})", s.pid, s.user, s.application)
+            // Sessions that started in between are ended too; a second and third sweep
+            // catch sessions that were still starting up (and read the old setting) while
+            // the previous one ran.
+            let mut refused: Vec<i32> = Vec::new();
+            for sweep in 0..3 {
+                if sweep > 0 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                let sessions: Vec<Session> = other_sessions(&source, slot)
+                    .await?
+                    .into_iter()
+                    .filter(|s| !refused.contains(&s.pid))
+                    .collect();
+                if sessions.is_empty() && sweep > 0 {
+                    break;
+                }
+                for s in sessions {
+                    match source
+                        .query_one("SELECT pg_terminate_backend($1)", &[&s.pid])
+                        .await
+                    {
+                        Ok(row) if row.get::<_, bool>(0) => println!(
+                            "ENDED session pid {} ({} {:?})",
+                            s.pid, s.user, s.application
+                        ),
+                        Ok(_) => println!("GONE session pid {} had ended already", s.pid),
+                        Err(e) => {
+                            let reason = e
+                                .as_db_error()
+                                .map(|d| d.message().to_string())
+                                .unwrap_or_else(|| e.to_string());
+                            println!(
+                                "WARNING could not end session pid {} ({}): {reason}; end it yourself: SELECT pg_terminate_backend({})",
+                                s.pid, s.user, s.pid
+                            );
+                            refused.push(s.pid);
+                        }
                     }
-                    Ok(_) => println!("GONE session pid {} had ended already", s.pid),
-                    Err(e) => println!(
-                        "WARNING could not end session pid {} ({}): {}; end it yourself: SELECT pg_terminate_backend({})",
-                        s.pid,
-                        s.user,
-                        error::pg("", e).report().trim_start_matches(": "),
-                        s.pid
-                    ),
                 }
             }
         }
