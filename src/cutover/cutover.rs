@@ -178,7 +178,8 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
             // Sessions that started in between are ended too; a second and third sweep
             // catch sessions that were still starting up (and read the old setting) while
             // the previous one ran.
-            let mut refused: Vec<i32> = Vec::new();
+            // Signalled sessions take a moment to exit; each is handled once.
+            let mut handled: Vec<i32> = Vec::new();
             for sweep in 0..3 {
                 if sweep > 0 {
                     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -186,12 +187,13 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
                 let sessions: Vec<Session> = other_sessions(&source, slot)
                     .await?
                     .into_iter()
-                    .filter(|s| !refused.contains(&s.pid))
+                    .filter(|s| !handled.contains(&s.pid))
                     .collect();
                 if sessions.is_empty() && sweep > 0 {
                     break;
                 }
                 for s in sessions {
+                    handled.push(s.pid);
                     match source
                         .query_one("SELECT pg_terminate_backend($1)", &[&s.pid])
                         .await
@@ -210,7 +212,6 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
                                 "WARNING could not end session pid {} ({}): {reason}; end it yourself: SELECT pg_terminate_backend({})",
                                 s.pid, s.user, s.pid
                             );
-                            refused.push(s.pid);
                         }
                     }
                 }
