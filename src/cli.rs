@@ -39,6 +39,12 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Preflight: every prerequisite of the migration, one PASS/WARN/FAIL line each.
+    Check(crate::ops::check::CheckArgs),
+    /// Status of the daemon and the slot; works whether or not the daemon runs.
+    Status(crate::ops::status::StatusArgs),
+    /// Replication lag as one line, or tailed with --follow; --until-below for scripts.
+    Lag(crate::ops::lag::LagArgs),
     /// The daemon: publication and slot, then stream and apply changes forever (resumes
     /// from its checkpoint; SIGINT/SIGTERM finish or roll back the open transaction).
     Run(RunArgs),
@@ -78,8 +84,11 @@ impl Cli {
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    // Colours only for a person at a terminal; log files and collectors get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -121,6 +130,9 @@ pub fn main() -> i32 {
                 .await?;
                 Ok(0)
             }
+            Command::Check(args) => crate::ops::check::run(&cli.load_config()?, args).await,
+            Command::Status(args) => crate::ops::status::run(&cli.load_config()?, args).await,
+            Command::Lag(args) => crate::ops::lag::run(&cli.load_config()?, args).await,
             Command::Schema(args) => {
                 crate::cutover::schema::command(&cli.load_config()?, args).await
             }

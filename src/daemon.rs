@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
 
-use crate::apply::{Applier, ApplyOptions, Progress};
+use crate::apply::{Applier, ApplyOptions, Progress, TargetClients};
 use crate::checkpoint::{self, Identity, Position, Store};
 use crate::config::Config;
 use crate::control::{DaemonState, SharedStatus};
@@ -43,7 +43,7 @@ pub struct RunOptions {
 }
 
 /// Runs until SIGINT/SIGTERM (Ok) or a definite error (Err).
-pub async fn run(config: Config, _options: RunOptions) -> Result<()> {
+pub async fn run(config: Config, options: RunOptions) -> Result<()> {
     let status = SharedStatus::new(&config.source.slot);
     let (shutdown_tx, shutdown) = watch::channel(false);
     tokio::spawn(async move {
@@ -52,7 +52,21 @@ pub async fn run(config: Config, _options: RunOptions) -> Result<()> {
         let _ = shutdown_tx.send(true);
     });
     let store = Store::open(&config.state.dir)?;
-    let result = supervise(&config, &store, &status, shutdown).await;
+    // Held for the daemon's lifetime: dropping it stops the server and removes the socket.
+    let _socket = crate::control::socket::serve(&config.state.dir, status.clone())?;
+    let metrics = match options.metrics_addr {
+        Some(addr) => Some(crate::control::metrics::serve(addr, status.clone())?),
+        None => None,
+    };
+    // The monitor samples the slot (lag, retained WAL) and only ever returns a definite
+    // error: the slot was invalidated or dropped under us.
+    let result = tokio::select! {
+        result = supervise(&config, &store, &status, shutdown) => result,
+        result = crate::control::monitor::run(&config, status.clone()) => result,
+    };
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     status.update(|s| {
         s.state = DaemonState::Stopped;
         if let Err(error) = &result {
@@ -425,8 +439,12 @@ async fn pipeline(
         table_sync: Default::default(),
         status: status.clone(),
     };
-    let applier = Applier::new(
-        target,
+    let catalog = tls::connect(&config.target.conn, "the target").await?;
+    let applier = Applier::start(
+        TargetClients {
+            apply: target,
+            catalog,
+        },
         store.clone(),
         status.clone(),
         acks_tx,

@@ -16,6 +16,7 @@ pub mod cutover;
 pub mod daemon;
 pub mod error;
 pub mod lsn;
+pub mod ops;
 pub mod pgoutput;
 pub mod source;
 pub mod tls;

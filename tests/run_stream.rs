@@ -151,3 +151,49 @@ async fn every_change_kind_and_type_family_arrives_exactly() {
     let log = daemon.log();
     assert!(!log.contains("ERROR"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_and_lag_report_a_running_daemon() {
+    use crate::support::sluice::sluice;
+    let pair = Pair::with_schema("CREATE TABLE t (id int PRIMARY KEY, v text);").await;
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute("INSERT INTO t SELECT g, 'v' FROM generate_series(1, 1000) g; UPDATE t SET v = 'w' WHERE id <= 10;")
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    let config = config.to_str().unwrap();
+    let (code, out, err) = sluice(&[
+        "lag",
+        "--config",
+        config,
+        "--until-below",
+        "1MB",
+        "--timeout",
+        "30s",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = sluice(&["status", "--json", "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["state"], "streaming", "{out}");
+    assert_eq!(status["slot"], "sluice");
+    // One simple-query batch is one implicit transaction on the source.
+    assert_eq!(status["applied_transactions"], 1, "{out}");
+    assert_eq!(status["applied_changes"], 1010, "{out}");
+    assert!(
+        status["applied_lsn"].as_str().unwrap().contains('/'),
+        "{out}"
+    );
+    assert!(status["lag_bytes"].as_u64().is_some(), "{out}");
+    assert!(status["retained_wal_bytes"].as_u64().is_some(), "{out}");
+    assert!(status["last_error"].is_null(), "{out}");
+    assert!(daemon.terminate().success());
+    let (code, out, _) = sluice(&["status", "--json", "--config", config]);
+    assert_eq!(code, 0);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["state"], "stopped", "{out}");
+    assert!(status["applied_lsn"].as_str().is_some(), "{out}");
+}

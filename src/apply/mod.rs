@@ -24,6 +24,10 @@
 //! changes it covers; sled and the slot only move after that commit. After any crash the
 //! target's row says exactly which source transactions it holds, and the reader skips those.
 //!
+//! **Pipelined.** The builder (this module) reads the stream and groups runs; the executor
+//! (`executor`) owns the apply session and executes them, so the target works on batch N
+//! while batch N+1 is being grouped. A bounded channel between them bounds memory.
+//!
 //! **Strict mode.** Batching reorders statements across tables (only when triggers and
 //! foreign keys are off, see `batch`) and applies a run of updates as one statement. If the
 //! target rejects a batch, the supervisor replays the same source transactions in strict
@@ -31,6 +35,7 @@
 //! order, exactly as the source ran them. Only a change that fails even then stalls apply.
 
 pub mod batch;
+pub mod executor;
 pub mod sql;
 pub mod target;
 
@@ -39,29 +44,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use futures_util::SinkExt;
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, Statement};
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
 
 use crate::checkpoint::{Position, Store};
-use crate::control::{DaemonState, SharedStatus};
-use crate::error::{classify_sqlstate, Error, ErrorKind, Result};
+use crate::control::SharedStatus;
+use crate::error::{Error, ErrorKind, Result};
 use crate::lsn::Lsn;
 use crate::pgoutput::{OldTuple, PgTimestamp, Relation, ReplicaIdentity, Tuple, Value};
 use crate::source::stream::StreamItem;
-use crate::source::{quote_literal, TableName};
-use batch::{Cell, Pending, Row, Run, TableQueue, UpdateRow, ValueChange};
+use crate::source::TableName;
+use batch::{Cell, Pending, UpdateRow, ValueChange};
+use executor::{Executor, Work};
 use sql::SqlColumn;
 use target::TargetTable;
 
-/// Insert runs at least this long go through COPY; shorter ones through one INSERT.
-const COPY_MIN_ROWS: usize = 32;
 /// Pending value bytes that force a flush, whatever the row count (wide rows).
 const MAX_PENDING_BYTES: usize = 32 << 20;
 /// At most this often, an idle stream's keepalive position is written and acknowledged.
 const KEEPALIVE_ACK_INTERVAL: Duration = Duration::from_millis(500);
+/// Runs waiting for the executor, at most.
+const WORK_QUEUE: usize = 32;
 
 #[derive(Debug, Clone)]
 pub struct ApplyOptions {
@@ -74,7 +78,7 @@ pub struct ApplyOptions {
 }
 
 /// How a source relation maps onto its target table.
-struct TablePlan {
+pub struct TablePlan {
     target: TargetTable,
     /// Target column per source column.
     columns: Vec<SqlColumn>,
@@ -85,7 +89,7 @@ struct TablePlan {
 }
 
 enum Matching {
-    /// Source column indexes of the key, with their target columns.
+    /// Source column indexes of the key.
     Key(Vec<usize>),
     /// REPLICA IDENTITY FULL and no usable key on the target: all old values, one row.
     AllValues,
@@ -109,38 +113,44 @@ pub struct Progress {
     pub seen_final_lsn: AtomicU64,
 }
 
+/// The target connections the applier needs: one for the apply session, one for catalog
+/// lookups while the apply session is busy.
+pub struct TargetClients {
+    pub apply: Client,
+    pub catalog: Client,
+}
+
 pub struct Applier {
-    client: Client,
-    store: Store,
-    status: SharedStatus,
-    acks: watch::Sender<Lsn>,
+    catalog: Client,
+    work: mpsc::Sender<Work>,
+    executor: Option<JoinHandle<Result<()>>>,
     options: ApplyOptions,
     progress: Arc<Progress>,
     citus: bool,
     /// `session_replication_role = replica` is in effect: statements on different tables
     /// may be reordered.
     replica_role: bool,
-    plans: HashMap<u32, TablePlan>,
-    statements: HashMap<String, Statement>,
+    plans: HashMap<u32, Arc<TablePlan>>,
     pending: Pending,
-    position: Position,
-    in_target_txn: bool,
     /// The source transaction being received: (commit LSN, commit time, strict).
     open_txn: Option<(Lsn, PgTimestamp, bool)>,
-    /// Whole source transactions in the open target transaction.
+    /// Work was sent since the last commit: a target transaction is open.
+    target_txn_open: bool,
+    /// Whole source transactions since the last commit.
     batch_txns: u64,
     batch_changes: u64,
-    batch_rows_executed: usize,
+    batch_rows_sent: usize,
     batch_end_lsn: Lsn,
     batch_commit_time: Option<PgTimestamp>,
     first_commit_waiting: Option<Instant>,
     last_keepalive_ack: Instant,
+    acked_keepalive: Lsn,
 }
 
 impl Applier {
-    /// Prepares the apply session (settings, replica role) on an open target connection.
-    pub async fn new(
-        client: Client,
+    /// Prepares the apply session and starts the executor.
+    pub async fn start(
+        target: TargetClients,
         store: Store,
         status: SharedStatus,
         acks: watch::Sender<Lsn>,
@@ -148,54 +158,39 @@ impl Applier {
         position: Position,
         progress: Arc<Progress>,
     ) -> Result<Applier> {
-        // Text values are cast by the target; render and parse them the way the source's
-        // walsender was pinned to (see source::replication::PINNED_OPTIONS).
-        client
-            .batch_execute(
-                "SET datestyle = ISO; SET intervalstyle = postgres; SET extra_float_digits = 3;
-                 SET TimeZone = 'UTC'; SET statement_timeout = 0; SET lock_timeout = 0;
-                 SET idle_in_transaction_session_timeout = 0",
-            )
-            .await
-            .map_err(|e| crate::error::pg("Preparing the apply session on the target", e))?;
-        let replica_role = match client
-            .batch_execute("SET session_replication_role = replica")
-            .await
-        {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::warn!(
-                    "The target user may not set session_replication_role = replica ({}): \
-                     applying with triggers and foreign-key checks on, in exact source order \
-                     (slower). Grant superuser or run as the table owner on PostgreSQL 15+ to avoid this.",
-                    error.as_db_error().map(|e| e.message()).unwrap_or("refused")
-                );
-                false
-            }
-        };
-        let citus = target::has_citus(&client).await?;
-        Ok(Applier {
-            client,
+        let citus = target::has_citus(&target.catalog).await?;
+        let (executor, replica_role) = Executor::new(
+            target.apply,
             store,
             status,
             acks,
+            options.slot.clone(),
+            options.system_identifier.clone(),
+            position,
+        )
+        .await?;
+        let (work, queue) = mpsc::channel(WORK_QUEUE);
+        let executor = tokio::spawn(executor.run(queue));
+        Ok(Applier {
+            catalog: target.catalog,
+            work,
+            executor: Some(executor),
             options,
             progress,
             citus,
             replica_role,
             plans: HashMap::new(),
-            statements: HashMap::new(),
             pending: Pending::default(),
-            position,
-            in_target_txn: false,
             open_txn: None,
+            target_txn_open: false,
             batch_txns: 0,
             batch_changes: 0,
-            batch_rows_executed: 0,
+            batch_rows_sent: 0,
             batch_end_lsn: Lsn::ZERO,
             batch_commit_time: None,
             first_commit_waiting: None,
             last_keepalive_ack: Instant::now() - KEEPALIVE_ACK_INTERVAL,
+            acked_keepalive: position.caught_up_lsn,
         })
     }
 
@@ -205,29 +200,48 @@ impl Applier {
         mut items: mpsc::Receiver<StreamItem>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<()> {
-        loop {
+        let mut executor = self.executor.take().expect("the executor runs");
+        let outcome = loop {
             let deadline = self
                 .first_commit_waiting
                 .map(|at| at + self.options.batch_max_delay);
-            let item = tokio::select! {
+            let step = tokio::select! {
                 biased;
-                _ = shutdown.changed() => return self.shut_down().await,
-                _ = sleep_until(deadline), if deadline.is_some() && self.open_txn.is_none() => {
-                    self.commit_batch().await?;
-                    continue;
+                finished = &mut executor => {
+                    // The executor only stops early on an error.
+                    return Err(executor_outcome(finished).err().unwrap_or_else(|| {
+                        Error::transient("The apply session ended unexpectedly")
+                    }));
                 }
-                item = items.recv() => item,
+                _ = shutdown.changed() => break self.shut_down().await,
+                _ = sleep_until(deadline), if deadline.is_some() && self.open_txn.is_none() => {
+                    self.commit_batch().await
+                }
+                item = items.recv() => match item {
+                    Some(item) => self.handle(item).await,
+                    // The reader stopped; it reports why.
+                    None => break Err(Error::transient("The replication stream stopped")),
+                },
             };
-            let Some(item) = item else {
-                // The reader stopped; it reports why.
-                self.rollback().await;
-                return Err(Error::transient("The replication stream stopped"));
-            };
-            if let Err(error) = self.handle(item).await {
-                self.rollback().await;
-                return Err(error);
+            if let Err(error) = step {
+                break Err(error);
             }
+        };
+        // Closing the queue lets the executor finish what it has (or roll back) and stop.
+        drop(self.work);
+        let executed = executor_outcome(executor.await);
+        match (outcome, executed) {
+            // The executor's own error is the cause of a failed send.
+            (_, Err(error)) => Err(error),
+            (outcome, Ok(())) => outcome,
         }
+    }
+
+    async fn send(&mut self, work: Work) -> Result<()> {
+        self.work
+            .send(work)
+            .await
+            .map_err(|_| Error::transient("The apply session stopped"))
     }
 
     async fn handle(&mut self, item: StreamItem) -> Result<()> {
@@ -259,24 +273,21 @@ impl Applier {
             }
             StreamItem::Insert { relation, new } => {
                 self.before_change(relation.oid).await?;
-                self.begin_target_txn().await?;
-                self.plan(&relation).await?;
+                let plan = self.plan(&relation).await?;
                 self.push_insert(&relation, &new)?;
-                self.after_change(relation.oid).await?;
+                self.after_change(&plan).await?;
             }
             StreamItem::Update { relation, old, new } => {
                 self.before_change(relation.oid).await?;
-                self.begin_target_txn().await?;
-                self.plan(&relation).await?;
-                self.push_update(&relation, old.as_ref(), &new)?;
-                self.after_change(relation.oid).await?;
+                let plan = self.plan(&relation).await?;
+                self.push_update(&plan, &relation, old.as_ref(), &new)?;
+                self.after_change(&plan).await?;
             }
             StreamItem::Delete { relation, old } => {
                 self.before_change(relation.oid).await?;
-                self.begin_target_txn().await?;
-                self.plan(&relation).await?;
-                self.push_delete(&relation, &old)?;
-                self.after_change(relation.oid).await?;
+                let plan = self.plan(&relation).await?;
+                self.push_delete(&plan, &relation, &old)?;
+                self.after_change(&plan).await?;
             }
             StreamItem::Truncate {
                 relations,
@@ -284,15 +295,17 @@ impl Applier {
                 restart_identity,
             } => {
                 self.flush().await?;
-                self.begin_target_txn().await?;
                 let names: Vec<String> = relations
                     .iter()
                     .map(|r| TableName::new(r.namespace.clone(), r.name.clone()).quoted())
                     .collect();
-                let statement = sql::truncate(&names, cascade, restart_identity);
-                let what = format!("TRUNCATE of {}", names.join(", "));
-                let result = self.client.batch_execute(&statement).await;
-                result.map_err(|e| self.apply_error(&what, e))?;
+                let work = Work::Sql {
+                    what: format!("TRUNCATE of {}", names.join(", ")),
+                    sql: sql::truncate(&names, cascade, restart_identity),
+                    lsn: self.current_lsn(),
+                };
+                self.send(work).await?;
+                self.target_txn_open = true;
                 self.batch_changes += relations.len() as u64;
             }
             StreamItem::Commit {
@@ -307,20 +320,20 @@ impl Applier {
                 if self.first_commit_waiting.is_none() {
                     self.first_commit_waiting = Some(Instant::now());
                 }
-                if strict
-                    || self.batch_rows_executed + self.pending.rows >= self.options.batch_max_rows
+                if strict || self.batch_rows_sent + self.pending.rows >= self.options.batch_max_rows
                 {
                     self.commit_batch().await?;
                 }
             }
             StreamItem::KeepAlive { wal_end } => {
-                if self.batch_txns == 0 && !self.in_target_txn && self.open_txn.is_none() {
-                    self.status.update(|s| s.lag_seconds = Some(0.0));
-                    if wal_end > self.position.caught_up_lsn
-                        && self.last_keepalive_ack.elapsed() >= KEEPALIVE_ACK_INTERVAL
-                    {
-                        self.acknowledge_idle(wal_end).await?;
-                    }
+                let idle = self.batch_txns == 0 && !self.target_txn_open && self.open_txn.is_none();
+                if idle
+                    && wal_end > self.acked_keepalive
+                    && self.last_keepalive_ack.elapsed() >= KEEPALIVE_ACK_INTERVAL
+                {
+                    self.send(Work::KeepAlive { wal_end }).await?;
+                    self.acked_keepalive = wal_end;
+                    self.last_keepalive_ack = Instant::now();
                 }
             }
         }
@@ -336,7 +349,7 @@ impl Applier {
         Ok(())
     }
 
-    async fn after_change(&mut self, _relation: u32) -> Result<()> {
+    async fn after_change(&mut self, _plan: &TablePlan) -> Result<()> {
         self.batch_changes += 1;
         let strict = self.open_txn.is_some_and(|(_, _, strict)| strict);
         if strict
@@ -348,47 +361,30 @@ impl Applier {
         Ok(())
     }
 
-    async fn begin_target_txn(&mut self) -> Result<()> {
-        if !self.in_target_txn {
-            self.client
-                .batch_execute("BEGIN")
-                .await
-                .map_err(|e| self.apply_error("BEGIN", e))?;
-            self.in_target_txn = true;
-        }
-        Ok(())
-    }
-
-    async fn rollback(&mut self) {
-        if self.in_target_txn {
-            let _ = self.client.batch_execute("ROLLBACK").await;
-            self.in_target_txn = false;
-        }
-        self.pending.drain();
-    }
-
-    async fn shut_down(mut self) -> Result<()> {
+    async fn shut_down(&mut self) -> Result<()> {
         if self.open_txn.is_some() {
             // Half a source transaction is in the target transaction: it must not commit.
             tracing::info!("shutting down: rolling back the partly applied source transaction");
-            self.rollback().await;
+            self.pending.drain();
+            self.send(Work::Rollback).await
         } else if self.batch_txns > 0 {
             tracing::info!(
                 transactions = self.batch_txns,
                 "shutting down: committing the whole source transactions already applied"
             );
-            self.commit_batch().await?;
+            self.commit_batch().await
+        } else {
+            Ok(())
         }
-        Ok(())
     }
 
     /// Plans a relation against its target table (once per relation shape).
-    async fn plan(&mut self, relation: &Arc<Relation>) -> Result<()> {
-        if self.plans.contains_key(&relation.oid) {
-            return Ok(());
+    async fn plan(&mut self, relation: &Arc<Relation>) -> Result<Arc<TablePlan>> {
+        if let Some(plan) = self.plans.get(&relation.oid) {
+            return Ok(plan.clone());
         }
         let name = TableName::new(relation.namespace.clone(), relation.name.clone());
-        let table = target::load(&self.client, &name, self.citus).await?;
+        let table = target::load(&self.catalog, &name, self.citus).await?;
         let mut columns = Vec::with_capacity(relation.columns.len());
         for column in &relation.columns {
             columns.push(table.require_column(&column.name)?.clone());
@@ -421,20 +417,14 @@ impl Applier {
             _ => Matching::Impossible,
         };
         let distribution = table.distribution_column.as_deref().and_then(index_of);
-        self.plans.insert(
-            relation.oid,
-            TablePlan {
-                target: table,
-                columns,
-                matching,
-                distribution,
-            },
-        );
-        Ok(())
-    }
-
-    fn plan_for(&self, relation: &Relation) -> &TablePlan {
-        &self.plans[&relation.oid]
+        let plan = Arc::new(TablePlan {
+            target: table,
+            columns,
+            matching,
+            distribution,
+        });
+        self.plans.insert(relation.oid, plan.clone());
+        Ok(plan)
     }
 
     fn push_insert(&mut self, relation: &Relation, new: &Tuple) -> Result<()> {
@@ -450,11 +440,11 @@ impl Applier {
 
     fn push_update(
         &mut self,
+        plan: &TablePlan,
         relation: &Relation,
         old: Option<&OldTuple>,
         new: &Tuple,
     ) -> Result<()> {
-        let plan = self.plan_for(relation);
         let new_cells = cells(new, relation, "UPDATE")?;
         let bytes: usize = new_cells.iter().map(Cell::weight).sum();
         let key_indexes = match &plan.matching {
@@ -542,8 +532,7 @@ impl Applier {
         Ok(())
     }
 
-    fn push_delete(&mut self, relation: &Relation, old: &OldTuple) -> Result<()> {
-        let plan = self.plan_for(relation);
+    fn push_delete(&mut self, plan: &TablePlan, relation: &Relation, old: &OldTuple) -> Result<()> {
         let old_cells = cells(old.tuple(), relation, "DELETE")?;
         let bytes: usize = old_cells.iter().map(Cell::weight).sum();
         match &plan.matching {
@@ -583,386 +572,49 @@ impl Applier {
         )
     }
 
-    /// Executes every pending run (inside the open target transaction).
+    /// Hands every pending run to the executor (inside the open target transaction).
     async fn flush(&mut self) -> Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
         let rows = self.pending.rows;
+        let lsn = self.current_lsn();
         for (oid, queue) in self.pending.drain() {
-            self.execute_queue(oid, queue).await?;
-        }
-        self.batch_rows_executed += rows;
-        Ok(())
-    }
-
-    async fn execute_queue(&mut self, oid: u32, queue: TableQueue) -> Result<()> {
-        for run in queue.runs {
-            match run {
-                Run::Insert(rows) => self.execute_insert(oid, rows).await?,
-                Run::Update {
-                    rows, key_change, ..
-                } => self.execute_update(oid, rows, key_change).await?,
-                Run::Delete(keys) => self.execute_delete(oid, keys).await?,
-                Run::ByValues(changes) => {
-                    for change in changes {
-                        self.execute_by_values(oid, change).await?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn statement(&mut self, text: &str, params: usize, copy: bool) -> Result<Statement> {
-        if let Some(statement) = self.statements.get(text) {
-            return Ok(statement.clone());
-        }
-        let types: Vec<Type> = if copy {
-            Vec::new()
-        } else {
-            vec![Type::TEXT_ARRAY; params]
-        };
-        let statement = self
-            .client
-            .prepare_typed(text, &types)
-            .await
-            .map_err(|e| self.apply_error("preparing a statement", e))?;
-        self.statements.insert(text.to_string(), statement.clone());
-        Ok(statement)
-    }
-
-    async fn execute_insert(&mut self, oid: u32, rows: Vec<Row>) -> Result<()> {
-        let plan = &self.plans[&oid];
-        let table = plan.target.quoted.clone();
-        let columns = plan.columns.clone();
-        let what = format!("{} insert(s) into {}", rows.len(), plan.target.name);
-        if rows.len() >= COPY_MIN_ROWS {
-            let text = sql::copy_in(&table, &columns);
-            let statement = self.statement(&text, 0, true).await?;
-            let mut buffer = Vec::with_capacity(
-                rows.iter()
-                    .map(|r| r.iter().map(Cell::weight).sum::<usize>() + r.len())
-                    .sum(),
-            );
-            for row in &rows {
-                for (i, cell) in row.iter().enumerate() {
-                    if i > 0 {
-                        buffer.push(b'\t');
-                    }
-                    sql::copy_text_value(&mut buffer, cell.as_str());
-                }
-                buffer.push(b'\n');
-            }
-            let result = async {
-                let sink = self.client.copy_in::<_, Bytes>(&statement).await?;
-                futures_util::pin_mut!(sink);
-                sink.feed(Bytes::from(buffer)).await?;
-                sink.as_mut().finish().await
-            }
-            .await;
-            result.map_err(|e| self.apply_error(&what, e))?;
-            return Ok(());
-        }
-        let text = sql::insert_unnest(&table, &columns);
-        let statement = self.statement(&text, columns.len(), false).await?;
-        let arrays =
-            column_arrays(&rows, columns.len(), |row, i| &row[i]).map_err(|e| e.context(&what))?;
-        let params: Vec<&(dyn ToSql + Sync)> =
-            arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-        let result = self.client.execute(&statement, &params).await;
-        result.map_err(|e| self.apply_error(&what, e))?;
-        Ok(())
-    }
-
-    async fn execute_update(
-        &mut self,
-        oid: u32,
-        rows: Vec<UpdateRow>,
-        key_change: bool,
-    ) -> Result<()> {
-        let plan = &self.plans[&oid];
-        let key_columns = plan.key_columns();
-        let key_indexes: Vec<usize> = match &plan.matching {
-            Matching::Key(indexes) => indexes.clone(),
-            _ => Vec::new(),
-        };
-        let distribution = plan.distribution;
-        // Group rows by which columns they set: unchanged TOAST and (unless the key changes)
-        // key columns are left out; the Citus distribution column is never set.
-        let mut shapes: HashMap<Vec<bool>, Vec<usize>> = HashMap::new();
-        for (at, row) in rows.iter().enumerate() {
-            let shape: Vec<bool> = row
-                .new
-                .iter()
-                .enumerate()
-                .map(|(i, cell)| {
-                    *cell != Cell::Unchanged
-                        && Some(i) != distribution
-                        && (key_change || !key_indexes.contains(&i))
+            let plan = self.plans[&oid].clone();
+            for run in queue.runs {
+                self.send(Work::Run {
+                    plan: plan.clone(),
+                    run,
+                    lsn,
                 })
-                .collect();
-            shapes.entry(shape).or_default().push(at);
-        }
-        for (shape, members) in shapes {
-            let plan = &self.plans[&oid];
-            let set_indexes: Vec<usize> = (0..shape.len()).filter(|&i| shape[i]).collect();
-            let what = format!("{} update(s) of {}", members.len(), plan.target.name);
-            if set_indexes.is_empty() {
-                // Only unchanged or key columns: the row is already as the source has it,
-                // but it must exist; counted below like any other update.
-                continue;
-            }
-            let set: Vec<SqlColumn> = set_indexes
-                .iter()
-                .map(|&i| plan.columns[i].clone())
-                .collect();
-            let dist_column = distribution.map(|i| plan.columns[i].clone());
-            let text = sql::update_unnest(
-                &plan.target.quoted,
-                &key_columns,
-                &set,
-                dist_column.as_ref(),
-            );
-            let param_count = key_columns.len() + set.len() + usize::from(dist_column.is_some());
-            let statement = self.statement(&text, param_count, false).await?;
-            let selected: Vec<&UpdateRow> = members.iter().map(|&at| &rows[at]).collect();
-            let mut arrays = column_arrays(&selected, key_columns.len(), |row, i| &row.key[i])
-                .map_err(|e| e.context(&what))?;
-            let values = column_arrays(&selected, set_indexes.len(), |row, i| {
-                &row.new[set_indexes[i]]
-            })
-            .map_err(|e| e.context(&what))?;
-            arrays.extend(values);
-            if let Some(dist) = distribution {
-                // The rows' current distribution values: from the key when it holds the
-                // column, else from the new row (it is unchanged: a change became DELETE +
-                // INSERT in push_update).
-                let dist_values = column_arrays(&selected, 1, |row, _| {
-                    match key_indexes.iter().position(|&k| k == dist) {
-                        Some(at) => &row.key[at],
-                        None => &row.new[dist],
-                    }
-                })
-                .map_err(|e| e.context(&what))?;
-                arrays.extend(dist_values);
-            }
-            let params: Vec<&(dyn ToSql + Sync)> =
-                arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-            let result = self.client.execute(&statement, &params).await;
-            let updated = result.map_err(|e| self.apply_error(&what, e))?;
-            if (updated as usize) < members.len() {
-                return Err(Error::new(
-                    ErrorKind::Apply,
-                    format!(
-                        "{what}: only {updated} of {} rows exist on the target (source transactions up to {}). The target is missing rows the source has: find them with `sluice verify`, repair the target, and sluice retries by itself",
-                        members.len(),
-                        self.current_lsn()
-                    ),
-                ));
+                .await?;
             }
         }
+        self.target_txn_open = true;
+        self.batch_rows_sent += rows;
         Ok(())
     }
 
-    async fn execute_delete(&mut self, oid: u32, keys: Vec<Vec<Cell>>) -> Result<()> {
-        let plan = &self.plans[&oid];
-        let key_columns = plan.key_columns();
-        let key_indexes: Vec<usize> = match &plan.matching {
-            Matching::Key(indexes) => indexes.clone(),
-            _ => Vec::new(),
-        };
-        let dist_at = plan
-            .distribution
-            .and_then(|d| key_indexes.iter().position(|&k| k == d));
-        let dist_column = dist_at.map(|at| key_columns[at].clone());
-        let what = format!("{} delete(s) from {}", keys.len(), plan.target.name);
-        let text = sql::delete_unnest(&plan.target.quoted, &key_columns, dist_column.as_ref());
-        let param_count = key_columns.len() + usize::from(dist_column.is_some());
-        let statement = self.statement(&text, param_count, false).await?;
-        let mut arrays = column_arrays(&keys, key_columns.len(), |row, i| &row[i])
-            .map_err(|e| e.context(&what))?;
-        if let Some(at) = dist_at {
-            arrays
-                .extend(column_arrays(&keys, 1, |row, _| &row[at]).map_err(|e| e.context(&what))?);
-        }
-        let params: Vec<&(dyn ToSql + Sync)> =
-            arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-        let result = self.client.execute(&statement, &params).await;
-        let deleted = result.map_err(|e| self.apply_error(&what, e))?;
-        if (deleted as usize) < keys.len() {
-            // The end state is what the source has either way; say so, do not stall.
-            tracing::warn!(
-                "{what}: {} of the rows were already gone on the target (source transactions up to {})",
-                keys.len() - deleted as usize,
-                self.current_lsn()
-            );
-        }
-        Ok(())
-    }
-
-    async fn execute_by_values(&mut self, oid: u32, change: ValueChange) -> Result<()> {
-        let plan = &self.plans[&oid];
-        let table = plan.target.quoted.clone();
-        let columns = plan.columns.clone();
-        let name = plan.target.name.clone();
-        let (text, values, what) = match &change {
-            ValueChange::Update { old, new } => {
-                let set_indexes: Vec<usize> = (0..new.len())
-                    .filter(|&i| new[i] != Cell::Unchanged)
-                    .collect();
-                let set: Vec<SqlColumn> = set_indexes.iter().map(|&i| columns[i].clone()).collect();
-                let mut values: Vec<Option<&str>> = Vec::new();
-                for &i in &set_indexes {
-                    values.push(text_of(&new[i])?);
-                }
-                for cell in old {
-                    values.push(text_of(cell)?);
-                }
-                (
-                    sql::update_by_values(&table, &columns, &set),
-                    values,
-                    format!("an update of {name}"),
-                )
-            }
-            ValueChange::Delete { old } => {
-                let mut values = Vec::new();
-                for cell in old {
-                    values.push(text_of(cell)?);
-                }
-                (
-                    sql::delete_by_values(&table, &columns),
-                    values,
-                    format!("a delete from {name}"),
-                )
-            }
-        };
-        let types = vec![Type::TEXT; values.len()];
-        let statement = match self.statements.get(&text) {
-            Some(statement) => statement.clone(),
-            None => {
-                let statement = self
-                    .client
-                    .prepare_typed(&text, &types)
-                    .await
-                    .map_err(|e| self.apply_error(&what, e))?;
-                self.statements.insert(text.clone(), statement.clone());
-                statement
-            }
-        };
-        let params: Vec<&(dyn ToSql + Sync)> =
-            values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-        let result = self.client.execute(&statement, &params).await;
-        let changed = result.map_err(|e| self.apply_error(&what, e))?;
-        if changed == 0 && matches!(change, ValueChange::Update { .. }) {
-            return Err(Error::new(
-                ErrorKind::Apply,
-                format!(
-                    "{what}: no target row has the old values (source transactions up to {}). Repair the target (`sluice verify` finds the difference); sluice retries by itself",
-                    self.current_lsn()
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Commits the open target transaction with the position row, then checkpoints and
-    /// acknowledges.
+    /// Ends the target transaction at the last whole source transaction.
     async fn commit_batch(&mut self) -> Result<()> {
         if self.batch_txns == 0 {
             self.first_commit_waiting = None;
             return Ok(());
         }
         self.flush().await?;
-        let end_lsn = self.batch_end_lsn;
-        let caught_up = end_lsn.max(self.position.caught_up_lsn);
-        let record = self.position_sql(end_lsn, caught_up);
-        let statement = if self.in_target_txn {
-            format!("{record}; COMMIT")
-        } else {
-            // Transactions without changes for us still move the position.
-            format!("BEGIN; {record}; COMMIT")
+        let work = Work::Commit {
+            end_lsn: self.batch_end_lsn,
+            transactions: self.batch_txns,
+            changes: self.batch_changes,
+            commit_time: self.batch_commit_time.take(),
         };
-        let result = self.client.batch_execute(&statement).await;
-        result.map_err(|e| self.apply_error("committing", e))?;
-        self.in_target_txn = false;
-        self.position = Position {
-            applied_lsn: end_lsn,
-            caught_up_lsn: caught_up,
-            acked_lsn: self.position.acked_lsn.max(caught_up),
-        };
-        self.checkpoint()?;
-        let (txns, changes) = (self.batch_txns, self.batch_changes);
-        let commit_time = self.batch_commit_time.take();
-        let position = self.position;
-        self.status.update(|s| {
-            s.applied_lsn = Some(position.applied_lsn);
-            s.caught_up_lsn = Some(position.caught_up_lsn);
-            s.applied_transactions += txns;
-            s.applied_changes += changes;
-            if let Some(time) = commit_time {
-                let behind = time.to_system_time().elapsed().unwrap_or_default();
-                s.lag_seconds = Some(behind.as_secs_f64());
-            }
-            if s.state != DaemonState::Copying {
-                s.state = DaemonState::Streaming;
-            }
-            s.last_error = None;
-            s.stalled_seconds = None;
-        });
+        self.send(work).await?;
+        self.target_txn_open = false;
+        self.acked_keepalive = self.acked_keepalive.max(self.batch_end_lsn);
         self.batch_txns = 0;
         self.batch_changes = 0;
-        self.batch_rows_executed = 0;
+        self.batch_rows_sent = 0;
         self.first_commit_waiting = None;
-        Ok(())
-    }
-
-    /// On an idle stream: records the keepalive position, so the slot can release WAL.
-    async fn acknowledge_idle(&mut self, wal_end: Lsn) -> Result<()> {
-        let record = self.position_sql(self.position.applied_lsn, wal_end);
-        let result = self
-            .client
-            .batch_execute(&format!("BEGIN; {record}; COMMIT"))
-            .await;
-        result.map_err(|e| self.apply_error("recording the keepalive position", e))?;
-        self.position.caught_up_lsn = wal_end;
-        self.position.acked_lsn = self.position.acked_lsn.max(wal_end);
-        self.checkpoint()?;
-        self.last_keepalive_ack = Instant::now();
-        self.status.update(|s| {
-            s.caught_up_lsn = Some(wal_end);
-            if s.state != DaemonState::Copying {
-                s.state = DaemonState::Streaming;
-            }
-        });
-        Ok(())
-    }
-
-    /// The position row as a literal statement, so it rides in the same round trip as
-    /// COMMIT. Every value is quoted: the slot name is validated, the rest are digits/LSNs.
-    fn position_sql(&self, applied: Lsn, caught_up: Lsn) -> String {
-        format!(
-            "INSERT INTO sluice.applied_position AS p
-                 (slot, source_system_identifier, applied_lsn, caught_up_lsn, updated_at)
-             VALUES ({}, {}, {}::pg_lsn, {}::pg_lsn, now())
-             ON CONFLICT (slot) DO UPDATE SET
-                 source_system_identifier = EXCLUDED.source_system_identifier,
-                 applied_lsn = EXCLUDED.applied_lsn,
-                 caught_up_lsn = EXCLUDED.caught_up_lsn,
-                 updated_at = EXCLUDED.updated_at",
-            quote_literal(&self.options.slot),
-            quote_literal(&self.options.system_identifier),
-            quote_literal(&applied.to_string()),
-            quote_literal(&caught_up.to_string()),
-        )
-    }
-
-    /// sled, then the slot: only after the target commit.
-    fn checkpoint(&mut self) -> Result<()> {
-        let store = self.store.clone();
-        let position = self.position;
-        tokio::task::block_in_place(|| store.save_position(&position))?;
-        let _ = self.acks.send(position.caught_up_lsn);
         Ok(())
     }
 
@@ -971,35 +623,16 @@ impl Applier {
             .map(|(lsn, _, _)| lsn)
             .unwrap_or(self.batch_end_lsn)
     }
+}
 
-    /// An error from the target while applying: SQLSTATE decides retry, stop or stall, and
-    /// the message names what was applied and where in the source.
-    fn apply_error(&self, what: &str, error: tokio_postgres::Error) -> Error {
-        let lsn = self.current_lsn();
-        match error.as_db_error() {
-            Some(db) => {
-                let kind = match classify_sqlstate(db.code().code()) {
-                    ErrorKind::Definite => ErrorKind::Apply,
-                    kind => kind,
-                };
-                let mut message = format!(
-                    "Applying {what} (source transaction at {lsn}) failed: SQLSTATE {}: {}",
-                    db.code().code(),
-                    db.message()
-                );
-                if let Some(detail) = db.detail() {
-                    message.push_str(&format!(" ({detail})"));
-                }
-                Error::new(kind, message)
-            }
-            None => Error::with_source(
-                ErrorKind::Transient,
-                format!(
-                    "Applying {what} (source transaction at {lsn}): the target connection failed"
-                ),
-                error,
-            ),
-        }
+fn executor_outcome(joined: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    match joined {
+        Ok(result) => result,
+        Err(error) => Err(Error::with_source(
+            ErrorKind::Definite,
+            "The apply session task failed",
+            error,
+        )),
     }
 }
 
@@ -1028,32 +661,6 @@ fn cells(tuple: &Tuple, relation: &Relation, what: &str) -> Result<Vec<Cell>> {
         });
     }
     Ok(out)
-}
-
-fn text_of(cell: &Cell) -> Result<Option<&str>> {
-    match cell {
-        Cell::Text(bytes) => std::str::from_utf8(bytes)
-            .map(Some)
-            .map_err(|_| Error::new(ErrorKind::Apply, "a value is not valid UTF-8 text")),
-        _ => Ok(None),
-    }
-}
-
-/// Column-major text arrays from row-major cells: one `Vec<Option<&str>>` per column.
-fn column_arrays<'a, R>(
-    rows: &'a [R],
-    columns: usize,
-    cell: impl Fn(&'a R, usize) -> &'a Cell,
-) -> Result<Vec<Vec<Option<&'a str>>>> {
-    let mut arrays: Vec<Vec<Option<&str>>> = (0..columns)
-        .map(|_| Vec::with_capacity(rows.len()))
-        .collect();
-    for row in rows {
-        for (column, array) in arrays.iter_mut().enumerate() {
-            array.push(text_of(cell(row, column))?);
-        }
-    }
-    Ok(arrays)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

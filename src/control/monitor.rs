@@ -1,0 +1,351 @@
+//! WAL-retention safety: the daemon samples the source's WAL position and its slot every
+//! `monitor.interval` and keeps the status current.
+//!
+//! What the slot costs the source is `current WAL position - restart_lsn` (restart_lsn, not
+//! confirmed_flush_lsn, is what holds WAL; it lags far behind). When that crosses
+//! `monitor.retained_wal_warn` the monitor warns once per crossing (log and status). When the
+//! source has invalidated the slot (`wal_status = lost`, after `max_slot_wal_keep_size` was
+//! exceeded) or the slot vanished, streaming cannot continue without losing changes: that is
+//! a definite error telling the operator a fresh copy is needed.
+//!
+//! Connection trouble with the source is never fatal here: the stream itself notices a dead
+//! source and decides; the monitor logs, reconnects on its next tick and carries on.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::config::{format_size, Config};
+use crate::control::status::SharedStatus;
+use crate::error::{self, Error, ErrorKind, Result};
+use crate::lsn::Lsn;
+
+/// One sample of the source's WAL position and slot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotSample {
+    pub source_lsn: Lsn,
+    /// `None` when the slot does not exist.
+    pub slot: Option<SlotInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotInfo {
+    pub confirmed_flush_lsn: Option<Lsn>,
+    pub restart_lsn: Option<Lsn>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    pub safe_wal_size: Option<i64>,
+    pub active: bool,
+    pub plugin: Option<String>,
+}
+
+impl SlotSample {
+    /// WAL the slot holds on the source.
+    pub fn retained_wal_bytes(&self) -> Option<u64> {
+        let restart = self.slot.as_ref()?.restart_lsn?;
+        Some(self.source_lsn.bytes_since(restart))
+    }
+}
+
+/// Reads `pg_current_wal_lsn()` and the slot's row in `pg_replication_slots` in one query.
+pub async fn sample_slot(source: &Client, slot: &str) -> Result<SlotSample> {
+    let row = source
+        .query_one(
+            // wal_status and safe_wal_size arrive with PostgreSQL 13; reading them through
+            // to_jsonb keeps the query valid on older sources (they are NULL there).
+            "SELECT pg_current_wal_lsn()::text, s.slot_name IS NOT NULL,
+                    s.confirmed_flush_lsn::text, s.restart_lsn::text,
+                    to_jsonb(s) ->> 'wal_status', (to_jsonb(s) ->> 'safe_wal_size')::int8,
+                    COALESCE(s.active, false), s.plugin::text
+             FROM (SELECT 1) AS one
+             LEFT JOIN pg_replication_slots s ON s.slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| {
+            error::pg(
+                "Reading the source's WAL position and pg_replication_slots",
+                e,
+            )
+        })?;
+    let lsn = |index: usize| -> Result<Option<Lsn>> {
+        row.get::<_, Option<String>>(index)
+            .map(|text| {
+                text.parse::<Lsn>().map_err(|e| {
+                    Error::with_source(ErrorKind::Definite, "The source returned an invalid LSN", e)
+                })
+            })
+            .transpose()
+    };
+    let source_lsn = lsn(0)?.unwrap_or_default();
+    let exists: bool = row.get(1);
+    let slot = if exists {
+        Some(SlotInfo {
+            confirmed_flush_lsn: lsn(2)?,
+            restart_lsn: lsn(3)?,
+            wal_status: row.get(4),
+            safe_wal_size: row.get(5),
+            active: row.get(6),
+            plugin: row.get(7),
+        })
+    } else {
+        None
+    };
+    Ok(SlotSample { source_lsn, slot })
+}
+
+/// The warning text for retained WAL over the bound (also the key to remove it again).
+const RETAINED_PREFIX: &str = "Retained WAL";
+const UNRESERVED_PREFIX: &str = "The slot's WAL is no longer reserved";
+
+/// The error returned when the slot can no longer serve the changes sluice needs.
+pub fn slot_lost_error(slot: &str, why: &str) -> Error {
+    Error::definite(format!(
+        "Replication slot {slot} {why}: the source no longer holds the WAL sluice still needs, so changes would be lost. A fresh copy is needed: drop the target tables' data (or recreate them with `sluice schema`), move state.dir away, and start `sluice run` again"
+    ))
+}
+
+/// Samples every `config.monitor.interval` until the slot is lost (returns the definite
+/// error). Transient source trouble is logged and retried; never returns `Ok` on its own, so
+/// the daemon runs it beside the stream and stops it on shutdown.
+pub async fn run(config: &Config, status: SharedStatus) -> Result<()> {
+    let slot = config.source.slot.as_str();
+    let interval = config.monitor.interval;
+    let mut monitor = Monitor::new(slot, config.monitor.retained_wal_warn);
+    let mut client: Option<Client> = None;
+    let mut failures: u32 = 0;
+    loop {
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            match crate::tls::connect(&config.source.conn, "the source").await {
+                Ok(c) => client = Some(c),
+                Err(error) => {
+                    failures += 1;
+                    note_failure(failures, &error);
+                    tokio::time::sleep(backoff(interval, failures)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(source) = client.as_ref() else {
+            continue;
+        };
+        match sample_slot(source, slot).await {
+            Ok(sample) => {
+                failures = 0;
+                monitor.apply(&sample, &status)?;
+            }
+            Err(error) => {
+                failures += 1;
+                note_failure(failures, &error);
+                client = None;
+                tokio::time::sleep(backoff(interval, failures)).await;
+                continue;
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// Logs a failed sample: the first at warn, repeats at debug so a long outage does not flood
+/// the log (the stream reports the outage itself).
+fn note_failure(failures: u32, error: &Error) {
+    if failures == 1 {
+        tracing::warn!(error = %error.report(), "WAL monitor: cannot sample the source; retrying");
+    } else {
+        tracing::debug!(error = %error.report(), failures, "WAL monitor: still cannot sample the source");
+    }
+}
+
+fn backoff(interval: Duration, failures: u32) -> Duration {
+    let factor = 1u32 << failures.min(5);
+    interval
+        .saturating_mul(factor)
+        .min(Duration::from_secs(30))
+        .max(interval)
+}
+
+/// The monitor's memory between samples: whether it warned already, whether it ever saw
+/// the slot.
+#[derive(Debug)]
+pub struct Monitor {
+    slot: String,
+    retained_wal_warn: u64,
+    over_bound: bool,
+    unreserved: bool,
+    seen_slot: bool,
+}
+
+impl Monitor {
+    pub fn new(slot: &str, retained_wal_warn: u64) -> Self {
+        Monitor {
+            slot: slot.to_string(),
+            retained_wal_warn,
+            over_bound: false,
+            unreserved: false,
+            seen_slot: false,
+        }
+    }
+
+    /// Folds one sample into the status; the definite error when the slot is lost.
+    pub fn apply(&mut self, sample: &SlotSample, status: &SharedStatus) -> Result<()> {
+        let Some(slot) = &sample.slot else {
+            status.update(|s| s.source_lsn = Some(sample.source_lsn));
+            if self.seen_slot {
+                let error = slot_lost_error(&self.slot, "disappeared from the source (dropped?)");
+                status.update(|s| s.last_error = Some(error.report()));
+                return Err(error);
+            }
+            // The daemon creates the slot before starting the monitor; a missing slot before
+            // it was ever seen is a start-up race, not a loss.
+            return Ok(());
+        };
+        self.seen_slot = true;
+        if slot.wal_status.as_deref() == Some("lost") {
+            let error = slot_lost_error(
+                &self.slot,
+                "was invalidated by the source (wal_status = lost, max_slot_wal_keep_size exceeded)",
+            );
+            status.update(|s| {
+                s.wal_status = Some("lost".into());
+                s.last_error = Some(error.report());
+            });
+            return Err(error);
+        }
+        let retained = sample.retained_wal_bytes();
+        let over = retained.is_some_and(|r| r > self.retained_wal_warn);
+        let over_text = retained.filter(|_| over).map(|r| {
+            format!(
+                "{RETAINED_PREFIX} {} is over monitor.retained_wal_warn {}: the slot holds WAL on the source until sluice catches up; watch the source's disk",
+                format_size(r),
+                format_size(self.retained_wal_warn)
+            )
+        });
+        // Logged once per crossing; the status warning stays (with a current figure) while
+        // the condition lasts.
+        if let (Some(text), false) = (&over_text, self.over_bound) {
+            tracing::warn!(slot = %self.slot, retained_wal_bytes = retained, "{text}");
+        } else if !over && self.over_bound {
+            tracing::info!(slot = %self.slot, retained_wal_bytes = retained, "retained WAL is back under monitor.retained_wal_warn");
+        }
+        self.over_bound = over;
+        let unreserved = slot.wal_status.as_deref() == Some("unreserved");
+        let unreserved_text = unreserved.then(|| {
+            format!(
+                "{UNRESERVED_PREFIX} (wal_status = unreserved): the source will invalidate slot {} at its next checkpoint unless sluice catches up; raise max_slot_wal_keep_size now",
+                self.slot
+            )
+        });
+        if let (Some(text), false) = (&unreserved_text, self.unreserved) {
+            tracing::warn!(slot = %self.slot, "{text}");
+        }
+        self.unreserved = unreserved;
+
+        status.update(|s| {
+            s.source_lsn = Some(sample.source_lsn);
+            s.confirmed_flush_lsn = slot.confirmed_flush_lsn;
+            s.restart_lsn = slot.restart_lsn;
+            s.retained_wal_bytes = retained;
+            s.wal_status = slot.wal_status.clone();
+            s.safe_wal_size = slot.safe_wal_size;
+            let caught_up = s.caught_up_lsn.or(s.applied_lsn);
+            s.lag_bytes = caught_up.map(|c| sample.source_lsn.bytes_since(c));
+            // Only this monitor's warnings are replaced; others' stay.
+            s.warnings
+                .retain(|w| !w.starts_with(RETAINED_PREFIX) && !w.starts_with(UNRESERVED_PREFIX));
+            s.warnings.extend(over_text);
+            s.warnings.extend(unreserved_text);
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(source: u64, restart: u64, wal_status: &str) -> SlotSample {
+        SlotSample {
+            source_lsn: Lsn(source),
+            slot: Some(SlotInfo {
+                confirmed_flush_lsn: Some(Lsn(restart)),
+                restart_lsn: Some(Lsn(restart)),
+                wal_status: Some(wal_status.into()),
+                safe_wal_size: None,
+                active: true,
+                plugin: Some("pgoutput".into()),
+            }),
+        }
+    }
+
+    #[test]
+    fn warns_once_per_crossing_and_clears() {
+        let status = SharedStatus::new("sluice");
+        status.update(|s| s.caught_up_lsn = Some(Lsn(900)));
+        let mut monitor = Monitor::new("sluice", 1000);
+        monitor
+            .apply(&sample(1000, 500, "reserved"), &status)
+            .unwrap();
+        let report = status.snapshot();
+        assert!(report.warnings.is_empty());
+        assert_eq!(report.lag_bytes, Some(100));
+        assert_eq!(report.retained_wal_bytes, Some(500));
+        monitor
+            .apply(&sample(3000, 500, "reserved"), &status)
+            .unwrap();
+        monitor
+            .apply(&sample(4000, 500, "reserved"), &status)
+            .unwrap();
+        let warnings = status.snapshot().warnings;
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("Retained WAL 3500 bytes"),
+            "{warnings:?}"
+        );
+        monitor
+            .apply(&sample(4000, 3900, "reserved"), &status)
+            .unwrap();
+        assert!(status.snapshot().warnings.is_empty());
+    }
+
+    #[test]
+    fn other_warnings_are_kept() {
+        let status = SharedStatus::new("sluice");
+        status.update(|s| s.warnings.push("Something else".into()));
+        let mut monitor = Monitor::new("sluice", 10);
+        monitor
+            .apply(&sample(1000, 0, "unreserved"), &status)
+            .unwrap();
+        assert_eq!(status.snapshot().warnings.len(), 3);
+        monitor
+            .apply(&sample(1000, 1000, "reserved"), &status)
+            .unwrap();
+        assert_eq!(
+            status.snapshot().warnings,
+            vec!["Something else".to_string()]
+        );
+    }
+
+    #[test]
+    fn a_lost_or_vanished_slot_is_definite() {
+        let status = SharedStatus::new("sluice");
+        let mut monitor = Monitor::new("sluice", 10);
+        let error = monitor
+            .apply(&sample(1000, 0, "lost"), &status)
+            .unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Definite);
+        assert!(error.to_string().contains("fresh copy"), "{error}");
+
+        let mut monitor = Monitor::new("sluice", 10);
+        let gone = SlotSample {
+            source_lsn: Lsn(5),
+            slot: None,
+        };
+        monitor.apply(&gone, &status).unwrap();
+        monitor
+            .apply(&sample(1000, 0, "reserved"), &status)
+            .unwrap();
+        let error = monitor.apply(&gone, &status).unwrap_err();
+        assert!(error.to_string().contains("disappeared"), "{error}");
+        assert!(status.snapshot().last_error.unwrap().contains("fresh copy"));
+    }
+}

@@ -1,0 +1,654 @@
+//! `sluice check`: the migration runbook's prerequisites, one line each, PASS / WARN / FAIL
+//! with what to do. Exit 1 when any line is a FAIL.
+//!
+//! Every check is a small function over catalog facts, so each finding can be read (and
+//! tested) on its own. A database that cannot be reached is itself a FAIL line; the checks
+//! that need it are skipped, the others still run, so one run shows everything to fix.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use clap::Args;
+use tokio_postgres::Client;
+
+use crate::config::{format_size, Config};
+use crate::error::{self, Result};
+use crate::source::{selected_tables, SourceTable, TableName};
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Pass,
+    Warn,
+    Fail,
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Level::Pass => "PASS",
+            Level::Warn => "WARN",
+            Level::Fail => "FAIL",
+        })
+    }
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub level: Level,
+    pub text: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}  {}", self.level, self.text)
+    }
+}
+
+#[derive(Default)]
+struct Findings(Vec<Finding>);
+
+impl Findings {
+    fn pass(&mut self, text: impl Into<String>) {
+        self.push(Level::Pass, text.into());
+    }
+    fn warn(&mut self, text: impl Into<String>) {
+        self.push(Level::Warn, text.into());
+    }
+    fn fail(&mut self, text: impl Into<String>) {
+        self.push(Level::Fail, text.into());
+    }
+    fn push(&mut self, level: Level, text: String) {
+        self.0.push(Finding { level, text });
+    }
+}
+
+pub async fn run(config: &Config, _args: &CheckArgs) -> Result<i32> {
+    let findings = findings(config).await;
+    for finding in &findings {
+        println!("{finding}");
+    }
+    let count = |level| findings.iter().filter(|f| f.level == level).count();
+    let (fails, warns, passes) = (count(Level::Fail), count(Level::Warn), count(Level::Pass));
+    println!("{fails} FAIL, {warns} WARN, {passes} PASS");
+    Ok(if fails > 0 { 1 } else { 0 })
+}
+
+/// Runs every check and returns the lines in order: source, tables, target.
+pub async fn findings(config: &Config) -> Vec<Finding> {
+    let mut out = Findings::default();
+    let source = check_source(config, &mut out).await;
+    check_target(config, source.as_ref(), &mut out).await;
+    out.0
+}
+
+/// A column as the catalogs describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Column {
+    name: String,
+    /// `format_type(atttypid, atttypmod)`: `numeric(10,2)`, `character varying(20)`, ...
+    type_text: String,
+    not_null: bool,
+    has_default: bool,
+}
+
+/// What the target checks need from the source.
+struct SourceFacts {
+    tables: Vec<SourceTable>,
+    columns: BTreeMap<u32, Vec<Column>>,
+}
+
+async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts> {
+    let conn = &config.source.conn;
+    let client = match crate::tls::connect(conn, "the source").await {
+        Ok(client) => client,
+        Err(error) => {
+            out.fail(format!(
+                "source: cannot connect ({}): check source.url, the network path and pg_hba.conf; the source checks were skipped",
+                error.report()
+            ));
+            return None;
+        }
+    };
+    out.pass(format!("source: connected to {}", conn.redacted()));
+    if let Err(error) = check_source_settings(&client, config, out).await {
+        out.fail(format!(
+            "source: cannot read its settings ({}): connect as a user who may read pg_settings and pg_roles",
+            error.report()
+        ));
+    }
+    let tables = match selected_tables(&client, &config.tables).await {
+        Ok(tables) => tables,
+        Err(error) => {
+            out.fail(format!(
+                "source: cannot list the tables ({})",
+                error.report()
+            ));
+            return None;
+        }
+    };
+    if tables.is_empty() {
+        out.fail(
+            "source: no table matches [tables] include/exclude: check the globs (schema.table) in the config",
+        );
+        return None;
+    }
+    out.pass(format!(
+        "source: {} tables selected by [tables], {} in all",
+        tables.len(),
+        format_size(tables.iter().map(|t| t.size_bytes.max(0) as u64).sum())
+    ));
+    if let Err(error) = check_read_privilege(&client, &tables, out).await {
+        out.fail(format!(
+            "source: cannot check table privileges ({})",
+            error.report()
+        ));
+    }
+    for finding in replica_identity_findings(&tables) {
+        out.push(finding.level, finding.text);
+    }
+    let columns = match columns_of(&client, &tables.iter().map(|t| t.oid).collect::<Vec<_>>()).await
+    {
+        Ok(columns) => columns,
+        Err(error) => {
+            out.fail(format!(
+                "source: cannot read the tables' columns ({})",
+                error.report()
+            ));
+            return None;
+        }
+    };
+    Some(SourceFacts { tables, columns })
+}
+
+async fn check_source_settings(client: &Client, config: &Config, out: &mut Findings) -> Result<()> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('wal_level'),
+                    current_setting('max_replication_slots')::int4,
+                    (SELECT count(*) FROM pg_replication_slots)::int4,
+                    EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1),
+                    current_setting('max_wal_senders')::int4,
+                    (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender')::int4,
+                    r.rolsuper, r.rolreplication, current_user::text,
+                    CASE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_replication')
+                         THEN pg_has_role('rds_replication', 'member') ELSE false END,
+                    current_setting('max_slot_wal_keep_size', true)
+             FROM pg_roles r WHERE r.rolname = current_user",
+            &[&config.source.slot],
+        )
+        .await
+        .map_err(|e| error::pg("Reading the source's replication settings", e))?;
+    let wal_level: String = row.get(0);
+    if wal_level == "logical" {
+        out.pass("source: wal_level = logical");
+    } else {
+        out.fail(format!(
+            "source: wal_level = {wal_level}, logical decoding needs logical: run ALTER SYSTEM SET wal_level = logical and restart the source (RDS / Cloud SQL / Azure: set the logical replication flag in the parameter group)"
+        ));
+    }
+
+    let (max_slots, used_slots, slot_exists): (i32, i32, bool) =
+        (row.get(1), row.get(2), row.get(3));
+    if slot_exists {
+        out.pass(format!(
+            "source: slot {} already exists (used {used_slots} of max_replication_slots = {max_slots})",
+            config.source.slot
+        ));
+    } else if used_slots < max_slots {
+        out.pass(format!(
+            "source: {} of max_replication_slots = {max_slots} free (sluice needs 1)",
+            max_slots - used_slots
+        ));
+    } else {
+        out.fail(format!(
+            "source: no free replication slot (max_replication_slots = {max_slots}, {used_slots} in use): drop an unused slot (pg_drop_replication_slot) or raise max_replication_slots and restart the source"
+        ));
+    }
+    let (max_senders, used_senders): (i32, i32) = (row.get(4), row.get(5));
+    if used_senders < max_senders {
+        out.pass(format!(
+            "source: {} of max_wal_senders = {max_senders} free (sluice needs 1)",
+            max_senders - used_senders
+        ));
+    } else {
+        out.fail(format!(
+            "source: no free WAL sender (max_wal_senders = {max_senders}, {used_senders} in use): raise max_wal_senders and restart the source"
+        ));
+    }
+
+    let (superuser, replication, user, rds): (bool, bool, String, bool) =
+        (row.get(6), row.get(7), row.get(8), row.get(9));
+    if superuser || replication || rds {
+        let how = if superuser {
+            "is a superuser"
+        } else if replication {
+            "has REPLICATION"
+        } else {
+            "is a member of rds_replication"
+        };
+        out.pass(format!("source: user {user} {how} and may stream changes"));
+    } else {
+        out.fail(format!(
+            "source: user {user} may not replicate: ALTER ROLE {user} REPLICATION (RDS: GRANT rds_replication TO {user})"
+        ));
+    }
+
+    // NULL before PostgreSQL 13, which has no such bound at all.
+    let keep: Option<String> = row.get(10);
+    let wal_size = client
+        .query_one(
+            "SELECT COALESCE(sum(size), 0)::int8 FROM pg_ls_waldir()",
+            &[],
+        )
+        .await
+        .map(|r| format_size(r.get::<_, i64>(0).max(0) as u64));
+    let wal_text = match &wal_size {
+        Ok(size) => format!("pg_wal holds {size} now"),
+        Err(_) => "pg_wal size unknown (reading it needs pg_monitor)".to_string(),
+    };
+    let Some(keep) = keep else {
+        out.warn(format!(
+            "source: no max_slot_wal_keep_size before PostgreSQL 13 ({wal_text}): the slot retains WAL without limit while sluice is behind or stopped, which can fill the source's disk; watch `sluice lag` and the source's free space"
+        ));
+        return Ok(());
+    };
+    if keep.trim() == "-1" {
+        out.warn(format!(
+            "source: max_slot_wal_keep_size = -1 ({wal_text}): the slot may retain WAL without limit while sluice is behind or stopped, which can fill the source's disk; set a bound the disk can hold (ALTER SYSTEM SET max_slot_wal_keep_size = '100GB'; SELECT pg_reload_conf()) and watch `sluice lag`"
+        ));
+    } else {
+        out.pass(format!(
+            "source: max_slot_wal_keep_size = {keep} ({wal_text}); a slot that falls further behind is invalidated and needs a fresh copy"
+        ));
+    }
+    Ok(())
+}
+
+async fn check_read_privilege(
+    client: &Client,
+    tables: &[SourceTable],
+    out: &mut Findings,
+) -> Result<()> {
+    let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
+    let rows = client
+        .query(
+            "SELECT o FROM unnest($1::oid[]) AS o WHERE NOT has_table_privilege(o, 'SELECT')",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| error::pg("Checking SELECT privileges on the source", e))?;
+    let denied: BTreeSet<u32> = rows.iter().map(|r| r.get::<_, u32>(0)).collect();
+    if denied.is_empty() {
+        out.pass(format!(
+            "source: the user may read all {} selected tables",
+            tables.len()
+        ));
+    }
+    for table in tables.iter().filter(|t| denied.contains(&t.oid)) {
+        out.fail(format!(
+            "source: table {} cannot be read by this user (no SELECT privilege): GRANT SELECT ON {} TO the sluice user",
+            table.name,
+            table.name.quoted()
+        ));
+    }
+    Ok(())
+}
+
+/// Primary key or usable replica identity, per table. Only problems get their own line.
+fn replica_identity_findings(tables: &[SourceTable]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut good = 0;
+    for table in tables {
+        let name = &table.name;
+        match (table.replica_identity, table.has_primary_key) {
+            ('d', true) | ('i', _) => good += 1,
+            ('f', _) => out.push(Finding {
+                level: Level::Warn,
+                text: format!(
+                    "table {name}: REPLICA IDENTITY FULL: every UPDATE and DELETE writes the whole old row to the WAL (more WAL, slower apply, matched on all columns); prefer a primary key, or REPLICA IDENTITY USING INDEX on a unique index"
+                ),
+            }),
+            ('n', _) => out.push(Finding {
+                level: Level::Fail,
+                text: format!(
+                    "table {name}: REPLICA IDENTITY NOTHING: its UPDATEs and DELETEs cannot be replicated; add a primary key, or ALTER TABLE {} REPLICA IDENTITY FULL",
+                    name.quoted()
+                ),
+            }),
+            _ => out.push(Finding {
+                level: Level::Fail,
+                text: format!(
+                    "table {name}: no primary key and REPLICA IDENTITY DEFAULT: its UPDATEs and DELETEs cannot be replicated (the source rejects them once published); add a primary key, or ALTER TABLE {} REPLICA IDENTITY USING INDEX on a unique index, or REPLICA IDENTITY FULL",
+                    name.quoted()
+                ),
+            }),
+        }
+    }
+    if good > 0 {
+        out.insert(
+            0,
+            Finding {
+                level: Level::Pass,
+                text: format!(
+                    "source: {good} of {} selected tables have a primary key or a replica identity index",
+                    tables.len()
+                ),
+            },
+        );
+    }
+    out
+}
+
+/// Columns (user, not dropped, not generated) of the given tables, in column order.
+async fn columns_of(client: &Client, oids: &[u32]) -> Result<BTreeMap<u32, Vec<Column>>> {
+    let rows = client
+        .query(
+            "SELECT a.attrelid, a.attname::text, format_type(a.atttypid, a.atttypmod),
+                    a.attnotnull, a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> ''
+             FROM pg_attribute a
+             WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
+             ORDER BY a.attrelid, a.attnum",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| error::pg("Reading table columns", e))?;
+    let mut columns: BTreeMap<u32, Vec<Column>> = BTreeMap::new();
+    for row in rows {
+        columns.entry(row.get(0)).or_default().push(Column {
+            name: row.get(1),
+            type_text: row.get(2),
+            not_null: row.get(3),
+            has_default: row.get(4),
+        });
+    }
+    Ok(columns)
+}
+
+async fn check_target(config: &Config, source: Option<&SourceFacts>, out: &mut Findings) {
+    let conn = &config.target.conn;
+    let client = match crate::tls::connect(conn, "the target").await {
+        Ok(client) => client,
+        Err(error) => {
+            out.fail(format!(
+                "target: cannot connect ({}): check target.url, the network path and pg_hba.conf; the target checks were skipped",
+                error.report()
+            ));
+            return;
+        }
+    };
+    out.pass(format!("target: connected to {}", conn.redacted()));
+    let citus = match client
+        .query_opt(
+            "SELECT extversion FROM pg_extension WHERE extname = 'citus'",
+            &[],
+        )
+        .await
+    {
+        Ok(row) => row.map(|r| r.get::<_, String>(0)),
+        Err(error) => {
+            out.fail(format!(
+                "target: cannot read its extensions ({})",
+                error::pg("Reading pg_extension", error).report()
+            ));
+            return;
+        }
+    };
+    let Some(source) = source else {
+        return;
+    };
+    if let Err(error) = check_target_tables(&client, source, citus.as_deref(), out).await {
+        out.fail(format!(
+            "target: cannot read its tables ({})",
+            error.report()
+        ));
+    }
+}
+
+async fn check_target_tables(
+    client: &Client,
+    source: &SourceFacts,
+    citus: Option<&str>,
+    out: &mut Findings,
+) -> Result<()> {
+    let schemas: Vec<&str> = source
+        .tables
+        .iter()
+        .map(|t| t.name.schema.as_str())
+        .collect();
+    let names: Vec<&str> = source.tables.iter().map(|t| t.name.name.as_str()).collect();
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, c.oid
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind IN ('r', 'p', 'f')
+               AND (n.nspname, c.relname) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+            &[&schemas, &names],
+        )
+        .await
+        .map_err(|e| error::pg("Looking up the selected tables on the target", e))?;
+    let on_target: BTreeMap<TableName, u32> = rows
+        .iter()
+        .map(|r| {
+            (
+                TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                r.get(2),
+            )
+        })
+        .collect();
+    let target_oids: Vec<u32> = on_target.values().copied().collect();
+    let target_columns = columns_of(client, &target_oids).await?;
+
+    let mut complete = 0;
+    for table in &source.tables {
+        let Some(target_oid) = on_target.get(&table.name) else {
+            out.fail(format!(
+                "target: table {} is missing: create it (`sluice schema` copies the source's definition)",
+                table.name
+            ));
+            continue;
+        };
+        let source_columns = source
+            .columns
+            .get(&table.oid)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let target_columns = target_columns
+            .get(target_oid)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let problems = column_findings(&table.name, source_columns, target_columns);
+        if problems.iter().all(|f| f.level != Level::Fail) {
+            complete += 1;
+        }
+        for finding in problems {
+            out.push(finding.level, finding.text);
+        }
+    }
+    if complete > 0 {
+        out.pass(format!(
+            "target: {complete} of {} selected tables exist with compatible columns",
+            source.tables.len()
+        ));
+    }
+
+    match citus {
+        None => out.pass("target: plain PostgreSQL (no citus extension); tables stay local"),
+        Some(version) => {
+            let distributed: BTreeSet<u32> = client
+                .query("SELECT logicalrelid::oid FROM pg_dist_partition", &[])
+                .await
+                .map_err(|e| error::pg("Reading pg_dist_partition on the target", e))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let local: Vec<String> = on_target
+                .iter()
+                .filter(|(_, oid)| !distributed.contains(oid))
+                .map(|(name, _)| name.to_string())
+                .collect();
+            if local.is_empty() {
+                out.pass(format!(
+                    "target: Citus {version}; every selected table is distributed or a reference table"
+                ));
+            } else {
+                out.warn(format!(
+                    "target: Citus {version}; {} tables are not distributed yet and would stay on the coordinator: {}. Run `sluice schema` with [citus] distribute, or SELECT create_distributed_table(...) / create_reference_table(...) before the copy",
+                    local.len(),
+                    abbreviate(&local, 10)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Compares one table's columns. Types are compared by their `format_type` text: the same
+/// text is the same type; anything else would make apply fail or change values.
+fn column_findings(table: &TableName, source: &[Column], target: &[Column]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let target_by_name: BTreeMap<&str, &Column> =
+        target.iter().map(|c| (c.name.as_str(), c)).collect();
+    for column in source {
+        match target_by_name.get(column.name.as_str()) {
+            None => out.push(Finding {
+                level: Level::Fail,
+                text: format!(
+                    "target: table {table} has no column {} (source type {}): ALTER TABLE {} ADD COLUMN {} {}",
+                    column.name,
+                    column.type_text,
+                    table.quoted(),
+                    crate::source::quote_ident(&column.name),
+                    column.type_text
+                ),
+            }),
+            Some(target) if target.type_text != column.type_text => out.push(Finding {
+                level: Level::Fail,
+                text: format!(
+                    "target: table {table} column {} is {} on the target but {} on the source: ALTER TABLE {} ALTER COLUMN {} TYPE {}",
+                    column.name,
+                    target.type_text,
+                    column.type_text,
+                    table.quoted(),
+                    crate::source::quote_ident(&column.name),
+                    column.type_text
+                ),
+            }),
+            Some(_) => {}
+        }
+    }
+    let source_names: BTreeSet<&str> = source.iter().map(|c| c.name.as_str()).collect();
+    for column in target {
+        if source_names.contains(column.name.as_str()) {
+            continue;
+        }
+        if column.not_null && !column.has_default {
+            out.push(Finding {
+                level: Level::Fail,
+                text: format!(
+                    "target: table {table} has column {} NOT NULL without a default that the source does not have: every insert would fail; drop it or give it a default",
+                    column.name
+                ),
+            });
+        } else {
+            out.push(Finding {
+                level: Level::Warn,
+                text: format!(
+                    "target: table {table} has an extra column {} the source does not have: it will stay NULL or at its default",
+                    column.name
+                ),
+            });
+        }
+    }
+    out
+}
+
+fn abbreviate(names: &[String], limit: usize) -> String {
+    if names.len() <= limit {
+        names.join(", ")
+    } else {
+        format!(
+            "{} and {} more",
+            names[..limit].join(", "),
+            names.len() - limit
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(name: &str, identity: char, pk: bool) -> SourceTable {
+        SourceTable {
+            name: TableName::parse(name),
+            oid: 1,
+            replica_identity: identity,
+            has_primary_key: pk,
+            is_partitioned: false,
+            size_bytes: 0,
+            estimated_rows: 0,
+        }
+    }
+
+    fn column(name: &str, type_text: &str) -> Column {
+        Column {
+            name: name.into(),
+            type_text: type_text.into(),
+            not_null: false,
+            has_default: false,
+        }
+    }
+
+    #[test]
+    fn replica_identities() {
+        let findings = replica_identity_findings(&[
+            table("public.a", 'd', true),
+            table("public.b", 'i', false),
+            table("public.c", 'f', false),
+            table("public.d", 'n', true),
+            table("public.e", 'd', false),
+        ]);
+        let levels: Vec<(Level, bool)> = findings
+            .iter()
+            .map(|f| (f.level, f.text.contains("public.")))
+            .collect();
+        assert_eq!(
+            levels,
+            vec![
+                (Level::Pass, false),
+                (Level::Warn, true),
+                (Level::Fail, true),
+                (Level::Fail, true)
+            ]
+        );
+        assert!(findings[1].text.contains("public.c") && findings[1].text.contains("WAL"));
+        assert!(findings[3].text.contains("public.e"));
+    }
+
+    #[test]
+    fn columns_name_table_column_and_both_types() {
+        let name = TableName::parse("public.orders");
+        let mut extra = column("note", "text");
+        extra.not_null = true;
+        let findings = column_findings(
+            &name,
+            &[
+                column("id", "bigint"),
+                column("total", "numeric(10,2)"),
+                column("x", "text"),
+            ],
+            &[column("id", "bigint"), column("total", "integer"), extra],
+        );
+        assert_eq!(findings.len(), 3, "{findings:?}");
+        assert!(findings.iter().all(|f| f.level == Level::Fail));
+        assert!(findings[0].text.contains(
+            "public.orders column total is integer on the target but numeric(10,2) on the source"
+        ));
+        assert!(findings[1].text.contains("no column x"));
+        assert!(findings[2].text.contains("note NOT NULL"));
+    }
+}

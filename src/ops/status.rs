@@ -1,0 +1,285 @@
+//! `sluice status [--json]`.
+//!
+//! With the daemon running, its own report over the control socket. Without it, a report put
+//! together from the records that outlive it, `state = stopped`:
+//! - the source: `pg_current_wal_lsn()` and the slot's row in `pg_replication_slots`;
+//! - the target: `sluice.applied_position`, the authority for what has been applied;
+//! - the sled checkpoint in `state.dir`, when it exists (never created just to be read; a
+//!   daemon holds it while running, and then the socket answers instead).
+//!
+//! Whatever cannot be reached is named in `last_error`; the rest is still printed.
+
+use std::path::Path;
+
+use clap::Args;
+
+use crate::checkpoint;
+use crate::config::{format_size, Config};
+use crate::control::client;
+use crate::control::monitor::sample_slot;
+use crate::control::status::{unix_now, DaemonState, StatusReport};
+use crate::error::{Error, ErrorKind, Result};
+use crate::lsn::Lsn;
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Print the status as one JSON object (the fields SPEC.md lists).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Where a report came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The running daemon answered on the control socket.
+    Daemon,
+    /// No daemon: read from the source, the target (and the checkpoint).
+    Direct,
+    /// A daemon may be there but could not be asked (`lag` keeps trying).
+    Unknown,
+}
+
+pub async fn run(config: &Config, args: &StatusArgs) -> Result<i32> {
+    let (report, origin) = collect(config, true).await?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| {
+            Error::with_source(ErrorKind::Definite, "Encoding the status as JSON", e)
+        })?;
+        println!("{text}");
+    } else {
+        print!("{}", human(&report, origin));
+    }
+    Ok(0)
+}
+
+/// The daemon's report, or (no daemon on the socket) one read directly. An error only when a
+/// daemon is there but cannot be asked (permissions, no answer): then a direct report would
+/// claim `stopped` for a running daemon.
+pub async fn collect(config: &Config, read_checkpoint: bool) -> Result<(StatusReport, Origin)> {
+    tracing::debug!(state_dir = %config.state.dir.display(), "asking the daemon for its status");
+    if let Some(report) = client::request_status(&config.state.dir).await? {
+        return Ok((report, Origin::Daemon));
+    }
+    tracing::debug!("no daemon answers; reading the source and the target directly");
+    Ok((direct_report(config, read_checkpoint).await, Origin::Direct))
+}
+
+/// The status from the databases (and the checkpoint when `read_checkpoint`), for a daemon
+/// that is not running. Never fails: what cannot be read is left empty and named in
+/// `last_error`.
+pub async fn direct_report(config: &Config, read_checkpoint: bool) -> StatusReport {
+    let mut report = StatusReport {
+        state: DaemonState::Stopped,
+        slot: config.source.slot.clone(),
+        reported_at: unix_now(),
+        ..Default::default()
+    };
+    let mut problems: Vec<String> = Vec::new();
+
+    if read_checkpoint {
+        match read_local_checkpoint(&config.state.dir) {
+            Ok(Some(position)) => {
+                report.applied_lsn = Some(position.applied_lsn);
+                report.caught_up_lsn = Some(position.caught_up_lsn);
+            }
+            Ok(None) => {}
+            // The store is locked, yet nobody answered on the socket: a daemon is starting
+            // (or wedged before serving). Say so rather than claim it is stopped.
+            Err(_) if checkpoint::daemon_holds(&config.state.dir) => {
+                report.state = DaemonState::Starting;
+                report.warnings.push(format!(
+                    "A sluice process holds {} but does not answer on its control socket yet: starting up? Ask again in a moment",
+                    config.state.dir.display()
+                ));
+            }
+            Err(error) => problems.push(error.report()),
+        }
+    }
+
+    let (source, target) = tokio::join!(read_source(config), read_target(config));
+    match source {
+        Ok(sample) => {
+            report.source_lsn = Some(sample.source_lsn);
+            report.retained_wal_bytes = sample.retained_wal_bytes();
+            match sample.slot {
+                Some(slot) => {
+                    report.confirmed_flush_lsn = slot.confirmed_flush_lsn;
+                    report.restart_lsn = slot.restart_lsn;
+                    report.wal_status = slot.wal_status;
+                    report.safe_wal_size = slot.safe_wal_size;
+                    if slot.active {
+                        report.warnings.push(format!(
+                            "Slot {} is in use by a session although no daemon answers on {}: another sluice with another state.dir, or a dying session",
+                            config.source.slot,
+                            crate::control::socket::socket_path(&config.state.dir).display()
+                        ));
+                    }
+                }
+                None => report.warnings.push(format!(
+                    "Slot {} does not exist on the source: `sluice run` creates it",
+                    config.source.slot
+                )),
+            }
+        }
+        Err(error) => problems.push(error.report()),
+    }
+    match target {
+        // The target's row is the authority for what was applied; the checkpoint may only
+        // know a later caught-up (keepalive) position.
+        Ok(Some(position)) => {
+            report.applied_lsn = Some(position.applied_lsn);
+            report.caught_up_lsn = report
+                .caught_up_lsn
+                .max(Some(position.caught_up_lsn))
+                .max(Some(position.applied_lsn));
+        }
+        Ok(None) => {}
+        Err(error) => problems.push(error.report()),
+    }
+    if let Some(source_lsn) = report.source_lsn {
+        // Nothing applied yet: the slot's confirmed position is how far the source knows
+        // sluice has come.
+        let caught_up = report
+            .caught_up_lsn
+            .or(report.applied_lsn)
+            .or(report.confirmed_flush_lsn);
+        report.lag_bytes = caught_up.map(|c| source_lsn.bytes_since(c));
+    }
+    if report.wal_status.as_deref() == Some("lost") {
+        problems.push(
+            crate::control::monitor::slot_lost_error(
+                &config.source.slot,
+                "was invalidated by the source (wal_status = lost)",
+            )
+            .report(),
+        );
+    }
+    if !problems.is_empty() {
+        report.last_error = Some(problems.join("; "));
+    }
+    report
+}
+
+async fn read_source(config: &Config) -> Result<crate::control::monitor::SlotSample> {
+    let client = crate::tls::connect(&config.source.conn, "the source").await?;
+    sample_slot(&client, &config.source.slot).await
+}
+
+async fn read_target(config: &Config) -> Result<Option<checkpoint::TargetPosition>> {
+    let client = crate::tls::connect(&config.target.conn, "the target").await?;
+    checkpoint::read_target_position(&client, &config.source.slot).await
+}
+
+/// The sled checkpoint, when the state dir holds one. Never creates the state dir.
+fn read_local_checkpoint(state_dir: &Path) -> Result<Option<checkpoint::Position>> {
+    if !checkpoint::sled_path(state_dir).is_dir() {
+        return Ok(None);
+    }
+    let store = checkpoint::Store::open(state_dir)?;
+    store.position()
+}
+
+fn lsn(value: Option<Lsn>) -> String {
+    value.map(|l| l.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn bytes(value: Option<u64>) -> String {
+    value.map(format_size).unwrap_or_else(|| "-".into())
+}
+
+/// The readable summary.
+pub fn human(report: &StatusReport, origin: Origin) -> String {
+    let mut out = String::new();
+    let mut line = |label: &str, value: String| {
+        out.push_str(&format!("{label:<22}{value}\n"));
+    };
+    let state = serde_json::to_value(report.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let how = match origin {
+        Origin::Daemon => match report.pid {
+            Some(pid) => format!("{state} (daemon pid {pid})"),
+            None => state,
+        },
+        Origin::Direct => format!("{state} (no daemon answers; read from the source and target)"),
+        Origin::Unknown => "unknown (the daemon could not be asked)".to_string(),
+    };
+    line("state", how);
+    if let Some(stalled) = report.stalled_seconds {
+        line("stalled for", format!("{stalled:.0} s"));
+    }
+    line(
+        "slot",
+        match &report.wal_status {
+            Some(wal) => format!("{} (wal_status {wal})", report.slot),
+            None => report.slot.clone(),
+        },
+    );
+    line("source LSN", lsn(report.source_lsn));
+    line("received LSN", lsn(report.received_lsn));
+    line("applied LSN", lsn(report.applied_lsn));
+    line("confirmed flush LSN", lsn(report.confirmed_flush_lsn));
+    line("restart LSN", lsn(report.restart_lsn));
+    line(
+        "lag",
+        format!(
+            "{}{}",
+            bytes(report.lag_bytes),
+            report
+                .lag_seconds
+                .map(|s| format!(", {s:.1} s"))
+                .unwrap_or_default()
+        ),
+    );
+    line(
+        "retained WAL",
+        format!(
+            "{}{}",
+            bytes(report.retained_wal_bytes),
+            report
+                .safe_wal_size
+                .map(|s| format!(
+                    " ({} more before the source invalidates the slot)",
+                    format_size(s.max(0) as u64)
+                ))
+                .unwrap_or_default()
+        ),
+    );
+    line(
+        "applied",
+        format!(
+            "{} transactions, {} changes",
+            report.applied_transactions, report.applied_changes
+        ),
+    );
+    if !report.errors_by_kind.is_empty() {
+        let errors: Vec<String> = report
+            .errors_by_kind
+            .iter()
+            .map(|(kind, n)| format!("{kind} {n}"))
+            .collect();
+        line("errors", errors.join(", "));
+    }
+    line(
+        "last error",
+        report.last_error.clone().unwrap_or_else(|| "none".into()),
+    );
+    for warning in &report.warnings {
+        line("warning", warning.clone());
+    }
+    if !report.tables.is_empty() {
+        out.push_str("tables:\n");
+        for table in &report.tables {
+            let state = serde_json::to_value(table.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "  {:<40} {:<10} {} rows copied\n",
+                table.name, state, table.rows_copied
+            ));
+        }
+    }
+    out
+}

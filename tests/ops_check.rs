@@ -1,0 +1,178 @@
+//! `sluice check`: each problem of the runbook named on its own FAIL/WARN line, exit 1 on
+//! any FAIL, exit 0 on a ready pair.
+
+use std::time::Duration;
+
+use crate::ops_common::*;
+use crate::support::PgCluster;
+
+fn line_with<'a>(text: &'a str, level: &str, needles: &[&str]) -> &'a str {
+    text.lines()
+        .find(|l| l.starts_with(level) && needles.iter().all(|n| l.contains(n)))
+        .unwrap_or_else(|| panic!("no {level} line with {needles:?} in:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_every_blocking_problem_and_exits_1() {
+    let pg = PgCluster::builder().setting("wal_level", "replica").start();
+    let source = pg.create_database("app").await;
+    let target = pg.create_database("target").await;
+    source
+        .batch_execute(
+            "CREATE TABLE orders (id bigint PRIMARY KEY, total numeric(10,2), placed timestamptz);
+             CREATE TABLE events (happened timestamptz, payload jsonb);
+             CREATE TABLE audit (id int PRIMARY KEY);
+             CREATE TABLE wide (id int, v text);
+             ALTER TABLE wide REPLICA IDENTITY FULL;
+             CREATE TABLE keyed (id int NOT NULL, v text);
+             CREATE UNIQUE INDEX keyed_id ON keyed (id);
+             ALTER TABLE keyed REPLICA IDENTITY USING INDEX keyed_id;",
+        )
+        .await
+        .unwrap();
+    target
+        .batch_execute(
+            "CREATE TABLE orders (id bigint PRIMARY KEY, total integer, placed timestamptz);
+             CREATE TABLE events (happened timestamptz, payload jsonb);
+             CREATE TABLE wide (id int, v text);
+             CREATE TABLE keyed (id int NOT NULL, v text);",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &pg.url("app"),
+        &pg.url("target"),
+        &dir.path().join("state"),
+        "",
+    );
+    let output = run(sluice(&config, &["check"]), Duration::from_secs(60)).await;
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}\n{}", stderr(&output));
+    line_with(
+        &text,
+        "FAIL",
+        &[
+            "wal_level = replica",
+            "ALTER SYSTEM SET wal_level = logical",
+        ],
+    );
+    line_with(&text, "FAIL", &["public.events", "no primary key"]);
+    line_with(
+        &text,
+        "WARN",
+        &["public.wide", "REPLICA IDENTITY FULL", "WAL"],
+    );
+    line_with(&text, "FAIL", &["table public.audit is missing"]);
+    line_with(
+        &text,
+        "FAIL",
+        &["public.orders column total is integer on the target but numeric(10,2) on the source"],
+    );
+    line_with(&text, "PASS", &["superuser"]);
+    line_with(
+        &text,
+        "WARN",
+        &["max_slot_wal_keep_size = -1", "pg_wal holds"],
+    );
+    line_with(&text, "PASS", &["plain PostgreSQL"]);
+    // keyed (replica identity index), orders and audit (primary keys) are fine on the source side
+    assert!(!text.contains("table public.keyed"), "{text}");
+    line_with(
+        &text,
+        "PASS",
+        &["3 of 5 selected tables have a primary key or a replica identity index"],
+    );
+    assert!(
+        text.trim_end().ends_with("PASS"),
+        "summary line last: {text}"
+    );
+
+    // A user who may neither replicate nor read, and an unreachable target with a password
+    // in its URL: both FAIL lines, the password nowhere.
+    source
+        .batch_execute("CREATE ROLE reader LOGIN; GRANT SELECT ON orders TO reader")
+        .await
+        .unwrap();
+    let reader = format!("postgresql://reader@127.0.0.1:{}/app", pg.port);
+    let target_url = unreachable_url("target");
+    let output = run(
+        sluice(
+            &config,
+            &["--source", &reader, "--target", &target_url, "check"],
+        ),
+        Duration::from_secs(60),
+    )
+    .await;
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    line_with(
+        &text,
+        "FAIL",
+        &[
+            "user reader may not replicate",
+            "ALTER ROLE reader REPLICATION",
+        ],
+    );
+    line_with(
+        &text,
+        "FAIL",
+        &["table public.events cannot be read", "GRANT SELECT"],
+    );
+    assert!(
+        !text.contains("table public.orders cannot be read"),
+        "{text}"
+    );
+    line_with(
+        &text,
+        "FAIL",
+        &[
+            "target: cannot connect",
+            "postgresql://postgres@127.0.0.1:1/target",
+        ],
+    );
+    assert!(
+        !text.contains("sekret") && !stderr(&output).contains("sekret"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_passes_a_ready_source_and_target() {
+    let pg = PgCluster::builder()
+        .setting("max_slot_wal_keep_size", "'10GB'")
+        .start();
+    let source = pg.create_database("app").await;
+    let target = pg.create_database("target").await;
+    let schema = "CREATE TABLE orders (id bigint PRIMARY KEY, total numeric(10,2), tags text[]);
+                  CREATE TYPE mood AS ENUM ('ok', 'sad');
+                  CREATE TABLE people (id uuid PRIMARY KEY, mood mood, born date)";
+    source.batch_execute(schema).await.unwrap();
+    target.batch_execute(schema).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &pg.url("app"),
+        &pg.url("target"),
+        &dir.path().join("state"),
+        "",
+    );
+    let output = run(sluice(&config, &["check"]), Duration::from_secs(60)).await;
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}\n{}", stderr(&output));
+    assert!(!text.contains("FAIL  "), "{text}");
+    line_with(&text, "PASS", &["wal_level = logical"]);
+    line_with(&text, "PASS", &["max_slot_wal_keep_size = 10GB"]);
+    line_with(
+        &text,
+        "PASS",
+        &["2 of 2 selected tables exist with compatible columns"],
+    );
+    line_with(
+        &text,
+        "PASS",
+        &["free (sluice needs 1)", "max_replication_slots"],
+    );
+    line_with(&text, "PASS", &["free (sluice needs 1)", "max_wal_senders"]);
+}
