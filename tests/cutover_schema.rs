@@ -37,7 +37,8 @@ const SOURCE_SCHEMA: &str = "
     CREATE FUNCTION public.touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;
     CREATE TRIGGER orders_touch BEFORE INSERT ON public.orders
         FOR EACH ROW EXECUTE FUNCTION public.touch();
-    CREATE TABLE public.audit (x int);
+    CREATE TABLE public.audit (x int PRIMARY KEY);
+    CREATE TABLE public.audited (id int PRIMARY KEY, x int REFERENCES public.audit (x));
     INSERT INTO public.customers (name) VALUES ('ann');
 ";
 
@@ -72,6 +73,10 @@ async fn schema_into_an_empty_target_defers_indexes_and_foreign_keys() {
         "{out}"
     );
     assert!(out.contains("NOT COPIED trigger orders_touch"), "{out}");
+    assert!(
+        out.contains("NOT COPIED foreign key audited_x_fkey on audited references audit, which is not selected"),
+        "{out}"
+    );
 
     let t = &setup.target;
     // Tables with their primary keys, the excluded table not at all, no data.

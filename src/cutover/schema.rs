@@ -151,6 +151,9 @@ struct Needs {
     indexes: BTreeMap<u32, (u32, bool, TableName)>,
     /// pg_trigger OID → description (never copied, listed).
     triggers: BTreeMap<u32, String>,
+    /// Foreign keys to tables that are not selected → description (never copied, listed):
+    /// the referenced table would not exist on the target.
+    dangling_fks: BTreeMap<u32, String>,
     /// Extensions whose types the tables use → a column needing it.
     extensions: BTreeMap<String, String>,
     /// Types that are neither built in nor dumpable (base types of no extension).
@@ -260,15 +263,27 @@ async fn gather(source: &Client, roots: BTreeMap<u32, TableName>) -> Result<Need
     }
     for row in source
         .query(
-            "SELECT oid, conrelid, contype = 'p' FROM pg_constraint WHERE conrelid = ANY($1)",
+            "SELECT c.oid, c.conrelid, c.contype = 'p',
+                    CASE WHEN c.contype = 'f' AND NOT c.confrelid = ANY($1)
+                         THEN format('%s on %s references %s', c.conname, c.conrelid::regclass, c.confrelid::regclass)
+                    END
+             FROM pg_constraint c WHERE c.conrelid = ANY($1)",
             &[&oids],
         )
         .await
         .map_err(pg("the constraints of the selected tables"))?
     {
-        needs
-            .constraints
-            .insert(row.get(0), (row.get(1), row.get(2)));
+        let dangling: Option<String> = row.get(3);
+        match dangling {
+            Some(description) => {
+                needs.dangling_fks.insert(row.get(0), description);
+            }
+            None => {
+                needs
+                    .constraints
+                    .insert(row.get(0), (row.get(1), row.get(2)));
+            }
+        }
     }
     for row in source
         .query(
@@ -880,6 +895,11 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
         println!(
             "DEFERRED {} (created by sluice run after the copy)",
             entry.title
+        );
+    }
+    for foreign_key in needs.dangling_fks.values() {
+        println!(
+            "NOT COPIED foreign key {foreign_key}, which is not selected: add that table to [tables], or create the key by hand once it exists on the target"
         );
     }
     for trigger in needs.triggers.values() {
