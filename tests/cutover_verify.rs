@@ -94,6 +94,20 @@ async fn verify_passes_on_equal_data_and_names_what_differs() {
     assert!(!out.contains("public.orders"), "{out}");
     assert!(out.contains("2 of 3 table(s) differ"), "{out}");
 
+    // A column the target lacks is a difference too.
+    setup
+        .target
+        .batch_execute("ALTER TABLE public.log DROP COLUMN at")
+        .await
+        .unwrap();
+    let output = setup.sluice(&["verify", "--tables", "public.log"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        stdout(&output).contains("DIFF public.log: columns missing on the target: at"),
+        "{}",
+        show(&output)
+    );
+
     // A key present only on the target, beyond the source's last key.
     setup
         .target

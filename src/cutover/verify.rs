@@ -316,6 +316,34 @@ async fn verify_table(
         });
     }
 
+    // Schema drift: a column the source has and the target lacks is a difference, not an
+    // error of the checksum query.
+    let wanted: Vec<String> = columns.iter().map(|c| c.name.clone()).collect();
+    let missing: Vec<String> = target
+        .query(
+            "SELECT w FROM unnest($1::text[]) AS w
+             WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a
+                               WHERE a.attrelid = to_regclass($2) AND a.attname = w
+                                 AND a.attnum > 0 AND NOT a.attisdropped)",
+            &[&wanted, &name.quoted()],
+        )
+        .await
+        .map_err(|e| error::pg(format!("Reading the columns of {name} on the target"), e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !missing.is_empty() {
+        lines.push(format!(
+            "DIFF {name}: columns missing on the target: {} (add them, then re-copy the table)",
+            missing.join(", ")
+        ));
+        return Ok(TableVerdict {
+            name: name.clone(),
+            same: false,
+            lines,
+        });
+    }
+
     let count_sql = format!("SELECT count(*) FROM {}", name.quoted());
     let source_rows: i64 = one(&source, &count_sql, &[], || {
         format!("Counting the rows of {name} on the source")
