@@ -3,7 +3,9 @@
 //! How: `pg_dump --schema-only --format=custom` of every schema that holds a selected table
 //! or a type one of them needs, then `pg_restore --list` to read its table of contents, and
 //! a filter that keeps exactly the objects the selected tables need. The filter works on
-//! catalog OIDs, which every TOC entry carries, and not on names or SQL text:
+//! the catalog OIDs TOC entries carry, not on SQL text (the few entries without one,
+//! `SEQUENCE OWNED BY` and `TABLE`/`INDEX ATTACH`, are matched by the schema and name of
+//! the sequence, partition or index they belong to):
 //!
 //! - types the columns use, recursively (enums, domains and their base types, composite
 //!   and range types, array element types);
@@ -15,7 +17,8 @@
 //! `pg_dump -t` alone was rejected: it dumps no types and no shared sequence. Functions are
 //! not copied (a DEFAULT or CHECK calling one fails with a clear error: create the function
 //! on the target first), nor triggers: on a replication target they would fire a second time
-//! for changes the source's triggers already made. They are listed for the operator.
+//! for changes the source's triggers already made; nor foreign keys to tables that are not
+//! selected (they could only fail after the copy). They are listed for the operator.
 //!
 //! The kept entries are turned back into SQL with `pg_restore --use-list`: pre-data runs on
 //! the target in one transaction, which also stores the post-data statements in
