@@ -565,18 +565,16 @@ impl Recheck<'_> {
                 row.get::<_, String>(2),
             )
         };
-        let source = read(
-            one(self.source, sql, bounds, || {
-                format!("Checksumming {name} on the source")
-            })
-            .await?,
-        );
-        let target = read(
-            one(self.target, sql, bounds, || {
-                format!("Checksumming {name} on the target")
-            })
-            .await?,
-        );
+        // Both sides at once: half the wall time, and the two reads closer in time.
+        let (source, target) = tokio::try_join!(
+            one(self.source, sql, bounds, || format!(
+                "Checksumming {name} on the source"
+            )),
+            one(self.target, sql, bounds, || format!(
+                "Checksumming {name} on the target"
+            )),
+        )?;
+        let (source, target) = (read(source), read(target));
         Ok(Compared {
             source,
             target,
