@@ -11,6 +11,8 @@ mod cutover_sequences;
 mod cutover_switch;
 mod cutover_teardown;
 mod cutover_verify;
+mod decode_fixtures;
+mod decode_live;
 mod harness;
 mod ops_check;
 mod ops_common;

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use super::error::{DecodeError, UNKNOWN};
+use super::error::DecodeError;
 use super::messages::Relation;
 
 #[derive(Debug, Default, Clone)]
@@ -43,10 +43,13 @@ impl RelationCache {
     /// change of a table, so an unknown OID means the stream (or our state) is broken.
     pub fn resolve(&self, oid: u32) -> Result<&Arc<Relation>, DecodeError> {
         self.relations.get(&oid).ok_or_else(|| {
-            DecodeError::new(
-                UNKNOWN,
-                0,
-                format!("change for relation OID {oid}, which no Relation message has described"),
+            DecodeError::stream(
+                "Relation",
+                format!(
+                    "Unknown relation OID {oid} in the pgoutput stream: no Relation message \
+                     described it before this change (the decoder must see the stream from a \
+                     transaction boundary on, with every Relation message)"
+                ),
             )
         })
     }
@@ -90,7 +93,8 @@ impl SchemaChange {
         &self.details
     }
 
-    /// True when only names or flags changed but every column kept its type: rows still fit.
+    /// True when the column count or a column's type or typmod changed (by position): rows of
+    /// the old shape no longer fit. False for renames and key-flag changes alone.
     pub fn column_types_changed(&self) -> bool {
         self.old.columns.len() != self.new.columns.len()
             || self
@@ -263,6 +267,12 @@ mod tests {
     fn unknown_oid_is_an_error_naming_it() {
         let cache = RelationCache::new();
         let error = cache.resolve(99).unwrap_err();
-        assert!(error.to_string().contains("relation OID 99"), "{error}");
+        assert!(
+            error
+                .to_string()
+                .starts_with("Unknown relation OID 99 in the pgoutput stream"),
+            "{error}"
+        );
+        assert_eq!(error.kind(), "Relation");
     }
 }

@@ -67,6 +67,9 @@ impl Decoder {
                 ),
             ));
         }
+        if let b'I' | b'U' | b'D' = tag {
+            return self.row_change(tag, kind, data);
+        }
         let mut r = Reader::new(&data, 1, kind);
         let message = match tag {
             b'B' => LogicalMessage::Begin(Begin {
@@ -91,76 +94,6 @@ impl Decoder {
                 namespace: r.cstr("type namespace")?,
                 name: r.cstr("type name")?,
             }),
-            b'I' => {
-                let xid = self.stream_xid(&mut r)?;
-                let relation_oid = r.u32("relation OID")?;
-                expect_marker(&mut r, b'N', "new tuple marker 'N'")?;
-                let new = Tuple::read(&data, &mut r)?;
-                LogicalMessage::Insert(Insert {
-                    xid,
-                    relation_oid,
-                    new,
-                })
-            }
-            b'U' => {
-                let xid = self.stream_xid(&mut r)?;
-                let relation_oid = r.u32("relation OID")?;
-                let mut marker_at = r.pos();
-                let mut marker = r.u8("tuple marker")?;
-                let old = match marker {
-                    b'K' => Some(OldTuple::Key(Tuple::read(&data, &mut r)?)),
-                    b'O' => Some(OldTuple::Full(Tuple::read(&data, &mut r)?)),
-                    _ => None,
-                };
-                if old.is_some() {
-                    marker_at = r.pos();
-                    marker = r.u8("new tuple marker 'N'")?;
-                }
-                if marker != b'N' {
-                    let expected = if old.is_some() {
-                        "'N'"
-                    } else {
-                        "'K', 'O' or 'N'"
-                    };
-                    return Err(r.error_at(
-                        marker_at,
-                        format!(
-                            "expected tuple marker {expected}, found {}",
-                            describe_byte(marker)
-                        ),
-                    ));
-                }
-                let new = Tuple::read(&data, &mut r)?;
-                LogicalMessage::Update(Update {
-                    xid,
-                    relation_oid,
-                    old,
-                    new,
-                })
-            }
-            b'D' => {
-                let xid = self.stream_xid(&mut r)?;
-                let relation_oid = r.u32("relation OID")?;
-                let marker_at = r.pos();
-                let old = match r.u8("old tuple marker")? {
-                    b'K' => OldTuple::Key(Tuple::read(&data, &mut r)?),
-                    b'O' => OldTuple::Full(Tuple::read(&data, &mut r)?),
-                    other => {
-                        return Err(r.error_at(
-                            marker_at,
-                            format!(
-                                "expected old tuple marker 'K' or 'O', found {}",
-                                describe_byte(other)
-                            ),
-                        ))
-                    }
-                };
-                LogicalMessage::Delete(Delete {
-                    xid,
-                    relation_oid,
-                    old,
-                })
-            }
             b'T' => {
                 let xid = self.stream_xid(&mut r)?;
                 let count_at = r.pos();
@@ -333,6 +266,92 @@ impl Decoder {
         Ok(message)
     }
 
+    /// Insert, Update and Delete: the bulk of any stream, so their payload is moved into the
+    /// last tuple instead of cloned.
+    fn row_change(
+        &self,
+        tag: u8,
+        kind: &'static str,
+        data: Bytes,
+    ) -> Result<LogicalMessage, DecodeError> {
+        let (xid, relation_oid, first, second) = {
+            let mut r = Reader::new(&data, 1, kind);
+            let xid = self.stream_xid(&mut r)?;
+            let relation_oid = r.u32("relation OID")?;
+            let marker_at = r.pos();
+            let marker = r.u8("tuple marker")?;
+            let (first, second) = match (tag, marker) {
+                (b'I', b'N') => ((marker, Tuple::read_fields(&mut r)?), None),
+                (b'U', b'N') => ((marker, Tuple::read_fields(&mut r)?), None),
+                (b'U' | b'D', b'K' | b'O') => {
+                    let old = Tuple::read_fields(&mut r)?;
+                    let new = if tag == b'U' {
+                        let new_at = r.pos();
+                        let new_marker = r.u8("new tuple marker 'N'")?;
+                        if new_marker != b'N' {
+                            return Err(r.error_at(
+                                new_at,
+                                format!(
+                                    "expected tuple marker 'N', found {}",
+                                    describe_byte(new_marker)
+                                ),
+                            ));
+                        }
+                        Some(Tuple::read_fields(&mut r)?)
+                    } else {
+                        None
+                    };
+                    ((marker, old), new)
+                }
+                (_, other) => {
+                    let expected = match tag {
+                        b'I' => "new tuple marker 'N'",
+                        b'U' => "tuple marker 'K', 'O' or 'N'",
+                        _ => "old tuple marker 'K' or 'O'",
+                    };
+                    return Err(r.error_at(
+                        marker_at,
+                        format!("expected {expected}, found {}", describe_byte(other)),
+                    ));
+                }
+            };
+            r.finish()?;
+            (xid, relation_oid, first, second)
+        };
+        let old = |marker: u8, tuple: Tuple| {
+            if marker == b'K' {
+                OldTuple::Key(tuple)
+            } else {
+                OldTuple::Full(tuple)
+            }
+        };
+        let (marker, fields) = first;
+        Ok(match (tag, second) {
+            (b'I', _) => LogicalMessage::Insert(Insert {
+                xid,
+                relation_oid,
+                new: Tuple::from_parts(data, fields),
+            }),
+            (b'U', None) => LogicalMessage::Update(Update {
+                xid,
+                relation_oid,
+                old: None,
+                new: Tuple::from_parts(data, fields),
+            }),
+            (b'U', Some(new)) => LogicalMessage::Update(Update {
+                xid,
+                relation_oid,
+                old: Some(old(marker, Tuple::from_parts(data.clone(), fields))),
+                new: Tuple::from_parts(data, new),
+            }),
+            _ => LogicalMessage::Delete(Delete {
+                xid,
+                relation_oid,
+                old: old(marker, Tuple::from_parts(data, fields)),
+            }),
+        })
+    }
+
     fn stream_xid(&self, r: &mut Reader<'_>) -> Result<Option<u32>, DecodeError> {
         if self.in_stream {
             r.u32("streamed transaction xid").map(Some)
@@ -403,19 +422,6 @@ impl Decoder {
 
 fn timestamp(r: &mut Reader<'_>, what: &str) -> Result<PgTimestamp, DecodeError> {
     r.i64(what).map(PgTimestamp)
-}
-
-fn expect_marker(r: &mut Reader<'_>, expected: u8, what: &str) -> Result<(), DecodeError> {
-    let at = r.pos();
-    let found = r.u8(what)?;
-    if found == expected {
-        Ok(())
-    } else {
-        Err(r.error_at(
-            at,
-            format!("expected {what}, found {}", describe_byte(found)),
-        ))
-    }
 }
 
 /// Message names as the protocol documentation spells them, by tag byte.

@@ -11,6 +11,9 @@ pub struct DecodeError {
     kind: &'static str,
     offset: usize,
     reason: String,
+    /// Not a bad payload but a payload that does not fit the stream so far (a change for a
+    /// relation never described): said differently, since no byte of it is wrong.
+    stream: bool,
 }
 
 impl DecodeError {
@@ -19,6 +22,16 @@ impl DecodeError {
             kind,
             offset,
             reason: reason.into(),
+            stream: false,
+        }
+    }
+
+    pub(crate) fn stream(kind: &'static str, reason: impl Into<String>) -> Self {
+        DecodeError {
+            kind,
+            offset: 0,
+            reason: reason.into(),
+            stream: true,
         }
     }
 
@@ -41,7 +54,9 @@ impl DecodeError {
 
 impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.kind == UNKNOWN {
+        if self.stream {
+            write!(f, "{}", self.reason)
+        } else if self.kind == UNKNOWN {
             write!(
                 f,
                 "Malformed pgoutput message at byte {}: {}",

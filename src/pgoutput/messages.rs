@@ -43,7 +43,7 @@ impl PgTimestamp {
 }
 
 /// One pgoutput message. New protocol versions add messages, hence non-exhaustive.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum LogicalMessage {
     Begin(Begin),

@@ -21,6 +21,18 @@ impl<'a> Reader<'a> {
         self.pos
     }
 
+    /// The whole payload, for loops that track their own position (see `Tuple::read`).
+    #[inline]
+    pub(crate) fn buf(&self) -> &'a [u8] {
+        self.buf
+    }
+
+    /// Moves to a position a caller has already checked to be within the payload.
+    #[inline]
+    pub(crate) fn set_pos(&mut self, pos: usize) {
+        self.pos = pos.min(self.buf.len());
+    }
+
     #[inline]
     pub(crate) fn remaining(&self) -> usize {
         self.buf.len() - self.pos
@@ -32,11 +44,16 @@ impl<'a> Reader<'a> {
 
     #[cold]
     fn short(&self, what: &str, needed: usize) -> DecodeError {
+        self.short_at(self.pos, what, needed)
+    }
+
+    #[cold]
+    pub(crate) fn short_at(&self, at: usize, what: &str, needed: usize) -> DecodeError {
         self.error_at(
-            self.pos,
+            at,
             format!(
                 "truncated: {what} needs {needed} bytes, {} remain",
-                self.remaining()
+                self.buf.len().saturating_sub(at)
             ),
         )
     }
