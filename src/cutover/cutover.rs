@@ -59,7 +59,9 @@ struct Session {
     state: String,
 }
 
-async fn other_sessions(source: &Client, slot: &str) -> Result<Vec<Session>> {
+/// The source's other client sessions, but never sluice's own: those named `sluice*` (the
+/// default application name) or with the application name the config gives the source.
+async fn other_sessions(source: &Client, slot: &str, own_name: &str) -> Result<Vec<Session>> {
     let rows = source
         .query(
             "SELECT a.pid, COALESCE(a.usename::text, ''), COALESCE(a.application_name, ''),
@@ -69,10 +71,11 @@ async fn other_sessions(source: &Client, slot: &str) -> Result<Vec<Session>> {
                AND a.pid <> pg_backend_pid()
                AND a.backend_type = 'client backend'
                AND COALESCE(a.application_name, '') NOT LIKE 'sluice%'
+               AND COALESCE(a.application_name, '') <> $2
                AND a.pid NOT IN (SELECT active_pid FROM pg_replication_slots
                                  WHERE slot_name = $1 AND active_pid IS NOT NULL)
              ORDER BY a.pid",
-            &[&slot],
+            &[&slot, &own_name],
         )
         .await
         .map_err(|e| error::pg("Listing the source's sessions (pg_stat_activity)", e))?;
@@ -136,6 +139,12 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
         .map_err(|e| error::pg("Reading the source's database name", e))?
         .get(0);
     let slot = &config.source.slot;
+    let own_name = config
+        .source
+        .conn
+        .application_name
+        .as_deref()
+        .unwrap_or("sluice");
     let would = if args.dry_run { "WOULD " } else { "" };
     let freeze_sql = format!(
         "ALTER DATABASE {} SET default_transaction_read_only = on",
@@ -153,7 +162,7 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
 
     // 1. Freeze.
     if args.freeze_source {
-        let sessions = other_sessions(&source, slot).await?;
+        let sessions = other_sessions(&source, slot, own_name).await?;
         println!(
             "Step 1: {would}freeze the source database {database}: {freeze_sql}; then end {} other session(s):",
             sessions.len()
@@ -184,7 +193,7 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
                 if sweep > 0 {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
-                let sessions: Vec<Session> = other_sessions(&source, slot)
+                let sessions: Vec<Session> = other_sessions(&source, slot, own_name)
                     .await?
                     .into_iter()
                     .filter(|s| !handled.contains(&s.pid))
