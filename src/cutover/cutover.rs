@@ -4,8 +4,8 @@
 //!    `ALTER DATABASE ... SET default_transaction_read_only = on`, then end the other
 //!    client sessions of that database with `pg_terminate_backend`, so that no session
 //!    opened before the freeze keeps writing. Never ended: our own session, walsenders
-//!    (the slot's stream must go on until the end), and sessions named `sluice*` (the
-//!    daemon's). This stops the application, not a determined superuser: a session may
+//!    (the slot's stream must go on until the end), and sessions named `sluice*` or with the
+//!    source connection's configured application name (the daemon's). This stops the application, not a determined superuser: a session may
 //!    still `SET default_transaction_read_only = off`.
 //! 2. Take the source's `pg_current_wal_lsn()` after the freeze and wait until the target's
 //!    `sluice.applied_position.caught_up_lsn` reaches it: every change committed before
