@@ -5,8 +5,9 @@
 //!    client sessions of that database with `pg_terminate_backend`, so that no session
 //!    opened before the freeze keeps writing. Never ended: our own session, walsenders
 //!    (the slot's stream must go on until the end), and sessions named `sluice*` or with the
-//!    source connection's configured application name (the daemon's). This stops the application, not a determined superuser: a session may
-//!    still `SET default_transaction_read_only = off`.
+//!    source connection's configured application name (the daemon's). This stops the
+//!    application, not a determined superuser: a session may still
+//!    `SET default_transaction_read_only = off`.
 //! 2. Take the source's `pg_current_wal_lsn()` after the freeze and wait until the target's
 //!    `sluice.applied_position.caught_up_lsn` reaches it: every change committed before
 //!    the freeze is then on the target. (The daemon advances `caught_up_lsn` on keepalives
