@@ -48,6 +48,17 @@ pub enum Command {
     /// The daemon: publication and slot, then stream and apply changes forever (resumes
     /// from its checkpoint; SIGINT/SIGTERM finish or roll back the open transaction).
     Run(RunArgs),
+    /// Duplicate the selected tables' schema on the target (indexes and foreign keys deferred
+    /// until after the copy; tables distributed on Citus as [citus] says).
+    Schema(crate::cutover::schema::SchemaArgs),
+    /// Set the target's sequences of the selected tables from the source's positions.
+    SyncSequences(crate::cutover::sequences::SyncSequencesArgs),
+    /// Compare source and target: row counts, then checksums per primary-key range.
+    Verify(crate::cutover::verify::VerifyArgs),
+    /// Guided switch: freeze the source (optional), wait for zero lag, sync sequences, verify.
+    Cutover(crate::cutover::cutover::CutoverArgs),
+    /// Drop the slot, the publication and the target's sluice schema, after confirmation.
+    Teardown(crate::cutover::teardown::TeardownArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -122,6 +133,21 @@ pub fn main() -> i32 {
             Command::Check(args) => crate::ops::check::run(&cli.load_config()?, args).await,
             Command::Status(args) => crate::ops::status::run(&cli.load_config()?, args).await,
             Command::Lag(args) => crate::ops::lag::run(&cli.load_config()?, args).await,
+            Command::Schema(args) => {
+                crate::cutover::schema::command(&cli.load_config()?, args).await
+            }
+            Command::SyncSequences(args) => {
+                crate::cutover::sequences::command(&cli.load_config()?, args).await
+            }
+            Command::Verify(args) => {
+                crate::cutover::verify::command(&cli.load_config()?, args).await
+            }
+            Command::Cutover(args) => {
+                crate::cutover::cutover::command(&cli.load_config()?, args).await
+            }
+            Command::Teardown(args) => {
+                crate::cutover::teardown::command(&cli.load_config()?, args).await
+            }
         }
     });
     match result {

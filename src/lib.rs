@@ -7,10 +7,12 @@
 
 pub mod apply;
 pub mod checkpoint;
+pub mod citus;
 pub mod cli;
 pub mod config;
 pub mod conninfo;
 pub mod control;
+pub mod cutover;
 pub mod daemon;
 pub mod error;
 pub mod lsn;

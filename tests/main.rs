@@ -3,6 +3,14 @@
 
 mod support;
 
+mod cutover_citus;
+mod cutover_common;
+mod cutover_live;
+mod cutover_schema;
+mod cutover_sequences;
+mod cutover_switch;
+mod cutover_teardown;
+mod cutover_verify;
 mod decode_fixtures;
 mod decode_live;
 mod harness;

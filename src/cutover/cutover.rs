@@ -1,0 +1,313 @@
+//! `sluice cutover`: the guided switch from source to target.
+//!
+//! 1. (`--freeze-source`) Make the source database read-only for new transactions with
+//!    `ALTER DATABASE ... SET default_transaction_read_only = on`, then end the other
+//!    client sessions of that database with `pg_terminate_backend`, so that no session
+//!    opened before the freeze keeps writing. Never ended: our own session, walsenders
+//!    (the slot's stream must go on until the end), and sessions named `sluice*` or with the
+//!    source connection's configured application name (the daemon's). This stops the
+//!    application, not a determined superuser: a session may still
+//!    `SET default_transaction_read_only = off`.
+//! 2. Take the source's `pg_current_wal_lsn()` after the freeze and wait until the target's
+//!    `sluice.applied_position.caught_up_lsn` reaches it: every change committed before
+//!    the freeze is then on the target. (The daemon advances `caught_up_lsn` on keepalives
+//!    too, so an idle, frozen source gets there.) Without a freeze this is "caught up with
+//!    the moment cutover started", and writes continue behind it.
+//! 3. Sync sequences (see `sequences`), 4. verify every table, 5. report, the next steps,
+//!    and the undo for the freeze.
+//!
+//! `--dry-run` connects and reads (sessions that would end, current lag, sequence plan) but
+//! changes nothing.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::checkpoint;
+use crate::config::{parse_duration, Config};
+use crate::error::{self, Error, Result};
+use crate::lsn::Lsn;
+use crate::source::quote_ident;
+
+#[derive(Debug, clap::Args)]
+pub struct CutoverArgs {
+    /// Make the source read-only for new transactions and end other sessions first.
+    #[arg(long)]
+    pub freeze_source: bool,
+    /// Show the steps without doing them.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not ask before freezing the source (needed without a terminal).
+    #[arg(long)]
+    pub yes: bool,
+    /// Sequence safety margin, in increments (see sync-sequences).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub margin: u64,
+    /// Longest wait for zero lag.
+    #[arg(long, default_value = "10m", value_name = "DUR")]
+    pub timeout: String,
+    /// Tables verified in parallel.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub jobs: usize,
+}
+
+/// A session the freeze would end.
+#[derive(Debug)]
+struct Session {
+    pid: i32,
+    user: String,
+    application: String,
+    state: String,
+}
+
+/// The source's other client sessions, but never sluice's own: those named `sluice*` (the
+/// default application name) or with the application name the config gives the source.
+async fn other_sessions(source: &Client, slot: &str, own_name: &str) -> Result<Vec<Session>> {
+    let rows = source
+        .query(
+            "SELECT a.pid, COALESCE(a.usename::text, ''), COALESCE(a.application_name, ''),
+                    COALESCE(a.state, '')
+             FROM pg_stat_activity a
+             WHERE a.datname = current_database()
+               AND a.pid <> pg_backend_pid()
+               AND a.backend_type = 'client backend'
+               AND COALESCE(a.application_name, '') NOT LIKE 'sluice%'
+               AND COALESCE(a.application_name, '') <> $2
+               AND a.pid NOT IN (SELECT active_pid FROM pg_replication_slots
+                                 WHERE slot_name = $1 AND active_pid IS NOT NULL)
+             ORDER BY a.pid",
+            &[&slot, &own_name],
+        )
+        .await
+        .map_err(|e| error::pg("Listing the source's sessions (pg_stat_activity)", e))?;
+    Ok(rows
+        .iter()
+        .map(|r| Session {
+            pid: r.get(0),
+            user: r.get(1),
+            application: r.get(2),
+            state: r.get(3),
+        })
+        .collect())
+}
+
+/// Waits until the target's caught-up position for `slot` reaches `goal`.
+async fn wait_for_zero_lag(
+    target: &Client,
+    slot: &str,
+    goal: Lsn,
+    timeout: Duration,
+) -> Result<Lsn> {
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    loop {
+        // No position at all: nothing was ever applied for this slot, so waiting is futile.
+        let Some(position) = checkpoint::read_target_position(target, slot).await? else {
+            return Err(Error::definite(format!(
+                "The target has no applied position for slot {slot} (sluice.applied_position): is sluice run running, with the initial copy done? Start it, then run cutover again"
+            )));
+        };
+        let caught_up = position.caught_up_lsn;
+        if caught_up >= goal {
+            return Ok(caught_up);
+        }
+        if started.elapsed() >= timeout {
+            return Err(Error::definite(format!(
+                "The target did not catch up with the source's position {goal} within {} (caught up to {caught_up}, {} bytes behind): is sluice run running? Check sluice status, then run cutover again (the freeze stays in place)",
+                humantime::format_duration(timeout),
+                goal.bytes_since(caught_up)
+            )));
+        }
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            println!(
+                "  ... caught up to {caught_up}, {} bytes to go",
+                goal.bytes_since(caught_up)
+            );
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `sluice cutover`: exit 0 when the target is caught up, sequences are set and every
+/// table matches; 1 otherwise.
+pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
+    let timeout = parse_duration(&args.timeout, "--timeout")?;
+    let (source, target) = super::connect_both(config).await?;
+    let database: String = source
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .map_err(|e| error::pg("Reading the source's database name", e))?
+        .get(0);
+    let slot = &config.source.slot;
+    let own_name = config
+        .source
+        .conn
+        .application_name
+        .as_deref()
+        .unwrap_or("sluice");
+    let would = if args.dry_run { "WOULD " } else { "" };
+    let freeze_sql = format!(
+        "ALTER DATABASE {} SET default_transaction_read_only = on",
+        quote_ident(&database)
+    );
+    // A session of the frozen database is read-only itself: the undo opens a read-write
+    // transaction explicitly (or run it from another database).
+    let undo_sql = format!(
+        "BEGIN READ WRITE; ALTER DATABASE {} RESET default_transaction_read_only; COMMIT;",
+        quote_ident(&database)
+    );
+    if args.dry_run {
+        println!("Dry run: nothing is changed.");
+    }
+
+    // 1. Freeze.
+    if args.freeze_source {
+        let sessions = other_sessions(&source, slot, own_name).await?;
+        println!(
+            "Step 1: {would}freeze the source database {database}: {freeze_sql}; then end {} other session(s):",
+            sessions.len()
+        );
+        for s in &sessions {
+            println!(
+                "  pid {} user {} application {:?} ({})",
+                s.pid, s.user, s.application, s.state
+            );
+        }
+        if !args.dry_run {
+            if !super::confirm("Freeze the source and end these sessions?", args.yes)? {
+                return Err(Error::definite(
+                    "Cutover not confirmed: the source is unchanged. Answer yes on a terminal, or pass --yes",
+                ));
+            }
+            source
+                .batch_execute(&freeze_sql)
+                .await
+                .map_err(|e| error::pg(format!("Freezing the source ({freeze_sql}); this needs the database's owner or a superuser"), e))?;
+            println!("FROZEN {database}: new transactions are read-only");
+            // Sessions that started in between are ended too; a second and third sweep
+            // catch sessions that were still starting up (and read the old setting) while
+            // the previous one ran.
+            // Signalled sessions take a moment to exit; each is handled once.
+            let mut handled: Vec<i32> = Vec::new();
+            for sweep in 0..3 {
+                if sweep > 0 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                let sessions: Vec<Session> = other_sessions(&source, slot, own_name)
+                    .await?
+                    .into_iter()
+                    .filter(|s| !handled.contains(&s.pid))
+                    .collect();
+                if sessions.is_empty() && sweep > 0 {
+                    break;
+                }
+                for s in sessions {
+                    handled.push(s.pid);
+                    match source
+                        .query_one("SELECT pg_terminate_backend($1)", &[&s.pid])
+                        .await
+                    {
+                        Ok(row) if row.get::<_, bool>(0) => println!(
+                            "ENDED session pid {} ({} {:?})",
+                            s.pid, s.user, s.application
+                        ),
+                        Ok(_) => println!("GONE session pid {} had ended already", s.pid),
+                        Err(e) => {
+                            let reason = e
+                                .as_db_error()
+                                .map(|d| d.message().to_string())
+                                .unwrap_or_else(|| e.to_string());
+                            println!(
+                                "WARNING could not end session pid {} ({}): {reason}; end it yourself: SELECT pg_terminate_backend({})",
+                                s.pid, s.user, s.pid
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    } else {
+        println!("Step 1: the source is not frozen (no --freeze-source): writes go on, so zero lag means caught up with the moment cutover started.");
+    }
+
+    // 2. Zero lag.
+    let goal = super::current_lsn(&source).await?;
+    if args.dry_run {
+        let caught_up = checkpoint::read_target_position(&target, slot)
+            .await?
+            .map(|p| p.caught_up_lsn);
+        match caught_up {
+            Some(lsn) => println!(
+                "Step 2: WOULD wait until the target's caught-up position (now {lsn}, {} bytes behind) reaches the source's {goal}",
+                goal.bytes_since(lsn)
+            ),
+            None => println!(
+                "Step 2: WOULD wait for the target to reach {goal}; the target has no position for slot {slot} yet (is sluice run running?)"
+            ),
+        }
+    } else {
+        println!(
+            "Step 2: waiting until the target has caught up with the source's {goal} (at most {})",
+            humantime::format_duration(timeout)
+        );
+        let reached = wait_for_zero_lag(&target, slot, goal, timeout).await?;
+        println!("CAUGHT UP to {reached}: lag is zero");
+    }
+
+    // 3. Sequences.
+    println!("Step 3: {would}sync sequences (margin {})", args.margin);
+    let sequences =
+        super::sequences::sync(config, &source, &target, args.margin, args.dry_run).await?;
+
+    // 4. Verify.
+    let verified = if args.dry_run {
+        println!(
+            "Step 4: WOULD verify every selected table (row counts, then checksums per key range)"
+        );
+        None
+    } else {
+        println!("Step 4: verifying");
+        Some(super::verify::verify(config, &[], args.jobs, 10_000, 2).await?)
+    };
+
+    // 5. Report.
+    let mut ok = sequences.missing.is_empty();
+    println!();
+    if args.dry_run {
+        println!("Dry run done: nothing was changed.");
+    } else {
+        let verified = verified.unwrap_or_default();
+        ok &= verified.ok();
+        if ok {
+            println!(
+                "Cutover ready: target caught up, {} sequence(s) set, {} kept, {} table(s) match.",
+                sequences.set, sequences.kept, verified.tables
+            );
+            println!("Next:");
+            println!(
+                "  1. Point the application at the target {}.",
+                config.target.conn.redacted()
+            );
+            println!("  2. Stop sluice run (SIGTERM) once the application writes to the target.");
+            println!("  3. sluice teardown: drops the slot (the source stops retaining WAL), the publication and the target's sluice schema.");
+        } else {
+            println!("Cutover NOT ready:");
+            if !sequences.missing.is_empty() {
+                println!("  - sequences missing on the target: create them (sluice schema), then sync-sequences");
+            }
+            if !verified.ok() {
+                println!(
+                    "  - tables differ: {} (see DIFF lines above; fix or re-copy them, then sluice verify)",
+                    verified.differing.join(", ")
+                );
+            }
+        }
+    }
+    if args.freeze_source {
+        println!(
+            "To undo the freeze (keep the source as the primary): {undo_sql} (sessions opened before the undo stay read-only until they reconnect)"
+        );
+    }
+    Ok(if ok { 0 } else { 1 })
+}

@@ -1,0 +1,1090 @@
+//! `sluice schema`: duplicate the selected tables' schema on the target.
+//!
+//! How: `pg_dump --schema-only --format=custom` of every schema that holds a selected table
+//! or a type one of them needs, then `pg_restore --list` to read its table of contents, and
+//! a filter that keeps exactly the objects the selected tables need. The filter works on
+//! the catalog OIDs TOC entries carry, not on SQL text (the few entries without one,
+//! `SEQUENCE OWNED BY` and `TABLE`/`INDEX ATTACH`, are matched by the schema and name of
+//! the sequence, partition or index they belong to):
+//!
+//! - types the columns use, recursively (enums, domains and their base types, composite
+//!   and range types, array element types);
+//! - sequences the tables own (serial, identity) or call in a DEFAULT (shared sequences);
+//! - the tables, their partitions, their column defaults;
+//! - primary keys (pre-data: apply needs them to find rows), other constraints, indexes and
+//!   foreign keys (post-data: cheaper to build once after the copy).
+//!
+//! `pg_dump -t` alone was rejected: it dumps no types and no shared sequence. Functions are
+//! not copied (a DEFAULT or CHECK calling one fails with a clear error: create the function
+//! on the target first), nor triggers: on a replication target they would fire a second time
+//! for changes the source's triggers already made; nor foreign keys to tables that are not
+//! selected (they could only fail after the copy). They are listed for the operator.
+//!
+//! The kept entries are turned back into SQL with `pg_restore --use-list`: pre-data runs on
+//! the target in one transaction, which also stores the post-data statements in
+//! `sluice.deferred_ddl` for `sluice run` to apply after the copy ([`apply_deferred_ddl`]).
+//! Tables, types and sequences that exist on the target are left alone (and so are the
+//! deferred statements of a table left alone) unless `--drop-if-exists` drops the tables.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use tokio_postgres::Client;
+
+use crate::citus::{self, TableKind};
+use crate::config::Config;
+use crate::conninfo::ConnInfo;
+use crate::error::{self, Error, ErrorKind, Result};
+use crate::source::{quote_ident, selected_tables, TableName};
+
+#[derive(Debug, clap::Args)]
+pub struct SchemaArgs {
+    /// Drop selected tables that already exist on the target (CASCADE) and create them anew.
+    #[arg(long)]
+    pub drop_if_exists: bool,
+}
+
+/// Where the post-data statements wait for the end of the copy.
+pub const DEFERRED_DDL_TABLE: &str = "sluice.deferred_ddl";
+
+const CREATE_DEFERRED_DDL: &str = "CREATE SCHEMA IF NOT EXISTS sluice;
+    CREATE TABLE IF NOT EXISTS sluice.deferred_ddl (
+        id serial PRIMARY KEY,
+        statement text NOT NULL,
+        applied_at timestamptz
+    );";
+
+/// Runs the post-data statements `sluice schema` stored (indexes, constraints other than
+/// the primary key, foreign keys), oldest first, each in its own transaction together with
+/// marking its row applied (so call it outside a transaction, on a client not used
+/// concurrently). Idempotent: applied rows are skipped, and a statement whose
+/// object already exists (created by hand) is marked applied. Returns how many statements
+/// ran now. Without the table (no `sluice schema` run) there is nothing to do: `Ok(0)`.
+pub async fn apply_deferred_ddl(target: &Client) -> Result<usize> {
+    let exists: bool = target
+        .query_one("SELECT to_regclass('sluice.deferred_ddl') IS NOT NULL", &[])
+        .await
+        .map_err(|e| error::pg("Looking for sluice.deferred_ddl on the target", e))?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
+    let rows = target
+        .query(
+            "SELECT id, statement FROM sluice.deferred_ddl WHERE applied_at IS NULL ORDER BY id",
+            &[],
+        )
+        .await
+        .map_err(|e| error::pg("Reading sluice.deferred_ddl on the target", e))?;
+    let mut applied = 0;
+    for row in rows {
+        let id: i32 = row.get(0);
+        let statement: String = row.get(1);
+        let title = statement_title(&statement);
+        let run = async {
+            target.batch_execute("BEGIN").await?;
+            target.batch_execute(&statement).await?;
+            target
+                .execute(
+                    "UPDATE sluice.deferred_ddl SET applied_at = now() WHERE id = $1",
+                    &[&id],
+                )
+                .await?;
+            target.batch_execute("COMMIT").await
+        };
+        match run.await {
+            Ok(()) => {
+                tracing::info!(statement = %title, "deferred DDL applied");
+                applied += 1;
+            }
+            Err(e) => {
+                let _ = target.batch_execute("ROLLBACK").await;
+                // 42P07 duplicate_table (an index), 42710 duplicate_object (a constraint):
+                // the operator created it already; the goal is reached.
+                let code = e.code().map(|c| c.code().to_string());
+                if matches!(code.as_deref(), Some("42P07") | Some("42710")) {
+                    target
+                        .execute(
+                            "UPDATE sluice.deferred_ddl SET applied_at = now() WHERE id = $1",
+                            &[&id],
+                        )
+                        .await
+                        .map_err(|e| error::pg("Marking sluice.deferred_ddl on the target", e))?;
+                    tracing::info!(statement = %title, "deferred DDL already present on the target");
+                    continue;
+                }
+                return Err(error::pg(
+                    format!(
+                        "Creating {title} on the target after the copy (sluice.deferred_ddl id {id}); fix the cause (duplicate keys for a unique index, orphan rows for a foreign key) or create it by hand, then restart"
+                    ),
+                    e,
+                ));
+            }
+        }
+    }
+    Ok(applied)
+}
+
+/// `-- INDEX public.orders_note_idx` first line of a stored statement, for messages.
+fn statement_title(statement: &str) -> String {
+    statement
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("-- "))
+        .unwrap_or("a deferred statement")
+        .to_string()
+}
+
+/// What the selected tables consist of on the source, by catalog OID.
+#[derive(Debug, Default)]
+struct Needs {
+    /// Selected tables (roots).
+    roots: BTreeMap<u32, TableName>,
+    /// Every table to create (roots and their partitions) → the root it belongs to.
+    tables: BTreeMap<u32, (TableName, u32)>,
+    /// pg_type OID → name.
+    types: BTreeMap<u32, TableName>,
+    /// pg_class OID → sequence and its owning table (if any).
+    sequences: BTreeMap<u32, (TableName, Option<u32>)>,
+    /// pg_attrdef OID → table.
+    defaults: BTreeMap<u32, u32>,
+    /// pg_constraint OID → (table, is primary key).
+    constraints: BTreeMap<u32, (u32, bool)>,
+    /// index pg_class OID → (table, is primary key, index name).
+    indexes: BTreeMap<u32, (u32, bool, TableName)>,
+    /// pg_trigger OID → description (never copied, listed).
+    triggers: BTreeMap<u32, String>,
+    /// Foreign keys to tables that are not selected → description (never copied, listed):
+    /// the referenced table would not exist on the target.
+    dangling_fks: BTreeMap<u32, String>,
+    /// Extensions whose types the tables use → a column needing it.
+    extensions: BTreeMap<String, String>,
+    /// Types that are neither built in nor dumpable (base types of no extension).
+    foreign_types: BTreeSet<TableName>,
+}
+
+impl Needs {
+    fn schemas(&self) -> BTreeSet<String> {
+        self.tables
+            .values()
+            .map(|(t, _)| t.schema.clone())
+            .chain(self.types.values().map(|t| t.schema.clone()))
+            .chain(self.sequences.values().map(|(s, _)| s.schema.clone()))
+            .collect()
+    }
+}
+
+async fn gather(source: &Client, roots: BTreeMap<u32, TableName>) -> Result<Needs> {
+    let pg = |what: &'static str| move |e| error::pg(format!("Reading {what} on the source"), e);
+    let mut needs = Needs::default();
+    let root_oids: Vec<u32> = roots.keys().copied().collect();
+    // Partitions at every level belong to their root: created with it, skipped with it.
+    for row in source
+        .query(
+            "SELECT p.relid::oid, n.nspname::text, c.relname::text, r.root
+             FROM unnest($1::oid[]) AS r(root)
+             CROSS JOIN LATERAL pg_partition_tree(r.root) p
+             JOIN pg_class c ON c.oid = p.relid
+             JOIN pg_namespace n ON n.oid = c.relnamespace",
+            &[&root_oids],
+        )
+        .await
+        .map_err(pg("the partitions of the selected tables"))?
+    {
+        let name = TableName::new(row.get::<_, String>(1), row.get::<_, String>(2));
+        needs.tables.insert(row.get(0), (name, row.get(3)));
+    }
+    // pg_partition_tree returns no rows for a plain table: add the roots themselves.
+    for (oid, name) in &roots {
+        needs.tables.entry(*oid).or_insert((name.clone(), *oid));
+    }
+    needs.roots = roots;
+    let oids: Vec<u32> = needs.tables.keys().copied().collect();
+
+    for row in source
+        .query(
+            "WITH RECURSIVE deps(oid) AS (
+                 SELECT a.atttypid FROM pg_attribute a
+                 WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped
+               UNION
+                 SELECT x.oid FROM deps d JOIN pg_type t ON t.oid = d.oid
+                 CROSS JOIN LATERAL (
+                     SELECT t.typelem WHERE t.typelem <> 0
+                     UNION ALL SELECT t.typbasetype WHERE t.typbasetype <> 0
+                     UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = t.oid
+                     UNION ALL SELECT a.atttypid FROM pg_attribute a
+                               WHERE t.typtype = 'c' AND a.attrelid = t.typrelid
+                                 AND a.attnum > 0 AND NOT a.attisdropped
+                 ) x(oid)
+             )
+             SELECT t.oid, n.nspname::text, t.typname::text, t.typtype::text,
+                    (SELECT e.extname::text FROM pg_depend dep
+                     JOIN pg_extension e ON e.oid = dep.refobjid
+                     WHERE dep.classid = 'pg_type'::regclass AND dep.objid = t.oid
+                       AND dep.refclassid = 'pg_extension'::regclass AND dep.deptype = 'e'),
+                    COALESCE((SELECT c.relkind::text FROM pg_class c WHERE c.oid = t.typrelid), '')
+             FROM deps JOIN pg_type t ON t.oid = deps.oid
+             JOIN pg_namespace n ON n.oid = t.typnamespace
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+               AND NOT (t.typcategory = 'A' AND t.typelem <> 0)",
+            &[&oids],
+        )
+        .await
+        .map_err(pg("the types of the selected tables"))?
+    {
+        let name = TableName::new(row.get::<_, String>(1), row.get::<_, String>(2));
+        let typtype: String = row.get(3);
+        let extension: Option<String> = row.get(4);
+        let relkind: String = row.get(5);
+        if let Some(extension) = extension {
+            needs.extensions.insert(extension, name.qualified());
+        } else if typtype == "c" && relkind != "c" {
+            // A table's row type used as a column: it comes with that table, not as a type.
+            needs.foreign_types.insert(name);
+        } else if matches!(typtype.as_str(), "e" | "d" | "c" | "r") {
+            needs.types.insert(row.get(0), name);
+        } else {
+            needs.foreign_types.insert(name);
+        }
+    }
+
+    for sequence in super::sequences::sequences_of(source, &oids).await? {
+        let owner = sequence.owner.filter(|o| needs.tables.contains_key(o));
+        needs
+            .sequences
+            .insert(sequence.oid, (sequence.name.clone(), owner));
+    }
+    for row in source
+        .query(
+            "SELECT oid, adrelid FROM pg_attrdef WHERE adrelid = ANY($1)",
+            &[&oids],
+        )
+        .await
+        .map_err(pg("the column defaults of the selected tables"))?
+    {
+        needs.defaults.insert(row.get(0), row.get(1));
+    }
+    for row in source
+        .query(
+            "SELECT c.oid, c.conrelid, c.contype = 'p',
+                    CASE WHEN c.contype = 'f' AND NOT c.confrelid = ANY($1)
+                         THEN format('%s on %s references %s', c.conname, c.conrelid::regclass, c.confrelid::regclass)
+                    END
+             FROM pg_constraint c WHERE c.conrelid = ANY($1)",
+            &[&oids],
+        )
+        .await
+        .map_err(pg("the constraints of the selected tables"))?
+    {
+        let dangling: Option<String> = row.get(3);
+        match dangling {
+            Some(description) => {
+                needs.dangling_fks.insert(row.get(0), description);
+            }
+            None => {
+                needs
+                    .constraints
+                    .insert(row.get(0), (row.get(1), row.get(2)));
+            }
+        }
+    }
+    for row in source
+        .query(
+            "SELECT i.indexrelid, i.indrelid, i.indisprimary, n.nspname::text, c.relname::text
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE i.indrelid = ANY($1)",
+            &[&oids],
+        )
+        .await
+        .map_err(pg("the indexes of the selected tables"))?
+    {
+        let name = TableName::new(row.get::<_, String>(3), row.get::<_, String>(4));
+        needs
+            .indexes
+            .insert(row.get(0), (row.get(1), row.get(2), name));
+    }
+    for row in source
+        .query(
+            "SELECT t.oid, t.tgname::text, t.tgrelid::regclass::text FROM pg_trigger t
+             WHERE t.tgrelid = ANY($1) AND NOT t.tgisinternal AND t.tgparentid = 0",
+            &[&oids],
+        )
+        .await
+        .map_err(pg("the triggers of the selected tables"))?
+    {
+        needs.triggers.insert(
+            row.get(0),
+            format!("{} on {}", row.get::<_, String>(1), row.get::<_, String>(2)),
+        );
+    }
+    Ok(needs)
+}
+
+/// One line of `pg_restore --list`: `id; catalog oid DESC schema tag owner`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TocEntry {
+    line: String,
+    catalog: u32,
+    oid: u32,
+    /// Everything after the two numbers: `DESC schema tag owner`.
+    rest: String,
+}
+
+fn parse_toc(list: &str) -> Vec<TocEntry> {
+    list.lines()
+        .filter(|line| !line.starts_with(';') && !line.trim().is_empty())
+        .filter_map(|line| {
+            let (_, after) = line.split_once("; ")?;
+            let mut parts = after.splitn(3, ' ');
+            let catalog = parts.next()?.parse().ok()?;
+            let oid = parts.next()?.parse().ok()?;
+            Some(TocEntry {
+                line: line.to_string(),
+                catalog,
+                oid,
+                rest: parts.next()?.to_string(),
+            })
+        })
+        .collect()
+}
+
+const PG_TYPE: u32 = 1247;
+const PG_CLASS: u32 = 1259;
+const PG_ATTRDEF: u32 = 2604;
+const PG_CONSTRAINT: u32 = 2606;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    Pre,
+    Post,
+}
+
+/// Where a TOC entry goes, and the root table it belongs to (None for shared objects:
+/// types and sequences no selected table owns). `None` for entries not needed.
+fn place(entry: &TocEntry, needs: &Needs) -> Option<(Placement, Option<u32>, u32)> {
+    use Placement::{Post, Pre};
+    let root_of = |table: u32| needs.tables.get(&table).map(|(_, root)| *root);
+    match (entry.catalog, entry.oid) {
+        (PG_TYPE, oid) if needs.types.contains_key(&oid) => Some((Pre, None, oid)),
+        (PG_CLASS, oid) if needs.tables.contains_key(&oid) => {
+            Some((Pre, root_of(oid), oid)).filter(|_| entry.rest.starts_with("TABLE "))
+        }
+        (PG_CLASS, oid) if needs.sequences.contains_key(&oid) => {
+            let owner = needs.sequences[&oid].1.and_then(root_of);
+            Some((Pre, owner, oid))
+        }
+        (PG_CLASS, oid) if needs.indexes.contains_key(&oid) => {
+            let (table, _, _) = needs.indexes[&oid];
+            Some((Post, root_of(table), oid))
+        }
+        (PG_ATTRDEF, oid) => needs
+            .defaults
+            .get(&oid)
+            .map(|table| (Pre, root_of(*table), oid)),
+        (PG_CONSTRAINT, oid) => needs
+            .constraints
+            .get(&oid)
+            .map(|(table, primary)| (if *primary { Pre } else { Post }, root_of(*table), oid)),
+        (0, 0) => {
+            // Entries without a catalog identity carry the object's schema and name.
+            let names = |what: &str| entry.rest.strip_prefix(what).map(str::to_string);
+            if let Some(rest) = names("SEQUENCE OWNED BY ") {
+                needs.sequences.iter().find_map(|(oid, (name, owner))| {
+                    let owner = (*owner)?;
+                    rest.starts_with(&format!("{} {} ", name.schema, name.name))
+                        .then(|| (Pre, root_of(owner), *oid))
+                })
+            } else if let Some(rest) = names("TABLE ATTACH ") {
+                needs.tables.iter().find_map(|(oid, (name, root))| {
+                    rest.starts_with(&format!("{} {} ", name.schema, name.name))
+                        .then_some((Pre, Some(*root), *oid))
+                })
+            } else if let Some(rest) = names("INDEX ATTACH ") {
+                needs
+                    .indexes
+                    .iter()
+                    .find_map(|(oid, (table, primary, name))| {
+                        rest.starts_with(&format!("{} {} ", name.schema, name.name))
+                            .then(|| (if *primary { Pre } else { Post }, root_of(*table), *oid))
+                    })
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
+}
+
+/// One object's SQL out of a `pg_restore` script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ScriptEntry {
+    /// `INDEX public.orders_note_idx`
+    title: String,
+    sql: String,
+}
+
+/// Splits a pg_restore script at its `-- Name: ...; Type: ...; Schema: ...` headers. The
+/// preamble (SET commands) is returned separately; psql-only `\restrict` lines are dropped.
+fn split_script(script: &str) -> (String, Vec<ScriptEntry>) {
+    let lines: Vec<&str> = script
+        .lines()
+        .filter(|l| !(l.starts_with("\\restrict ") || l.starts_with("\\unrestrict ")))
+        .collect();
+    let mut preamble = String::new();
+    let mut entries: Vec<ScriptEntry> = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        let header = line
+            .strip_prefix("-- Name: ")
+            .filter(|_| i > 0 && lines[i - 1] == "--");
+        if let Some(header) = header {
+            entries.push(ScriptEntry {
+                title: header_title(header),
+                sql: String::new(),
+            });
+            i += 1;
+            continue;
+        }
+        match entries.last_mut() {
+            None => {
+                if !line.starts_with("--") {
+                    preamble.push_str(line);
+                    preamble.push('\n');
+                }
+            }
+            Some(entry) => {
+                entry.sql.push_str(line);
+                entry.sql.push('\n');
+            }
+        }
+        i += 1;
+    }
+    for entry in &mut entries {
+        entry.sql = strip_comment_lines(&entry.sql);
+    }
+    entries.retain(|e| !e.sql.is_empty());
+    (preamble.trim().to_string(), entries)
+}
+
+/// Drops the `--` lines pg_restore puts around headers and at the end; SQL stays as is.
+fn strip_comment_lines(sql: &str) -> String {
+    let kept: Vec<&str> = sql
+        .lines()
+        .filter(|l| !(*l == "--" || l.starts_with("-- PostgreSQL database dump")))
+        .collect();
+    kept.join("\n").trim().to_string()
+}
+
+/// `orders orders_pkey; Type: CONSTRAINT; Schema: public; Owner: -` → `CONSTRAINT public.orders orders_pkey`
+fn header_title(header: &str) -> String {
+    let mut name = header;
+    let mut kind = "";
+    let mut schema = "";
+    for (i, part) in header.split("; ").enumerate() {
+        if i == 0 {
+            name = part;
+        } else if let Some(t) = part.strip_prefix("Type: ") {
+            kind = t;
+        } else if let Some(s) = part.strip_prefix("Schema: ") {
+            schema = s;
+        }
+    }
+    if schema.is_empty() || schema == "-" {
+        format!("{kind} {name}")
+    } else {
+        format!("{kind} {schema}.{name}")
+    }
+}
+
+/// A temporary directory for the dump, removed on drop (also on errors).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<TempDir> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path =
+            std::env::temp_dir().join(format!("sluice-schema-{}-{nanos}", std::process::id()));
+        std::fs::create_dir(&path).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Definite,
+                format!(
+                    "Creating the temporary directory {}: set TMPDIR to a writable directory",
+                    path.display()
+                ),
+                e,
+            )
+        })?;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700));
+        Ok(TempDir(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A libpq connection string holding only the database name: pg_dump treats a `--dbname`
+/// with `=` in it as a connection string, so a plain name is quoted into one.
+fn dbname_conninfo(dbname: &str) -> String {
+    format!(
+        "dbname='{}'",
+        dbname.replace('\\', "\\\\").replace('\'', "\\'")
+    )
+}
+
+/// Runs a client tool against `conn`: host, port, user and database as arguments, the
+/// password and TLS settings through the child's environment, never on the command line.
+async fn run_tool(tool: &Path, conn: &ConnInfo, args: &[String]) -> Result<Vec<u8>> {
+    let mut command = tokio::process::Command::new(tool);
+    command
+        .arg("--host")
+        .arg(&conn.host)
+        .arg("--port")
+        .arg(conn.port.to_string())
+        .arg("--username")
+        .arg(&conn.user)
+        .arg("--dbname")
+        .arg(dbname_conninfo(&conn.dbname))
+        .arg("--no-password")
+        .args(args)
+        .env_remove("PGPASSWORD")
+        .env("PGSSLMODE", conn.sslmode.as_str())
+        .env("PGAPPNAME", "sluice-schema")
+        .env(
+            "PGCONNECT_TIMEOUT",
+            conn.connect_timeout.as_secs().max(2).to_string(),
+        )
+        .stdin(std::process::Stdio::null());
+    if let Some(password) = &conn.password {
+        command.env("PGPASSWORD", password.expose());
+    }
+    if let Some(options) = &conn.options {
+        command.env("PGOPTIONS", options);
+    }
+    for (var, path) in [
+        ("PGSSLROOTCERT", &conn.sslrootcert),
+        ("PGSSLCERT", &conn.sslcert),
+        ("PGSSLKEY", &conn.sslkey),
+    ] {
+        if let Some(path) = path {
+            command.env(var, path);
+        }
+    }
+    let output = command.output().await.map_err(|e| {
+        Error::with_source(
+            ErrorKind::Definite,
+            format!("Running {}", tool.display()),
+            e,
+        )
+    })?;
+    if !output.status.success() {
+        return Err(Error::definite(format!(
+            "{} failed on {} ({}): {}",
+            tool.display(),
+            conn.redacted(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(output.stdout)
+}
+
+/// Runs pg_restore on a local archive (no connection).
+async fn restore(pg_restore: &Path, args: &[&str]) -> Result<String> {
+    let output = tokio::process::Command::new(pg_restore)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| {
+            Error::with_source(
+                ErrorKind::Definite,
+                format!("Running {}", pg_restore.display()),
+                e,
+            )
+        })?;
+    if !output.status.success() {
+        return Err(Error::definite(format!(
+            "{} {} failed ({}): {}",
+            pg_restore.display(),
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    String::from_utf8(output.stdout)
+        .map_err(|e| Error::with_source(ErrorKind::Definite, "pg_restore wrote non-UTF-8 SQL", e))
+}
+
+/// Names (quoted) that exist on the target, out of `names`.
+async fn existing(target: &Client, names: &[String], function: &str) -> Result<BTreeSet<String>> {
+    let rows = target
+        .query(
+            &format!("SELECT n FROM unnest($1::text[]) AS n WHERE {function}(n) IS NOT NULL"),
+            &[&names],
+        )
+        .await
+        .map_err(|e| error::pg("Looking for existing objects on the target", e))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// `sluice schema`.
+pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
+    let (source, target) = super::connect_both(config).await?;
+    let selected = selected_tables(&source, &config.tables).await?;
+    if selected.is_empty() {
+        return Err(Error::config(
+            "No source table matches [tables] include/exclude: nothing to create",
+        ));
+    }
+    let by_name: BTreeMap<String, &TableName> = selected
+        .iter()
+        .map(|t| (t.name.qualified(), &t.name))
+        .collect();
+    for name in config
+        .citus
+        .distribute
+        .keys()
+        .chain(config.citus.reference.iter())
+    {
+        if !by_name.contains_key(name) {
+            return Err(Error::config(format!(
+                "[citus] names {name}, which is not a selected source table: fix the name or [tables]"
+            )));
+        }
+    }
+    let citus_wanted = !config.citus.distribute.is_empty() || !config.citus.reference.is_empty();
+    let layout = citus::detect(&target).await?;
+    match (&layout, citus_wanted) {
+        (None, true) => {
+            return Err(Error::config(
+                "[citus] distributes tables, but the target has no citus extension: run CREATE EXTENSION citus on the target (the coordinator), or remove [citus]",
+            ))
+        }
+        (Some(layout), _) => println!("Target is a Citus {} coordinator.", layout.version),
+        (None, false) => {}
+    }
+
+    let roots: BTreeMap<u32, TableName> =
+        selected.iter().map(|t| (t.oid, t.name.clone())).collect();
+    let needs = gather(&source, roots).await?;
+
+    // What must already be on the target because pg_dump cannot bring it.
+    let wanted_extensions: Vec<String> = needs.extensions.keys().cloned().collect();
+    let present: BTreeSet<String> = target
+        .query(
+            "SELECT extname::text FROM pg_extension WHERE extname = ANY($1)",
+            &[&wanted_extensions],
+        )
+        .await
+        .map_err(|e| error::pg("Listing the target's extensions", e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for (extension, type_name) in &needs.extensions {
+        if !present.contains(extension) {
+            return Err(Error::definite(format!(
+                "The selected tables use type {type_name} of extension {extension}, which the target lacks: run CREATE EXTENSION {} on the target, then sluice schema again",
+                quote_ident(extension)
+            )));
+        }
+    }
+    let foreign: Vec<String> = needs.foreign_types.iter().map(|t| t.quoted()).collect();
+    let foreign_present = existing(&target, &foreign, "to_regtype").await?;
+    let created_tables: BTreeSet<&TableName> = needs.tables.values().map(|(t, _)| t).collect();
+    for name in &needs.foreign_types {
+        // A selected table's row type comes with that table.
+        if !foreign_present.contains(&name.quoted()) && !created_tables.contains(name) {
+            return Err(Error::definite(format!(
+                "The selected tables use type {name}, which sluice schema cannot copy (a base type or a table's row type): create it on the target first, then sluice schema again"
+            )));
+        }
+    }
+
+    // What exists on the target already.
+    let root_names: Vec<String> = needs.roots.values().map(|t| t.quoted()).collect();
+    let existing_roots = existing(&target, &root_names, "to_regclass").await?;
+    let type_names: Vec<String> = needs.types.values().map(|t| t.quoted()).collect();
+    let existing_types = existing(&target, &type_names, "to_regtype").await?;
+    let seq_names: Vec<String> = needs.sequences.values().map(|(s, _)| s.quoted()).collect();
+    let existing_seqs = existing(&target, &seq_names, "to_regclass").await?;
+    let mut dropped: Vec<&TableName> = Vec::new();
+    let mut left_alone: BTreeSet<u32> = BTreeSet::new();
+    for (oid, name) in &needs.roots {
+        if existing_roots.contains(&name.quoted()) {
+            if args.drop_if_exists {
+                dropped.push(name);
+            } else {
+                left_alone.insert(*oid);
+            }
+        }
+    }
+
+    // Dump, list, filter.
+    let pg_dump = super::find_pg_tool("pg_dump")?;
+    let pg_restore = super::find_pg_tool("pg_restore")?;
+    let dir = TempDir::new()?;
+    let archive = dir.0.join("schema.dump");
+    let mut dump_args = vec![
+        "--schema-only".to_string(),
+        "--format=custom".to_string(),
+        // pg_dump share-locks every table of the dumped schemas; behind a pending
+        // ACCESS EXCLUSIVE lock it would wait forever. Fail instead, and say so.
+        "--lock-wait-timeout=60s".to_string(),
+        format!("--file={}", archive.display()),
+    ];
+    for schema in needs.schemas() {
+        // A double-quoted pattern is taken literally by pg_dump.
+        dump_args.push(format!("--schema={}", quote_ident(&schema)));
+    }
+    run_tool(&pg_dump, &config.source.conn, &dump_args).await?;
+    let archive_arg = archive.display().to_string();
+    let toc = parse_toc(&restore(&pg_restore, &["--list", &archive_arg]).await?);
+    let mut pre_list = String::new();
+    let mut post_list = String::new();
+    for entry in &toc {
+        let Some((placement, root, oid)) = place(entry, &needs) else {
+            continue;
+        };
+        if root.is_some_and(|r| left_alone.contains(&r)) {
+            continue;
+        }
+        // Shared objects (types; sequences no created table owns) are reused when present.
+        if root.is_none() {
+            let skip = match entry.catalog {
+                PG_TYPE => needs
+                    .types
+                    .get(&oid)
+                    .is_some_and(|t| existing_types.contains(&t.quoted())),
+                _ => needs
+                    .sequences
+                    .get(&oid)
+                    .is_some_and(|(s, _)| existing_seqs.contains(&s.quoted())),
+            };
+            if skip {
+                continue;
+            }
+        }
+        let list = match placement {
+            Placement::Pre => &mut pre_list,
+            Placement::Post => &mut post_list,
+        };
+        list.push_str(&entry.line);
+        list.push('\n');
+    }
+    let script = |list: String, name: &'static str| {
+        let pg_restore = pg_restore.clone();
+        let list_path = dir.0.join(name);
+        let archive_arg = archive_arg.clone();
+        async move {
+            if list.is_empty() {
+                return Ok((String::new(), Vec::new()));
+            }
+            std::fs::write(&list_path, list).map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Definite,
+                    format!("Writing {}", list_path.display()),
+                    e,
+                )
+            })?;
+            let list_arg = format!("--use-list={}", list_path.display());
+            let sql = restore(
+                &pg_restore,
+                &[
+                    "--no-owner",
+                    "--no-privileges",
+                    "--no-tablespaces",
+                    "--file=-",
+                    &list_arg,
+                    &archive_arg,
+                ],
+            )
+            .await?;
+            Ok::<_, Error>(split_script(&sql))
+        }
+    };
+    let (preamble, pre) = script(pre_list, "pre.list").await?;
+    let (_, post) = script(post_list, "post.list").await?;
+
+    // Pre-data and the deferred statements in one target transaction: all or nothing.
+    // IF NOT EXISTS notices ("schema public already exists") are noise here.
+    let mut ddl = String::from("SET client_min_messages = warning;\nBEGIN;\n");
+    ddl.push_str(CREATE_DEFERRED_DDL);
+    ddl.push('\n');
+    for schema in needs.schemas() {
+        ddl.push_str(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {};\n",
+            quote_ident(&schema)
+        ));
+    }
+    for table in &dropped {
+        ddl.push_str(&format!("DROP TABLE {} CASCADE;\n", table.quoted()));
+    }
+    target.batch_execute(&ddl).await.map_err(|e| {
+        error::pg(
+            "Preparing the target (sluice.deferred_ddl, schemas, dropping tables)",
+            e,
+        )
+    })?;
+    let result = async {
+        if !preamble.is_empty() {
+            target
+                .batch_execute(&preamble)
+                .await
+                .map_err(|e| error::pg("Running pg_dump's session settings on the target", e))?;
+        }
+        for entry in &pre {
+            target.batch_execute(&entry.sql).await.map_err(|e| {
+                error::pg(
+                    format!(
+                        "Creating {} on the target (nothing was created; fix the cause, e.g. create a function it calls, and run sluice schema again)",
+                        entry.title
+                    ),
+                    e,
+                )
+            })?;
+        }
+        let mut deferred = 0;
+        for entry in &post {
+            let statement = format!("-- {}\n{}", entry.title, entry.sql);
+            // The same statement waiting from an earlier run is not stored twice.
+            deferred += target
+                .execute(
+                    "INSERT INTO sluice.deferred_ddl (statement)
+                     SELECT $1::text WHERE NOT EXISTS (
+                         SELECT 1 FROM sluice.deferred_ddl WHERE statement = $1::text AND applied_at IS NULL)",
+                    &[&statement],
+                )
+                .await
+                .map_err(|e| error::pg("Storing deferred DDL in sluice.deferred_ddl", e))?;
+        }
+        // pg_dump's preamble empties the search_path for this session; undo it.
+        target
+            .batch_execute("COMMIT; RESET search_path")
+            .await
+            .map_err(|e| error::pg("Committing the schema on the target", e))?;
+        Ok::<u64, Error>(deferred)
+    }
+    .await;
+    let deferred = match result {
+        Ok(deferred) => deferred,
+        Err(e) => {
+            let _ = target.batch_execute("ROLLBACK").await;
+            return Err(e);
+        }
+    };
+
+    for table in &dropped {
+        println!("DROPPED {} on the target (--drop-if-exists)", table);
+    }
+    for entry in &pre {
+        println!("CREATED {}", entry.title);
+    }
+    for oid in &left_alone {
+        println!(
+            "LEFT ALONE {}: exists on the target (pass --drop-if-exists to recreate it)",
+            needs.roots[oid]
+        );
+    }
+    for entry in &post {
+        println!(
+            "DEFERRED {} (created by sluice run after the copy)",
+            entry.title
+        );
+    }
+    for foreign_key in needs.dangling_fks.values() {
+        println!(
+            "NOT COPIED foreign key {foreign_key}, which is not selected: add that table to [tables], or create the key by hand once it exists on the target"
+        );
+    }
+    for trigger in needs.triggers.values() {
+        println!(
+            "NOT COPIED trigger {trigger}: triggers would fire again for replicated changes; create it on the target at cutover if the application needs it"
+        );
+    }
+
+    if let Some(layout) = layout {
+        distribute(config, &target, &layout).await?;
+    }
+    println!(
+        "Schema done: {} object(s) created, {} table(s) left alone, {} statement(s) newly deferred to after the copy.",
+        pre.len(),
+        left_alone.len(),
+        deferred
+    );
+    Ok(0)
+}
+
+/// Lays out the configured tables on Citus before any data arrives: reference tables
+/// first, then distributed tables (the `colocate_with` table before the others). Tables
+/// already laid out as asked are left as they are, so a re-run after a failure finishes
+/// the job. The position table becomes a reference table (see docs/citus.md).
+async fn distribute(config: &Config, target: &Client, layout: &citus::CitusLayout) -> Result<()> {
+    crate::checkpoint::ensure_position_table(target).await?;
+    if citus::make_reference_table_if_citus(target, crate::checkpoint::POSITION_TABLE).await? {
+        println!(
+            "CITUS {} is now a reference table",
+            crate::checkpoint::POSITION_TABLE
+        );
+    }
+    for name in &config.citus.reference {
+        let table = TableName::parse(name);
+        match layout.table(&table).map(|t| &t.kind) {
+            Some(TableKind::Reference) => println!("CITUS {table} is a reference table already"),
+            Some(TableKind::Distributed { column }) => {
+                return Err(Error::definite(format!(
+                    "{table} is distributed by {column} on the target, but [citus] wants a reference table: run SELECT undistribute_table('{table}') on the target or change [citus]"
+                )))
+            }
+            _ => {
+                run_citus(target, &citus::create_reference_table_sql(&table), &table).await?;
+                println!("CITUS {table}: reference table created");
+            }
+        }
+    }
+    let colocate_with = config.citus.colocate_with.as_deref().map(TableName::parse);
+    let mut order: Vec<(&String, &String)> = config.citus.distribute.iter().collect();
+    // The table others colocate with is distributed first.
+    order.sort_by_key(|(name, _)| Some(TableName::parse(name)) != colocate_with);
+    for (name, column) in order {
+        let table = TableName::parse(name);
+        match layout.table(&table).map(|t| &t.kind) {
+            Some(TableKind::Distributed { column: current }) if current == column => {
+                println!("CITUS {table} is distributed by {column} already");
+            }
+            Some(TableKind::Distributed { column: current }) => {
+                return Err(Error::definite(format!(
+                    "{table} is distributed by {current} on the target, but [citus] says {column}: run SELECT alter_distributed_table('{table}', distribution_column := '{column}') on the target or change [citus]"
+                )))
+            }
+            Some(TableKind::Reference) => {
+                return Err(Error::definite(format!(
+                    "{table} is a reference table on the target, but [citus] distributes it by {column}: undistribute it on the target or change [citus]"
+                )))
+            }
+            _ => {
+                let colocate = colocate_with.as_ref().filter(|c| **c != table);
+                let sql = citus::create_distributed_table_sql(&table, column, colocate);
+                run_citus(target, &sql, &table).await?;
+                println!("CITUS {table}: distributed by {column}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run_citus(target: &Client, sql: &str, table: &TableName) -> Result<()> {
+    target.batch_execute(sql).await.map_err(|e| {
+        error::pg(
+            format!(
+                "Laying out {table} on Citus ({sql}); fix the cause and run sluice schema again (created tables are left alone, the layout is finished)"
+            ),
+            e,
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIST: &str =
+        ";\n; Archive created at 2026-11-21\n;\n4; 2615 2200 SCHEMA - public pg_database_owner
+848; 1247 16386 TYPE public mood postgres
+217; 1259 16401 TABLE public customers postgres
+216; 1259 16400 SEQUENCE public customers_id_seq postgres
+3406; 0 0 SEQUENCE OWNED BY public customers_id_seq postgres
+3233; 2604 16404 DEFAULT public customers id postgres
+3239; 2606 16410 CONSTRAINT public customers customers_name_key postgres
+3241; 2606 16408 CONSTRAINT public customers customers_pkey postgres
+3242; 1259 16426 INDEX public customers_note_idx postgres
+3256; 2620 16451 TRIGGER public customers t postgres
+";
+
+    fn needs() -> Needs {
+        let customers = TableName::new("public", "customers");
+        let mut needs = Needs::default();
+        needs.roots.insert(16401, customers.clone());
+        needs.tables.insert(16401, (customers, 16401));
+        needs.types.insert(16386, TableName::new("public", "mood"));
+        needs.sequences.insert(
+            16400,
+            (TableName::new("public", "customers_id_seq"), Some(16401)),
+        );
+        needs.defaults.insert(16404, 16401);
+        needs.constraints.insert(16410, (16401, false));
+        needs.constraints.insert(16408, (16401, true));
+        needs.indexes.insert(
+            16426,
+            (16401, false, TableName::new("public", "customers_note_idx")),
+        );
+        needs.triggers.insert(16451, "t on customers".into());
+        needs
+    }
+
+    #[test]
+    fn toc_lines_parse_and_land_in_the_right_section() {
+        let toc = parse_toc(LIST);
+        assert_eq!(toc.len(), 10);
+        assert_eq!((toc[1].catalog, toc[1].oid), (1247, 16386));
+        assert_eq!(
+            toc[4].rest,
+            "SEQUENCE OWNED BY public customers_id_seq postgres"
+        );
+        let needs = needs();
+        let placed: Vec<Option<Placement>> =
+            toc.iter().map(|e| place(e, &needs).map(|p| p.0)).collect();
+        use Placement::{Post, Pre};
+        assert_eq!(
+            placed,
+            vec![
+                None,       // SCHEMA: created with IF NOT EXISTS instead
+                Some(Pre),  // TYPE
+                Some(Pre),  // TABLE
+                Some(Pre),  // SEQUENCE
+                Some(Pre),  // SEQUENCE OWNED BY
+                Some(Pre),  // DEFAULT
+                Some(Post), // UNIQUE constraint
+                Some(Pre),  // PRIMARY KEY
+                Some(Post), // INDEX
+                None,       // TRIGGER: never copied
+            ]
+        );
+        // Objects of a table belong to it (skipped with it); a type is shared.
+        assert_eq!(place(&toc[6], &needs).unwrap().1, Some(16401));
+        assert_eq!(place(&toc[1], &needs).unwrap().1, None);
+    }
+
+    #[test]
+    fn scripts_split_at_headers_without_psql_commands() {
+        let script = "--\n-- PostgreSQL database dump\n--\n\n\\restrict abc123\n\nSET lock_timeout = 0;\nSELECT pg_catalog.set_config('search_path', '', false);\n\n--\n-- Name: orders_note_idx; Type: INDEX; Schema: public; Owner: -\n--\n\nCREATE INDEX orders_note_idx ON public.orders USING btree (note);\n\n\n--\n-- Name: orders orders_fk; Type: FK CONSTRAINT; Schema: public; Owner: -\n--\n\nALTER TABLE ONLY public.orders\n    ADD CONSTRAINT orders_fk FOREIGN KEY (c) REFERENCES public.c(id);\n\n\n--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict abc123\n\n";
+        let (preamble, entries) = split_script(script);
+        assert_eq!(
+            preamble,
+            "SET lock_timeout = 0;\nSELECT pg_catalog.set_config('search_path', '', false);"
+        );
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].title, "INDEX public.orders_note_idx");
+        assert_eq!(
+            entries[0].sql,
+            "CREATE INDEX orders_note_idx ON public.orders USING btree (note);"
+        );
+        assert_eq!(entries[1].title, "FK CONSTRAINT public.orders orders_fk");
+        assert!(entries[1].sql.ends_with("REFERENCES public.c(id);"));
+        assert!(!entries[1].sql.contains("unrestrict"));
+    }
+
+    #[test]
+    fn a_database_name_is_quoted_into_a_connection_string() {
+        assert_eq!(dbname_conninfo("app"), "dbname='app'");
+        assert_eq!(dbname_conninfo("a'b=c"), "dbname='a\\'b=c'");
+    }
+}

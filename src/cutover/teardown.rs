@@ -1,0 +1,145 @@
+//! `sluice teardown`: the end of a migration. Drops the replication slot (so the source
+//! stops retaining WAL for it), the publication, and the target's `sluice` schema (position
+//! row, deferred DDL). Nothing of the application's data is touched.
+//!
+//! It refuses while the daemon runs (its state dir is locked, or the slot is active on the
+//! source: the daemon may run on another machine), and asks for confirmation: a dropped
+//! slot cannot be recreated at the same position, so streaming can never resume.
+
+use tokio_postgres::Client;
+
+use crate::checkpoint;
+use crate::config::Config;
+use crate::error::{self, Error, Result};
+use crate::source::quote_ident;
+
+#[derive(Debug, clap::Args)]
+pub struct TeardownArgs {
+    /// Do not ask for confirmation (needed without a terminal).
+    #[arg(long)]
+    pub yes: bool,
+}
+
+async fn slot_state(source: &Client, slot: &str) -> Result<Option<Option<i32>>> {
+    let row = source
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| error::pg("Reading pg_replication_slots on the source", e))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// `sluice teardown`.
+pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
+    let slot = &config.source.slot;
+    let publication = &config.source.publication;
+    if checkpoint::daemon_holds(&config.state.dir) {
+        return Err(Error::definite(format!(
+            "sluice run is running (it holds the state dir {}): stop it first (SIGTERM), then run sluice teardown again",
+            config.state.dir.display()
+        )));
+    }
+    let (source, target) = super::connect_both(config).await?;
+    let slot_exists = match slot_state(&source, slot).await? {
+        Some(Some(pid)) => {
+            return Err(Error::definite(format!(
+                "Replication slot {slot} is in use by PID {pid} on the source (sluice run on another machine?): stop the daemon first, then run sluice teardown again"
+            )))
+        }
+        Some(None) => true,
+        None => false,
+    };
+    let publication_exists: bool = source
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[publication],
+        )
+        .await
+        .map_err(|e| error::pg("Reading pg_publication on the source", e))?
+        .get(0);
+    let schema_exists: bool = target
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'sluice')",
+            &[],
+        )
+        .await
+        .map_err(|e| error::pg("Looking for schema sluice on the target", e))?
+        .get(0);
+
+    let mut plan = Vec::new();
+    if slot_exists {
+        plan.push(format!(
+            "replication slot {slot} on the source {} (streaming can never resume)",
+            config.source.conn.redacted()
+        ));
+    }
+    if publication_exists {
+        plan.push(format!("publication {publication} on the source"));
+    }
+    if schema_exists {
+        plan.push(format!(
+            "schema sluice on the target {} (applied position, deferred DDL)",
+            config.target.conn.redacted()
+        ));
+    }
+    if plan.is_empty() {
+        println!("Nothing to tear down: no slot {slot}, no publication {publication}, no schema sluice on the target.");
+        return Ok(0);
+    }
+    println!("sluice teardown will drop:");
+    for item in &plan {
+        println!("  - {item}");
+    }
+    if !super::confirm("Drop these?", args.yes)? {
+        return Err(Error::definite(
+            "Teardown not confirmed: nothing was dropped. Answer yes on a terminal, or pass --yes",
+        ));
+    }
+
+    if slot_exists {
+        source
+            .execute("SELECT pg_drop_replication_slot($1)", &[slot])
+            .await
+            .map_err(|e| {
+                error::pg(
+                    format!("Dropping replication slot {slot} on the source (if it became active, stop the daemon and run teardown again)"),
+                    e,
+                )
+            })?;
+        println!("DROPPED replication slot {slot}");
+    }
+    if publication_exists {
+        source
+            .batch_execute(&format!(
+                "DROP PUBLICATION IF EXISTS {}",
+                quote_ident(publication)
+            ))
+            .await
+            .map_err(|e| {
+                error::pg(
+                    format!("Dropping publication {publication} on the source"),
+                    e,
+                )
+            })?;
+        println!("DROPPED publication {publication}");
+    }
+    if schema_exists {
+        target
+            // Without the "drop cascades to ..." notices on stderr.
+            .batch_execute(
+                "SET client_min_messages = warning; DROP SCHEMA IF EXISTS sluice CASCADE",
+            )
+            .await
+            .map_err(|e| error::pg("Dropping schema sluice on the target", e))?;
+        println!("DROPPED schema sluice on the target");
+    }
+    if config.state.dir.exists() {
+        println!(
+            "The state dir {} holds this migration's checkpoint, now useless: delete it.",
+            config.state.dir.display()
+        );
+    }
+    Ok(0)
+}

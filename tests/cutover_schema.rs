@@ -1,0 +1,430 @@
+//! `sluice schema` into an empty target: types, enum, domain, serial, identity, a shared
+//! sequence, a partitioned table; the primary keys now, indexes and foreign keys deferred
+//! and created later by `apply_deferred_ddl`; existing tables left alone or recreated.
+
+use crate::cutover_common::{show, stdout, Setup};
+
+const SOURCE_SCHEMA: &str = "
+    CREATE SCHEMA shop;
+    CREATE TYPE shop.mood AS ENUM ('sad', 'ok', 'happy');
+    CREATE DOMAIN public.posint AS int CHECK (VALUE > 0);
+    CREATE TYPE public.pair AS (a int, b text);
+    CREATE TYPE public.span AS RANGE (subtype = float8);
+    CREATE SEQUENCE public.shared_seq START 1000;
+    CREATE TABLE public.customers (
+        id serial PRIMARY KEY,
+        name text NOT NULL UNIQUE,
+        moods shop.mood[],
+        p pair
+    );
+    CREATE TABLE public.orders (
+        id bigserial PRIMARY KEY,
+        customer_id int REFERENCES public.customers (id),
+        qty posint,
+        during span,
+        code bigint DEFAULT nextval('public.shared_seq'),
+        note text,
+        CHECK (code > 0)
+    );
+    CREATE INDEX orders_note_idx ON public.orders (note);
+    CREATE TABLE public.items (
+        id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        code bigint DEFAULT nextval('public.shared_seq')
+    );
+    CREATE TABLE public.events (id int, k int, PRIMARY KEY (id, k)) PARTITION BY RANGE (k);
+    CREATE TABLE public.events_1 PARTITION OF public.events FOR VALUES FROM (0) TO (10);
+    CREATE INDEX events_k_idx ON public.events (k);
+    CREATE FUNCTION public.touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;
+    CREATE TRIGGER orders_touch BEFORE INSERT ON public.orders
+        FOR EACH ROW EXECUTE FUNCTION public.touch();
+    CREATE TABLE public.audit (x int PRIMARY KEY);
+    CREATE TABLE public.audited (id int PRIMARY KEY, x int REFERENCES public.audit (x));
+    INSERT INTO public.customers (name) VALUES ('ann');
+";
+
+async fn exists(client: &tokio_postgres::Client, sql: &str) -> bool {
+    client
+        .query_one(&format!("SELECT EXISTS ({sql})"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn schema_into_an_empty_target_defers_indexes_and_foreign_keys() {
+    let setup = Setup::new("[tables]\nexclude = [\"public.audit\"]\n").await;
+    setup.source.batch_execute(SOURCE_SCHEMA).await.unwrap();
+
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    let out = stdout(&output);
+    assert!(out.contains("CREATED TYPE shop.mood"), "{out}");
+    assert!(out.contains("CREATED DOMAIN public.posint"), "{out}");
+    assert!(
+        out.contains("DEFERRED INDEX public.orders_note_idx"),
+        "{out}"
+    );
+    assert!(
+        out.contains("DEFERRED FK CONSTRAINT public.orders orders_customer_id_fkey"),
+        "{out}"
+    );
+    assert!(out.contains("NOT COPIED trigger orders_touch"), "{out}");
+    assert!(
+        out.contains("NOT COPIED foreign key audited_x_fkey on audited references audit, which is not selected"),
+        "{out}"
+    );
+
+    let t = &setup.target;
+    // Tables with their primary keys, the excluded table not at all, no data.
+    for table in ["customers", "orders", "items", "events", "events_1"] {
+        assert!(
+            exists(t, &format!("SELECT 1 FROM pg_constraint WHERE contype = 'p' AND conrelid = 'public.{table}'::regclass")).await,
+            "primary key of {table}\n{out}"
+        );
+    }
+    assert!(!exists(t, "SELECT 1 FROM pg_class WHERE relname = 'audit'").await);
+    assert_eq!(count(t, "SELECT count(*) FROM public.customers").await, 0);
+    // Types: enum labels, the domain's check, the composite and range types.
+    let labels: String = t
+        .query_one("SELECT string_agg(enumlabel, ',' ORDER BY enumsortorder) FROM pg_enum WHERE enumtypid = 'shop.mood'::regtype", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(labels, "sad,ok,happy");
+    assert!(t.batch_execute("SELECT (-1)::public.posint").await.is_err());
+    assert!(
+        exists(
+            t,
+            "SELECT 1 FROM pg_type WHERE oid = 'public.pair'::regtype AND typtype = 'c'"
+        )
+        .await
+    );
+    assert!(
+        exists(
+            t,
+            "SELECT 1 FROM pg_type WHERE oid = 'public.span'::regtype AND typtype = 'r'"
+        )
+        .await
+    );
+    // Sequences: serial ownership, identity, the shared sequence and its defaults.
+    assert!(exists(t, "SELECT 1 FROM pg_attribute WHERE attrelid = 'public.items'::regclass AND attname = 'id' AND attidentity = 'a'").await);
+    assert_eq!(
+        t.query_one(
+            "SELECT pg_get_serial_sequence('public.customers', 'id')",
+            &[]
+        )
+        .await
+        .unwrap()
+        .get::<_, String>(0),
+        "public.customers_id_seq"
+    );
+    t.batch_execute("INSERT INTO public.items DEFAULT VALUES")
+        .await
+        .unwrap();
+    assert_eq!(count(t, "SELECT code FROM public.items").await, 1000);
+    // Deferred: the index, the unique constraint, the foreign key; not created yet.
+    assert!(
+        !exists(
+            t,
+            "SELECT 1 FROM pg_class WHERE relname = 'orders_note_idx'"
+        )
+        .await
+    );
+    assert!(
+        !exists(
+            t,
+            "SELECT 1 FROM pg_constraint WHERE conname = 'orders_customer_id_fkey'"
+        )
+        .await
+    );
+    assert!(
+        !exists(
+            t,
+            "SELECT 1 FROM pg_constraint WHERE conname = 'customers_name_key'"
+        )
+        .await
+    );
+    assert!(!exists(t, "SELECT 1 FROM pg_trigger WHERE tgname = 'orders_touch'").await);
+    let deferred = count(
+        t,
+        "SELECT count(*) FROM sluice.deferred_ddl WHERE applied_at IS NULL",
+    )
+    .await;
+    assert!(
+        deferred >= 5,
+        "index, 2 partition indexes + attach, unique, FK: {deferred}"
+    );
+
+    // The copy would run here; then sluice run creates the deferred objects.
+    let applied = sluice::cutover::schema::apply_deferred_ddl(t)
+        .await
+        .unwrap();
+    assert_eq!(applied as i64, deferred);
+    assert!(
+        exists(
+            t,
+            "SELECT 1 FROM pg_class WHERE relname = 'orders_note_idx'"
+        )
+        .await
+    );
+    assert!(exists(t, "SELECT 1 FROM pg_constraint WHERE conname = 'orders_customer_id_fkey' AND contype = 'f'").await);
+    assert!(
+        exists(
+            t,
+            "SELECT 1 FROM pg_constraint WHERE conname = 'customers_name_key' AND contype = 'u'"
+        )
+        .await
+    );
+    assert!(exists(t, "SELECT 1 FROM pg_index WHERE indexrelid = 'public.events_k_idx'::regclass AND indisvalid").await);
+    assert_eq!(
+        count(
+            t,
+            "SELECT count(*) FROM sluice.deferred_ddl WHERE applied_at IS NULL"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        sluice::cutover::schema::apply_deferred_ddl(t)
+            .await
+            .unwrap(),
+        0,
+        "idempotent"
+    );
+
+    // Again: everything exists, so everything is left alone and nothing new is deferred.
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    let out = stdout(&output);
+    assert!(
+        out.contains("LEFT ALONE public.orders: exists on the target"),
+        "{out}"
+    );
+    assert!(!out.contains("CREATED"), "{out}");
+    assert!(out.contains("0 statement(s) newly deferred"), "{out}");
+
+    // --drop-if-exists recreates the tables (and defers their indexes again).
+    t.batch_execute("INSERT INTO public.customers (name) VALUES ('stale')")
+        .await
+        .unwrap();
+    let output = setup.sluice(&["schema", "--drop-if-exists"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    let out = stdout(&output);
+    assert!(out.contains("DROPPED public.customers"), "{out}");
+    assert!(out.contains("CREATED TABLE public.customers"), "{out}");
+    assert_eq!(count(t, "SELECT count(*) FROM public.customers").await, 0);
+    assert!(
+        !exists(
+            t,
+            "SELECT 1 FROM pg_class WHERE relname = 'orders_note_idx'"
+        )
+        .await
+    );
+    assert_eq!(
+        sluice::cutover::schema::apply_deferred_ddl(t)
+            .await
+            .unwrap() as i64,
+        deferred
+    );
+}
+
+#[tokio::test]
+async fn schema_refuses_citus_layout_on_a_target_without_citus() {
+    let setup = Setup::new("[citus]\ndistribute = { \"public.t\" = \"id\" }\n").await;
+    setup
+        .source
+        .batch_execute("CREATE TABLE public.t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(2), "{}", show(&output));
+    assert!(
+        show(&output).contains("CREATE EXTENSION citus"),
+        "{}",
+        show(&output)
+    );
+    assert!(!exists(&setup.target, "SELECT 1 FROM pg_class WHERE relname = 't'").await);
+}
+
+#[tokio::test]
+async fn schema_stops_before_any_change_when_the_target_lacks_what_pg_dump_cannot_bring() {
+    let setup = Setup::new("").await;
+    setup
+        .source
+        .batch_execute(
+            "CREATE EXTENSION citext;
+             CREATE TABLE public.users (id int PRIMARY KEY, email citext);",
+        )
+        .await
+        .unwrap();
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        show(&output).contains("run CREATE EXTENSION \"citext\" on the target"),
+        "{}",
+        show(&output)
+    );
+    assert!(
+        !exists(
+            &setup.target,
+            "SELECT 1 FROM pg_class WHERE relname = 'users'"
+        )
+        .await
+    );
+
+    // With the extension there, it goes through.
+    setup
+        .target
+        .batch_execute("CREATE EXTENSION citext")
+        .await
+        .unwrap();
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+
+    // A default calling a function the target lacks: one transaction, nothing created.
+    setup
+        .source
+        .batch_execute(
+            "CREATE FUNCTION public.next_code() RETURNS int LANGUAGE sql AS 'SELECT 7';
+             CREATE TYPE public.state AS ENUM ('new', 'done');
+             CREATE TABLE public.tickets (id int PRIMARY KEY, s public.state, code int DEFAULT public.next_code());",
+        )
+        .await
+        .unwrap();
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let text = show(&output);
+    assert!(
+        text.contains("Creating TABLE public.tickets on the target (nothing was created"),
+        "{text}"
+    );
+    assert!(text.contains("next_code"), "{text}");
+    assert!(
+        !exists(
+            &setup.target,
+            "SELECT 1 FROM pg_type WHERE typname = 'state'"
+        )
+        .await
+    );
+}
+
+/// pg_dump gets the password through its environment: it works with password
+/// authentication, and the password shows up in no output, also when it is wrong.
+#[tokio::test]
+async fn schema_passes_the_password_to_pg_dump_without_showing_it() {
+    let setup = Setup::new("").await;
+    setup
+        .source
+        .batch_execute(
+            "CREATE ROLE migrator LOGIN SUPERUSER PASSWORD 'S3cret-pw';
+             CREATE TABLE public.t (id int PRIMARY KEY);",
+        )
+        .await
+        .unwrap();
+    setup.pg.write_hba(
+        "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
+    );
+    setup.pg.reload();
+    let write_config = |name: &str, password: &str| {
+        let path = setup.dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[source]\nurl = \"postgresql://migrator:{password}@127.0.0.1:{}/src\"\n[target]\nurl = \"{}\"\n[state]\ndir = \"{}\"\n",
+                setup.pg.port,
+                setup.pg.url("dst"),
+                setup.dir.path().join("state").display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+
+    let good = write_config("good.toml", "S3cret-pw");
+    let output = setup.sluice_with(&good, &["schema"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    assert!(
+        stdout(&output).contains("CREATED TABLE public.t"),
+        "{}",
+        show(&output)
+    );
+    assert!(!show(&output).contains("S3cret-pw"), "{}", show(&output));
+
+    let bad = write_config("bad.toml", "Wrong-pw");
+    let output = setup.sluice_with(&bad, &["schema"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        show(&output).contains("password authentication failed"),
+        "{}",
+        show(&output)
+    );
+    assert!(!show(&output).contains("Wrong-pw"), "{}", show(&output));
+}
+
+/// Names that need quoting everywhere: spaces, capitals, quotes.
+#[tokio::test]
+async fn odd_identifiers_survive_schema_sequences_and_verify() {
+    let setup = Setup::new("").await;
+    setup
+        .source
+        .batch_execute(
+            r#"CREATE SCHEMA "Sales Dept";
+               CREATE TYPE "Sales Dept"."Sta""tus" AS ENUM ('o''pen', 'closed');
+               CREATE TABLE "Sales Dept"."Order Items" (
+                   "Item Id" serial PRIMARY KEY,
+                   "Region" text NOT NULL,
+                   "st" "Sales Dept"."Sta""tus"
+               );
+               CREATE INDEX "By Region" ON "Sales Dept"."Order Items" ("Region");
+               INSERT INTO "Sales Dept"."Order Items" ("Region", "st")
+                   SELECT 'r' || i, 'o''pen' FROM generate_series(1, 30) i;"#,
+        )
+        .await
+        .unwrap();
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    assert!(
+        stdout(&output).contains("DEFERRED INDEX Sales Dept.By Region"),
+        "{}",
+        show(&output)
+    );
+    let t = &setup.target;
+    sluice::cutover::schema::apply_deferred_ddl(t)
+        .await
+        .unwrap();
+    assert!(exists(t, r#"SELECT 1 FROM pg_class WHERE relname = 'By Region'"#).await);
+    // The rows arrive (here by hand), then sequences and verify.
+    t.batch_execute(
+        r#"INSERT INTO "Sales Dept"."Order Items" ("Item Id", "Region", "st")
+           SELECT i, 'r' || i, 'o''pen' FROM generate_series(1, 30) i"#,
+    )
+    .await
+    .unwrap();
+    let output = setup.sluice(&["sync-sequences"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    let next: i64 = t
+        .query_one(
+            r#"SELECT nextval('"Sales Dept"."Order Items_Item Id_seq"')"#,
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(next, 31);
+    let output = setup.sluice(&["verify", "--chunk-rows", "7"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    t.batch_execute(r#"UPDATE "Sales Dept"."Order Items" SET "st" = 'closed' WHERE "Item Id" = 9"#)
+        .await
+        .unwrap();
+    let output = setup.sluice(&["verify", "--chunk-rows", "7"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        stdout(&output).contains("DIFF Sales Dept.Order Items range [Item Id=8, Item Id=15)"),
+        "{}",
+        show(&output)
+    );
+}

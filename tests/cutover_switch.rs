@@ -1,0 +1,213 @@
+//! `sluice cutover`: with `--freeze-source` the source ends up read-only for new
+//! transactions, other sessions are ended, the target is caught up, sequences are set,
+//! every table verified, and the undo is printed. `--dry-run` changes nothing.
+//!
+//! The daemon is not in these tests yet: a stand-in keeps the target's
+//! `sluice.applied_position.caught_up_lsn` at the source's current WAL position, as the
+//! daemon does on an idle source. Once `sluice run` exists, run it here instead (and write
+//! to the source until the freeze) to prove "live source under load ends with zero lag".
+
+use std::time::Duration;
+
+use crate::cutover_common::{show, stdout, Setup};
+
+const DDL: &str = "CREATE TABLE public.t (id serial PRIMARY KEY, v text)";
+
+/// The application inserted 200 rows on the source; the copy brought them to the target
+/// with their ids, so the target's sequence is still at its start.
+async fn load(setup: &Setup) {
+    setup.both(DDL).await;
+    setup
+        .source
+        .batch_execute("INSERT INTO public.t (v) SELECT 'v' || i FROM generate_series(1, 200) i")
+        .await
+        .unwrap();
+    setup
+        .target
+        .batch_execute(
+            "INSERT INTO public.t (id, v) SELECT i, 'v' || i FROM generate_series(1, 200) i",
+        )
+        .await
+        .unwrap();
+}
+
+/// Keeps `caught_up_lsn` at the source's WAL end, like the daemon on keepalives. Its
+/// application name starts with `sluice`, so the freeze does not end its session.
+async fn daemon_stand_in(setup: &Setup) -> tokio::task::JoinHandle<()> {
+    let connect = |db: &str| {
+        let dsn = format!("{} application_name=sluice-stand-in", setup.pg.dsn(db));
+        async move {
+            let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            client
+        }
+    };
+    let source = connect("src").await;
+    let target = connect("dst").await;
+    sluice::checkpoint::ensure_position_table(&target)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok(row) = source
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await
+            else {
+                return;
+            };
+            let lsn: String = row.get(0);
+            let _ = target
+                .execute(
+                    sluice::checkpoint::UPSERT_POSITION_SQL,
+                    &[&"sluice", &"0", &lsn, &lsn],
+                )
+                .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+async fn read_only(setup: &Setup) -> bool {
+    let fresh = setup.pg.connect("src").await;
+    let setting: String = fresh
+        .query_one("SHOW default_transaction_read_only", &[])
+        .await
+        .unwrap()
+        .get(0);
+    setting == "on"
+}
+
+async fn target_next_id(setup: &Setup) -> (i64, bool) {
+    let row = setup
+        .target
+        .query_one("SELECT last_value, is_called FROM public.t_id_seq", &[])
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_freezes_the_source_and_prints_the_undo() {
+    let setup = Setup::new("").await;
+    load(&setup).await;
+    // The application's session, open before the freeze.
+    let app = setup.pg.connect("src").await;
+    app.batch_execute("SELECT 1").await.unwrap();
+    let stand_in = daemon_stand_in(&setup).await;
+
+    let output = setup
+        .sluice(&["cutover", "--freeze-source", "--yes", "--timeout", "30s"])
+        .await;
+    stand_in.abort();
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    let out = stdout(&output);
+    assert!(out.contains("FROZEN src"), "{out}");
+    assert!(out.contains("ENDED session pid"), "{out}");
+    assert!(out.contains("lag is zero"), "{out}");
+    assert!(out.contains("SET public.t_id_seq"), "{out}");
+    assert!(out.contains("OK public.t: 200 rows"), "{out}");
+    assert!(out.contains("Point the application at the target"), "{out}");
+    let undo =
+        "BEGIN READ WRITE; ALTER DATABASE \"src\" RESET default_transaction_read_only; COMMIT;";
+    assert!(out.contains(undo), "{out}");
+
+    // The source: the old session is gone, new ones cannot write.
+    assert!(
+        app.batch_execute("SELECT 1").await.is_err(),
+        "the app's session was ended"
+    );
+    assert!(read_only(&setup).await);
+    let fresh = setup.pg.connect("src").await;
+    let error = fresh
+        .batch_execute("INSERT INTO public.t (v) VALUES ('late')")
+        .await
+        .unwrap_err();
+    assert_eq!(error.code().map(|c| c.code()), Some("25006"), "{error}");
+    // The target continues where the source stopped.
+    assert_eq!(target_next_id(&setup).await, (201, false));
+
+    // The printed undo works (on a new session: the old ones were ended).
+    setup
+        .pg
+        .connect("src")
+        .await
+        .batch_execute(undo)
+        .await
+        .unwrap();
+    assert!(!read_only(&setup).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_dry_run_changes_nothing_and_without_progress_it_stops() {
+    let setup = Setup::new("").await;
+    load(&setup).await;
+    let app = setup.pg.connect("src").await;
+    let before = target_next_id(&setup).await;
+
+    let output = setup
+        .sluice(&["cutover", "--freeze-source", "--dry-run"])
+        .await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    let out = stdout(&output);
+    assert!(
+        out.contains("Step 1: WOULD freeze the source database src"),
+        "{out}"
+    );
+    assert!(out.contains("WOULD SET public.t_id_seq"), "{out}");
+    assert!(out.contains("nothing was changed"), "{out}");
+    app.batch_execute("INSERT INTO public.t (v) VALUES ('still writable')")
+        .await
+        .unwrap();
+    assert!(!read_only(&setup).await);
+    assert_eq!(target_next_id(&setup).await, before);
+
+    // Without a daemon: no position at all is a clear error at once, exit 1 ...
+    let output = setup.sluice(&["cutover", "--timeout", "1m"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        show(&output).contains("no applied position for slot sluice"),
+        "{}",
+        show(&output)
+    );
+    // ... and a position that does not move ends with the timeout.
+    sluice::checkpoint::ensure_position_table(&setup.target)
+        .await
+        .unwrap();
+    setup
+        .target
+        .execute(
+            sluice::checkpoint::UPSERT_POSITION_SQL,
+            &[&"sluice", &"0", &"0/0", &"0/0"],
+        )
+        .await
+        .unwrap();
+    let output = setup.sluice(&["cutover", "--timeout", "1s"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        show(&output).contains("did not catch up"),
+        "{}",
+        show(&output)
+    );
+    assert!(
+        show(&output).contains("is sluice run running?"),
+        "{}",
+        show(&output)
+    );
+    assert_eq!(
+        target_next_id(&setup).await,
+        before,
+        "stopped before the sequences"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_refuses_to_freeze_without_confirmation() {
+    let setup = Setup::new("").await;
+    load(&setup).await;
+    let output = setup.sluice(&["cutover", "--freeze-source"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(show(&output).contains("--yes"), "{}", show(&output));
+    assert!(!read_only(&setup).await);
+}

@@ -1,0 +1,131 @@
+//! `sluice teardown`: refuses without --yes (no terminal), while the daemon holds the state
+//! dir, and while the slot is active; then leaves no slot, publication or sluice schema.
+
+use std::time::{Duration, Instant};
+
+use crate::cutover_common::{show, Setup};
+
+async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+async fn leftovers(setup: &Setup) -> (i64, i64, i64) {
+    (
+        count(
+            &setup.source,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'sluice'",
+        )
+        .await,
+        count(
+            &setup.source,
+            "SELECT count(*) FROM pg_publication WHERE pubname = 'sluice'",
+        )
+        .await,
+        count(
+            &setup.target,
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'sluice'",
+        )
+        .await,
+    )
+}
+
+#[tokio::test]
+async fn teardown_refuses_until_safe_then_drops_everything() {
+    let setup = Setup::new("").await;
+    setup
+        .source
+        .batch_execute(
+            "CREATE TABLE public.t (id int PRIMARY KEY);
+             CREATE PUBLICATION sluice FOR TABLE public.t;",
+        )
+        .await
+        .unwrap();
+    setup
+        .source
+        .batch_execute("SELECT pg_create_logical_replication_slot('sluice', 'pgoutput')")
+        .await
+        .unwrap();
+    sluice::checkpoint::ensure_position_table(&setup.target)
+        .await
+        .unwrap();
+
+    // No terminal, no --yes.
+    let output = setup.sluice(&["teardown"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(show(&output).contains("pass --yes"), "{}", show(&output));
+    assert_eq!(leftovers(&setup).await, (1, 1, 1));
+
+    // A daemon holds the state dir.
+    let state = setup.dir.path().join("state");
+    {
+        let _store = sluice::checkpoint::Store::open(&state).unwrap();
+        let output = setup.sluice(&["teardown", "--yes"]).await;
+        assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+        assert!(show(&output).contains("stop it first"), "{}", show(&output));
+    }
+
+    // The slot is streaming to someone (a daemon on another machine).
+    let mut receiver =
+        std::process::Command::new(sluice::cutover::find_pg_tool("pg_recvlogical").unwrap())
+            .args([
+                "--dbname",
+                &setup.pg.dsn("src"),
+                "--slot",
+                "sluice",
+                "--start",
+                "--file",
+                "/dev/null",
+            ])
+            .args(["-o", "proto_version=1", "-o", "publication_names=sluice"])
+            .spawn()
+            .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(
+        &setup.source,
+        "SELECT count(*) FROM pg_replication_slots WHERE active",
+    )
+    .await
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "pg_recvlogical did not start streaming"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let output = setup.sluice(&["teardown", "--yes"]).await;
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(show(&output).contains("in use by PID"), "{}", show(&output));
+    assert_eq!(leftovers(&setup).await, (1, 1, 1));
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(
+        &setup.source,
+        "SELECT count(*) FROM pg_replication_slots WHERE active",
+    )
+    .await
+        > 0
+    {
+        assert!(Instant::now() < deadline, "the slot stayed active");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let output = setup.sluice(&["teardown", "--yes"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    assert_eq!(leftovers(&setup).await, (0, 0, 0));
+    // The application's data stays.
+    assert_eq!(
+        count(&setup.source, "SELECT count(*) FROM public.t").await,
+        0
+    );
+
+    // Nothing left: a second teardown says so.
+    let output = setup.sluice(&["teardown", "--yes"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    assert!(
+        show(&output).contains("Nothing to tear down"),
+        "{}",
+        show(&output)
+    );
+}
