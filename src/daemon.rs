@@ -323,6 +323,11 @@ async fn pipeline(
     ensure_publication(&source, &config.source.publication, &tables).await?;
 
     checkpoint::ensure_position_table(&target).await?;
+    // On Citus the position row must commit atomically with distributed writes: as a
+    // reference table it makes every apply commit two-phase (docs/citus.md).
+    if crate::citus::make_reference_table_if_citus(&target, checkpoint::POSITION_TABLE).await? {
+        tracing::info!("made sluice.applied_position a Citus reference table");
+    }
     let target_position = checkpoint::read_target_position(&target, slot).await?;
     let local_position = store.position()?;
 

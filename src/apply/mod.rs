@@ -160,7 +160,7 @@ impl Applier {
         position: Position,
         progress: Arc<Progress>,
     ) -> Result<Applier> {
-        let citus = target::has_citus(&target.catalog).await?;
+        let citus = crate::citus::detect(&target.catalog).await?.is_some();
         let (executor, replica_role) = Executor::new(
             target.apply,
             store,
@@ -408,7 +408,12 @@ impl Applier {
             self.flush().await?;
         }
         let name = TableName::new(relation.namespace.clone(), relation.name.clone());
-        let table = target::load(&self.catalog, &name, self.citus).await?;
+        // Read afresh for every plan: a table distributed after sluice started is routed too.
+        let layout = match self.citus {
+            true => crate::citus::detect(&self.catalog).await?,
+            false => None,
+        };
+        let table = target::load(&self.catalog, &name, layout.as_ref()).await?;
         let mut columns = Vec::with_capacity(relation.columns.len());
         for column in &relation.columns {
             columns.push(table.require_column(&column.name)?.clone());

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use tokio_postgres::Client;
 
 use crate::apply::sql::SqlColumn;
+use crate::citus::CitusLayout;
 use crate::error::{self, Error, ErrorKind, Result};
 use crate::source::TableName;
 
@@ -45,8 +46,13 @@ impl TargetTable {
     }
 }
 
-/// Reads a table's columns, primary key and (on Citus) distribution column from the target.
-pub async fn load(target: &Client, name: &TableName, citus: bool) -> Result<TargetTable> {
+/// Reads a table's columns and primary key from the target; the distribution column comes
+/// from the Citus layout when the target runs Citus.
+pub async fn load(
+    target: &Client,
+    name: &TableName,
+    citus: Option<&CitusLayout>,
+) -> Result<TargetTable> {
     let quoted = name.quoted();
     let rows = target
         .query(
@@ -81,19 +87,10 @@ pub async fn load(target: &Client, name: &TableName, citus: bool) -> Result<Targ
         columns.insert(column.clone(), SqlColumn::new(column, type_name));
     }
     key.sort();
-    let distribution_column = if citus {
-        target
-            .query_opt(
-                "SELECT column_to_column_name(logicalrelid, partkey)
-                 FROM pg_dist_partition WHERE logicalrelid = to_regclass($1) AND partmethod = 'h'",
-                &[&quoted],
-            )
-            .await
-            .map_err(|e| error::pg(format!("Reading the Citus distribution of {name}"), e))?
-            .map(|row| row.get::<_, String>(0))
-    } else {
-        None
-    };
+    let distribution_column = citus
+        .and_then(|layout| layout.table(name))
+        .and_then(|table| table.distribution_column())
+        .map(str::to_string);
     Ok(TargetTable {
         name: name.clone(),
         quoted,
@@ -101,16 +98,4 @@ pub async fn load(target: &Client, name: &TableName, citus: bool) -> Result<Targ
         primary_key: key.into_iter().map(|(_, name)| name).collect(),
         distribution_column,
     })
-}
-
-/// Whether the target runs Citus (the extension is installed in this database).
-pub async fn has_citus(target: &Client) -> Result<bool> {
-    target
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')",
-            &[],
-        )
-        .await
-        .map(|row| row.get(0))
-        .map_err(|e| error::pg("Looking for Citus on the target", e))
 }
