@@ -13,6 +13,7 @@ pub mod control;
 pub mod error;
 pub mod lsn;
 pub mod pgoutput;
+pub mod snapshot;
 pub mod source;
 pub mod tls;
 
