@@ -3,4 +3,6 @@
 
 mod support;
 
+mod copy_common;
+mod copy_snapshot;
 mod harness;
