@@ -5,4 +5,5 @@ mod support;
 
 mod copy_common;
 mod copy_snapshot;
+mod copy_types;
 mod harness;
