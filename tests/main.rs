@@ -4,6 +4,7 @@
 mod support;
 
 mod copy_common;
+mod copy_resume;
 mod copy_snapshot;
 mod copy_types;
 mod harness;
