@@ -3,8 +3,10 @@
 
 mod support;
 
+mod harness;
+
+mod copy_bench;
 mod copy_common;
 mod copy_resume;
 mod copy_snapshot;
 mod copy_types;
-mod harness;
