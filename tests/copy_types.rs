@@ -79,9 +79,11 @@ async fn every_type_family_arrives_value_for_value() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     // Small enough a threshold that `nopk` (no key at all) is split by ctid too.
-    let ctx = pair
+    let mut ctx = pair
         .context(pair.config(3, "64kB", dir.path()), &store)
         .await;
+    // The terminal display code runs too (indicatif hides it when stderr is no terminal).
+    ctx.progress = true;
     // The format each table gets: binary only where every column is a built-in type.
     for (name, binary) in [
         ("public.builtin", true),

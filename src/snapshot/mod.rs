@@ -111,7 +111,6 @@ pub fn table_sync_positions(store: &Store) -> Result<BTreeMap<TableName, Lsn>> {
 /// is not copied yet, records everything in the store, and runs the deferred DDL.
 pub async fn initial_copy(ctx: &CopyContext) -> Result<CopyOutcome> {
     ctx.status.update(|s| s.state = DaemonState::Copying);
-    let source = tls::connect(&ctx.config.source.conn, "the source").await?;
     let mut copy_state = state::load_state(&ctx.store)?;
 
     let records: HashMap<TableName, TableRecord> = state::load_tables(&ctx.store)?
@@ -146,7 +145,7 @@ pub async fn initial_copy(ctx: &CopyContext) -> Result<CopyOutcome> {
 
     let mut round = 1;
     loop {
-        match copy_round(ctx, &source, &mut copy_state, &progress).await {
+        match copy_round(ctx, &mut copy_state, &progress).await {
             Ok(()) => break,
             Err(e) if e.is_transient() && round < MAX_ROUNDS => {
                 tracing::warn!(
@@ -219,10 +218,12 @@ fn sync_slot_name(slot: &str, generation: u32) -> String {
 /// temporary slot's otherwise), then copies every unfinished table under it.
 async fn copy_round(
     ctx: &CopyContext,
-    source: &Client,
     copy_state: &mut Option<CopyState>,
     progress: &[Arc<TableProgress>],
 ) -> Result<()> {
+    // A connection per round: a round that failed on a broken connection gets a new one.
+    let source = tls::connect(&ctx.config.source.conn, "the source").await?;
+    let source = &source;
     let slot = &ctx.config.source.slot;
     let conn = &ctx.config.source.conn;
     let publication = &ctx.config.source.publication;
@@ -238,7 +239,9 @@ async fn copy_round(
         .collect();
 
     let mut snapshot: Option<ExportedSnapshot> = None;
-    let state_now = match copy_state.take() {
+    // The caller's copy of the state is updated whenever the store is, so a failed round
+    // never makes the next one forget the slot it created.
+    let mut state_now = match copy_state.clone() {
         Some(existing) => {
             if slot_info(source, slot).await?.is_none() {
                 return Err(Error::definite(format!(
@@ -259,6 +262,7 @@ async fn copy_round(
                     finished: false,
                 };
                 state::save_state(&ctx.store, &fresh)?;
+                *copy_state = Some(fresh.clone());
                 snapshot = Some(exported);
                 fresh
             }
@@ -291,11 +295,11 @@ async fn copy_round(
                     finished: false,
                 };
                 state::save_state(&ctx.store, &fresh)?;
+                *copy_state = Some(fresh.clone());
                 fresh
             }
         },
     };
-    let mut state_now = state_now;
     let result = async {
         if pending.is_empty() {
             return Ok(());
