@@ -19,6 +19,12 @@
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
+if [ -z "${SHARED_BENCH:-}" ]; then
+  # The main checkout sits beside shared/; a worktree one level deeper.
+  for d in "$REPO/../shared/bench" "$REPO/../../shared/bench"; do
+    [ -x "$d/copy.sh" ] && { SHARED_BENCH=$(cd "$d" && pwd); break; }
+  done
+fi
 SHARED_BENCH=${SHARED_BENCH:-$REPO/../shared/bench}
 [ -x "$SHARED_BENCH/copy.sh" ] || { echo "no copy.sh in $SHARED_BENCH: set SHARED_BENCH" >&2; exit 2; }
 

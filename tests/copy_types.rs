@@ -23,6 +23,12 @@ CREATE TABLE usertypes (id int8 PRIMARY KEY, m mood, ma mood[], d posint, c pair
 CREATE TABLE nopk (a int, b text);
 CREATE TABLE empty (id int PRIMARY KEY, v text);
 CREATE TABLE "Odd Schema"."Mixed ""Case""" (id int PRIMARY KEY, "Value" text);
+CREATE TABLE parts (id int, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+CREATE TABLE parts_eu PARTITION OF parts FOR VALUES IN ('eu');
+CREATE TABLE parts_us PARTITION OF parts FOR VALUES IN ('us');
+CREATE TABLE nocolumns ();
+CREATE TABLE parent (id int PRIMARY KEY, v text);
+CREATE TABLE child (extra text) INHERITS (parent);
 "#;
 
 const BUILTIN_ROWS: &str = r#"
@@ -50,6 +56,10 @@ INSERT INTO usertypes VALUES
 INSERT INTO nopk SELECT g % 10, 'dup' FROM generate_series(1, 3000) g;
 INSERT INTO nopk VALUES (NULL, NULL), (NULL, NULL);
 INSERT INTO "Odd Schema"."Mixed ""Case""" VALUES (1, 'odd');
+INSERT INTO parts SELECT g, CASE WHEN g % 3 = 0 THEN 'eu' ELSE 'us' END, 'p' || g FROM generate_series(1, 3000) g;
+INSERT INTO nocolumns SELECT FROM generate_series(1, 7);
+INSERT INTO parent VALUES (1, 'parent row');
+INSERT INTO child VALUES (2, 'child row', 'extra');
 "#;
 
 const BUILTIN_COLUMNS: &str = "id, n, f8, f4, i2, i4, t, vc, ch, b, j::text, jb, ia, ta, na, r, tr, ts, tz, d, tm, iv, u, ip, cd, mac, bo, bits, pt::text, x::text, m";
@@ -96,7 +106,7 @@ async fn every_type_family_arrives_value_for_value() {
         assert_eq!(layout.binary, binary, "{name}");
     }
     let outcome = initial_copy(&ctx).await.expect("initial copy");
-    assert_eq!(outcome.tables_copied, 5);
+    assert_eq!(outcome.tables_copied, 9);
 
     pair.assert_same("builtin", BUILTIN_COLUMNS).await;
     pair.assert_same("usertypes", "id, m, ma, d, c, ca").await;
@@ -104,6 +114,13 @@ async fn every_type_family_arrives_value_for_value() {
     pair.assert_same("empty", "id, v").await;
     pair.assert_same(r#""Odd Schema"."Mixed ""Case""""#, r#"id, "Value""#)
         .await;
+    // A partitioned table through its root, into the target's partitions.
+    pair.assert_same("parts", "id, region, v").await;
+    pair.assert_same("parts_eu", "id, region, v").await;
+    // Inheritance: the parent's own rows once, the child's rows once (ONLY on both).
+    pair.assert_same("ONLY parent", "id, v").await;
+    pair.assert_same("child", "id, v, extra").await;
+    pair.assert_same("nocolumns", "1").await;
     // Spot checks that a digest of text forms could not hide.
     let row = pair
         .dst

@@ -145,9 +145,21 @@ pub fn plan_chunks(
     chunks
 }
 
+/// ` (a, b)` for COPY, or nothing for a table without columns (`()` is a syntax error;
+/// such a table still has rows, copied as empty lines).
+fn column_list(layout: &TableLayout) -> String {
+    if layout.columns.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", layout.columns.join(", "))
+    }
+}
+
 /// `COPY ... TO STDOUT` for one chunk of the source table.
 pub fn source_copy_sql(layout: &TableLayout, chunk: ChunkRange) -> String {
+    // `SELECT FROM t` is valid and yields one empty row per row.
     let columns = layout.columns.join(", ");
+    let column_list = column_list(layout);
     let table = layout.name.quoted();
     let format = if layout.binary {
         " (FORMAT binary)"
@@ -164,7 +176,7 @@ pub fn source_copy_sql(layout: &TableLayout, chunk: ChunkRange) -> String {
     match chunk {
         ChunkRange::Whole if !layout.source_partitioned => {
             // `COPY table TO` skips the executor's projection; it never includes children.
-            format!("COPY {table} ({columns}) TO STDOUT{format}")
+            format!("COPY {table}{column_list} TO STDOUT{format}")
         }
         ChunkRange::Whole => {
             format!("COPY (SELECT {columns} FROM {only}{table}) TO STDOUT{format}")
@@ -190,9 +202,9 @@ pub fn target_copy_sql(layout: &TableLayout) -> String {
         ""
     };
     format!(
-        "COPY {} ({}) FROM STDIN{format}",
+        "COPY {}{} FROM STDIN{format}",
         layout.name.quoted(),
-        layout.columns.join(", ")
+        column_list(layout)
     )
 }
 
