@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice::checkpoint::Store;
-use sluice::snapshot::{copy_finished, initial_copy, table_sync_positions};
+use sluice::snapshot::{copy_finished, initial_copy, plan, table_sync_positions};
 use sluice::source::slot::slot_info;
 
 use crate::copy_common::{peek_changes, start_pair, Change, Pair, DB};
@@ -86,6 +86,28 @@ async fn copy_sees_the_snapshot_and_the_slot_holds_every_later_write_once() {
     assert!(big.chunks.len() > 5, "big is split: {:?}", big.chunks.len());
     assert_eq!(big.rows, 60000);
     pair.assert_same("big", "id, payload").await;
+    // Each chunk reads only its blocks: the chunk query plans as a TID range scan.
+    let table = crate::copy_common::table(&ctx.tables, "public.big");
+    let layout = plan::table_layout(&pair.src, &pair.dst, table)
+        .await
+        .unwrap();
+    let copy_sql = plan::source_copy_sql(&layout, big.chunks[1]);
+    let select = copy_sql
+        .strip_prefix("COPY (")
+        .and_then(|rest| rest.split(") TO STDOUT").next())
+        .unwrap();
+    let explain: Vec<String> = pair
+        .src
+        .query(&format!("EXPLAIN {select}"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        explain[0].contains("Tid Range Scan"),
+        "{copy_sql}: {explain:?}"
+    );
 
     // Replay the slot's changes on the copied ids: every insert is new, every delete hits a
     // row that is there, and the result is the source's final state.

@@ -174,3 +174,43 @@ async fn a_target_table_that_already_holds_rows_is_refused() {
         .get(0);
     assert_eq!(kept, 99);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_the_target_refuses_stops_the_copy_naming_the_table() {
+    let pair = start_pair().await;
+    pair.src
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v text);
+             INSERT INTO t VALUES (1, '12'), (2, 'not a number');",
+        )
+        .await
+        .unwrap();
+    pair.dst
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let ctx = pair
+        .context(pair.config(1, "10GB", dir.path()), &store)
+        .await;
+    let started = std::time::Instant::now();
+    let error = initial_copy(&ctx).await.unwrap_err();
+    let text = error.to_string();
+    assert!(
+        text.contains("Copying public.t: writing to the target")
+            && text.contains("make its column types match"),
+        "{text}"
+    );
+    assert_eq!(error.kind(), sluice::ErrorKind::Definite);
+    // Refused at once, not retried: retrying cannot change the value.
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let rows: i64 = pair
+        .dst
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "the failed chunk left nothing behind");
+    assert!(!sluice::snapshot::copy_finished(&store).await.unwrap());
+}
