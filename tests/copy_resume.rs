@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use sluice::checkpoint::Store;
+use sluice::control::TableState;
 use sluice::snapshot::state;
 use sluice::snapshot::{copy_finished, initial_copy, table_sync_positions};
 use sluice::source::slot::slot_info;
@@ -70,6 +71,7 @@ async fn a_dead_copy_connection_is_retried_under_the_same_snapshot() {
     let ctx = pair
         .context(pair.config(1, "512kB", dir.path()), &store)
         .await;
+    let status = ctx.status.clone();
     let copy = tokio::spawn(async move { initial_copy(&ctx).await });
 
     // Once the first chunk is recorded, kill the copy's source backend.
@@ -88,6 +90,7 @@ async fn a_dead_copy_connection_is_retried_under_the_same_snapshot() {
         .unwrap()
         .get(0);
     let finished_when_killed = state::load_tables(&store).unwrap()[0].finished;
+    assert_eq!(status.snapshot().tables[0].state, TableState::Copying);
     assert_eq!(killed, 1, "one copy backend was running");
     assert!(
         !finished_when_killed,
@@ -305,4 +308,60 @@ async fn a_slot_without_a_recorded_copy_gives_every_table_a_sync_lsn() {
         };
         assert!(commit < sync[&t], "a copied row would be applied again");
     }
+}
+
+/// The session holding the snapshot dies while the copy runs (its walsender is terminated):
+/// chunks already under way finish, the next import fails, and the same call carries on
+/// under a temporary slot's snapshot with a sync LSN, never mixing the two snapshots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_lost_in_the_middle_is_replaced_in_the_same_call() {
+    let pair = start_pair().await;
+    pair.schema("CREATE TABLE big (id int8 PRIMARY KEY, payload text NOT NULL)")
+        .await;
+    pair.src
+        .batch_execute(
+            "INSERT INTO big SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, 20000) g;
+             ANALYZE big;
+             CREATE PUBLICATION sluice FOR ALL TABLES;",
+        )
+        .await
+        .unwrap();
+    slow_down(&pair.dst, "big").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let ctx = pair
+        .context(pair.config(1, "256kB", dir.path()), &store)
+        .await;
+    let copy = tokio::spawn(async move { initial_copy(&ctx).await });
+    wait_for("the first chunk", || {
+        !state::done_chunks(&store, &big(), 0).unwrap().is_empty()
+    })
+    .await;
+    let killed: i64 = pair
+        .src
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
+             FROM pg_stat_activity WHERE backend_type = 'walsender'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    assert!(!state::load_tables(&store).unwrap()[0].finished);
+
+    copy.await.unwrap().expect("the copy carries on");
+    let copy_state = state::load_state(&store).unwrap().unwrap();
+    assert_eq!(copy_state.generation, 1);
+    let sync = table_sync_positions(&store).unwrap();
+    assert!(sync[&big()] > copy_state.consistent_point);
+    let record = &state::load_tables(&store).unwrap()[0];
+    assert_eq!(record.generation, 1);
+    assert_eq!(
+        state::done_chunks(&store, &big(), 1).unwrap().len(),
+        record.chunks.len()
+    );
+    assert!(state::done_chunks(&store, &big(), 0).unwrap().is_empty());
+    pair.assert_same("big", "id, payload").await;
+    assert!(slot_info(&pair.src, "sluice").await.unwrap().is_some());
 }

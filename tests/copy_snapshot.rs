@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice::checkpoint::Store;
+use sluice::control::{DaemonState, TableState};
 use sluice::snapshot::{copy_finished, initial_copy, plan, table_sync_positions};
 use sluice::source::slot::slot_info;
 
@@ -69,6 +70,23 @@ async fn copy_sees_the_snapshot_and_the_slot_holds_every_later_write_once() {
     assert!(written > 10, "the writer ran during the copy ({written})");
 
     assert!(copy_finished(&store).await.unwrap());
+    // `sluice status` shows every table copied, with its rows.
+    let report = ctx.status.snapshot();
+    assert_eq!(
+        report.state,
+        DaemonState::Copying,
+        "streaming is the caller's to set"
+    );
+    let big_status = report
+        .tables
+        .iter()
+        .find(|t| t.name == "public.big")
+        .unwrap();
+    assert_eq!(
+        (big_status.state, big_status.rows_copied),
+        (TableState::Copied, 60000)
+    );
+    assert!(report.tables.iter().all(|t| t.state == TableState::Copied));
     assert!(table_sync_positions(&store).unwrap().is_empty());
     assert_eq!(outcome.tables_copied, 2);
     let slot = slot_info(&pair.src, "sluice").await.unwrap().expect("slot");
