@@ -554,8 +554,13 @@ async fn work(round: Arc<Round>) -> Result<()> {
                     // A failed chunk leaves its connections mid-transaction: start afresh.
                     worker = None;
                     let snapshot_gone = e.sqlstate() == Some("22023");
-                    if !e.is_transient() || snapshot_gone || attempt >= CHUNK_ATTEMPTS {
+                    if !e.is_transient() || snapshot_gone {
                         return Err(e);
+                    }
+                    if attempt >= CHUNK_ATTEMPTS {
+                        return Err(e.context(format!(
+                            "Gave up after {attempt} attempts (check the connections to the source and the target; restarting sluice resumes the copy and keeps the tables already copied)"
+                        )));
                     }
                     tracing::warn!(
                         chunk = %plan::describe(&layout.name, job.range),
