@@ -157,3 +157,36 @@ async fn copy_sees_the_snapshot_and_the_slot_holds_every_later_write_once() {
         "writes fell on both sides of the snapshot ({copied_late} in the copy, {streamed} streamed)"
     );
 }
+
+/// Creating the slot waits for transactions already running on the source; the copy then
+/// holds their rows (they committed before the consistent point) and the slot does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slot_waits_for_a_running_transaction_whose_rows_are_then_copied() {
+    let pair = start_pair().await;
+    pair.schema("CREATE TABLE t (id int8 PRIMARY KEY)").await;
+    pair.src
+        .batch_execute("CREATE PUBLICATION sluice FOR ALL TABLES")
+        .await
+        .unwrap();
+    let open = pair.source.connect(DB).await;
+    open.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let ctx = pair
+        .context(pair.config(1, "10GB", dir.path()), &store)
+        .await;
+    let copy = tokio::spawn(async move { initial_copy(&ctx).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !copy.is_finished(),
+        "the slot waits for the open transaction"
+    );
+    open.batch_execute("COMMIT").await.unwrap();
+    copy.await.unwrap().expect("copy");
+
+    assert_eq!(Pair::ids(&pair.dst, "t").await, vec![1]);
+    assert!(peek_changes(&pair.src, "sluice", "sluice").await.is_empty());
+}

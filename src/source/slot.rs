@@ -16,6 +16,9 @@ use crate::error::{self, Error, ErrorKind, Result};
 use crate::lsn::Lsn;
 use crate::source::replication::{connect_gated, replication_config, with_timeout};
 
+/// The longest sluice waits for CREATE_REPLICATION_SLOT to answer.
+const SLOT_CREATION_LIMIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// A freshly created slot and the snapshot it exported.
 pub struct ExportedSnapshot {
     /// The gated replication session that created the slot. Dropping it ends the session:
@@ -95,14 +98,32 @@ pub async fn create_slot_exporting_snapshot(
         if temporary { " temporary" } else { "" },
         conn.redacted()
     );
-    let rows = match tokio::time::timeout(
-        crate::source::replication::REPLICATION_TIMEOUT * 4,
-        session.simple_query(&command),
-    )
-    .await
-    {
-        Ok(Ok(rows)) => rows,
-        Ok(Err(e)) => {
+    // Creating a slot waits until every transaction running on the source has ended, so a
+    // long-running transaction delays it. PostgreSQL's own subscriber waits as long as it
+    // takes; sluice does too, but says every 30 s what it waits for, and gives up after
+    // SLOT_CREATION_LIMIT in case the connection died silently (no TCP keepalive here).
+    let started = std::time::Instant::now();
+    let answer = {
+        let mut creating = std::pin::pin!(session.simple_query(&command));
+        loop {
+            tokio::select! {
+                answer = &mut creating => break Some(answer),
+                _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {
+                    if started.elapsed() >= SLOT_CREATION_LIMIT {
+                        break None;
+                    }
+                    tracing::warn!(
+                        slot,
+                        waited_seconds = started.elapsed().as_secs(),
+                        "creating the replication slot waits for transactions running on the source to end; look for long-running ones: SELECT pid, xact_start, state, query FROM pg_stat_activity WHERE xact_start IS NOT NULL ORDER BY xact_start"
+                    );
+                }
+            }
+        }
+    };
+    let rows = match answer {
+        Some(Ok(rows)) => rows,
+        Some(Err(e)) => {
             let text = e.to_string();
             let error = error::replication(what.clone(), e);
             if text.contains("already exists") {
@@ -114,12 +135,9 @@ pub async fn create_slot_exporting_snapshot(
             }
             return Err(error);
         }
-        // Creating a slot waits for running transactions to finish: a long-running
-        // transaction on the source delays it. Say so rather than hang.
-        Err(_) => {
+        None => {
             return Err(Error::transient(format!(
-                "{what}: no answer within {:?}. Creating a slot waits for every transaction running on the source to end: look for long-running transactions in pg_stat_activity",
-                crate::source::replication::REPLICATION_TIMEOUT * 4
+                "{what}: no answer within {SLOT_CREATION_LIMIT:?}. Creating a slot waits for every transaction running on the source to end: end long-running transactions (pg_stat_activity), then start again"
             )))
         }
     };
