@@ -43,7 +43,8 @@ async fn copy_bench() {
         config,
         tables,
         store,
-        progress: false,
+        // Bars when run by hand on a terminal, log lines under the benchmark script.
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
     };
     let started = Instant::now();
     let outcome = initial_copy(&ctx).await.expect("initial copy");

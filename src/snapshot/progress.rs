@@ -242,7 +242,7 @@ impl Display {
         let multi = MultiProgress::new();
         let total: u64 = tables.iter().map(|t| t.estimated_rows).sum();
         let overall = multi.add(ProgressBar::new(total.max(1)).with_style(style(
-            "{prefix:>24} [{bar:30}] {human_pos}/{human_len} rows {per_sec} {msg} ETA {eta}",
+            "{prefix:>24} [{bar:30}] {human_pos}/{human_len} rows, {msg}, ETA {eta}",
         )));
         overall.set_prefix("all tables");
         Display {
@@ -259,7 +259,7 @@ impl Display {
                 (COPYING, None) => {
                     let new = self.multi.add(
                         ProgressBar::new(table.estimated_rows.max(1)).with_style(style(
-                            "{prefix:>24} [{bar:30}] {human_pos}/{human_len} rows {per_sec} {msg} ETA {eta}",
+                            "{prefix:>24} [{bar:30}] {human_pos}/{human_len} rows, {msg}, ETA {eta}",
                         )),
                     );
                     new.set_prefix(short(&table.name));
@@ -279,7 +279,8 @@ impl Display {
                 }
                 bar.set_position(rows);
                 bar.set_message(format!(
-                    "{} {}/s",
+                    "{} rows/s, {}, {}/s",
+                    HumanCount(rate(rows, table.elapsed()) as u64),
                     HumanBytes(table.bytes()),
                     HumanBytes(rate(table.bytes(), table.elapsed()) as u64)
                 ));
@@ -292,10 +293,12 @@ impl Display {
         }
         self.overall.set_position(rows);
         let copied = tables.iter().filter(|t| t.state() == COPIED).count();
+        let elapsed = self.started.elapsed();
         self.overall.set_message(format!(
-            "{} {}/s, {copied}/{} tables",
+            "{} rows/s, {}, {}/s, {copied}/{} tables",
+            HumanCount(rate(rows, elapsed) as u64),
             HumanBytes(bytes),
-            HumanBytes(rate(bytes, self.started.elapsed()) as u64),
+            HumanBytes(rate(bytes, elapsed) as u64),
             tables.len()
         ));
     }
@@ -305,8 +308,10 @@ impl Display {
             bar.finish_and_clear();
         }
         let rows: u64 = tables.iter().map(|t| t.rows()).sum();
+        self.overall
+            .set_style(style("{prefix:>24} [{bar:30}] {msg}"));
         self.overall.finish_with_message(format!(
-            "{} rows, {} in {:.1}s",
+            "{} rows, {} copied in {:.1}s",
             HumanCount(rows),
             HumanBytes(tables.iter().map(|t| t.bytes()).sum()),
             self.started.elapsed().as_secs_f64()
