@@ -3,6 +3,11 @@
 
 mod support;
 
+mod copy_bench;
+mod copy_common;
+mod copy_resume;
+mod copy_snapshot;
+mod copy_types;
 mod cutover_citus;
 mod cutover_common;
 mod cutover_live;

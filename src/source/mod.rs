@@ -1,6 +1,7 @@
 //! The source side: which tables, the publication and slot, and the replication stream.
 
 pub mod replication;
+pub mod slot;
 pub mod stream;
 pub mod tables;
 

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# bench/copy-sluice.sh -- adds sluice (and the source's own read rate) as copy methods of
+# the shared initial-copy benchmark, without editing it.
+#
+# usage: bench/copy-sluice.sh [ROUNDS]
+#   env: COPY_METHODS (default "stdout sluice pgcopydb"), SHARED_BENCH (../shared/bench),
+#        SLUICE_COPY_BIN (the test binary; built with `cargo test --release --no-run` when unset),
+#        SLUICE_BENCH_JOBS (2), SLUICE_BENCH_SPLIT ("256MB").
+#
+# `sluice run` cannot copy on its own yet, so the copy is timed through the ignored test
+# `copy_bench::copy_bench`, which calls `sluice::snapshot::initial_copy` directly.
+#
+# Methods (each a `copy_NAME TARGETDB` function, exported so the shared copy.sh sees them):
+#   sluice : schema without indexes/constraints (pg_restore --section=pre-data), sluice's
+#            parallel snapshot copy, then indexes and constraints (--section=post-data -j2),
+#            as `sluice schema` will defer them; the slot sluice creates is dropped after.
+#   stdout : `COPY table TO STDOUT > /dev/null` of every table, two at a time: what the
+#            source can read, the bound for any copy.
+set -u
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+if [ -z "${SHARED_BENCH:-}" ]; then
+  # The main checkout sits beside shared/; a worktree one level deeper.
+  for d in "$REPO/../shared/bench" "$REPO/../../shared/bench"; do
+    [ -x "$d/copy.sh" ] && { SHARED_BENCH=$(cd "$d" && pwd); break; }
+  done
+fi
+SHARED_BENCH=${SHARED_BENCH:-$REPO/../shared/bench}
+[ -x "$SHARED_BENCH/copy.sh" ] || { echo "no copy.sh in $SHARED_BENCH: set SHARED_BENCH" >&2; exit 2; }
+
+if [ -z "${SLUICE_COPY_BIN:-}" ]; then
+  SLUICE_COPY_BIN=$(cd "$REPO" && cargo test --release --test main --no-run --message-format=json 2>/dev/null \
+    | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+  [ -x "$SLUICE_COPY_BIN" ] || { echo "could not build the test binary" >&2; exit 2; }
+fi
+export SLUICE_COPY_BIN SHARED_BENCH
+export COPY_METHODS=${COPY_METHODS:-"stdout sluice pgcopydb"}
+
+copy_sluice() {
+  local db=$1 dump=$BENCH_ROOT/runs/sluice_schema.dump slot=sluice_bench
+  mkdir -p "$BENCH_ROOT/runs"
+  "$PGBIN/pg_dump" -h $BENCH_HOST -p $SRC_PORT -Fc --schema-only --no-publications --no-subscriptions -f "$dump" big || return 1
+  "$PGBIN/pg_restore" -h $BENCH_HOST -p $TGT_PORT -d "$db" --no-owner --section=pre-data "$dump" || return 1
+  spsql big -c "select pg_drop_replication_slot('$slot') from pg_replication_slots where slot_name = '$slot'" >/dev/null
+  SLUICE_BENCH_SOURCE=$(src_uri big) SLUICE_BENCH_TARGET=$(tgt_uri "$db") SLUICE_BENCH_SLOT=$slot \
+    "$SLUICE_COPY_BIN" --ignored --exact copy_bench::copy_bench --nocapture --test-threads 1 \
+    > "$BENCH_ROOT/runs/sluice_copy.log" 2>&1
+  local st=$?
+  grep -h "sluice copy:" "$BENCH_ROOT/runs/sluice_copy.log" >&2
+  spsql big -c "select pg_drop_replication_slot('$slot') from pg_replication_slots where slot_name = '$slot'" >/dev/null
+  [ $st = 0 ] || { tail -20 "$BENCH_ROOT/runs/sluice_copy.log" >&2; return 1; }
+  "$PGBIN/pg_restore" -h $BENCH_HOST -p $TGT_PORT -d "$db" --no-owner -j 2 --section=post-data "$dump" || return 1
+}
+copy_stdout() {
+  spsql big -c "select format('%I.%I', schemaname, tablename) from pg_tables where schemaname = 'public'" \
+    | xargs -P 2 -I{} "$PGBIN/psql" -X -q -h $BENCH_HOST -p $SRC_PORT -d big -c "\\copy {} to '/dev/null'"
+}
+export -f copy_sluice copy_stdout
+exec "$SHARED_BENCH/copy.sh" "$@"

@@ -1,0 +1,624 @@
+//! The initial snapshot copy, handed off to streaming with no gap and no overlap.
+//!
+//! ```text
+//!  CREATE_REPLICATION_SLOT s LOGICAL pgoutput (SNAPSHOT 'export')   (gated session, held open)
+//!        │ consistent point C, snapshot S
+//!        ▼
+//!  plan: per table its columns, COPY format, chunks (ctid block ranges above the threshold)
+//!        │ record copy/table/<t> {generation, chunks}  (flushed before any row lands)
+//!        ▼
+//!  copy.jobs workers, each: BEGIN REPEATABLE READ; SET TRANSACTION SNAPSHOT S;
+//!        COPY (SELECT cols ... chunk) TO STDOUT ──stream──▶ COPY t (cols) FROM STDIN; COMMIT
+//!        │ record copy/chunk/<t>/<generation>/<i>, and copy/table/<t>.finished (flushed)
+//!        ▼
+//!  after_copy (deferred indexes and constraints), copy/state.finished = true
+//!        ▼
+//!  streaming from the slot at C (the caller's part)
+//! ```
+//!
+//! **Why it is exactly once.** The slot decodes every transaction that commits at or after
+//! C; the snapshot holds every transaction that committed before it. Each row is therefore
+//! in the copy or in the stream, never both, never neither.
+//!
+//! **Resuming.** A snapshot lives as long as the session that exported it, that is as long
+//! as this process. Within the process, a failed chunk (a connection reset, a terminated
+//! backend) is retried under the same snapshot and finished chunks are kept. A new process
+//! (after a kill or restart) keeps every finished table; each unfinished table is emptied on
+//! the target and copied again, whole, under a fresh snapshot exported by a TEMPORARY slot
+//! `<slot>_sync_<n>` (generation n). That slot's consistent point is the table's *sync LSN*:
+//! streaming from the permanent slot must skip this table's transactions that commit before
+//! it, because the fresh snapshot already holds them ([`table_sync_positions`]). PostgreSQL's
+//! own table synchronisation works the same way. Chunks of different snapshots never mix.
+//!
+//! A table's record is written (and flushed) before any of its rows reach the target, so a
+//! table whose rows might be on the target is always known, and emptied before it is copied
+//! again. A table with no record must be empty on the target; sluice refuses to copy into a
+//! table that already holds rows it did not write.
+
+mod pipe;
+pub mod plan;
+pub mod progress;
+pub mod state;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::checkpoint::Store;
+use crate::config::Config;
+use crate::control::{DaemonState, SharedStatus, TableState};
+use crate::error::{self, Error, Result};
+use crate::lsn::Lsn;
+use crate::source::slot::{create_slot_exporting_snapshot, slot_info, ExportedSnapshot};
+use crate::source::{SourceTable, TableName};
+use crate::tls;
+
+use self::pipe::Worker;
+use self::plan::TableLayout;
+use self::progress::{Reporter, TableProgress};
+use self::state::{ChunkDone, ChunkRange, CopyState, TableRecord};
+
+/// Everything the copy needs from the daemon.
+pub struct CopyContext {
+    pub config: Config,
+    /// The selected source tables (`source::selected_tables`).
+    pub tables: Vec<SourceTable>,
+    pub store: Store,
+    pub status: SharedStatus,
+    /// Draw a live terminal display (else log a line per running table every 10 s).
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyOutcome {
+    /// Where streaming from the permanent slot begins.
+    pub consistent_point: Lsn,
+    /// Selected tables whose copy is finished (all of them on success).
+    pub tables_copied: usize,
+    pub rows: u64,
+    /// Bytes of COPY data moved (text or binary, as sent).
+    pub bytes: u64,
+}
+
+/// How often one chunk is tried before the copy round gives up on it.
+const CHUNK_ATTEMPTS: u32 = 4;
+/// How many snapshots one call may use after transient failures of a whole round.
+const MAX_ROUNDS: u32 = 3;
+
+/// Whether the initial copy (data and deferred DDL) is finished: `sluice run` then streams
+/// without copying.
+pub async fn copy_finished(store: &Store) -> Result<bool> {
+    Ok(state::load_state(store)?.is_some_and(|s| s.finished))
+}
+
+/// Per-table positions for streaming: a table re-copied under a fresh snapshot (its original
+/// snapshot was gone) must have its changes skipped for transactions whose commit LSN
+/// (`Begin.final_lsn`) is below this LSN; from this LSN on they apply. This is PostgreSQL's
+/// own test (`should_apply_changes_for_rel`: apply when `sync_lsn <= final_lsn`). Tables
+/// copied under the permanent slot's snapshot are not in the map: streaming from the slot's
+/// consistent point is right for them.
+pub fn table_sync_positions(store: &Store) -> Result<BTreeMap<TableName, Lsn>> {
+    Ok(state::load_tables(store)?
+        .into_iter()
+        .filter_map(|record| record.sync_lsn.map(|lsn| (record.name, lsn)))
+        .collect())
+}
+
+/// Creates the slot when missing (exporting its snapshot), copies every selected table that
+/// is not copied yet, records everything in the store, and runs the deferred DDL.
+pub async fn initial_copy(ctx: &CopyContext) -> Result<CopyOutcome> {
+    ctx.status.update(|s| s.state = DaemonState::Copying);
+    let mut copy_state = state::load_state(&ctx.store)?;
+
+    let records: HashMap<TableName, TableRecord> = state::load_tables(&ctx.store)?
+        .into_iter()
+        .map(|r| (r.name.clone(), r))
+        .collect();
+    let progress: Vec<Arc<TableProgress>> = ctx
+        .tables
+        .iter()
+        .map(|table| {
+            let entry = Arc::new(TableProgress::new(
+                table.name.to_string(),
+                table.estimated_rows,
+            ));
+            if let Some(record) = records.get(&table.name).filter(|r| r.finished) {
+                entry.reset_to(record.rows, record.bytes);
+                entry.mark_copied();
+            }
+            ctx.status.set_table(
+                &table.name.to_string(),
+                if records.get(&table.name).is_some_and(|r| r.finished) {
+                    TableState::Copied
+                } else {
+                    TableState::Pending
+                },
+                entry.rows(),
+            );
+            entry
+        })
+        .collect();
+    let reporter = Reporter::start(progress.clone(), ctx.status.clone(), ctx.progress);
+
+    let mut round = 1;
+    loop {
+        match copy_round(ctx, &mut copy_state, &progress).await {
+            Ok(()) => break,
+            Err(e) if e.is_transient() && round < MAX_ROUNDS => {
+                tracing::warn!(
+                    error = %e.report(),
+                    "the copy round failed; unfinished tables are copied again under a fresh snapshot"
+                );
+                tokio::time::sleep(Duration::from_secs(2 * u64::from(round))).await;
+                round += 1;
+            }
+            Err(e) => {
+                reporter.finish().await;
+                return Err(e);
+            }
+        }
+    }
+    reporter.finish().await;
+
+    let Some(mut copy_state) = copy_state else {
+        return Err(Error::definite(
+            "The initial copy finished without a recorded slot: this is a bug in sluice; move state.dir away and start again",
+        ));
+    };
+    if !copy_state.finished {
+        let target = tls::connect(&ctx.config.target.conn, "the target").await?;
+        after_copy(ctx, &target).await?;
+        copy_state.finished = true;
+        state::save_state(&ctx.store, &copy_state)?;
+    }
+    let records = state::load_tables(&ctx.store)?;
+    let selected: Vec<&TableRecord> = records
+        .iter()
+        .filter(|r| r.finished && ctx.tables.iter().any(|t| t.name == r.name))
+        .collect();
+    let outcome = CopyOutcome {
+        consistent_point: copy_state.consistent_point,
+        tables_copied: selected.len(),
+        rows: selected.iter().map(|r| r.rows).sum(),
+        bytes: selected.iter().map(|r| r.bytes).sum(),
+    };
+    tracing::info!(
+        consistent_point = %outcome.consistent_point,
+        tables = outcome.tables_copied,
+        rows = outcome.rows,
+        bytes = outcome.bytes,
+        "initial copy finished"
+    );
+    Ok(outcome)
+}
+
+/// Runs once after every table's data is on the target.
+///
+/// HOOK: indexes and constraints that `sluice schema` deferred are created here, after the
+/// data (building them once is much faster than maintaining them row by row). Wire it as
+/// `crate::cutover::schema::apply_deferred_ddl(target).await?;` once that function exists.
+/// It runs before `copy/state.finished` is set, so a crash while building indexes runs it
+/// again on the next start: it must be idempotent (IF NOT EXISTS, or skip what exists).
+async fn after_copy(_ctx: &CopyContext, _target: &Client) -> Result<()> {
+    // HOOK: crate::cutover::schema::apply_deferred_ddl(_target).await?;
+    Ok(())
+}
+
+/// The name of the temporary slot of snapshot generation `generation`.
+fn sync_slot_name(slot: &str, generation: u32) -> String {
+    let suffix = format!("_sync_{generation}");
+    let keep = 63usize.saturating_sub(suffix.len()).min(slot.len());
+    format!("{}{suffix}", &slot[..keep])
+}
+
+/// One snapshot's worth of copying: takes a snapshot (the slot's own on the first start, a
+/// temporary slot's otherwise), then copies every unfinished table under it.
+async fn copy_round(
+    ctx: &CopyContext,
+    copy_state: &mut Option<CopyState>,
+    progress: &[Arc<TableProgress>],
+) -> Result<()> {
+    // A connection per round: a round that failed on a broken connection gets a new one.
+    let source = tls::connect(&ctx.config.source.conn, "the source").await?;
+    let source = &source;
+    let slot = &ctx.config.source.slot;
+    let conn = &ctx.config.source.conn;
+    let publication = &ctx.config.source.publication;
+    let records: HashMap<TableName, TableRecord> = state::load_tables(&ctx.store)?
+        .into_iter()
+        .map(|r| (r.name.clone(), r))
+        .collect();
+    let pending: Vec<(usize, &SourceTable)> = ctx
+        .tables
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| !records.get(&t.name).is_some_and(|r| r.finished))
+        .collect();
+
+    let mut snapshot: Option<ExportedSnapshot> = None;
+    // The caller's copy of the state is updated whenever the store is, so a failed round
+    // never makes the next one forget the slot it created.
+    let mut state_now = match copy_state.clone() {
+        Some(existing) => {
+            if slot_info(source, slot).await?.is_none() {
+                return Err(Error::definite(format!(
+                    "The replication slot {slot} that the initial copy started from is gone from the source: the changes since its consistent point {} are lost. Start over: empty the target tables, move state.dir away, and run again",
+                    existing.consistent_point
+                )));
+            }
+            existing
+        }
+        None => match slot_info(source, slot).await? {
+            None => {
+                let exported =
+                    create_slot_exporting_snapshot(conn, slot, publication, false).await?;
+                let fresh = CopyState {
+                    slot: slot.clone(),
+                    consistent_point: exported.consistent_point,
+                    generation: 0,
+                    finished: false,
+                };
+                state::save_state(&ctx.store, &fresh)?;
+                *copy_state = Some(fresh.clone());
+                snapshot = Some(exported);
+                fresh
+            }
+            Some(info) => {
+                // The slot exists but this state dir never copied from it (a crash right
+                // after creating it, or a slot made by hand). Its snapshot cannot be had
+                // again; every table goes through a temporary slot and gets a sync LSN.
+                if info.plugin.as_deref() != Some("pgoutput")
+                    || info.database.as_deref() != Some(conn.dbname.as_str())
+                {
+                    return Err(Error::definite(format!(
+                        "Replication slot {slot} exists on the source but is not a pgoutput slot of database {} (plugin {:?}, database {:?}): choose another source.slot",
+                        conn.dbname, info.plugin, info.database
+                    )));
+                }
+                let consistent_point = info.confirmed_flush_lsn.ok_or_else(|| {
+                    Error::definite(format!(
+                        "Replication slot {slot} has no confirmed_flush_lsn: it is not a usable logical slot; drop it or choose another source.slot"
+                    ))
+                })?;
+                tracing::warn!(
+                    slot,
+                    %consistent_point,
+                    "the slot exists but no copy was recorded for it; copying every table under a temporary slot's snapshot"
+                );
+                let fresh = CopyState {
+                    slot: slot.clone(),
+                    consistent_point,
+                    generation: 0,
+                    finished: false,
+                };
+                state::save_state(&ctx.store, &fresh)?;
+                *copy_state = Some(fresh.clone());
+                fresh
+            }
+        },
+    };
+    let result = async {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if snapshot.is_none() {
+            // The generation is recorded before its slot exists, so a number is never
+            // reused by a later process.
+            state_now.generation += 1;
+            state::save_state(&ctx.store, &state_now)?;
+            let name = sync_slot_name(slot, state_now.generation);
+            snapshot = Some(create_slot_exporting_snapshot(conn, &name, publication, true).await?);
+        }
+        let Some(exported) = snapshot.as_ref() else {
+            return Ok(());
+        };
+        let generation = state_now.generation;
+        let sync_lsn = (generation > 0).then_some(exported.consistent_point);
+        copy_tables(
+            ctx,
+            source,
+            &pending,
+            &records,
+            progress,
+            &exported.snapshot_name,
+            generation,
+            sync_lsn,
+        )
+        .await
+    }
+    .await;
+    *copy_state = Some(state_now);
+    // The exported snapshot (and a temporary slot) end here, after every worker is done.
+    drop(snapshot);
+    result
+}
+
+/// One unit of work: a chunk of a table.
+struct Job {
+    table: usize,
+    chunk: usize,
+    range: ChunkRange,
+    weight: u64,
+}
+
+/// What the workers of one round share.
+struct Round {
+    store: Store,
+    status: SharedStatus,
+    source_conn: crate::conninfo::ConnInfo,
+    target_conn: crate::conninfo::ConnInfo,
+    snapshot: String,
+    generation: u32,
+    layouts: Vec<TableLayout>,
+    records: Vec<Mutex<TableRecord>>,
+    remaining: Vec<AtomicUsize>,
+    progress: Vec<Arc<TableProgress>>,
+    queue: Mutex<VecDeque<Job>>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn copy_tables(
+    ctx: &CopyContext,
+    source: &Client,
+    pending: &[(usize, &SourceTable)],
+    records: &HashMap<TableName, TableRecord>,
+    progress: &[Arc<TableProgress>],
+    snapshot: &str,
+    generation: u32,
+    sync_lsn: Option<Lsn>,
+) -> Result<()> {
+    let target = tls::connect(&ctx.config.target.conn, "the target").await?;
+    let version: i32 = source
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await
+        .map_err(|e| error::pg("Reading the source's version", e))?
+        .get(0);
+    // TID range scans (PostgreSQL 14) make a ctid-bounded chunk read only its blocks.
+    let tid_range_scans = version >= 140_000;
+
+    let mut layouts = Vec::new();
+    let mut round_records = Vec::new();
+    let mut remaining = Vec::new();
+    let mut round_progress = Vec::new();
+    let mut jobs = Vec::new();
+    for (index, table) in pending {
+        let layout = plan::table_layout(source, &target, table).await?;
+        let blocks: i64 = source
+            .query_one(
+                "SELECT pg_relation_size($1::oid::regclass, 'main')
+                        / current_setting('block_size')::int8",
+                &[&table.oid],
+            )
+            .await
+            .map_err(|e| {
+                error::pg(
+                    format!("Reading the size of {} on the source", table.name),
+                    e,
+                )
+            })?
+            .get(0);
+        let chunks = plan::plan_chunks(
+            table,
+            u64::try_from(blocks).unwrap_or(0),
+            ctx.config.copy.split_tables_larger_than,
+            tid_range_scans,
+        );
+        empty_target_table(ctx, &target, &layout, records.get(&table.name)).await?;
+        let record = TableRecord {
+            name: table.name.clone(),
+            generation,
+            sync_lsn,
+            chunks: chunks.clone(),
+            finished: false,
+            rows: 0,
+            bytes: 0,
+        };
+        // Recorded before any row lands: a later start knows rows may be there.
+        state::save_table(&ctx.store, &record)?;
+        progress[*index].reset_to(0, 0);
+        let weight = u64::try_from(table.size_bytes).unwrap_or(0) / chunks.len() as u64;
+        for (chunk, range) in chunks.iter().enumerate() {
+            jobs.push(Job {
+                table: layouts.len(),
+                chunk,
+                range: *range,
+                weight,
+            });
+        }
+        remaining.push(AtomicUsize::new(chunks.len()));
+        round_records.push(Mutex::new(record));
+        round_progress.push(progress[*index].clone());
+        layouts.push(layout);
+        tracing::info!(
+            table = %table.name,
+            chunks = chunks.len(),
+            format = if layouts.last().is_some_and(|l| l.binary) { "binary" } else { "text" },
+            generation,
+            "planned"
+        );
+    }
+    drop(target);
+    // Largest first: the long chunks start early and the small ones fill the gaps.
+    jobs.sort_by_key(|job| std::cmp::Reverse(job.weight));
+    let workers = ctx.config.copy.jobs.max(1).min(jobs.len());
+    let round = Arc::new(Round {
+        store: ctx.store.clone(),
+        status: ctx.status.clone(),
+        source_conn: ctx.config.source.conn.clone(),
+        target_conn: ctx.config.target.conn.clone(),
+        snapshot: snapshot.to_string(),
+        generation,
+        layouts,
+        records: round_records,
+        remaining,
+        progress: round_progress,
+        queue: Mutex::new(jobs.into()),
+    });
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        set.spawn(work(round.clone()));
+    }
+    while let Some(joined) = set.join_next().await {
+        let result = joined.map_err(|e| {
+            Error::definite(format!(
+                "A copy worker stopped unexpectedly ({e}): this is a bug in sluice; restart to resume the copy"
+            ))
+        });
+        if let Err(e) | Ok(Err(e)) = result {
+            // The others' open target transactions roll back when their tasks end.
+            set.abort_all();
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Before a table is copied under this round's snapshot its target table must be empty:
+/// emptied when an earlier attempt may have left rows, checked otherwise.
+async fn empty_target_table(
+    ctx: &CopyContext,
+    target: &Client,
+    layout: &TableLayout,
+    earlier: Option<&TableRecord>,
+) -> Result<()> {
+    let name = &layout.name;
+    if let Some(earlier) = earlier {
+        tracing::info!(
+            table = %name,
+            generation = earlier.generation,
+            "emptying the table on the target: its earlier copy was not finished and its snapshot is gone"
+        );
+        target
+            .batch_execute(&plan::truncate_sql(layout))
+            .await
+            .map_err(|e| {
+                error::pg(
+                    format!("Emptying {name} on the target before copying it again (TRUNCATE); if a foreign key refers to it, drop that constraint until the copy is done"),
+                    e,
+                )
+            })?;
+        state::clear_chunks(&ctx.store, name)?;
+        return Ok(());
+    }
+    let has_rows: bool = target
+        .query_one(&plan::any_row_sql(layout), &[])
+        .await
+        .map_err(|e| error::pg(format!("Checking that {name} is empty on the target"), e))?
+        .get(0);
+    if has_rows {
+        return Err(Error::definite(format!(
+            "Table {name} already holds rows on the target: the initial copy only writes into empty tables. Empty it (TRUNCATE {}), exclude it in [tables], or set copy.enabled = false",
+            name.quoted()
+        )));
+    }
+    Ok(())
+}
+
+/// A worker: takes chunks off the queue until it is empty, retrying a failed chunk under the
+/// same snapshot on fresh connections.
+async fn work(round: Arc<Round>) -> Result<()> {
+    let mut worker: Option<Worker> = None;
+    loop {
+        let job = {
+            let mut queue = round.queue.lock().unwrap_or_else(|p| p.into_inner());
+            queue.pop_front()
+        };
+        let Some(job) = job else { return Ok(()) };
+        let layout = &round.layouts[job.table];
+        let progress = &round.progress[job.table];
+        if progress.rows() == 0 {
+            round
+                .status
+                .set_table(&progress.name, TableState::Copying, 0);
+        }
+        progress.mark_copying();
+        let mut attempt = 1;
+        let done = loop {
+            let result = async {
+                let connected = match worker.as_mut() {
+                    Some(connected) => connected,
+                    None => worker
+                        .insert(Worker::connect(&round.source_conn, &round.target_conn).await?),
+                };
+                connected
+                    .copy_chunk(layout, job.range, &round.snapshot, progress)
+                    .await
+            }
+            .await;
+            match result {
+                Ok(done) => break done,
+                Err(e) => {
+                    // A failed chunk leaves its connections mid-transaction: start afresh.
+                    worker = None;
+                    let snapshot_gone = e.sqlstate() == Some("22023");
+                    if !e.is_transient() || snapshot_gone {
+                        return Err(e);
+                    }
+                    if attempt >= CHUNK_ATTEMPTS {
+                        return Err(e.context(format!(
+                            "Gave up after {attempt} attempts (check the connections to the source and the target; restarting sluice resumes the copy and keeps the tables already copied)"
+                        )));
+                    }
+                    tracing::warn!(
+                        chunk = %plan::describe(&layout.name, job.range),
+                        attempt,
+                        error = %e.report(),
+                        "copying a chunk failed; retrying under the same snapshot"
+                    );
+                    tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
+                    attempt += 1;
+                }
+            }
+        };
+        finish_chunk(&round, &job, done)?;
+    }
+}
+
+fn finish_chunk(round: &Round, job: &Job, done: ChunkDone) -> Result<()> {
+    let layout = &round.layouts[job.table];
+    state::save_chunk(
+        &round.store,
+        &layout.name,
+        round.generation,
+        job.chunk,
+        &done,
+    )?;
+    let mut record = round.records[job.table]
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    record.rows += done.rows;
+    record.bytes += done.bytes;
+    if round.remaining[job.table].fetch_sub(1, Ordering::AcqRel) == 1 {
+        record.finished = true;
+        state::save_table(&round.store, &record)?;
+        let progress = &round.progress[job.table];
+        progress.reset_to(record.rows, record.bytes);
+        progress.mark_copied();
+        round
+            .status
+            .set_table(&progress.name, TableState::Copied, record.rows);
+        tracing::info!(
+            table = %layout.name,
+            rows = record.rows,
+            bytes = record.bytes,
+            "table copied"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_slot_names_stay_valid_slot_names() {
+        assert_eq!(sync_slot_name("sluice", 3), "sluice_sync_3");
+        let long = sync_slot_name(&"s".repeat(63), 12);
+        assert_eq!(long.len(), 63);
+        assert!(crate::source::slot::validate_slot_name(&long).is_ok());
+    }
+}

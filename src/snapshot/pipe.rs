@@ -1,0 +1,183 @@
+//! One copy worker: a source and a target connection, and the pipe between them.
+//!
+//! A chunk is one source transaction (REPEATABLE READ, importing the exported snapshot) and
+//! one target transaction. The source's `COPY ... TO STDOUT` stream is fed message by message
+//! into the target's `COPY ... FROM STDIN` sink; both sides apply backpressure (bounded
+//! channels in tokio-postgres), so memory stays flat whatever the table size. The target
+//! transaction commits only after the whole chunk arrived: a chunk is on the target
+//! completely or not at all.
+
+use std::pin::pin;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_postgres::Client;
+
+use crate::conninfo::ConnInfo;
+use crate::error::{self, Error, ErrorKind, Result};
+use crate::snapshot::plan::{self, TableLayout};
+use crate::snapshot::progress::TableProgress;
+use crate::snapshot::state::{ChunkDone, ChunkRange};
+use crate::source::quote_literal;
+use crate::tls;
+
+/// Text output and input must agree on how dates, intervals and floats are written; pin
+/// them on both sides the way PostgreSQL's own table sync does.
+const SESSION_SETTINGS: &str = "SET datestyle = ISO; SET intervalstyle = postgres; \
+     SET extra_float_digits = 3; SET statement_timeout = 0; \
+     SET idle_in_transaction_session_timeout = 0";
+
+pub struct Worker {
+    source: Client,
+    target: Client,
+}
+
+impl Worker {
+    pub async fn connect(source: &ConnInfo, target: &ConnInfo) -> Result<Worker> {
+        let source = tls::connect(source, "the source").await?;
+        source
+            .batch_execute(&format!(
+                "{SESSION_SETTINGS}; SET application_name = 'sluice copy'"
+            ))
+            .await
+            .map_err(|e| error::pg("Preparing a copy session on the source", e))?;
+        let target = tls::connect(target, "the target").await?;
+        target
+            .batch_execute(SESSION_SETTINGS)
+            .await
+            .map_err(|e| error::pg("Preparing a copy session on the target", e))?;
+        // `replica`: no triggers and no foreign-key checks while rows arrive, as PostgreSQL's
+        // own table sync does. It needs superuser (or, from 15, a granted SET privilege);
+        // without it the copy still works, only slower when the target has triggers or FKs.
+        if let Err(e) = target
+            .batch_execute("SET session_replication_role = replica")
+            .await
+        {
+            tracing::debug!(error = %e, "session_replication_role = replica not allowed on the target; copying with triggers enabled");
+        }
+        Ok(Worker { source, target })
+    }
+
+    /// Copies one chunk under `snapshot`, committing it on the target.
+    pub async fn copy_chunk(
+        &mut self,
+        layout: &TableLayout,
+        chunk: ChunkRange,
+        snapshot: &str,
+        progress: &TableProgress,
+    ) -> Result<ChunkDone> {
+        let mut counted = (0u64, 0u64);
+        let result = self
+            .copy_chunk_counted(layout, chunk, snapshot, progress, &mut counted)
+            .await;
+        if result.is_err() {
+            // The target transaction is rolled back: so are the rows it had counted.
+            progress.subtract(counted.0, counted.1);
+        }
+        result
+    }
+
+    async fn copy_chunk_counted(
+        &mut self,
+        layout: &TableLayout,
+        chunk: ChunkRange,
+        snapshot: &str,
+        progress: &TableProgress,
+        counted: &mut (u64, u64),
+    ) -> Result<ChunkDone> {
+        let what = plan::describe(&layout.name, chunk);
+        if let Err(e) = self
+            .source
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                quote_literal(snapshot)
+            ))
+            .await
+        {
+            // 22023 "invalid snapshot identifier": the session that exported it is gone.
+            if e.code().map(|c| c.code()) == Some("22023") {
+                return Err(Error::with_source(
+                    ErrorKind::Transient,
+                    format!("Copying {what}: the exported snapshot {snapshot} is gone (its replication session ended); the copy continues under a fresh snapshot"),
+                    e,
+                ));
+            }
+            return Err(error::pg(
+                format!("Copying {what}: importing snapshot {snapshot} on the source"),
+                e,
+            ));
+        }
+        self.target
+            .batch_execute("BEGIN")
+            .await
+            .map_err(|e| error::pg(format!("Copying {what}: BEGIN on the target"), e))?;
+
+        let sink = self
+            .target
+            .copy_in::<_, bytes::Bytes>(&plan::target_copy_sql(layout))
+            .await
+            .map_err(|e| target_error(&what, e))?;
+        let stream = self
+            .source
+            .copy_out(&plan::source_copy_sql(layout, chunk))
+            .await
+            .map_err(|e| source_error(&what, e))?;
+        let mut sink = pin!(sink);
+        let mut stream = pin!(stream);
+        // PostgreSQL sends one CopyData message per row (binary: the header rides on the
+        // first row, the trailer is a message of its own), so counting messages gives live
+        // row counts; the exact count comes from the target at the end.
+        let mut pending = (0u64, 0u64);
+        while let Some(data) = stream.next().await {
+            let data = data.map_err(|e| source_error(&what, e))?;
+            pending.0 += 1;
+            pending.1 += data.len() as u64;
+            // `feed` buffers without flushing (`send` would flush every row, FACTS.md).
+            sink.feed(data).await.map_err(|e| target_error(&what, e))?;
+            if pending.0 >= 1024 {
+                progress.add(pending.0, pending.1);
+                counted.0 += pending.0;
+                counted.1 += pending.1;
+                pending = (0, 0);
+            }
+        }
+        progress.add(pending.0, pending.1);
+        counted.0 += pending.0;
+        counted.1 += pending.1;
+        let rows = sink.finish().await.map_err(|e| target_error(&what, e))?;
+        self.target
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| target_error(&what, e))?;
+        // Nothing was written on the source; ending the snapshot transaction is all.
+        let _ = self.source.batch_execute("COMMIT").await;
+        // Replace the message count with the exact row count.
+        if rows >= counted.0 {
+            progress.add(rows - counted.0, 0);
+        } else {
+            progress.subtract(counted.0 - rows, 0);
+        }
+        counted.0 = rows;
+        Ok(ChunkDone {
+            rows,
+            bytes: counted.1,
+        })
+    }
+}
+
+fn source_error(what: &str, e: tokio_postgres::Error) -> Error {
+    error::pg(format!("Copying {what}: reading from the source"), e)
+}
+
+/// A refused row on the target (type mismatch, constraint) is the operator's to fix.
+fn target_error(what: &str, e: tokio_postgres::Error) -> Error {
+    let hint = match e.code().map(|c| c.code()) {
+        Some(code) if code.starts_with("23") => {
+            ": the target refused a row (constraint); copy into empty tables without extra constraints, or fix the target table"
+        }
+        Some(code) if code.starts_with("22") || code.starts_with("42") => {
+            ": the target table does not accept the source's values; make its column types match the source"
+        }
+        _ => "",
+    };
+    error::pg(format!("Copying {what}: writing to the target{hint}"), e)
+}

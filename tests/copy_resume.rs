@@ -1,0 +1,367 @@
+//! Interrupted copies resume without losing or doubling a row.
+//!
+//! 1. A copy connection dies in the middle (the snapshot is still held by this process):
+//!    the chunk is retried under the same snapshot, finished chunks are kept, no temporary
+//!    slot is needed.
+//! 2. The copying process dies (the task is aborted, as `kill -9` would end it: its
+//!    replication session, snapshot and open transactions go with it): the next start keeps
+//!    the finished tables, empties the half-copied one on the target and copies it again
+//!    under a temporary slot's snapshot, and records that slot's consistent point as the
+//!    table's sync LSN. Replaying the permanent slot's changes with that rule gives exactly
+//!    the source's rows.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use sluice::checkpoint::Store;
+use sluice::control::TableState;
+use sluice::snapshot::state;
+use sluice::snapshot::{copy_finished, initial_copy, table_sync_positions};
+use sluice::source::slot::slot_info;
+use sluice::source::TableName;
+
+use crate::copy_common::{peek_changes, start_pair, Change, Pair};
+
+async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Makes the copy into `table` on the target take a while, so a test can interrupt it in the
+/// middle: a trigger that sleeps on every 500th row. ENABLE ALWAYS, because the copy runs
+/// with session_replication_role = replica, which skips ordinary triggers.
+async fn slow_down(target: &tokio_postgres::Client, table: &str) {
+    target
+        .batch_execute(&format!(
+            "CREATE FUNCTION slow_{table}() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.id % 500 = 0 THEN PERFORM pg_sleep(0.05); END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER slow BEFORE INSERT ON {table}
+                 FOR EACH ROW EXECUTE FUNCTION slow_{table}();
+             ALTER TABLE {table} ENABLE ALWAYS TRIGGER slow;"
+        ))
+        .await
+        .unwrap();
+}
+
+fn big() -> TableName {
+    TableName::new("public", "big")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_copy_connection_is_retried_under_the_same_snapshot() {
+    let pair = start_pair().await;
+    pair.schema("CREATE TABLE big (id int8 PRIMARY KEY, payload text NOT NULL)")
+        .await;
+    pair.src
+        .batch_execute(
+            "INSERT INTO big SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, 30000) g;
+             ANALYZE big;",
+        )
+        .await
+        .unwrap();
+    slow_down(&pair.dst, "big").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let ctx = pair
+        .context(pair.config(1, "512kB", dir.path()), &store)
+        .await;
+    let status = ctx.status.clone();
+    let copy = tokio::spawn(async move { initial_copy(&ctx).await });
+
+    // Once the first chunk is recorded, kill the copy's source backend.
+    wait_for("the first chunk", || {
+        !state::done_chunks(&store, &big(), 0).unwrap().is_empty()
+    })
+    .await;
+    let killed: i64 = pair
+        .src
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
+             FROM pg_stat_activity WHERE application_name = 'sluice copy'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let finished_when_killed = state::load_tables(&store).unwrap()[0].finished;
+    assert_eq!(status.snapshot().tables[0].state, TableState::Copying);
+    assert_eq!(killed, 1, "one copy backend was running");
+    assert!(
+        !finished_when_killed,
+        "the kill landed before the copy ended"
+    );
+
+    let outcome = copy.await.unwrap().expect("the copy recovers");
+    assert_eq!(outcome.rows, 30000);
+    pair.assert_same("big", "id, payload").await;
+    // Still the first snapshot: no temporary slot, no sync LSN, every chunk of generation 0.
+    let copy_state = state::load_state(&store).unwrap().unwrap();
+    assert_eq!(copy_state.generation, 0);
+    assert!(table_sync_positions(&store).unwrap().is_empty());
+    let record = &state::load_tables(&store).unwrap()[0];
+    assert!(record.chunks.len() > 5);
+    assert_eq!(
+        state::done_chunks(&store, &big(), 0).unwrap().len(),
+        record.chunks.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_copy_resumes_under_a_temporary_slot_with_a_sync_lsn() {
+    let pair = start_pair().await;
+    pair.schema(
+        "CREATE TABLE kept (id int8 PRIMARY KEY, payload text NOT NULL);
+         CREATE TABLE redone (id int8 PRIMARY KEY, payload text NOT NULL);",
+    )
+    .await;
+    pair.src
+        .batch_execute(
+            "INSERT INTO kept SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, 40000) g;
+             INSERT INTO redone SELECT g, repeat(md5(g::text), 2) FROM generate_series(1, 6000) g;
+             ANALYZE;
+             CREATE PUBLICATION sluice FOR ALL TABLES;",
+        )
+        .await
+        .unwrap();
+    slow_down(&pair.dst, "redone").await;
+    let redone = TableName::new("public", "redone");
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // Both tables are split at 256 kB; with one job and the largest chunks first, all of
+    // kept's chunks (about 250 kB each) go before redone's (about 200 kB each, slow).
+    let config = pair.config(1, "256kB", dir.path());
+    let ctx = pair.context(config.clone(), &store).await;
+    let copy = tokio::spawn(async move { initial_copy(&ctx).await });
+    wait_for("kept and one chunk of redone", || {
+        let kept_done = state::load_tables(&store)
+            .unwrap()
+            .iter()
+            .any(|r| r.name.name == "kept" && r.finished);
+        kept_done && !state::done_chunks(&store, &redone, 0).unwrap().is_empty()
+    })
+    .await;
+    copy.abort();
+    assert!(copy.await.unwrap_err().is_cancelled());
+    let records = state::load_tables(&store).unwrap();
+    let redone_record = records.iter().find(|r| r.name == redone).unwrap();
+    assert!(!redone_record.finished, "redone was cut off half way");
+    assert!(redone_record.chunks.len() > 1);
+    let first_point = state::load_state(&store).unwrap().unwrap().consistent_point;
+
+    // The source moves on while sluice is down.
+    pair.src
+        .batch_execute(
+            "INSERT INTO kept SELECT g, 'late' FROM generate_series(900001, 900010) g;
+             INSERT INTO redone SELECT g, 'late' FROM generate_series(900001, 900010) g;
+             DELETE FROM redone WHERE id <= 5;",
+        )
+        .await
+        .unwrap();
+
+    // A new process: fresh status, same state dir.
+    let ctx = pair.context(config, &store).await;
+    let outcome = initial_copy(&ctx).await.expect("resumed copy");
+    assert!(copy_finished(&store).await.unwrap());
+    assert_eq!(outcome.consistent_point, first_point);
+    assert_eq!(outcome.tables_copied, 2);
+    let copy_state = state::load_state(&store).unwrap().unwrap();
+    assert_eq!(copy_state.generation, 1, "one temporary slot was used");
+    let sync = table_sync_positions(&store).unwrap();
+    assert_eq!(
+        sync.keys().cloned().collect::<Vec<_>>(),
+        vec![redone.clone()]
+    );
+    assert!(sync[&redone] > first_point);
+    // redone's chunks of the dead snapshot are forgotten; all of the new ones are there.
+    assert!(state::done_chunks(&store, &redone, 0).unwrap().is_empty());
+    assert_eq!(
+        state::done_chunks(&store, &redone, 1).unwrap().len(),
+        state::load_tables(&store)
+            .unwrap()
+            .iter()
+            .find(|r| r.name == redone)
+            .unwrap()
+            .chunks
+            .len()
+    );
+
+    // redone is the source's current content (copied again); kept is what the first
+    // snapshot saw (its later rows come from the stream).
+    pair.assert_same("redone", "id, payload").await;
+    assert_eq!(Pair::ids(&pair.dst, "kept").await.len(), 40000);
+
+    // Replaying the permanent slot with the sync rule (skip a table's transactions that
+    // commit before its sync LSN) gives the source exactly.
+    let mut rows: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
+    for table in ["kept", "redone"] {
+        rows.insert(
+            format!("public.{table}"),
+            Pair::ids(&pair.dst, table).await.into_iter().collect(),
+        );
+    }
+    let sync_by_name: BTreeMap<String, sluice::Lsn> = sync
+        .iter()
+        .map(|(name, lsn)| (name.qualified(), *lsn))
+        .collect();
+    let mut skipped = 0;
+    for change in peek_changes(&pair.src, "sluice", "sluice").await {
+        let (Change::Insert { commit, table, .. } | Change::Delete { commit, table, .. }) = &change;
+        if sync_by_name.get(table).is_some_and(|lsn| commit < lsn) {
+            skipped += 1;
+            continue;
+        }
+        let set = rows.get_mut(table).unwrap();
+        match change {
+            Change::Insert { id, .. } => assert!(set.insert(id), "{id} doubled"),
+            Change::Delete { id, .. } => assert!(set.remove(&id), "{id} missing"),
+        }
+    }
+    assert_eq!(
+        skipped, 15,
+        "redone's writes while down are in its new copy"
+    );
+    for table in ["kept", "redone"] {
+        let source: BTreeSet<i64> = Pair::ids(&pair.src, table).await.into_iter().collect();
+        assert_eq!(rows[&format!("public.{table}")], source, "{table}");
+    }
+
+    // The permanent slot stays; the temporary one is gone with its session.
+    assert!(slot_info(&pair.src, "sluice").await.unwrap().is_some());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let temporary: i64 = pair
+            .src
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'sluice_sync%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if temporary == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the temporary slot outlived its session"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A crash between creating the slot and recording it (or a slot made by hand) leaves a slot
+/// whose snapshot is gone: every table is copied under a temporary slot, with a sync LSN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_without_a_recorded_copy_gives_every_table_a_sync_lsn() {
+    let pair = start_pair().await;
+    pair.schema("CREATE TABLE t (id int8 PRIMARY KEY, v text)")
+        .await;
+    pair.src
+        .batch_execute(
+            "INSERT INTO t SELECT g, 'v' FROM generate_series(1, 1000) g;
+             CREATE PUBLICATION sluice FOR ALL TABLES;",
+        )
+        .await
+        .unwrap();
+    // Separate statements: a slot cannot be created in a transaction that wrote.
+    pair.src
+        .batch_execute("SELECT pg_create_logical_replication_slot('sluice', 'pgoutput')")
+        .await
+        .unwrap();
+    for id in 1001..=1010i64 {
+        pair.src
+            .execute("INSERT INTO t VALUES ($1, 'after the slot')", &[&id])
+            .await
+            .unwrap();
+    }
+    let slot_point = slot_info(&pair.src, "sluice")
+        .await
+        .unwrap()
+        .unwrap()
+        .confirmed_flush_lsn
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let ctx = pair
+        .context(pair.config(2, "10GB", dir.path()), &store)
+        .await;
+    let outcome = initial_copy(&ctx).await.expect("copy");
+    assert_eq!(outcome.consistent_point, slot_point);
+    assert_eq!(state::load_state(&store).unwrap().unwrap().generation, 1);
+    let sync = table_sync_positions(&store).unwrap();
+    let t = TableName::new("public", "t");
+    assert!(sync[&t] > slot_point);
+    pair.assert_same("t", "id, v").await;
+    // The ten rows written after the slot are both in the copy and in the slot: the sync
+    // LSN must tell streaming to skip them.
+    let changes = peek_changes(&pair.src, "sluice", "sluice").await;
+    assert_eq!(changes.len(), 10);
+    for change in changes {
+        let Change::Insert { commit, .. } = change else {
+            panic!("{change:?}")
+        };
+        assert!(commit < sync[&t], "a copied row would be applied again");
+    }
+}
+
+/// The session holding the snapshot dies while the copy runs (its walsender is terminated):
+/// chunks already under way finish, the next import fails, and the same call carries on
+/// under a temporary slot's snapshot with a sync LSN, never mixing the two snapshots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_lost_in_the_middle_is_replaced_in_the_same_call() {
+    let pair = start_pair().await;
+    pair.schema("CREATE TABLE big (id int8 PRIMARY KEY, payload text NOT NULL)")
+        .await;
+    pair.src
+        .batch_execute(
+            "INSERT INTO big SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, 20000) g;
+             ANALYZE big;
+             CREATE PUBLICATION sluice FOR ALL TABLES;",
+        )
+        .await
+        .unwrap();
+    slow_down(&pair.dst, "big").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let ctx = pair
+        .context(pair.config(1, "256kB", dir.path()), &store)
+        .await;
+    let copy = tokio::spawn(async move { initial_copy(&ctx).await });
+    wait_for("the first chunk", || {
+        !state::done_chunks(&store, &big(), 0).unwrap().is_empty()
+    })
+    .await;
+    let killed: i64 = pair
+        .src
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
+             FROM pg_stat_activity WHERE backend_type = 'walsender'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    assert!(!state::load_tables(&store).unwrap()[0].finished);
+
+    copy.await.unwrap().expect("the copy carries on");
+    let copy_state = state::load_state(&store).unwrap().unwrap();
+    assert_eq!(copy_state.generation, 1);
+    let sync = table_sync_positions(&store).unwrap();
+    assert!(sync[&big()] > copy_state.consistent_point);
+    let record = &state::load_tables(&store).unwrap()[0];
+    assert_eq!(record.generation, 1);
+    assert_eq!(
+        state::done_chunks(&store, &big(), 1).unwrap().len(),
+        record.chunks.len()
+    );
+    assert!(state::done_chunks(&store, &big(), 0).unwrap().is_empty());
+    pair.assert_same("big", "id, payload").await;
+    assert!(slot_info(&pair.src, "sluice").await.unwrap().is_some());
+}

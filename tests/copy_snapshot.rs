@@ -1,0 +1,192 @@
+//! The copy sees exactly the exported snapshot, and the slot holds exactly what came after:
+//! with a writer inserting and deleting on the source all through the copy, the copied rows
+//! plus the slot's changes (replayed in order) give the source's final rows, with no change
+//! applied to a row twice and none missing.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice::checkpoint::Store;
+use sluice::control::{DaemonState, TableState};
+use sluice::snapshot::{copy_finished, initial_copy, plan, table_sync_positions};
+use sluice::source::slot::slot_info;
+
+use crate::copy_common::{peek_changes, start_pair, Change, Pair, DB};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn copy_sees_the_snapshot_and_the_slot_holds_every_later_write_once() {
+    let pair = start_pair().await;
+    pair.schema(
+        "CREATE TABLE items (id int8 PRIMARY KEY, v text NOT NULL);
+         CREATE TABLE big (id int8 PRIMARY KEY, payload text NOT NULL);",
+    )
+    .await;
+    pair.src
+        .batch_execute(
+            "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 20000) g;
+             INSERT INTO big SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 60000) g;
+             ANALYZE;
+             CREATE PUBLICATION sluice FOR ALL TABLES;",
+        )
+        .await
+        .unwrap();
+
+    // A writer: one transaction per statement, inserts above 1_000_000 and deletes of the
+    // original rows, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let client = pair.source.connect(DB).await;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                client
+                    .execute("INSERT INTO items VALUES ($1, 'late')", &[&(1_000_000 + n)])
+                    .await
+                    .unwrap();
+                client
+                    .execute("DELETE FROM items WHERE id = $1", &[&(n * 7)])
+                    .await
+                    .unwrap();
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // Many chunks, few jobs: the copy takes a while, and the writer keeps going meanwhile.
+    let ctx = pair
+        .context(pair.config(2, "256kB", dir.path()), &store)
+        .await;
+    let outcome = initial_copy(&ctx).await.expect("initial copy");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    assert!(written > 10, "the writer ran during the copy ({written})");
+
+    assert!(copy_finished(&store).await.unwrap());
+    // `sluice status` shows every table copied, with its rows.
+    let report = ctx.status.snapshot();
+    assert_eq!(
+        report.state,
+        DaemonState::Copying,
+        "streaming is the caller's to set"
+    );
+    let big_status = report
+        .tables
+        .iter()
+        .find(|t| t.name == "public.big")
+        .unwrap();
+    assert_eq!(
+        (big_status.state, big_status.rows_copied),
+        (TableState::Copied, 60000)
+    );
+    assert!(report.tables.iter().all(|t| t.state == TableState::Copied));
+    assert!(table_sync_positions(&store).unwrap().is_empty());
+    assert_eq!(outcome.tables_copied, 2);
+    let slot = slot_info(&pair.src, "sluice").await.unwrap().expect("slot");
+    assert_eq!(slot.plugin.as_deref(), Some("pgoutput"));
+    assert!(!slot.temporary);
+    assert_eq!(
+        slot.confirmed_flush_lsn,
+        Some(outcome.consistent_point),
+        "streaming starts at the consistent point"
+    );
+
+    // `big` was split (about 3 MB in 256 kB chunks) and is copied exactly.
+    let records = sluice::snapshot::state::load_tables(&store).unwrap();
+    let big = records.iter().find(|r| r.name.name == "big").unwrap();
+    assert!(big.chunks.len() > 5, "big is split: {:?}", big.chunks.len());
+    assert_eq!(big.rows, 60000);
+    pair.assert_same("big", "id, payload").await;
+    // Each chunk reads only its blocks: the chunk query plans as a TID range scan.
+    let table = crate::copy_common::table(&ctx.tables, "public.big");
+    let layout = plan::table_layout(&pair.src, &pair.dst, table)
+        .await
+        .unwrap();
+    let copy_sql = plan::source_copy_sql(&layout, big.chunks[1]);
+    let select = copy_sql
+        .strip_prefix("COPY (")
+        .and_then(|rest| rest.split(") TO STDOUT").next())
+        .unwrap();
+    let explain: Vec<String> = pair
+        .src
+        .query(&format!("EXPLAIN {select}"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        explain[0].contains("Tid Range Scan"),
+        "{copy_sql}: {explain:?}"
+    );
+
+    // Replay the slot's changes on the copied ids: every insert is new, every delete hits a
+    // row that is there, and the result is the source's final state.
+    let mut rows: BTreeSet<i64> = Pair::ids(&pair.dst, "items").await.into_iter().collect();
+    let copied_late = rows.iter().filter(|id| **id > 1_000_000).count();
+    let changes = peek_changes(&pair.src, "sluice", "sluice").await;
+    let mut streamed = 0;
+    for change in changes {
+        match change {
+            Change::Insert { table, id, commit } if table == "public.items" => {
+                assert!(commit >= outcome.consistent_point);
+                assert!(
+                    rows.insert(id),
+                    "insert of {id} is both copied and streamed"
+                );
+                streamed += 1;
+            }
+            Change::Delete { table, id, .. } if table == "public.items" => {
+                assert!(rows.remove(&id), "delete of {id}: the row was never copied");
+                streamed += 1;
+            }
+            _ => {}
+        }
+    }
+    let source_rows: BTreeSet<i64> = Pair::ids(&pair.src, "items").await.into_iter().collect();
+    assert_eq!(rows, source_rows, "copy + stream = source");
+    assert!(
+        streamed > 0 && copied_late > 0,
+        "writes fell on both sides of the snapshot ({copied_late} in the copy, {streamed} streamed)"
+    );
+}
+
+/// Creating the slot waits for transactions already running on the source; the copy then
+/// holds their rows (they committed before the consistent point) and the slot does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slot_waits_for_a_running_transaction_whose_rows_are_then_copied() {
+    let pair = start_pair().await;
+    pair.schema("CREATE TABLE t (id int8 PRIMARY KEY)").await;
+    pair.src
+        .batch_execute("CREATE PUBLICATION sluice FOR ALL TABLES")
+        .await
+        .unwrap();
+    let open = pair.source.connect(DB).await;
+    open.batch_execute("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let ctx = pair
+        .context(pair.config(1, "10GB", dir.path()), &store)
+        .await;
+    let copy = tokio::spawn(async move { initial_copy(&ctx).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !copy.is_finished(),
+        "the slot waits for the open transaction"
+    );
+    open.batch_execute("COMMIT").await.unwrap();
+    copy.await.unwrap().expect("copy");
+
+    assert_eq!(Pair::ids(&pair.dst, "t").await, vec![1]);
+    assert!(peek_changes(&pair.src, "sluice", "sluice").await.is_empty());
+}
