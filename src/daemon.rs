@@ -32,6 +32,7 @@ use crate::config::Config;
 use crate::control::{DaemonState, SharedStatus};
 use crate::error::{self, Error, ErrorKind, Result};
 use crate::lsn::Lsn;
+use crate::snapshot;
 use crate::source::replication::{self, with_timeout};
 use crate::source::stream::Reader;
 use crate::source::{quote_ident, selected_tables, SourceTable};
@@ -323,12 +324,33 @@ async fn pipeline(
     ensure_publication(&source, &config.source.publication, &tables).await?;
 
     checkpoint::ensure_position_table(&target).await?;
+    let target_position = checkpoint::read_target_position(&target, slot).await?;
+
+    // The initial copy: unless disabled, or done (sled says so, or the target already holds
+    // streamed changes: its position row is the authority).
+    if config.copy.enabled && target_position.is_none() && !snapshot::copy_finished(store).await? {
+        use std::io::IsTerminal;
+        let context = snapshot::CopyContext {
+            config: config.clone(),
+            tables: tables.clone(),
+            store: store.clone(),
+            status: status.clone(),
+            progress: std::io::stderr().is_terminal(),
+        };
+        let outcome = snapshot::initial_copy(&context).await?;
+        tracing::info!(
+            tables = outcome.tables_copied,
+            rows = outcome.rows,
+            consistent_point = %outcome.consistent_point,
+            "initial copy finished; streaming from its consistent point"
+        );
+    }
+    let table_sync = snapshot::table_sync_positions(store)?;
     // On Citus the position row must commit atomically with distributed writes: as a
     // reference table it makes every apply commit two-phase (docs/citus.md).
     if crate::citus::make_reference_table_if_citus(&target, checkpoint::POSITION_TABLE).await? {
         tracing::info!("made sluice.applied_position a Citus reference table");
     }
-    let target_position = checkpoint::read_target_position(&target, slot).await?;
     let local_position = store.position()?;
 
     let slot_state = match slot_state(&source, slot).await? {
@@ -442,7 +464,7 @@ async fn pipeline(
         items: items_tx,
         acks: acks_rx,
         resume_after: start_lsn,
-        table_sync: Default::default(),
+        table_sync,
         status: status.clone(),
     };
     let catalog = tls::connect(&config.target.conn, "the target").await?;

@@ -26,5 +26,6 @@ mod ops_metrics;
 mod ops_monitor;
 mod ops_socket;
 mod ops_status;
+mod run_copy;
 mod run_failures;
 mod run_stream;

@@ -111,6 +111,19 @@ impl SharedStatus {
         );
     }
 
+    /// Moves a table to `state`, keeping its copied row count.
+    pub fn set_table_state(&self, name: &str, state: TableState) {
+        let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = tables
+            .entry(name.to_string())
+            .or_insert_with(|| TableStatus {
+                name: name.to_string(),
+                state,
+                rows_copied: 0,
+            });
+        entry.state = state;
+    }
+
     pub fn snapshot(&self) -> StatusReport {
         let mut report = self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone();
         report.tables = self

@@ -197,13 +197,19 @@ pub async fn initial_copy(ctx: &CopyContext) -> Result<CopyOutcome> {
 
 /// Runs once after every table's data is on the target.
 ///
-/// HOOK: indexes and constraints that `sluice schema` deferred are created here, after the
-/// data (building them once is much faster than maintaining them row by row). Wire it as
-/// `crate::cutover::schema::apply_deferred_ddl(target).await?;` once that function exists.
-/// It runs before `copy/state.finished` is set, so a crash while building indexes runs it
-/// again on the next start: it must be idempotent (IF NOT EXISTS, or skip what exists).
-async fn after_copy(_ctx: &CopyContext, _target: &Client) -> Result<()> {
-    // HOOK: crate::cutover::schema::apply_deferred_ddl(_target).await?;
+/// Runs once after every table's data is on the target: the indexes and constraints that
+/// `sluice schema` deferred are created now (building them once is much faster than
+/// maintaining them row by row). It runs before `copy/state.finished` is set, so a crash
+/// while building indexes runs it again on the next start; `apply_deferred_ddl` is
+/// idempotent (it marks what it created).
+async fn after_copy(_ctx: &CopyContext, target: &Client) -> Result<()> {
+    let created = crate::cutover::schema::apply_deferred_ddl(target).await?;
+    if created > 0 {
+        tracing::info!(
+            statements = created,
+            "created the deferred indexes and constraints"
+        );
+    }
     Ok(())
 }
 

@@ -1,0 +1,132 @@
+//! `sluice run` from an empty target: the initial copy, then streaming from its consistent
+//! point, with writes during the copy and a kill -9 in the middle of it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::sluice::{Daemon, Pair};
+
+const SCHEMA: &str = "
+CREATE TABLE orders (id bigint PRIMARY KEY, customer int NOT NULL, amount numeric(12,2), note text);
+CREATE TABLE events (id bigserial PRIMARY KEY, order_id bigint, kind text, at timestamptz DEFAULT now());
+CREATE TABLE tags (name text, weight int);
+ALTER TABLE tags REPLICA IDENTITY FULL;
+";
+
+async fn seed(pair: &Pair) {
+    pair.source_client()
+        .await
+        .batch_execute(
+            "INSERT INTO orders SELECT g, g % 977, g / 7.0, repeat(md5(g::text), 3) FROM generate_series(1, 200000) g;
+             INSERT INTO events (order_id, kind) SELECT g, 'created' FROM generate_series(1, 50000) g;
+             INSERT INTO tags SELECT 'tag' || (g % 50), g FROM generate_series(1, 1000) g;
+             ANALYZE;",
+        )
+        .await
+        .unwrap();
+}
+
+/// Writes to every table until stopped.
+fn writer(pair: &Pair, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    let dsn = pair.source.dsn("app");
+    tokio::spawn(async move {
+        let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let id = 200_000 + n as i64 + 1;
+            let victim = fastrand::i64(1..200_000);
+            client
+                .batch_execute(&format!(
+                    "BEGIN;
+                     INSERT INTO orders VALUES ({id}, 1, 9.99, 'new');
+                     UPDATE orders SET amount = amount + 1 WHERE id = {victim};
+                     INSERT INTO events (order_id, kind) VALUES ({victim}, 'paid');
+                     DELETE FROM tags WHERE ctid = (SELECT ctid FROM tags LIMIT 1);
+                     COMMIT;"
+                ))
+                .await
+                .unwrap();
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        n
+    })
+}
+
+async fn wait_for_log(daemon: &Daemon, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !daemon.log().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "never logged {needle:?}:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn assert_all_same(pair: &Pair) {
+    for table in ["orders", "events", "tags"] {
+        pair.assert_same(table).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_copy_and_the_stream_meet_without_gap_or_overlap() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    seed(&pair).await;
+    let config =
+        pair.config("[copy]\nenabled = true\njobs = 2\nsplit_tables_larger_than = \"1MB\"\n");
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = writer(&pair, stop.clone());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let daemon = pair.start_daemon(&config).await;
+    wait_for_log(&daemon, "initial copy finished").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = load.await.unwrap();
+    assert!(written > 10, "writes ran during the copy ({written})");
+    pair.wait_caught_up(&daemon).await;
+    assert_all_same(&pair).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_killed_midway_resumes_and_ends_exactly_once() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    seed(&pair).await;
+    let config =
+        pair.config("[copy]\nenabled = true\njobs = 1\nsplit_tables_larger_than = \"512kB\"\n");
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = writer(&pair, stop.clone());
+    let mut daemon = pair.start_daemon(&config).await;
+    // Kill it while chunks are being copied (some recorded as finished, some not).
+    let target = pair.target_client().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let copied: i64 = target
+            .query_one("SELECT count(*) FROM orders", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if copied > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the copy never started:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.kill9();
+    let daemon = pair.start_daemon(&config).await;
+    wait_for_log(&daemon, "initial copy finished").await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    pair.wait_caught_up(&daemon).await;
+    assert_all_same(&pair).await;
+}
