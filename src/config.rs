@@ -330,7 +330,7 @@ impl Config {
 
 /// Slot and publication names go into replication commands unquoted (the transport does
 /// not quote them), so only lower-case letters, digits and underscores are allowed.
-fn validate_identifier(name: &str, key: &str) -> Result<()> {
+pub fn validate_identifier(name: &str, key: &str) -> Result<()> {
     let valid = !name.is_empty()
         && name.len() <= 63
         && name

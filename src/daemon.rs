@@ -34,6 +34,7 @@ use crate::error::{self, Error, ErrorKind, Result};
 use crate::lsn::Lsn;
 use crate::snapshot;
 use crate::source::replication::{self, with_timeout};
+use crate::source::slot::slot_info;
 use crate::source::stream::Reader;
 use crate::source::{quote_ident, selected_tables, SourceTable};
 use crate::tls;
@@ -211,34 +212,6 @@ async fn sleep_or_shutdown(wait: Duration, mut shutdown: watch::Receiver<bool>) 
     }
 }
 
-/// Facts about the slot from `pg_replication_slots`.
-#[derive(Debug, Clone)]
-pub struct SlotState {
-    pub plugin: Option<String>,
-    pub database: Option<String>,
-    pub confirmed_flush_lsn: Option<Lsn>,
-    pub wal_status: Option<String>,
-    pub active_pid: Option<i32>,
-}
-
-pub async fn slot_state(source: &Client, slot: &str) -> Result<Option<SlotState>> {
-    let row = source
-        .query_opt(
-            "SELECT plugin::text, database::text, confirmed_flush_lsn::text, wal_status, active_pid
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(|e| error::pg(format!("Reading replication slot {slot} on the source"), e))?;
-    Ok(row.map(|row| SlotState {
-        plugin: row.get(0),
-        database: row.get(1),
-        confirmed_flush_lsn: row.get::<_, Option<String>>(2).and_then(|t| t.parse().ok()),
-        wal_status: row.get(3),
-        active_pid: row.get(4),
-    }))
-}
-
 /// Creates the publication for the selected tables when missing; an existing one must
 /// publish every selected table.
 pub async fn ensure_publication(
@@ -353,7 +326,7 @@ async fn pipeline(
     }
     let local_position = store.position()?;
 
-    let slot_state = match slot_state(&source, slot).await? {
+    let slot_state = match slot_info(&source, slot).await? {
         Some(state) => state,
         None if target_position.is_some() => {
             return Err(Error::definite(format!(
@@ -369,7 +342,7 @@ async fn pipeline(
                 .await
                 .map_err(|e| error::pg(format!("Creating replication slot {slot}"), e))?;
             tracing::info!(slot, at = row.get::<_, String>(0), "created the replication slot");
-            slot_state(&source, slot).await?.ok_or_else(|| {
+            slot_info(&source, slot).await?.ok_or_else(|| {
                 Error::transient(format!("Replication slot {slot} vanished right after creation"))
             })?
         }

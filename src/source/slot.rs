@@ -43,18 +43,7 @@ impl std::fmt::Debug for ExportedSnapshot {
 /// Slot names reach the server unquoted (the transport splices them into
 /// `START_REPLICATION`), so only names that need no quoting are accepted.
 pub fn validate_slot_name(slot: &str) -> Result<()> {
-    let valid = !slot.is_empty()
-        && slot.len() <= 63
-        && slot
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if valid {
-        Ok(())
-    } else {
-        Err(Error::config(format!(
-            "Replication slot name {slot:?} is not usable: use 1 to 63 lower-case letters, digits and underscores"
-        )))
-    }
+    crate::config::validate_identifier(slot, "Replication slot name")
 }
 
 /// Creates the logical slot `slot` (pgoutput) on a gated replication session and exports
