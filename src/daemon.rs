@@ -417,15 +417,15 @@ async fn pipeline(
     status.update(|s| {
         s.applied_lsn = target_position.as_ref().map(|p| p.applied_lsn);
         s.caught_up_lsn = target_position.as_ref().map(|p| p.caught_up_lsn);
-        if s.state == DaemonState::Starting {
+        // After a copy too: the copy's state ends here.
+        if s.state != DaemonState::Stalled {
             s.state = DaemonState::Streaming;
         }
     });
     for table in &tables {
-        status.set_table(
-            &table.name.qualified(),
+        status.set_table_state(
+            &table.name.to_string(),
             crate::control::TableState::Streaming,
-            0,
         );
     }
 

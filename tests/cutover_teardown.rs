@@ -129,3 +129,25 @@ async fn teardown_refuses_until_safe_then_drops_everything() {
         show(&output)
     );
 }
+
+#[tokio::test]
+async fn teardown_works_on_a_source_frozen_by_cutover() {
+    let setup = Setup::new("").await;
+    setup
+        .source
+        .batch_execute(
+            "CREATE TABLE public.t (id int PRIMARY KEY);
+             CREATE PUBLICATION sluice FOR TABLE public.t;",
+        )
+        .await
+        .unwrap();
+    for sql in [
+        "SELECT pg_create_logical_replication_slot('sluice', 'pgoutput')",
+        "ALTER DATABASE src SET default_transaction_read_only = on",
+    ] {
+        setup.source.batch_execute(sql).await.unwrap();
+    }
+    let output = setup.sluice(&["teardown", "--yes"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    assert_eq!(leftovers(&setup).await, (0, 0, 0));
+}

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::sluice::{Daemon, Pair};
+use crate::support::sluice::{sluice, Daemon, Pair};
 
 const SCHEMA: &str = "
 CREATE TABLE orders (id bigint PRIMARY KEY, customer int NOT NULL, amount numeric(12,2), note text);
@@ -92,6 +92,18 @@ async fn the_copy_and_the_stream_meet_without_gap_or_overlap() {
     assert!(written > 10, "writes ran during the copy ({written})");
     pair.wait_caught_up(&daemon).await;
     assert_all_same(&pair).await;
+    let (code, out, err) = sluice(&["status", "--json", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["state"], "streaming", "{out}");
+    let orders = status["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "public.orders")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(orders["state"], "streaming", "{out}");
+    assert!(orders["rows_copied"].as_u64().unwrap() >= 200_000, "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -42,6 +42,12 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
         )));
     }
     let (source, target) = super::connect_both(config).await?;
+    // After `cutover --freeze-source` the source database defaults to read-only
+    // transactions; teardown's own session must still be able to drop the publication.
+    source
+        .batch_execute("SET default_transaction_read_only = off")
+        .await
+        .map_err(|e| error::pg("Preparing the teardown session on the source", e))?;
     let slot_exists = match slot_state(&source, slot).await? {
         Some(Some(pid)) => {
             return Err(Error::definite(format!(
