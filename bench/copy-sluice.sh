@@ -21,7 +21,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 if [ -z "${SHARED_BENCH:-}" ]; then
   # The main checkout sits beside shared/; a worktree one level deeper.
-  for d in "$REPO/../shared/bench" "$REPO/../../shared/bench"; do
+  for d in "$HERE" "$REPO/../shared/bench" "$REPO/../../shared/bench"; do
     [ -x "$d/copy.sh" ] && { SHARED_BENCH=$(cd "$d" && pwd); break; }
   done
 fi
