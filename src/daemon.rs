@@ -310,7 +310,16 @@ async fn pipeline(
             status: status.clone(),
             progress: std::io::stderr().is_terminal(),
         };
-        let outcome = snapshot::initial_copy(&context).await?;
+        // A stop request ends the copy at once: only finished chunks are recorded, so the
+        // next start resumes where this one was, under a new snapshot if needed.
+        let mut stop = shutdown.clone();
+        let outcome = tokio::select! {
+            outcome = snapshot::initial_copy(&context) => outcome?,
+            _ = stop.changed() => {
+                tracing::info!("stopping in the middle of the initial copy; the next start resumes it");
+                return Ok(());
+            }
+        };
         tracing::info!(
             tables = outcome.tables_copied,
             rows = outcome.rows,

@@ -142,3 +142,41 @@ async fn a_copy_killed_midway_resumes_and_ends_exactly_once() {
     pair.wait_caught_up(&daemon).await;
     assert_all_same(&pair).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_the_copy_stops_promptly_and_the_next_start_finishes_it() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    seed(&pair).await;
+    let config = pair.config("[copy]\nenabled = true\njobs = 1\n");
+    // Hold the copy up at one table (SHARE blocks its COPY, not the checks that read it):
+    // the copy is provably in the middle when asked to stop.
+    let blocker = pair.target_client().await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE events IN SHARE MODE")
+        .await
+        .unwrap();
+    // Not start_daemon: the slot is not active while the copy holds its snapshot.
+    let mut daemon = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
+    wait_for_log(&daemon, "planned").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let asked = Instant::now();
+    let status = daemon.terminate();
+    assert!(status.success(), "{}", daemon.log());
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        asked.elapsed()
+    );
+    assert!(
+        daemon
+            .log()
+            .contains("stopping in the middle of the initial copy"),
+        "{}",
+        daemon.log()
+    );
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let daemon = pair.start_daemon(&config).await;
+    wait_for_log(&daemon, "initial copy finished").await;
+    pair.wait_caught_up(&daemon).await;
+    assert_all_same(&pair).await;
+}
