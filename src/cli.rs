@@ -107,7 +107,12 @@ pub fn main() -> i32 {
     };
     init_logging(cli.log_format);
     crate::tls::install_crypto_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: the pipeline hands every row change from task to task (transport,
+    // reader, builder, executor, connection), and across threads each hand-off costs a
+    // futex wake-up that outweighs the work. Measured: several times the CPU per change
+    // with the multi-threaded runtime (docs/benchmarks.md). Disk syncs run on the
+    // blocking pool.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -463,7 +463,7 @@ impl Executor {
             caught_up_lsn: caught_up,
             acked_lsn: self.position.acked_lsn.max(caught_up),
         };
-        self.checkpoint()?;
+        self.checkpoint().await?;
         let position = self.position;
         self.status.update(|s| {
             s.applied_lsn = Some(position.applied_lsn);
@@ -496,7 +496,7 @@ impl Executor {
         result.map_err(|e| self.apply_error("recording the keepalive position", e))?;
         self.position.caught_up_lsn = wal_end;
         self.position.acked_lsn = self.position.acked_lsn.max(wal_end);
-        self.checkpoint()?;
+        self.checkpoint().await?;
         self.status.update(|s| {
             s.caught_up_lsn = Some(wal_end);
             s.lag_seconds = Some(0.0);
@@ -526,11 +526,14 @@ impl Executor {
         )
     }
 
-    /// sled, then the slot: only after the target commit.
-    fn checkpoint(&mut self) -> Result<()> {
+    /// sled, then the slot: only after the target commit. The flush is a disk sync, so it
+    /// runs off the runtime's thread.
+    async fn checkpoint(&mut self) -> Result<()> {
         let store = self.store.clone();
         let position = self.position;
-        tokio::task::block_in_place(|| store.save_position(&position))?;
+        tokio::task::spawn_blocking(move || store.save_position(&position))
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::Definite, "Saving the checkpoint", e))??;
         let _ = self.acks.send(position.caught_up_lsn);
         Ok(())
     }
