@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::SinkExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
@@ -35,6 +35,8 @@ pub enum Work {
         plan: Arc<TablePlan>,
         run: Run,
         lsn: Lsn,
+        /// The run's rows in flight; released when the run has been executed.
+        rows: OwnedSemaphorePermit,
     },
     /// A statement such as TRUNCATE.
     Sql { what: String, sql: String, lsn: Lsn },
@@ -140,7 +142,12 @@ impl Executor {
 
     async fn execute(&mut self, work: Work) -> Result<()> {
         match work {
-            Work::Run { plan, run, lsn } => {
+            Work::Run {
+                plan,
+                run,
+                lsn,
+                rows: _in_flight,
+            } => {
                 self.lsn = lsn;
                 self.begin().await?;
                 match run {

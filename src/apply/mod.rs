@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
@@ -64,8 +64,12 @@ use target::TargetTable;
 const MAX_PENDING_BYTES: usize = 32 << 20;
 /// At most this often, an idle stream's keepalive position is written and acknowledged.
 const KEEPALIVE_ACK_INTERVAL: Duration = Duration::from_millis(500);
-/// Runs waiting for the executor, at most.
-const WORK_QUEUE: usize = 32;
+/// Work items waiting for the executor, at most (rows are bounded separately).
+const WORK_QUEUE: usize = 64;
+/// Rows handed to the executor and not yet executed, at most, in batches: with the pending
+/// batch that makes three batches' worth of rows in memory when the target is the
+/// bottleneck, whatever the backlog.
+const BATCHES_IN_FLIGHT: usize = 2;
 
 #[derive(Debug, Clone)]
 pub struct ApplyOptions {
@@ -124,6 +128,9 @@ pub struct TargetClients {
 
 pub struct Applier {
     catalog: Client,
+    /// Permits for rows handed to the executor and not yet executed.
+    in_flight: Arc<Semaphore>,
+    rows_in_flight_limit: usize,
     work: mpsc::Sender<Work>,
     executor: Option<JoinHandle<Result<()>>>,
     options: ApplyOptions,
@@ -173,8 +180,13 @@ impl Applier {
         .await?;
         let (work, queue) = mpsc::channel(WORK_QUEUE);
         let executor = tokio::spawn(executor.run(queue));
+        let rows_in_flight_limit = (options.batch_max_rows * BATCHES_IN_FLIGHT)
+            .min(Semaphore::MAX_PERMITS)
+            .min(u32::MAX as usize);
         Ok(Applier {
             catalog: target.catalog,
+            in_flight: Arc::new(Semaphore::new(rows_in_flight_limit)),
+            rows_in_flight_limit,
             work,
             executor: Some(executor),
             options,
@@ -619,10 +631,18 @@ impl Applier {
         for (oid, queue) in self.pending.drain() {
             let plan = self.plans[&oid].clone();
             for run in queue.runs {
+                let wanted = run.rows().clamp(1, self.rows_in_flight_limit) as u32;
+                let rows = self
+                    .in_flight
+                    .clone()
+                    .acquire_many_owned(wanted)
+                    .await
+                    .map_err(|_| Error::transient("The apply session stopped"))?;
                 self.send(Work::Run {
                     plan: plan.clone(),
                     run,
                     lsn,
+                    rows,
                 })
                 .await?;
             }

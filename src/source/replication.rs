@@ -52,8 +52,9 @@ pub fn replication_config(
     // confirmed_flush_lsn is what releases WAL and what cutover scripts watch.
     .with_status_interval(Duration::from_millis(100))
     .with_wakeup_interval(Duration::from_secs(1))
-    // Bounded: the stream never runs far ahead of the applier.
-    .with_buffer_size(2048);
+    // Bounded: the stream never runs far ahead of the applier, and a full buffer leaves the
+    // data in the socket, where the walsender batches its sends.
+    .with_buffer_size(512);
     if !conn.is_unix_socket() {
         config = config.with_tls(tls::replication_tls(conn)?);
     }

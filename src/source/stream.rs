@@ -89,6 +89,9 @@ pub struct Reader {
 /// Items per hand-over to the applier, at most: one channel operation and one wake-up per
 /// batch rather than per row change.
 const BATCH: usize = 256;
+/// A batch smaller than this means the reader is ahead of the source: it waits `COALESCE`.
+const TRICKLE: usize = 32;
+const COALESCE: Duration = Duration::from_millis(1);
 
 /// The reader's decoding state across events.
 struct ReadState {
@@ -137,8 +140,17 @@ impl Reader {
                     next = self.client.recv().now_or_never();
                 }
             }
+            let trickle = batch.len() < TRICKLE;
             if !batch.is_empty() && self.items.send(batch).await.is_err() {
                 return Ok(());
+            }
+            if trickle {
+                // Only a few messages were waiting: let the socket fill for a moment. A reader
+                // that keeps the walsender's socket empty makes it send (and pay a system call
+                // for) every message on its own; measured, that costs the source more CPU
+                // than the whole apply (docs/benchmarks.md). 1 ms is far below
+                // apply.batch_max_delay.
+                tokio::time::sleep(COALESCE).await;
             }
         }
     }
