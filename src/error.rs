@@ -172,9 +172,34 @@ pub fn pg(context: impl Into<String>, error: tokio_postgres::Error) -> Error {
             ErrorKind::Apply => ErrorKind::Definite,
             kind => kind,
         },
+        // A certificate the client rejects, or a server without TLS under sslmode=require,
+        // stays so however often we retry.
+        None if is_tls_refusal(&error) => ErrorKind::Definite,
         None => ErrorKind::Transient,
     };
     Error::with_source(kind, context, error)
+}
+
+fn is_tls_refusal(error: &tokio_postgres::Error) -> bool {
+    if error.to_string().contains("does not support TLS") {
+        return true;
+    }
+    let mut next = StdError::source(error);
+    while let Some(cause) = next {
+        if cause.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+            {
+                return true;
+            }
+        }
+        next = cause.source();
+    }
+    false
 }
 
 /// Wraps an error from the replication transport. Server messages are classified by what

@@ -29,3 +29,4 @@ mod ops_status;
 mod run_copy;
 mod run_failures;
 mod run_stream;
+mod run_tls;
