@@ -233,6 +233,21 @@ pub async fn ensure_publication(
         .map_err(|e| error::pg("Looking up the publication on the source", e))?
         .is_some();
     if !exists {
+        // Publishing a table without a replica identity makes every UPDATE and DELETE on it
+        // fail on the source itself: sluice must not break the application it migrates.
+        let unmatched: Vec<String> = tables
+            .iter()
+            .filter(|t| {
+                t.replica_identity == 'n' || (t.replica_identity == 'd' && !t.has_primary_key)
+            })
+            .map(|t| t.name.qualified())
+            .collect();
+        if !unmatched.is_empty() {
+            return Err(Error::definite(format!(
+                "These selected tables have no primary key and no replica identity: {}. Publishing them would make every UPDATE and DELETE on them fail on the source. Give each a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL (or USING INDEX), or exclude them in [tables]",
+                unmatched.join(", ")
+            )));
+        }
         let list: Vec<String> = tables.iter().map(|t| t.name.quoted()).collect();
         let statement = format!(
             "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",

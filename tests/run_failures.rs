@@ -423,3 +423,24 @@ async fn a_state_dir_of_another_slot_is_refused_and_an_idle_slot_still_advances(
     assert!(stderr.contains("belongs to another migration"), "{stderr}");
     let _unused: Option<Daemon> = None;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_without_replica_identity_is_refused_before_it_breaks_the_source() {
+    let pair = Pair::with_schema(&format!("{SCHEMA}\nCREATE TABLE keyless (v int);")).await;
+    pair.source_client()
+        .await
+        .batch_execute("INSERT INTO keyless VALUES (1)")
+        .await
+        .unwrap();
+    let config = pair.config("");
+    let (code, _, stderr) = sluice(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("public.keyless"), "{stderr}");
+    assert!(stderr.contains("REPLICA IDENTITY"), "{stderr}");
+    // Nothing was published: the application can still update the table.
+    pair.source_client()
+        .await
+        .batch_execute("UPDATE keyless SET v = 2")
+        .await
+        .unwrap();
+}
