@@ -3,7 +3,7 @@
 # the shared initial-copy benchmark, without editing it.
 #
 # usage: bench/copy-sluice.sh [ROUNDS]
-#   env: COPY_METHODS (default "stdout sluice pgcopydb"), SHARED_BENCH (../shared/bench),
+#   env: COPY_METHODS (default "stdout sluice pgcopydb"; add sluicerun to time `sluice run` itself), SHARED_BENCH (../shared/bench),
 #        SLUICE_COPY_BIN (the test binary; built with `cargo test --release --no-run` when unset),
 #        SLUICE_BENCH_JOBS (2), SLUICE_BENCH_SPLIT ("256MB").
 #
@@ -28,13 +28,16 @@ fi
 SHARED_BENCH=${SHARED_BENCH:-$REPO/../shared/bench}
 [ -x "$SHARED_BENCH/copy.sh" ] || { echo "no copy.sh in $SHARED_BENCH: set SHARED_BENCH" >&2; exit 2; }
 
-if [ -z "${SLUICE_COPY_BIN:-}" ]; then
-  SLUICE_COPY_BIN=$(cd "$REPO" && cargo test --release --test main --no-run --message-format=json 2>/dev/null \
-    | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
-  [ -x "$SLUICE_COPY_BIN" ] || { echo "could not build the test binary" >&2; exit 2; }
-fi
-export SLUICE_COPY_BIN SHARED_BENCH
 export COPY_METHODS=${COPY_METHODS:-"stdout sluice pgcopydb"}
+# The test-binary driver is only needed by the `sluice` method.
+if [[ " $COPY_METHODS " == *" sluice "* ]]; then
+  if [ -z "${SLUICE_COPY_BIN:-}" ]; then
+    SLUICE_COPY_BIN=$(cd "$REPO" && cargo test --release --test main --no-run --message-format=json 2>/dev/null \
+      | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+    [ -x "$SLUICE_COPY_BIN" ] || { echo "could not build the test binary" >&2; exit 2; }
+  fi
+  export SLUICE_COPY_BIN SHARED_BENCH
+fi
 
 copy_sluice() {
   local db=$1 dump=$BENCH_ROOT/runs/sluice_schema.dump slot=sluice_bench
@@ -51,9 +54,44 @@ copy_sluice() {
   [ $st = 0 ] || { tail -20 "$BENCH_ROOT/runs/sluice_copy.log" >&2; return 1; }
   "$PGBIN/pg_restore" -h $BENCH_HOST -p $TGT_PORT -d "$db" --no-owner -j 2 --section=post-data "$dump" || return 1
 }
+# sluicerun: the real command: `sluice run` with the copy enabled (schema pre-data first, as
+# `sluice schema` leaves it), until `sluice status` reports streaming; then the indexes and
+# constraints (post-data, -j 2). SLUICE_BIN names the release binary.
+copy_sluicerun() {
+  local db=$1 dump=$BENCH_ROOT/runs/sluice_schema.dump dir=$BENCH_ROOT/runs/sluicerun
+  local slot=sluice_bench_run
+  mkdir -p "$BENCH_ROOT/runs"; rm -rf "$dir"; mkdir -p "$dir"
+  "$PGBIN/pg_dump" -h $BENCH_HOST -p $SRC_PORT -Fc --schema-only --no-publications --no-subscriptions -f "$dump" big || return 1
+  "$PGBIN/pg_restore" -h $BENCH_HOST -p $TGT_PORT -d "$db" --no-owner --section=pre-data "$dump" || return 1
+  spsql big -c "select pg_drop_replication_slot('$slot') from pg_replication_slots where slot_name = '$slot'" -c "drop publication if exists $slot" >/dev/null
+  cat > "$dir/sluice.toml" <<TOML
+[source]
+url = "$(src_uri big)"
+slot = "$slot"
+publication = "$slot"
+[target]
+url = "$(tgt_uri "$db")"
+[copy]
+jobs = ${SLUICE_BENCH_JOBS:-2}
+split_tables_larger_than = "${SLUICE_BENCH_SPLIT:-256MB}"
+[state]
+dir = "$dir/state"
+TOML
+  "${SLUICE_BIN:-sluice}" run --config "$dir/sluice.toml" > "$dir/run.log" 2>&1 &
+  local pid=$! st=1
+  for _ in $(seq 1 3000); do
+    if "${SLUICE_BIN:-sluice}" status --json --config "$dir/sluice.toml" 2>/dev/null | grep -q '"state": "streaming"'; then st=0; break; fi
+    kill -0 $pid 2>/dev/null || break
+    sleep 0.2
+  done
+  kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null
+  spsql big -c "select pg_drop_replication_slot('$slot') from pg_replication_slots where slot_name = '$slot'" -c "drop publication if exists $slot" >/dev/null
+  [ $st = 0 ] || { tail -20 "$dir/run.log" >&2; return 1; }
+  "$PGBIN/pg_restore" -h $BENCH_HOST -p $TGT_PORT -d "$db" --no-owner -j 2 --section=post-data "$dump" || return 1
+}
 copy_stdout() {
   spsql big -c "select format('%I.%I', schemaname, tablename) from pg_tables where schemaname = 'public'" \
     | xargs -P 2 -I{} "$PGBIN/psql" -X -q -h $BENCH_HOST -p $SRC_PORT -d big -c "\\copy {} to '/dev/null'"
 }
-export -f copy_sluice copy_stdout
+export -f copy_sluice copy_sluicerun copy_stdout
 exec "$SHARED_BENCH/copy.sh" "$@"
