@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::sluice::{sluice, Daemon, Pair};
+use crate::support::sluice::{sluice, Pair};
 
 const SCHEMA: &str = "
 CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL);
@@ -421,7 +421,6 @@ async fn a_state_dir_of_another_slot_is_refused_and_an_idle_slot_still_advances(
     let (code, _, stderr) = sluice(&["run", "--config", other_config.to_str().unwrap()]);
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("belongs to another migration"), "{stderr}");
-    let _unused: Option<Daemon> = None;
 }
 
 #[tokio::test(flavor = "multi_thread")]

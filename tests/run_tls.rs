@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::sluice::{sluice, Daemon, Pair};
+use crate::support::sluice::{sluice, Pair};
 
 /// A CA and a server certificate for `localhost` / 127.0.0.1, in `dir`.
 fn make_certificates(dir: &Path) {
@@ -159,5 +159,4 @@ async fn sslmode_verify_full_streams_over_tls_and_a_wrong_ca_is_definite() {
         started.elapsed()
     );
     assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
-    let _unused: Option<Daemon> = None;
 }
