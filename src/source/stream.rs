@@ -120,7 +120,7 @@ impl Reader {
                     self.client.update_applied_lsn(lsn.into());
                     continue;
                 }
-                event = tokio::time::timeout(SILENCE_LIMIT, self.client.recv()) => match event {
+                event = tokio::time::timeout(SILENCE_LIMIT, receive(&mut self.client)) => match event {
                     Ok(event) => event,
                     Err(_) => {
                         return Err(Error::transient(format!(
@@ -137,7 +137,7 @@ impl Reader {
                     batch.push(item);
                 }
                 if batch.len() < BATCH {
-                    next = self.client.recv().now_or_never();
+                    next = receive(&mut self.client).now_or_never();
                 }
             }
             let trickle = batch.len() < TRICKLE;
@@ -335,6 +335,22 @@ impl Reader {
     }
 }
 
+/// One receive from the transport, shielded from tokio's cooperative budget.
+///
+/// When the replication connection dies, pgwire-replication's `recv` first sees its channel
+/// close, then takes the worker's join handle and awaits it for the real error. Both steps
+/// spend budget: if the channel step spends the last unit, the join returns `Pending`, and our
+/// `now_or_never` (or the `select!` on acknowledgements) drops the future with the handle in
+/// it. The error is gone and every later receive says only "replication worker already
+/// joined" (seen in CI: a dropped connection made the daemon exit instead of reconnecting).
+/// Unconstrained, a closed channel on our current-thread runtime always finds the worker
+/// finished, so the join completes in the same poll.
+async fn receive(
+    client: &mut ReplicationClient,
+) -> std::result::Result<Option<ReplicationEvent>, pgwire_replication::PgWireError> {
+    tokio::task::unconstrained(client.recv()).await
+}
+
 /// The transport's result for one receive, as an event or our error.
 fn received(
     result: std::result::Result<Option<ReplicationEvent>, pgwire_replication::PgWireError>,
@@ -342,6 +358,65 @@ fn received(
     match result {
         Ok(Some(event)) => Ok(event),
         Ok(None) => Err(Error::transient("The source ended the replication stream")),
+        // Only reachable if a receive was cancelled mid-join despite `receive`: the session
+        // is over and its error lost. Reconnecting is right either way: a definite cause
+        // (slot dropped, permission revoked) shows again when the stream restarts.
+        Err(pgwire_replication::PgWireError::Internal(message))
+            if message.contains("already joined") =>
+        {
+            Err(Error::transient(format!(
+                "The replication connection ended and its error was lost ({message}); reconnecting"
+            )))
+        }
         Err(e) => Err(error::replication("Reading the replication stream", e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transport_whose_error_was_lost_is_reconnected_not_abandoned() {
+        let lost =
+            pgwire_replication::PgWireError::Internal("replication worker already joined".into());
+        let error = received(Err(lost)).unwrap_err();
+        assert!(error.is_transient(), "{}", error.report());
+        assert!(
+            error.report().contains("reconnecting"),
+            "{}",
+            error.report()
+        );
+    }
+
+    #[test]
+    fn other_internal_errors_keep_their_classification() {
+        let other = pgwire_replication::PgWireError::Internal("bad state".into());
+        assert_eq!(
+            received(Err(other)).unwrap_err().kind(),
+            ErrorKind::Definite
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_receive_is_not_cut_short_by_the_cooperative_budget() {
+        // Spend the task's whole budget, as a long batch of receives does; an unconstrained
+        // future still completes in one poll.
+        let (tx, mut rx) = mpsc::channel::<u8>(1024);
+        for _ in 0..1024 {
+            tx.try_send(1).unwrap();
+        }
+        let mut received = 0;
+        while rx.recv().now_or_never().is_some() {
+            received += 1;
+        }
+        assert!(
+            received < 1024,
+            "the budget never ran out: the test proves nothing"
+        );
+        assert_eq!(
+            tokio::task::unconstrained(rx.recv()).now_or_never(),
+            Some(Some(1))
+        );
     }
 }
