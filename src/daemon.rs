@@ -53,7 +53,8 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
         tracing::info!("stop requested: finishing the open target transaction");
         let _ = shutdown_tx.send(true);
     });
-    let store = Store::open(&config.state.dir)?;
+    // A `sluice status` reading the checkpoint holds it for a moment: wait that out.
+    let store = Store::open_waiting(&config.state.dir, std::time::Duration::from_secs(5))?;
     // Held for the daemon's lifetime: dropping it stops the server and removes the socket.
     let _socket = crate::control::socket::serve(&config.state.dir, status.clone())?;
     let metrics = match options.metrics_addr {
