@@ -79,16 +79,8 @@ async fn a_dead_copy_connection_is_retried_under_the_same_snapshot() {
         !state::done_chunks(&store, &big(), 0).unwrap().is_empty()
     })
     .await;
-    let killed: i64 = pair
-        .src
-        .query_one(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
-             FROM pg_stat_activity WHERE application_name = 'sluice copy'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let killed =
+        crate::support::terminate_backends(&pair.src, "application_name = 'sluice copy'").await;
     let finished_when_killed = state::load_tables(&store).unwrap()[0].finished;
     assert_eq!(status.snapshot().tables[0].state, TableState::Copying);
     assert_eq!(killed, 1, "one copy backend was running");
@@ -337,16 +329,7 @@ async fn a_snapshot_lost_in_the_middle_is_replaced_in_the_same_call() {
         !state::done_chunks(&store, &big(), 0).unwrap().is_empty()
     })
     .await;
-    let killed: i64 = pair
-        .src
-        .query_one(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid))
-             FROM pg_stat_activity WHERE backend_type = 'walsender'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let killed = crate::support::terminate_backends(&pair.src, "backend_type = 'walsender'").await;
     assert_eq!(killed, 1);
     assert!(!state::load_tables(&store).unwrap()[0].finished);
 

@@ -58,12 +58,7 @@ async fn daemon_stand_in(setup: &Setup) -> tokio::task::JoinHandle<()> {
                 return;
             };
             let lsn: String = row.get(0);
-            let _ = target
-                .execute(
-                    sluice::checkpoint::UPSERT_POSITION_SQL,
-                    &[&"sluice", &"0", &lsn, &lsn],
-                )
-                .await;
+            let _ = crate::support::record_position(&target, "0", &lsn).await;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
@@ -175,12 +170,7 @@ async fn cutover_dry_run_changes_nothing_and_without_progress_it_stops() {
     sluice::checkpoint::ensure_position_table(&setup.target)
         .await
         .unwrap();
-    setup
-        .target
-        .execute(
-            sluice::checkpoint::UPSERT_POSITION_SQL,
-            &[&"sluice", &"0", &"0/0", &"0/0"],
-        )
+    crate::support::record_position(&setup.target, "0", "0/0")
         .await
         .unwrap();
     let output = setup.sluice(&["cutover", "--timeout", "1s"]).await;

@@ -136,12 +136,7 @@ async fn verify_rechecks_a_range_that_was_still_in_flight() {
     sluice::checkpoint::ensure_position_table(&setup.target)
         .await
         .unwrap();
-    setup
-        .target
-        .execute(
-            sluice::checkpoint::UPSERT_POSITION_SQL,
-            &[&"sluice", &"0", &"0/0", &"0/0"],
-        )
+    crate::support::record_position(&setup.target, "0", "0/0")
         .await
         .unwrap();
     setup
@@ -165,11 +160,7 @@ async fn verify_rechecks_a_range_that_was_still_in_flight() {
                 .await
                 .unwrap()
                 .get(0);
-            target
-                .execute(
-                    sluice::checkpoint::UPSERT_POSITION_SQL,
-                    &[&"sluice", &"0", &lsn, &lsn],
-                )
+            crate::support::record_position(&target, "0", &lsn)
                 .await
                 .unwrap();
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;

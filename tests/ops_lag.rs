@@ -166,11 +166,7 @@ async fn lag_until_below_with_the_daemon_down_follows_a_source_under_load() {
     let record = |lsn: String| {
         let target = &target;
         async move {
-            target
-                .execute(
-                    checkpoint::UPSERT_POSITION_SQL,
-                    &[&"sluice", &"7300000000000000001", &lsn, &lsn],
-                )
+            crate::support::record_position(target, "7300000000000000001", &lsn)
                 .await
                 .unwrap();
         }

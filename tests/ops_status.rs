@@ -41,11 +41,7 @@ async fn status_with_the_daemon_down_reads_the_slot_the_target_row_and_the_check
         .get(0);
     // The target has applied up to the slot's start; then the source moves on.
     checkpoint::ensure_position_table(&target).await.unwrap();
-    target
-        .execute(
-            checkpoint::UPSERT_POSITION_SQL,
-            &[&"sluice", &"7300000000000000001", &confirmed, &confirmed],
-        )
+    crate::support::record_position(&target, "7300000000000000001", &confirmed)
         .await
         .unwrap();
     source

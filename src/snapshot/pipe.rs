@@ -133,7 +133,7 @@ impl Worker {
         // COPY data is a byte stream: message boundaries need not match rows. Rows are
         // gathered into large CopyData messages, so the target connection handles one message
         // (and one write) per `COALESCE_BYTES` instead of per 4 kB (tokio-postgres's own
-        // threshold), which measured ~30% less CPU in sluice for the same copy
+        // threshold), which measured a quarter less CPU in sluice for the same copy
         // (docs/benchmarks.md).
         let mut gathered = bytes::BytesMut::with_capacity(COALESCE_BYTES);
         while let Some(data) = stream.next().await {
