@@ -113,8 +113,13 @@ async fn the_socket_is_owner_only_and_other_users_are_refused() {
         eprintln!("not root: the non-owner connection attempt is skipped, modes were checked");
         return;
     };
+    // The build's own binary may sit under a directory only root can enter (a clone in a
+    // `mktemp -d`): the other user runs a copy from the opened-up temp dir.
+    let binary = dir.path().join("sluice");
+    std::fs::copy(env!("CARGO_BIN_EXE_sluice"), &binary).unwrap();
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
     let as_postgres = || {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+        let mut command = std::process::Command::new(&binary);
         command
             .arg("--config")
             .arg(&config)
