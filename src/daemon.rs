@@ -343,6 +343,16 @@ async fn pipeline(
             "initial copy finished; streaming from its consistent point"
         );
     }
+    // What `sluice schema` deferred and no copy built (the copy is off: the target was
+    // loaded some other way; or `schema` ran again for more tables): before streaming, as
+    // apply needs the primary keys.
+    let built = crate::cutover::schema::apply_deferred_ddl(&target).await?;
+    if built > 0 {
+        tracing::info!(
+            statements = built,
+            "created the deferred indexes and constraints before streaming"
+        );
+    }
     let table_sync = snapshot::table_sync_positions(store)?;
     // On Citus the position row must commit atomically with distributed writes: as a
     // reference table it makes every apply commit two-phase (docs/citus.md).

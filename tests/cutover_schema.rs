@@ -1,6 +1,7 @@
 //! `sluice schema` into an empty target: types, enum, domain, serial, identity, a shared
-//! sequence, a partitioned table; the primary keys now, indexes and foreign keys deferred
-//! and created later by `apply_deferred_ddl`; existing tables left alone or recreated.
+//! sequence, a partitioned table; indexes, foreign keys and (with the copy on) primary keys
+//! deferred and created later by `apply_deferred_ddl`, each tagged with the table whose copy
+//! it waits for; existing tables left alone or recreated.
 
 use crate::cutover_common::{show, stdout, Setup};
 
@@ -78,14 +79,56 @@ async fn schema_into_an_empty_target_defers_indexes_and_foreign_keys() {
         "{out}"
     );
 
+    assert!(
+        out.contains("DEFERRED CONSTRAINT public.customers customers_pkey"),
+        "{out}"
+    );
+
     let t = &setup.target;
-    // Tables with their primary keys, the excluded table not at all, no data.
+    // Tables without their primary keys (the copy loads them first), the excluded table
+    // not at all, no data.
     for table in ["customers", "orders", "items", "events", "events_1"] {
         assert!(
-            exists(t, &format!("SELECT 1 FROM pg_constraint WHERE contype = 'p' AND conrelid = 'public.{table}'::regclass")).await,
-            "primary key of {table}\n{out}"
+            !exists(t, &format!("SELECT 1 FROM pg_constraint WHERE contype = 'p' AND conrelid = 'public.{table}'::regclass")).await,
+            "primary key of {table} before the copy\n{out}"
         );
     }
+    // Each statement waits for its root table; foreign keys for every table.
+    let tagged: Vec<(String, Option<String>)> = t
+        .query(
+            "SELECT split_part(statement, E'\n', 1), table_name FROM sluice.deferred_ddl ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let table_of = |title: &str| {
+        tagged
+            .iter()
+            .find(|(t, _)| t == title)
+            .unwrap_or_else(|| panic!("{title} not deferred: {tagged:?}"))
+            .1
+            .clone()
+    };
+    let orders = Some("\"public\".\"orders\"".to_string());
+    let events = Some("\"public\".\"events\"".to_string());
+    assert_eq!(table_of("-- INDEX public.orders_note_idx"), orders);
+    assert_eq!(table_of("-- CONSTRAINT public.orders orders_pkey"), orders);
+    assert_eq!(
+        table_of("-- CONSTRAINT public.customers customers_name_key"),
+        Some("\"public\".\"customers\"".to_string())
+    );
+    assert_eq!(
+        table_of("-- CONSTRAINT public.events_1 events_1_pkey"),
+        events
+    );
+    assert_eq!(table_of("-- INDEX ATTACH public.events_1_k_idx"), events);
+    assert_eq!(
+        table_of("-- FK CONSTRAINT public.orders orders_customer_id_fkey"),
+        None
+    );
     assert!(!exists(t, "SELECT 1 FROM pg_class WHERE relname = 'audit'").await);
     assert_eq!(count(t, "SELECT count(*) FROM public.customers").await, 0);
     // Types: enum labels, the domain's check, the composite and range types.
@@ -155,8 +198,8 @@ async fn schema_into_an_empty_target_defers_indexes_and_foreign_keys() {
     )
     .await;
     assert!(
-        deferred >= 5,
-        "index, 2 partition indexes + attach, unique, FK: {deferred}"
+        deferred >= 11,
+        "index, 2 partition indexes + attach, unique, FK, 6 primary keys + attach: {deferred}"
     );
 
     // The copy would run here; then sluice run creates the deferred objects.
@@ -180,6 +223,12 @@ async fn schema_into_an_empty_target_defers_indexes_and_foreign_keys() {
         .await
     );
     assert!(exists(t, "SELECT 1 FROM pg_index WHERE indexrelid = 'public.events_k_idx'::regclass AND indisvalid").await);
+    for table in ["customers", "orders", "items", "events", "events_1"] {
+        assert!(
+            exists(t, &format!("SELECT 1 FROM pg_constraint WHERE contype = 'p' AND conrelid = 'public.{table}'::regclass")).await,
+            "primary key of {table} after the deferred DDL"
+        );
+    }
     assert_eq!(
         count(
             t,
@@ -229,6 +278,32 @@ async fn schema_into_an_empty_target_defers_indexes_and_foreign_keys() {
             .await
             .unwrap() as i64,
         deferred
+    );
+}
+
+#[tokio::test]
+async fn without_the_copy_primary_keys_are_created_at_once() {
+    // The target is loaded some other way: apply needs the keys from the first change.
+    let setup = Setup::new("[copy]\nenabled = false\n").await;
+    setup
+        .source
+        .batch_execute(
+            "CREATE TABLE public.a (id int PRIMARY KEY, v text);
+             CREATE INDEX a_v_idx ON public.a (v);",
+        )
+        .await
+        .unwrap();
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    let out = stdout(&output);
+    assert!(out.contains("CREATED CONSTRAINT public.a a_pkey"), "{out}");
+    assert!(out.contains("DEFERRED INDEX public.a_v_idx"), "{out}");
+    assert!(
+        exists(
+            &setup.target,
+            "SELECT 1 FROM pg_constraint WHERE contype = 'p' AND conrelid = 'public.a'::regclass"
+        )
+        .await
     );
 }
 

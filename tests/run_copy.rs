@@ -180,3 +180,142 @@ async fn sigterm_during_the_copy_stops_promptly_and_the_next_start_finishes_it()
     pair.wait_caught_up(&daemon).await;
     assert_all_same(&pair).await;
 }
+
+const SCHEMA_WITH_KEYS: &str = "
+CREATE TABLE orders (id bigint PRIMARY KEY, customer int NOT NULL, amount numeric(12,2), note text);
+CREATE INDEX orders_customer_idx ON orders (customer);
+CREATE TABLE events (id bigserial PRIMARY KEY, order_id bigint REFERENCES orders (id), kind text, at timestamptz DEFAULT now());
+CREATE TABLE tags (name text, weight int);
+ALTER TABLE tags REPLICA IDENTITY FULL;
+";
+
+/// A pair whose target is empty: `sluice schema` creates it (primary keys deferred).
+async fn pair_through_sluice_schema(config_extra: &str) -> (Pair, std::path::PathBuf) {
+    let pair = Pair::with_schema("").await;
+    pair.source_client()
+        .await
+        .batch_execute(SCHEMA_WITH_KEYS)
+        .await
+        .unwrap();
+    seed(&pair).await;
+    let config = pair.config(config_extra);
+    let (code, out, err) = sluice(&["schema", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("DEFERRED CONSTRAINT public.orders orders_pkey"),
+        "{out}"
+    );
+    (pair, config)
+}
+
+async fn exists(client: &tokio_postgres::Client, sql: &str) -> bool {
+    client
+        .query_one(&format!("SELECT EXISTS ({sql})"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_are_built_per_table_during_the_copy_and_streaming_uses_them() {
+    let (pair, config) = pair_through_sluice_schema("[copy]\nenabled = true\njobs = 2\n").await;
+    // Hold the copy of tags up (SHARE blocks its COPY, not CREATE INDEX elsewhere): the
+    // key of orders must appear while the copy is provably not over.
+    let blocker = pair.target_client().await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE tags IN SHARE MODE")
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = writer(&pair, stop.clone());
+    let daemon = Daemon::spawn(&config, &pair.dir.path().join("sluice.log"));
+    let target = pair.target_client().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !exists(
+        &target,
+        "SELECT 1 FROM pg_constraint WHERE conname = 'orders_pkey'",
+    )
+    .await
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the key of orders was not built while tags was held:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !daemon.log().contains("initial copy finished"),
+        "{}",
+        daemon.log()
+    );
+    // Foreign keys wait for every table.
+    assert!(
+        !exists(&target, "SELECT 1 FROM pg_constraint WHERE contype = 'f'").await,
+        "{}",
+        daemon.log()
+    );
+    blocker.batch_execute("COMMIT").await.unwrap();
+    wait_for_log(&daemon, "initial copy finished").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    pair.wait_caught_up(&daemon).await;
+    assert_all_same(&pair).await;
+    for (what, sql) in [
+        ("every deferred statement applied", "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM sluice.deferred_ddl WHERE applied_at IS NULL)"),
+        ("the key of events", "SELECT 1 FROM pg_constraint WHERE conname = 'events_pkey'"),
+        ("the index of orders", "SELECT 1 FROM pg_index WHERE indexrelid = 'orders_customer_idx'::regclass AND indisvalid"),
+        ("the foreign key, validated", "SELECT 1 FROM pg_constraint WHERE contype = 'f' AND convalidated"),
+    ] {
+        assert!(exists(&target, sql).await, "{what}:\n{}", daemon.log());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_deferred_index_lets_the_copy_finish_then_stops_with_its_name() {
+    let (pair, config) = pair_through_sluice_schema("[copy]\nenabled = true\njobs = 2\n").await;
+    // A unique index over tags.name, which repeats: it can only fail.
+    let target = pair.target_client().await;
+    target
+        .batch_execute(
+            "INSERT INTO sluice.deferred_ddl (statement, table_name) VALUES
+             (E'-- INDEX public.tags_name_uq\\nCREATE UNIQUE INDEX tags_name_uq ON public.tags (name);', '\"public\".\"tags\"')",
+        )
+        .await
+        .unwrap();
+    let mut daemon = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
+    let status = daemon
+        .wait(Duration::from_secs(120))
+        .unwrap_or_else(|| panic!("sluice kept running:\n{}", daemon.log()));
+    assert_eq!(status.code(), Some(1), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(log.contains("INDEX public.tags_name_uq"), "{log}");
+    assert!(log.contains("the copy goes on"), "{log}");
+    // Every table's data is there, and recorded: the next start copies nothing again.
+    for table in ["orders", "events", "tags"] {
+        pair.assert_same(table).await;
+    }
+    // The operator drops the statement (or fixes the data), and starts again.
+    target
+        .batch_execute("DELETE FROM sluice.deferred_ddl WHERE statement LIKE '%tags_name_uq%'")
+        .await
+        .unwrap();
+    let daemon = pair.start_daemon(&config).await;
+    let log = daemon.log();
+    assert!(!log.contains("planned"), "copied again:\n{log}");
+    pair.source_client()
+        .await
+        .batch_execute("UPDATE orders SET note = 'after' WHERE id <= 10")
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    assert_all_same(&pair).await;
+    assert!(
+        exists(
+            &target,
+            "SELECT 1 FROM pg_constraint WHERE contype = 'f' AND convalidated"
+        )
+        .await
+    );
+}

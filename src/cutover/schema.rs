@@ -47,86 +47,124 @@ pub struct SchemaArgs {
 /// Where the post-data statements wait for the end of the copy.
 pub const DEFERRED_DDL_TABLE: &str = "sluice.deferred_ddl";
 
+/// `table_name` is the quoted root table a statement belongs to (built as soon as that
+/// table is copied); NULL for foreign keys and statements tied to no one table (built once
+/// every table is).
 const CREATE_DEFERRED_DDL: &str = "CREATE SCHEMA IF NOT EXISTS sluice;
     CREATE TABLE IF NOT EXISTS sluice.deferred_ddl (
         id serial PRIMARY KEY,
         statement text NOT NULL,
-        applied_at timestamptz
-    );";
+        applied_at timestamptz,
+        table_name text
+    );
+    ALTER TABLE sluice.deferred_ddl ADD COLUMN IF NOT EXISTS table_name text;";
 
-/// Runs the post-data statements `sluice schema` stored (indexes, constraints other than
-/// the primary key, foreign keys), oldest first, each in its own transaction together with
-/// marking its row applied (so call it outside a transaction, on a client not used
-/// concurrently). Idempotent: applied rows are skipped, and a statement whose
-/// object already exists (created by hand) is marked applied. Returns how many statements
-/// ran now. Without the table (no `sluice schema` run) there is nothing to do: `Ok(0)`.
-pub async fn apply_deferred_ddl(target: &Client) -> Result<usize> {
+/// One statement waiting in `sluice.deferred_ddl`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeferredStatement {
+    pub id: i32,
+    pub statement: String,
+    /// The quoted root table whose copy it waits for; `None`: it waits for every table.
+    pub table: Option<String>,
+}
+
+/// The statements not applied yet, oldest first; none when `sluice schema` never ran.
+pub async fn pending_deferred_ddl(target: &Client) -> Result<Vec<DeferredStatement>> {
     let exists: bool = target
         .query_one("SELECT to_regclass('sluice.deferred_ddl') IS NOT NULL", &[])
         .await
         .map_err(|e| error::pg("Looking for sluice.deferred_ddl on the target", e))?
         .get(0);
     if !exists {
-        return Ok(0);
+        return Ok(Vec::new());
     }
+    // Through jsonb so a table made by an older sluice (without table_name) reads too.
     let rows = target
         .query(
-            "SELECT id, statement FROM sluice.deferred_ddl WHERE applied_at IS NULL ORDER BY id",
+            "SELECT id, statement, to_jsonb(d) ->> 'table_name'
+             FROM sluice.deferred_ddl d WHERE applied_at IS NULL ORDER BY id",
             &[],
         )
         .await
         .map_err(|e| error::pg("Reading sluice.deferred_ddl on the target", e))?;
+    Ok(rows
+        .iter()
+        .map(|row| DeferredStatement {
+            id: row.get(0),
+            statement: row.get(1),
+            table: row.get(2),
+        })
+        .collect())
+}
+
+/// Runs the post-data statements `sluice schema` stored (primary keys when it deferred them,
+/// indexes, other constraints, foreign keys), oldest first, each in its own transaction
+/// together with marking its row applied. Idempotent: applied rows are skipped, and a
+/// statement whose object already exists (created by hand) is marked applied. Returns how
+/// many statements ran now. Without the table (no `sluice schema` run) there is nothing to
+/// do: `Ok(0)`. The copy builds them table by table instead (`snapshot::ddl`).
+pub async fn apply_deferred_ddl(target: &Client) -> Result<usize> {
     let mut applied = 0;
-    for row in rows {
-        let id: i32 = row.get(0);
-        let statement: String = row.get(1);
-        let title = statement_title(&statement);
-        let run = async {
-            target.batch_execute("BEGIN").await?;
-            target.batch_execute(&statement).await?;
-            target
-                .execute(
-                    "UPDATE sluice.deferred_ddl SET applied_at = now() WHERE id = $1",
-                    &[&id],
-                )
-                .await?;
-            target.batch_execute("COMMIT").await
-        };
-        match run.await {
-            Ok(()) => {
-                tracing::info!(statement = %title, "deferred DDL applied");
-                applied += 1;
-            }
-            Err(e) => {
-                let _ = target.batch_execute("ROLLBACK").await;
-                // 42P07 duplicate_table (an index), 42710 duplicate_object (a constraint):
-                // the operator created it already; the goal is reached.
-                let code = e.code().map(|c| c.code().to_string());
-                if matches!(code.as_deref(), Some("42P07") | Some("42710")) {
-                    target
-                        .execute(
-                            "UPDATE sluice.deferred_ddl SET applied_at = now() WHERE id = $1",
-                            &[&id],
-                        )
-                        .await
-                        .map_err(|e| error::pg("Marking sluice.deferred_ddl on the target", e))?;
-                    tracing::info!(statement = %title, "deferred DDL already present on the target");
-                    continue;
-                }
-                return Err(error::pg(
-                    format!(
-                        "Creating {title} on the target after the copy (sluice.deferred_ddl id {id}); fix the cause (duplicate keys for a unique index, orphan rows for a foreign key) or create it by hand, then restart"
-                    ),
-                    e,
-                ));
-            }
+    for statement in pending_deferred_ddl(target).await? {
+        if apply_deferred_statement(target, &statement).await? {
+            applied += 1;
         }
     }
     Ok(applied)
 }
 
+/// Runs one deferred statement in its own transaction together with marking its row
+/// applied, so a crash in between never runs it twice (call it outside a transaction, on a
+/// client not used concurrently). `Ok(false)` when its object existed already (SQLSTATE
+/// 42P07/42710: the operator created it): the row is marked applied all the same.
+pub async fn apply_deferred_statement(
+    target: &Client,
+    deferred: &DeferredStatement,
+) -> Result<bool> {
+    let id = deferred.id;
+    let title = statement_title(&deferred.statement);
+    let run = async {
+        target.batch_execute("BEGIN").await?;
+        target.batch_execute(&deferred.statement).await?;
+        target
+            .execute(
+                "UPDATE sluice.deferred_ddl SET applied_at = now() WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        target.batch_execute("COMMIT").await
+    };
+    match run.await {
+        Ok(()) => {
+            tracing::info!(statement = %title, "deferred DDL applied");
+            Ok(true)
+        }
+        Err(e) => {
+            let _ = target.batch_execute("ROLLBACK").await;
+            let code = e.code().map(|c| c.code().to_string());
+            if matches!(code.as_deref(), Some("42P07") | Some("42710")) {
+                target
+                    .execute(
+                        "UPDATE sluice.deferred_ddl SET applied_at = now() WHERE id = $1",
+                        &[&id],
+                    )
+                    .await
+                    .map_err(|e| error::pg("Marking sluice.deferred_ddl on the target", e))?;
+                tracing::info!(statement = %title, "deferred DDL already present on the target");
+                return Ok(false);
+            }
+            Err(error::pg(
+                format!(
+                    "Creating {title} on the target after the copy (sluice.deferred_ddl id {id}); fix the cause (duplicate keys for a unique index or primary key, orphan rows for a foreign key) or create it by hand, then restart"
+                ),
+                e,
+            ))
+        }
+    }
+}
+
 /// `-- INDEX public.orders_note_idx` first line of a stored statement, for messages.
-fn statement_title(statement: &str) -> String {
+pub(crate) fn statement_title(statement: &str) -> String {
     statement
         .lines()
         .next()
@@ -361,9 +399,15 @@ enum Placement {
 }
 
 /// Where a TOC entry goes, and the root table it belongs to (None for shared objects:
-/// types and sequences no selected table owns). `None` for entries not needed.
-fn place(entry: &TocEntry, needs: &Needs) -> Option<(Placement, Option<u32>, u32)> {
+/// types and sequences no selected table owns). `None` for entries not needed. Primary keys
+/// are post-data too when `defer_primary_keys` (the copy then loads tables without them).
+fn place(
+    entry: &TocEntry,
+    needs: &Needs,
+    defer_primary_keys: bool,
+) -> Option<(Placement, Option<u32>, u32)> {
     use Placement::{Post, Pre};
+    let key_placement = if defer_primary_keys { Post } else { Pre };
     let root_of = |table: u32| needs.tables.get(&table).map(|(_, root)| *root);
     match (entry.catalog, entry.oid) {
         (PG_TYPE, oid) if needs.types.contains_key(&oid) => Some((Pre, None, oid)),
@@ -382,10 +426,10 @@ fn place(entry: &TocEntry, needs: &Needs) -> Option<(Placement, Option<u32>, u32
             .defaults
             .get(&oid)
             .map(|table| (Pre, root_of(*table), oid)),
-        (PG_CONSTRAINT, oid) => needs
-            .constraints
-            .get(&oid)
-            .map(|(table, primary)| (if *primary { Pre } else { Post }, root_of(*table), oid)),
+        (PG_CONSTRAINT, oid) => needs.constraints.get(&oid).map(|(table, primary)| {
+            let placement = if *primary { key_placement } else { Post };
+            (placement, root_of(*table), oid)
+        }),
         (0, 0) => {
             // Entries without a catalog identity carry the object's schema and name.
             let names = |what: &str| entry.rest.strip_prefix(what).map(str::to_string);
@@ -406,7 +450,10 @@ fn place(entry: &TocEntry, needs: &Needs) -> Option<(Placement, Option<u32>, u32
                     .iter()
                     .find_map(|(oid, (table, primary, name))| {
                         rest.starts_with(&format!("{} {} ", name.schema, name.name))
-                            .then(|| (if *primary { Pre } else { Post }, root_of(*table), *oid))
+                            .then(|| {
+                                let placement = if *primary { key_placement } else { Post };
+                                (placement, root_of(*table), *oid)
+                            })
                     })
             } else {
                 None
@@ -421,6 +468,11 @@ fn place(entry: &TocEntry, needs: &Needs) -> Option<(Placement, Option<u32>, u32
 struct ScriptEntry {
     /// `INDEX public.orders_note_idx`
     title: String,
+    /// The header's parts: `INDEX`, `public`, `orders_note_idx` (a constraint's tag is
+    /// `table constraint`).
+    kind: String,
+    schema: String,
+    tag: String,
     sql: String,
 }
 
@@ -440,8 +492,12 @@ fn split_script(script: &str) -> (String, Vec<ScriptEntry>) {
             .strip_prefix("-- Name: ")
             .filter(|_| i > 0 && lines[i - 1] == "--");
         if let Some(header) = header {
+            let (kind, schema, tag) = header_parts(header);
             entries.push(ScriptEntry {
                 title: header_title(header),
+                kind,
+                schema,
+                tag,
                 sql: String::new(),
             });
             i += 1;
@@ -479,6 +535,17 @@ fn strip_comment_lines(sql: &str) -> String {
 
 /// `orders orders_pkey; Type: CONSTRAINT; Schema: public; Owner: -` → `CONSTRAINT public.orders orders_pkey`
 fn header_title(header: &str) -> String {
+    let (kind, schema, name) = header_parts(header);
+    if schema.is_empty() || schema == "-" {
+        format!("{kind} {name}")
+    } else {
+        format!("{kind} {schema}.{name}")
+    }
+}
+
+/// `orders orders_pkey; Type: CONSTRAINT; Schema: public; Owner: -` → (`CONSTRAINT`,
+/// `public`, `orders orders_pkey`).
+fn header_parts(header: &str) -> (String, String, String) {
     let mut name = header;
     let mut kind = "";
     let mut schema = "";
@@ -491,10 +558,37 @@ fn header_title(header: &str) -> String {
             schema = s;
         }
     }
-    if schema.is_empty() || schema == "-" {
-        format!("{kind} {name}")
-    } else {
-        format!("{kind} {schema}.{name}")
+    (kind.to_string(), schema.to_string(), name.to_string())
+}
+
+/// The root table a deferred statement is built with, as soon as that table is copied:
+/// its indexes (also a partition's, attached to the root's), its primary key and other
+/// constraints. `None` for foreign keys (they need the referenced table's key, so they wait
+/// for every table) and anything that cannot be told.
+fn owning_root<'a>(entry: &ScriptEntry, needs: &'a Needs) -> Option<&'a TableName> {
+    let root_name = |root: u32| needs.tables.get(&root).map(|(name, _)| name);
+    let root_of = |table: u32| needs.tables.get(&table).map(|(_, root)| *root);
+    match entry.kind.as_str() {
+        "INDEX" | "INDEX ATTACH" => needs
+            .indexes
+            .values()
+            .find(|(_, _, name)| name.schema == entry.schema && name.name == entry.tag)
+            .and_then(|(table, _, _)| root_of(*table))
+            .and_then(root_name),
+        // The tag is `table constraint`; a table name may hold spaces: the longest match.
+        "CONSTRAINT" | "CHECK CONSTRAINT" => needs
+            .tables
+            .values()
+            .filter(|(name, _)| {
+                name.schema == entry.schema
+                    && entry
+                        .tag
+                        .strip_prefix(name.name.as_str())
+                        .is_some_and(|rest| rest.starts_with(' '))
+            })
+            .max_by_key(|(name, _)| name.name.len())
+            .and_then(|(_, root)| root_name(*root)),
+        _ => None,
     }
 }
 
@@ -728,6 +822,14 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
         }
     }
 
+    // With the copy on, primary keys are built after the data too (loading a table with its
+    // key maintained row by row is far slower); `sluice run` builds each table's key as
+    // soon as that table is copied, and streaming starts only after. Without the copy the
+    // target is loaded some other way and apply needs the keys from the start. On Citus
+    // the key stays pre-data: distributing a table checks that its key includes the
+    // distribution column, and that check belongs here, not after an hours-long copy.
+    let defer_primary_keys = config.copy.enabled && layout.is_none();
+
     // Dump, list, filter.
     let pg_dump = super::find_pg_tool("pg_dump")?;
     let pg_restore = super::find_pg_tool("pg_restore")?;
@@ -751,7 +853,7 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
     let mut pre_list = String::new();
     let mut post_list = String::new();
     for entry in &toc {
-        let Some((placement, root, oid)) = place(entry, &needs) else {
+        let Some((placement, root, oid)) = place(entry, &needs, defer_primary_keys) else {
             continue;
         };
         if root.is_some_and(|r| left_alone.contains(&r)) {
@@ -855,13 +957,14 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
         let mut deferred = 0;
         for entry in &post {
             let statement = format!("-- {}\n{}", entry.title, entry.sql);
+            let table = owning_root(entry, &needs).map(TableName::quoted);
             // The same statement waiting from an earlier run is not stored twice.
             deferred += target
                 .execute(
-                    "INSERT INTO sluice.deferred_ddl (statement)
-                     SELECT $1::text WHERE NOT EXISTS (
+                    "INSERT INTO sluice.deferred_ddl (statement, table_name)
+                     SELECT $1::text, $2::text WHERE NOT EXISTS (
                          SELECT 1 FROM sluice.deferred_ddl WHERE statement = $1::text AND applied_at IS NULL)",
-                    &[&statement],
+                    &[&statement, &table],
                 )
                 .await
                 .map_err(|e| error::pg("Storing deferred DDL in sluice.deferred_ddl", e))?;
@@ -1040,8 +1143,10 @@ mod tests {
             "SEQUENCE OWNED BY public customers_id_seq postgres"
         );
         let needs = needs();
-        let placed: Vec<Option<Placement>> =
-            toc.iter().map(|e| place(e, &needs).map(|p| p.0)).collect();
+        let placed: Vec<Option<Placement>> = toc
+            .iter()
+            .map(|e| place(e, &needs, false).map(|p| p.0))
+            .collect();
         use Placement::{Post, Pre};
         assert_eq!(
             placed,
@@ -1059,8 +1164,57 @@ mod tests {
             ]
         );
         // Objects of a table belong to it (skipped with it); a type is shared.
-        assert_eq!(place(&toc[6], &needs).unwrap().1, Some(16401));
-        assert_eq!(place(&toc[1], &needs).unwrap().1, None);
+        assert_eq!(place(&toc[6], &needs, false).unwrap().1, Some(16401));
+        assert_eq!(place(&toc[1], &needs, false).unwrap().1, None);
+        // With the copy on, the primary key waits for the data too.
+        assert_eq!(place(&toc[7], &needs, true).unwrap().0, Post);
+        assert_eq!(place(&toc[5], &needs, true).unwrap().0, Pre);
+    }
+
+    fn entry(header: &str) -> ScriptEntry {
+        let (kind, schema, tag) = header_parts(header);
+        ScriptEntry {
+            title: header_title(header),
+            kind,
+            schema,
+            tag,
+            sql: String::new(),
+        }
+    }
+
+    #[test]
+    fn deferred_statements_wait_for_their_root_table_and_foreign_keys_for_all() {
+        let mut needs = needs();
+        // Two tables whose names share a prefix (a name may hold spaces).
+        needs
+            .tables
+            .insert(16500, (TableName::new("public", "my"), 16500));
+        needs
+            .tables
+            .insert(16501, (TableName::new("public", "my table"), 16501));
+        let root = |header: &str| owning_root(&entry(header), &needs).map(TableName::quoted);
+        let customers = Some("\"public\".\"customers\"".to_string());
+        assert_eq!(
+            root("customers_note_idx; Type: INDEX; Schema: public; Owner: -"),
+            customers
+        );
+        assert_eq!(
+            root("customers customers_name_key; Type: CONSTRAINT; Schema: public; Owner: -"),
+            customers
+        );
+        assert_eq!(
+            root("my table my table_key; Type: CONSTRAINT; Schema: public; Owner: -"),
+            Some("\"public\".\"my table\"".to_string())
+        );
+        assert_eq!(
+            root("customers customers_fk; Type: FK CONSTRAINT; Schema: public; Owner: -"),
+            None
+        );
+        // Same name in another schema: not this table.
+        assert_eq!(
+            root("customers_note_idx; Type: INDEX; Schema: other; Owner: -"),
+            None
+        );
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //!        COPY (SELECT cols ... chunk) TO STDOUT ──stream──▶ COPY t (cols) FROM STDIN; COMMIT
 //!        │ record copy/chunk/<t>/<generation>/<i>, and copy/table/<t>.finished (flushed)
 //!        ▼
-//!  after_copy (deferred indexes and constraints), copy/state.finished = true
+//!        │ table copied ──▶ ddl::build: its deferred key, indexes, constraints (meanwhile)
+//!        ▼
+//!  every table copied: the rest of the deferred DDL (foreign keys), copy/state.finished = true
 //!        ▼
 //!  streaming from the slot at C (the caller's part)
 //! ```
@@ -35,6 +37,7 @@
 //! again. A table with no record must be empty on the target; sluice refuses to copy into a
 //! table that already holds rows it did not write.
 
+pub mod ddl;
 mod pipe;
 pub mod plan;
 pub mod progress;
@@ -45,6 +48,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tokio_postgres::Client;
 
 use crate::checkpoint::Store;
@@ -143,9 +147,31 @@ pub async fn initial_copy(ctx: &CopyContext) -> Result<CopyOutcome> {
         .collect();
     let reporter = Reporter::start(progress.clone(), ctx.status.clone(), ctx.progress);
 
+    // The deferred DDL is built beside the copy, each table's as soon as it is copied. In a
+    // JoinSet so that a copy that fails or is stopped takes it down too.
+    let (copied, copied_feed) = unbounded_channel();
+    let mut deferred = tokio::task::JoinSet::new();
+    if !copy_state.as_ref().is_some_and(|s| s.finished) {
+        let target = tls::connect(&ctx.config.target.conn, "the target").await?;
+        let schedule =
+            ddl::DdlSchedule::new(crate::cutover::schema::pending_deferred_ddl(&target).await?);
+        drop(target);
+        for (name, record) in &records {
+            if record.finished {
+                let _ = copied.send(name.quoted());
+            }
+        }
+        deferred.spawn(ddl::build(
+            ctx.config.target.conn.clone(),
+            schedule,
+            copied_feed,
+            ctx.config.copy.jobs,
+        ));
+    }
+
     let mut round = 1;
     loop {
-        match copy_round(ctx, &mut copy_state, &progress).await {
+        match copy_round(ctx, &mut copy_state, &progress, &copied).await {
             Ok(()) => break,
             Err(e) if e.is_transient() && round < MAX_ROUNDS => {
                 tracing::warn!(
@@ -169,8 +195,8 @@ pub async fn initial_copy(ctx: &CopyContext) -> Result<CopyOutcome> {
         ));
     };
     if !copy_state.finished {
-        let target = tls::connect(&ctx.config.target.conn, "the target").await?;
-        after_copy(ctx, &target).await?;
+        drop(copied);
+        after_copy(&mut deferred).await?;
         copy_state.finished = true;
         state::save_state(&ctx.store, &copy_state)?;
     }
@@ -195,15 +221,20 @@ pub async fn initial_copy(ctx: &CopyContext) -> Result<CopyOutcome> {
     Ok(outcome)
 }
 
-/// Runs once after every table's data is on the target.
-///
-/// Runs once after every table's data is on the target: the indexes and constraints that
-/// `sluice schema` deferred are created now (building them once is much faster than
-/// maintaining them row by row). It runs before `copy/state.finished` is set, so a crash
-/// while building indexes runs it again on the next start; `apply_deferred_ddl` is
-/// idempotent (it marks what it created).
-async fn after_copy(_ctx: &CopyContext, target: &Client) -> Result<()> {
-    let created = crate::cutover::schema::apply_deferred_ddl(target).await?;
+/// Runs once every table's data is on the target (the feed of copied tables closed): waits
+/// for the deferred indexes and constraints `sluice schema` stored (building them once is
+/// much faster than maintaining them row by row), the foreign keys last. It ends before
+/// `copy/state.finished` is set, so a crash while building runs the rest on the next start;
+/// each statement is marked applied with its own commit.
+async fn after_copy(deferred: &mut tokio::task::JoinSet<Result<usize>>) -> Result<()> {
+    let mut created = 0;
+    while let Some(joined) = deferred.join_next().await {
+        created += joined.map_err(|e| {
+            Error::definite(format!(
+                "Building the deferred indexes and constraints stopped unexpectedly ({e}): this is a bug in sluice; restart to build the rest"
+            ))
+        })??;
+    }
     if created > 0 {
         tracing::info!(
             statements = created,
@@ -226,6 +257,7 @@ async fn copy_round(
     ctx: &CopyContext,
     copy_state: &mut Option<CopyState>,
     progress: &[Arc<TableProgress>],
+    copied: &UnboundedSender<String>,
 ) -> Result<()> {
     // A connection per round: a round that failed on a broken connection gets a new one.
     let source = tls::connect(&ctx.config.source.conn, "the source").await?;
@@ -332,6 +364,7 @@ async fn copy_round(
             &exported.snapshot_name,
             generation,
             sync_lsn,
+            copied,
         )
         .await
     }
@@ -363,6 +396,8 @@ struct Round {
     remaining: Vec<AtomicUsize>,
     progress: Vec<Arc<TableProgress>>,
     queue: Mutex<VecDeque<Job>>,
+    /// Tells the deferred-DDL builder a table is copied (its quoted name).
+    copied: UnboundedSender<String>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -375,6 +410,7 @@ async fn copy_tables(
     snapshot: &str,
     generation: u32,
     sync_lsn: Option<Lsn>,
+    copied: &UnboundedSender<String>,
 ) -> Result<()> {
     let target = tls::connect(&ctx.config.target.conn, "the target").await?;
     let version: i32 = source
@@ -462,6 +498,7 @@ async fn copy_tables(
         remaining,
         progress: round_progress,
         queue: Mutex::new(jobs.into()),
+        copied: copied.clone(),
     });
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..workers {
@@ -612,6 +649,8 @@ fn finish_chunk(round: &Round, job: &Job, done: ChunkDone) -> Result<()> {
             bytes = record.bytes,
             "table copied"
         );
+        // The builder reads until the copy is over (even after a failure of its own).
+        let _ = round.copied.send(layout.name.quoted());
     }
     Ok(())
 }
