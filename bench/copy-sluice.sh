@@ -3,7 +3,8 @@
 # the shared initial-copy benchmark, without editing it.
 #
 # usage: bench/copy-sluice.sh [ROUNDS]
-#   env: COPY_METHODS (default "stdout sluice pgcopydb"; add sluicerun to time `sluice run` itself), SHARED_BENCH (../shared/bench),
+#   env: COPY_METHODS (default "stdout sluice pgcopydb"; add sluiceschema to time `sluice schema` +
+#        `sluice run` as an operator runs them, sluicerun for `sluice run` with pg_restore's schema), SHARED_BENCH (../shared/bench),
 #        SLUICE_COPY_BIN (the test binary; built with `cargo test --release --no-run` when unset),
 #        SLUICE_BENCH_JOBS (2), SLUICE_BENCH_SPLIT ("256MB").
 #
@@ -89,9 +90,42 @@ TOML
   [ $st = 0 ] || { tail -20 "$dir/run.log" >&2; return 1; }
   "$PGBIN/pg_restore" -h $BENCH_HOST -p $TGT_PORT -d "$db" --no-owner -j 2 --section=post-data "$dump" || return 1
 }
+# sluiceschema: the product path the copy goal describes: `sluice schema` (tables without
+# their indexes, constraints or primary keys), then `sluice run` until `sluice status` says
+# streaming; run builds each table's key and indexes as soon as that table is copied, and
+# the foreign keys at the end. No pg_restore at all.
+copy_sluiceschema() {
+  local db=$1 dir=$BENCH_ROOT/runs/sluiceschema slot=sluice_bench_schema
+  mkdir -p "$BENCH_ROOT/runs"; rm -rf "$dir"; mkdir -p "$dir"
+  spsql big -c "select pg_drop_replication_slot('$slot') from pg_replication_slots where slot_name = '$slot'" -c "drop publication if exists $slot" >/dev/null
+  cat > "$dir/sluice.toml" <<TOML
+[source]
+url = "$(src_uri big)"
+slot = "$slot"
+publication = "$slot"
+[target]
+url = "$(tgt_uri "$db")"
+[copy]
+jobs = ${SLUICE_BENCH_JOBS:-2}
+split_tables_larger_than = "${SLUICE_BENCH_SPLIT:-256MB}"
+[state]
+dir = "$dir/state"
+TOML
+  "${SLUICE_BIN:-sluice}" schema --config "$dir/sluice.toml" > "$dir/schema.log" 2>&1 || { tail -20 "$dir/schema.log" >&2; return 1; }
+  "${SLUICE_BIN:-sluice}" run --config "$dir/sluice.toml" > "$dir/run.log" 2>&1 &
+  local pid=$! st=1
+  for _ in $(seq 1 3000); do
+    if "${SLUICE_BIN:-sluice}" status --json --config "$dir/sluice.toml" 2>/dev/null | grep -q '"state": "streaming"'; then st=0; break; fi
+    kill -0 $pid 2>/dev/null || break
+    sleep 0.2
+  done
+  kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null
+  spsql big -c "select pg_drop_replication_slot('$slot') from pg_replication_slots where slot_name = '$slot'" -c "drop publication if exists $slot" >/dev/null
+  [ $st = 0 ] || { tail -20 "$dir/run.log" >&2; return 1; }
+}
 copy_stdout() {
   spsql big -c "select format('%I.%I', schemaname, tablename) from pg_tables where schemaname = 'public'" \
     | xargs -P 2 -I{} "$PGBIN/psql" -X -q -h $BENCH_HOST -p $SRC_PORT -d big -c "\\copy {} to '/dev/null'"
 }
-export -f copy_sluice copy_sluicerun copy_stdout
+export -f copy_sluice copy_sluicerun copy_sluiceschema copy_stdout
 exec "$SHARED_BENCH/copy.sh" "$@"
