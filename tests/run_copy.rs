@@ -319,3 +319,52 @@ async fn a_failing_deferred_index_lets_the_copy_finish_then_stops_with_its_name(
         .await
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kill_while_keys_are_being_built_resumes_without_copying_finished_tables_again() {
+    let (pair, config) = pair_through_sluice_schema("[copy]\nenabled = true\njobs = 2\n").await;
+    let blocker = pair.target_client().await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE tags IN SHARE MODE")
+        .await
+        .unwrap();
+    let mut daemon = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
+    let target = pair.target_client().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !exists(
+        &target,
+        "SELECT 1 FROM pg_constraint WHERE conname = 'orders_pkey'",
+    )
+    .await
+    {
+        assert!(Instant::now() < deadline, "{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    daemon.kill9();
+    let first = daemon.log();
+    assert!(first.contains("planned table=public.orders"), "{first}");
+    assert!(first.contains("orders_pkey"), "{first}");
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let daemon = pair.start_daemon(&config).await;
+    let log = daemon.log();
+    // orders was recorded copied before its key was built: it is not copied again, and
+    // its key is not built twice.
+    assert!(!log.contains("planned table=public.orders"), "{log}");
+    assert!(!log.contains("orders_pkey"), "{log}");
+    pair.source_client()
+        .await
+        .batch_execute(
+            "UPDATE orders SET note = 'after' WHERE id <= 10; DELETE FROM tags WHERE weight < 5",
+        )
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    assert_all_same(&pair).await;
+    assert!(
+        exists(
+            &target,
+            "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM sluice.deferred_ddl WHERE applied_at IS NULL)"
+        )
+        .await
+    );
+}
