@@ -74,57 +74,68 @@ impl Store {
     /// Opens (creating) the store. Fails with a clear message when another sluice process
     /// holds it.
     pub fn open(state_dir: &Path) -> Result<Store> {
-        Self::open_waiting(state_dir, std::time::Duration::ZERO)
+        Self::open_once(state_dir).map_err(|(_, e)| e)
     }
 
     /// Opens the store, waiting up to `patience` for a lock held by someone else. `sluice
     /// status` reads the checkpoint when no daemon answers on the socket, which holds the lock
     /// for a moment: a `sluice run` starting at that instant (a restart under a watch loop)
     /// must not exit for it. A daemon holds the lock for good, so a second `run` still fails,
-    /// only `patience` later.
-    pub fn open_waiting(state_dir: &Path, patience: std::time::Duration) -> Result<Store> {
+    /// only `patience` later. Async so the caller can give up at once (a stop request).
+    pub async fn open_waiting(state_dir: &Path, patience: std::time::Duration) -> Result<Store> {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match Self::open_once(state_dir) {
+                Err((true, _)) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                opened => return opened.map_err(|(_, e)| e),
+            }
+        }
+    }
+
+    /// One attempt; the error says whether another process holds the lock.
+    fn open_once(state_dir: &Path) -> std::result::Result<Store, (bool, Error)> {
         std::fs::create_dir_all(state_dir).map_err(|e| {
-            Error::with_source(
-                ErrorKind::Config,
-                format!("Cannot create state.dir {}", state_dir.display()),
-                e,
+            (
+                false,
+                Error::with_source(
+                    ErrorKind::Config,
+                    format!("Cannot create state.dir {}", state_dir.display()),
+                    e,
+                ),
             )
         })?;
         restrict_permissions(state_dir);
-        let deadline = std::time::Instant::now() + patience;
-        let db = loop {
-            let opened = sled::Config::new()
-                .path(sled_path(state_dir))
-                .mode(sled::Mode::HighThroughput)
-                .open();
-            match opened {
-                Ok(db) => break db,
-                Err(e) if is_lock_error(&e) && std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                Err(e) if is_lock_error(&e) => {
-                    return Err(Error::with_source(
-                        ErrorKind::Definite,
-                        format!(
-                            "The state dir {} is in use by another sluice process (a running `sluice run`?): stop it first, or use another state.dir",
-                            state_dir.display()
-                        ),
-                        e,
-                    ))
-                }
-                Err(e) => {
-                    return Err(Error::with_source(
-                        ErrorKind::Definite,
-                        format!("Cannot open the checkpoint store in {}", state_dir.display()),
-                        e,
-                    ))
-                }
-            }
-        };
-        Ok(Store {
-            db,
-            dir: state_dir.to_path_buf(),
-        })
+        let opened = sled::Config::new()
+            .path(sled_path(state_dir))
+            .mode(sled::Mode::HighThroughput)
+            .open();
+        match opened {
+            Ok(db) => Ok(Store {
+                db,
+                dir: state_dir.to_path_buf(),
+            }),
+            Err(e) if is_lock_error(&e) => Err((
+                true,
+                Error::with_source(
+                    ErrorKind::Definite,
+                    format!(
+                        "The state dir {} is in use by another sluice process (a running `sluice run`?): stop it first, or use another state.dir",
+                        state_dir.display()
+                    ),
+                    e,
+                ),
+            )),
+            Err(e) => Err((
+                false,
+                Error::with_source(
+                    ErrorKind::Definite,
+                    format!("Cannot open the checkpoint store in {}", state_dir.display()),
+                    e,
+                ),
+            )),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -390,23 +401,26 @@ mod tests {
         assert!(error.contains("target"), "{error}");
     }
 
-    #[test]
-    fn a_brief_holder_is_waited_out_and_a_lasting_one_is_not() {
+    #[tokio::test]
+    async fn a_brief_holder_is_waited_out_and_a_lasting_one_is_not() {
         let dir = tempfile::tempdir().unwrap();
         let held = Store::open(dir.path()).unwrap();
         if Store::open(dir.path()).is_ok() {
             return; // this sled locks per process: nothing to wait for here
         }
         let started = std::time::Instant::now();
-        let error =
-            Store::open_waiting(dir.path(), std::time::Duration::from_millis(300)).unwrap_err();
+        let error = Store::open_waiting(dir.path(), std::time::Duration::from_millis(300))
+            .await
+            .unwrap_err();
         assert!(error.to_string().contains("in use"), "{error}");
         assert!(started.elapsed() >= std::time::Duration::from_millis(300));
         let release = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(200));
             drop(held);
         });
-        Store::open_waiting(dir.path(), std::time::Duration::from_secs(10)).unwrap();
+        Store::open_waiting(dir.path(), std::time::Duration::from_secs(10))
+            .await
+            .unwrap();
         release.join().unwrap();
     }
 

@@ -53,8 +53,16 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
         tracing::info!("stop requested: finishing the open target transaction");
         let _ = shutdown_tx.send(true);
     });
-    // A `sluice status` reading the checkpoint holds it for a moment: wait that out.
-    let store = Store::open_waiting(&config.state.dir, std::time::Duration::from_secs(5))?;
+    // A `sluice status` reading the checkpoint holds it for a moment: wait that out, and
+    // still hear a stop request meanwhile.
+    let mut stop = shutdown.clone();
+    let store = tokio::select! {
+        opened = Store::open_waiting(&config.state.dir, std::time::Duration::from_secs(5)) => opened?,
+        _ = stop.changed() => {
+            tracing::info!("stop requested while waiting for the state dir; nothing was started");
+            return Ok(());
+        }
+    };
     // Held for the daemon's lifetime: dropping it stops the server and removes the socket.
     let _socket = crate::control::socket::serve(&config.state.dir, status.clone())?;
     let metrics = match options.metrics_addr {

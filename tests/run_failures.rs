@@ -443,3 +443,38 @@ async fn a_table_without_replica_identity_is_refused_before_it_breaks_the_source
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_daemon_on_the_same_state_dir_is_refused_and_can_be_stopped_while_it_waits() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    let config = pair.config("");
+    let mut first = pair.start_daemon(&config).await;
+    // It waits a moment for the lock (a status read holds it briefly), then gives up.
+    let started = Instant::now();
+    let (code, _, stderr) = sluice(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("in use by another sluice process"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // A stop request during that wait is acted on at once.
+    let mut second =
+        crate::support::sluice::Daemon::spawn(&config, &pair.dir.path().join("second.log"));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let asked = Instant::now();
+    let status = second.terminate();
+    assert!(status.success(), "{}", second.log());
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "took {:?}:\n{}",
+        asked.elapsed(),
+        second.log()
+    );
+    assert!(first.is_running(), "{}", first.log());
+    assert!(first.terminate().success());
+}
