@@ -83,7 +83,7 @@ CONFIG=(--config "$ROOT/sluice.toml")
 step "sluice check: is everything ready for a migration?"
 "$SLUICE" check "${CONFIG[@]}" || true
 
-step "sluice schema: the source's tables on the target, indexes deferred until after the copy"
+step "sluice schema: the source's tables on the target, keys and indexes built as each table is copied"
 "$SLUICE" schema "${CONFIG[@]}"
 
 step "pgbench load on the source for ${LOAD_SECONDS}s, while sluice copies and streams"
