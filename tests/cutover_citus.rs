@@ -83,3 +83,54 @@ async fn the_layout_query_decodes_a_citus_shaped_catalog() {
     );
     assert!(layout.table(&TableName::new("public", "plain")).is_none());
 }
+
+#[tokio::test]
+async fn unique_indexes_without_the_distribution_column_are_found_on_the_source() {
+    let (_pg, client) = PgCluster::start_with_client().await;
+    client
+        .batch_execute(
+            r#"
+            CREATE TABLE public.orders (
+                customer_id int NOT NULL, id int NOT NULL, code text, ref text,
+                PRIMARY KEY (customer_id, id),
+                CONSTRAINT orders_code_key UNIQUE (code),
+                CONSTRAINT orders_ref_key UNIQUE (customer_id, ref)
+            );
+            CREATE UNIQUE INDEX orders_lower_code ON public.orders (lower(code));
+            CREATE UNIQUE INDEX orders_id_customer ON public.orders (id, customer_id);
+            CREATE INDEX orders_plain ON public.orders (code);
+            "#,
+        )
+        .await
+        .unwrap();
+    let oid_of = |sql: &'static str| {
+        let client = &client;
+        async move { client.query_one(sql, &[]).await.unwrap().get::<_, u32>(0) }
+    };
+    let table = oid_of("SELECT 'public.orders'::regclass::oid").await;
+    let found = sluice::cutover::schema::unenforceable_on_citus(&client, &[table], "customer_id")
+        .await
+        .unwrap();
+    let code_index = oid_of("SELECT 'public.orders_code_key'::regclass::oid").await;
+    let code_constraint =
+        oid_of("SELECT oid FROM pg_constraint WHERE conname = 'orders_code_key'").await;
+    let lower_index = oid_of("SELECT 'public.orders_lower_code'::regclass::oid").await;
+    let keys: Vec<(u32, u32)> = found.keys().copied().collect();
+    let mut expected = vec![
+        (1259, code_index),
+        (1259, lower_index),
+        (2606, code_constraint),
+    ];
+    expected.sort();
+    assert_eq!(keys, expected, "{found:?}");
+    assert_eq!(found[&(1259, code_index)], "orders_code_key on orders");
+    // A column name is matched exactly, not case-folded.
+    let none = sluice::cutover::schema::unenforceable_on_citus(&client, &[table], "Customer_Id")
+        .await
+        .unwrap();
+    assert_eq!(
+        none.len(),
+        6,
+        "all four unique indexes and both constraints lack \"Customer_Id\": {none:?}"
+    );
+}

@@ -163,6 +163,50 @@ pub async fn apply_deferred_statement(
     }
 }
 
+/// Unique indexes of a distributed table (`tables`: its root and partitions) that lack its
+/// distribution column `column` as a plain key column, and the unique constraints built on
+/// them. Citus cannot enforce uniqueness without the distribution column and refuses to
+/// create them, which would otherwise only show after the copy. Keyed by (catalog, OID) as
+/// the TOC names them (`pg_class` for the index, `pg_constraint` for the constraint);
+/// the value describes the index for the operator. Primary keys are not listed: they are
+/// created with the table and `create_distributed_table` checks them itself.
+pub async fn unenforceable_on_citus(
+    source: &Client,
+    tables: &[u32],
+    column: &str,
+) -> Result<BTreeMap<(u32, u32), String>> {
+    let rows = source
+        .query(
+            "SELECT i.indexrelid, con.oid, format('%s on %s', ic.relname, i.indrelid::regclass)
+             FROM pg_index i
+             JOIN pg_class ic ON ic.oid = i.indexrelid
+             LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.contype = 'u'
+                                         AND con.conrelid = i.indrelid
+             WHERE i.indrelid = ANY($1) AND i.indisunique AND NOT i.indisprimary
+               AND NOT EXISTS (
+                   SELECT 1 FROM pg_attribute a
+                   WHERE a.attrelid = i.indrelid AND a.attname = $2
+                     AND a.attnum = ANY(i.indkey::int2[]))",
+            &[&tables, &column],
+        )
+        .await
+        .map_err(|e| {
+            error::pg(
+                "Reading the unique indexes of the distributed tables on the source",
+                e,
+            )
+        })?;
+    let mut found = BTreeMap::new();
+    for row in rows {
+        let description: String = row.get(2);
+        found.insert((PG_CLASS, row.get::<_, u32>(0)), description.clone());
+        if let Some(constraint) = row.get::<_, Option<u32>>(1) {
+            found.insert((PG_CONSTRAINT, constraint), description);
+        }
+    }
+    Ok(found)
+}
+
 /// `-- INDEX public.orders_note_idx` first line of a stored statement, for messages.
 pub(crate) fn statement_title(statement: &str) -> String {
     statement
@@ -829,6 +873,27 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
     // the key stays pre-data: distributing a table checks that its key includes the
     // distribution column, and that check belongs here, not after an hours-long copy.
     let defer_primary_keys = config.copy.enabled && layout.is_none();
+    // On Citus, unique indexes without the distribution column cannot be created.
+    let mut citus_unenforceable: BTreeMap<(u32, u32), String> = BTreeMap::new();
+    if layout.is_some() {
+        for (table, column) in &config.citus.distribute {
+            let Some(root) = needs
+                .roots
+                .iter()
+                .find(|(_, name)| &name.qualified() == table)
+                .map(|(oid, _)| *oid)
+            else {
+                continue;
+            };
+            let members: Vec<u32> = needs
+                .tables
+                .iter()
+                .filter(|(_, (_, r))| *r == root)
+                .map(|(oid, _)| *oid)
+                .collect();
+            citus_unenforceable.extend(unenforceable_on_citus(&source, &members, column).await?);
+        }
+    }
 
     // Dump, list, filter.
     let pg_dump = super::find_pg_tool("pg_dump")?;
@@ -856,6 +921,15 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
         let Some((placement, root, oid)) = place(entry, &needs, defer_primary_keys) else {
             continue;
         };
+        // An index attachment names the index; a constraint or index entry its own OID.
+        let catalog = if entry.catalog == 0 {
+            PG_CLASS
+        } else {
+            entry.catalog
+        };
+        if citus_unenforceable.contains_key(&(catalog, oid)) {
+            continue;
+        }
         if root.is_some_and(|r| left_alone.contains(&r)) {
             continue;
         }
@@ -1002,6 +1076,14 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
             "DEFERRED {} (created by sluice run after the copy)",
             entry.title
         );
+    }
+    let mut listed = BTreeSet::new();
+    for index in citus_unenforceable.values() {
+        if listed.insert(index) {
+            println!(
+                "NOT COPIED unique index {index}: it lacks the table's distribution column, and Citus cannot enforce uniqueness without it (the source keeps enforcing it until cutover; distribute by a column it contains if the application relies on it)"
+            );
+        }
     }
     for foreign_key in needs.dangling_fks.values() {
         println!(
