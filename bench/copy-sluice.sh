@@ -55,16 +55,11 @@ copy_sluice() {
   [ $st = 0 ] || { tail -20 "$BENCH_ROOT/runs/sluice_copy.log" >&2; return 1; }
   "$PGBIN/pg_restore" -h $BENCH_HOST -p $TGT_PORT -d "$db" --no-owner -j 2 --section=post-data "$dump" || return 1
 }
-# sluicerun: the real command: `sluice run` with the copy enabled (schema pre-data first, as
-# `sluice schema` leaves it), until `sluice status` reports streaming; then the indexes and
-# constraints (post-data, -j 2). SLUICE_BIN names the release binary.
-copy_sluicerun() {
-  local db=$1 dump=$BENCH_ROOT/runs/sluice_schema.dump dir=$BENCH_ROOT/runs/sluicerun
-  local slot=sluice_bench_run
+# Helpers of the two `sluice run` methods. _sluice_config DIR SLOT DB writes DIR/sluice.toml.
+_sluice_config() {
+  local dir=$1 slot=$2 db=$3
   mkdir -p "$BENCH_ROOT/runs"; rm -rf "$dir"; mkdir -p "$dir"
-  "$PGBIN/pg_dump" -h $BENCH_HOST -p $SRC_PORT -Fc --schema-only --no-publications --no-subscriptions -f "$dump" big || return 1
-  "$PGBIN/pg_restore" -h $BENCH_HOST -p $TGT_PORT -d "$db" --no-owner --section=pre-data "$dump" || return 1
-  spsql big -c "select pg_drop_replication_slot('$slot') from pg_replication_slots where slot_name = '$slot'" -c "drop publication if exists $slot" >/dev/null
+  _sluice_drop_slot "$slot"
   cat > "$dir/sluice.toml" <<TOML
 [source]
 url = "$(src_uri big)"
@@ -78,6 +73,14 @@ split_tables_larger_than = "${SLUICE_BENCH_SPLIT:-256MB}"
 [state]
 dir = "$dir/state"
 TOML
+}
+_sluice_drop_slot() {
+  spsql big -c "select pg_drop_replication_slot('$1') from pg_replication_slots where slot_name = '$1'" -c "drop publication if exists $1" >/dev/null
+}
+# _sluice_run_until_streaming DIR SLOT: `sluice run` until `sluice status` says streaming
+# (the copy and its deferred DDL done), then stop it and drop its slot.
+_sluice_run_until_streaming() {
+  local dir=$1 slot=$2
   "${SLUICE_BIN:-sluice}" run --config "$dir/sluice.toml" > "$dir/run.log" 2>&1 &
   local pid=$! st=1
   for _ in $(seq 1 3000); do
@@ -86,8 +89,18 @@ TOML
     sleep 0.2
   done
   kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null
-  spsql big -c "select pg_drop_replication_slot('$slot') from pg_replication_slots where slot_name = '$slot'" -c "drop publication if exists $slot" >/dev/null
+  _sluice_drop_slot "$slot"
   [ $st = 0 ] || { tail -20 "$dir/run.log" >&2; return 1; }
+}
+# sluicerun: the real command: `sluice run` with the copy enabled (schema pre-data first by
+# pg_restore), until `sluice status` reports streaming; then the indexes and constraints
+# (post-data, -j 2). SLUICE_BIN names the release binary.
+copy_sluicerun() {
+  local db=$1 dump=$BENCH_ROOT/runs/sluice_schema.dump dir=$BENCH_ROOT/runs/sluicerun slot=sluice_bench_run
+  _sluice_config "$dir" $slot "$db"
+  "$PGBIN/pg_dump" -h $BENCH_HOST -p $SRC_PORT -Fc --schema-only --no-publications --no-subscriptions -f "$dump" big || return 1
+  "$PGBIN/pg_restore" -h $BENCH_HOST -p $TGT_PORT -d "$db" --no-owner --section=pre-data "$dump" || return 1
+  _sluice_run_until_streaming "$dir" $slot || return 1
   "$PGBIN/pg_restore" -h $BENCH_HOST -p $TGT_PORT -d "$db" --no-owner -j 2 --section=post-data "$dump" || return 1
 }
 # sluiceschema: the product path the copy goal describes: `sluice schema` (tables without
@@ -96,36 +109,13 @@ TOML
 # the foreign keys at the end. No pg_restore at all.
 copy_sluiceschema() {
   local db=$1 dir=$BENCH_ROOT/runs/sluiceschema slot=sluice_bench_schema
-  mkdir -p "$BENCH_ROOT/runs"; rm -rf "$dir"; mkdir -p "$dir"
-  spsql big -c "select pg_drop_replication_slot('$slot') from pg_replication_slots where slot_name = '$slot'" -c "drop publication if exists $slot" >/dev/null
-  cat > "$dir/sluice.toml" <<TOML
-[source]
-url = "$(src_uri big)"
-slot = "$slot"
-publication = "$slot"
-[target]
-url = "$(tgt_uri "$db")"
-[copy]
-jobs = ${SLUICE_BENCH_JOBS:-2}
-split_tables_larger_than = "${SLUICE_BENCH_SPLIT:-256MB}"
-[state]
-dir = "$dir/state"
-TOML
+  _sluice_config "$dir" $slot "$db"
   "${SLUICE_BIN:-sluice}" schema --config "$dir/sluice.toml" > "$dir/schema.log" 2>&1 || { tail -20 "$dir/schema.log" >&2; return 1; }
-  "${SLUICE_BIN:-sluice}" run --config "$dir/sluice.toml" > "$dir/run.log" 2>&1 &
-  local pid=$! st=1
-  for _ in $(seq 1 3000); do
-    if "${SLUICE_BIN:-sluice}" status --json --config "$dir/sluice.toml" 2>/dev/null | grep -q '"state": "streaming"'; then st=0; break; fi
-    kill -0 $pid 2>/dev/null || break
-    sleep 0.2
-  done
-  kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null
-  spsql big -c "select pg_drop_replication_slot('$slot') from pg_replication_slots where slot_name = '$slot'" -c "drop publication if exists $slot" >/dev/null
-  [ $st = 0 ] || { tail -20 "$dir/run.log" >&2; return 1; }
+  _sluice_run_until_streaming "$dir" $slot
 }
 copy_stdout() {
   spsql big -c "select format('%I.%I', schemaname, tablename) from pg_tables where schemaname = 'public'" \
     | xargs -P 2 -I{} "$PGBIN/psql" -X -q -h $BENCH_HOST -p $SRC_PORT -d big -c "\\copy {} to '/dev/null'"
 }
-export -f copy_sluice copy_sluicerun copy_sluiceschema copy_stdout
+export -f copy_sluice copy_sluicerun copy_sluiceschema copy_stdout _sluice_config _sluice_drop_slot _sluice_run_until_streaming
 exec "$SHARED_BENCH/copy.sh" "$@"

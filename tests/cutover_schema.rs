@@ -4,6 +4,7 @@
 //! it waits for; existing tables left alone or recreated.
 
 use crate::cutover_common::{show, stdout, Setup};
+use crate::support::exists;
 
 const SOURCE_SCHEMA: &str = "
     CREATE SCHEMA shop;
@@ -42,14 +43,6 @@ const SOURCE_SCHEMA: &str = "
     CREATE TABLE public.audited (id int PRIMARY KEY, x int REFERENCES public.audit (x));
     INSERT INTO public.customers (name) VALUES ('ann');
 ";
-
-async fn exists(client: &tokio_postgres::Client, sql: &str) -> bool {
-    client
-        .query_one(&format!("SELECT EXISTS ({sql})"), &[])
-        .await
-        .unwrap()
-        .get(0)
-}
 
 async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::exists;
 use crate::support::sluice::{sluice, Daemon, Pair};
 
 const SCHEMA: &str = "
@@ -208,31 +209,29 @@ async fn pair_through_sluice_schema(config_extra: &str) -> (Pair, std::path::Pat
     (pair, config)
 }
 
-async fn exists(client: &tokio_postgres::Client, sql: &str) -> bool {
-    client
-        .query_one(&format!("SELECT EXISTS ({sql})"), &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn keys_are_built_per_table_during_the_copy_and_streaming_uses_them() {
-    let (pair, config) = pair_through_sluice_schema("[copy]\nenabled = true\njobs = 2\n").await;
-    // Hold the copy of tags up (SHARE blocks its COPY, not CREATE INDEX elsewhere): the
-    // key of orders must appear while the copy is provably not over.
+/// Holds the copy of tags up on the target (SHARE blocks its COPY, not CREATE INDEX on
+/// other tables) until the returned transaction commits.
+async fn hold_tags(pair: &Pair) -> tokio_postgres::Client {
     let blocker = pair.target_client().await;
     blocker
         .batch_execute("BEGIN; LOCK TABLE tags IN SHARE MODE")
         .await
         .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = writer(&pair, stop.clone());
-    let daemon = Daemon::spawn(&config, &pair.dir.path().join("sluice.log"));
-    let target = pair.target_client().await;
+    blocker
+}
+
+/// Writes `sql` on the source, waits for the daemon to apply it, compares every table.
+async fn stream_and_compare(pair: &Pair, daemon: &Daemon, sql: &str) {
+    pair.source_client().await.batch_execute(sql).await.unwrap();
+    pair.wait_caught_up(daemon).await;
+    assert_all_same(pair).await;
+}
+
+/// Waits until the target has the primary key of orders.
+async fn wait_for_orders_key(target: &tokio_postgres::Client, daemon: &Daemon) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while !exists(
-        &target,
+        target,
         "SELECT 1 FROM pg_constraint WHERE conname = 'orders_pkey'",
     )
     .await
@@ -244,6 +243,18 @@ async fn keys_are_built_per_table_during_the_copy_and_streaming_uses_them() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_are_built_per_table_during_the_copy_and_streaming_uses_them() {
+    let (pair, config) = pair_through_sluice_schema("[copy]\nenabled = true\njobs = 2\n").await;
+    // The key of orders must appear while the copy is provably not over.
+    let blocker = hold_tags(&pair).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = writer(&pair, stop.clone());
+    let daemon = Daemon::spawn(&config, &pair.dir.path().join("sluice.log"));
+    let target = pair.target_client().await;
+    wait_for_orders_key(&target, &daemon).await;
     assert!(
         !daemon.log().contains("initial copy finished"),
         "{}",
@@ -304,13 +315,12 @@ async fn a_failing_deferred_index_lets_the_copy_finish_then_stops_with_its_name(
     let daemon = pair.start_daemon(&config).await;
     let log = daemon.log();
     assert!(!log.contains("planned"), "copied again:\n{log}");
-    pair.source_client()
-        .await
-        .batch_execute("UPDATE orders SET note = 'after' WHERE id <= 10")
-        .await
-        .unwrap();
-    pair.wait_caught_up(&daemon).await;
-    assert_all_same(&pair).await;
+    stream_and_compare(
+        &pair,
+        &daemon,
+        "UPDATE orders SET note = 'after' WHERE id <= 10",
+    )
+    .await;
     assert!(
         exists(
             &target,
@@ -323,23 +333,10 @@ async fn a_failing_deferred_index_lets_the_copy_finish_then_stops_with_its_name(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kill_while_keys_are_being_built_resumes_without_copying_finished_tables_again() {
     let (pair, config) = pair_through_sluice_schema("[copy]\nenabled = true\njobs = 2\n").await;
-    let blocker = pair.target_client().await;
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE tags IN SHARE MODE")
-        .await
-        .unwrap();
+    let blocker = hold_tags(&pair).await;
     let mut daemon = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
     let target = pair.target_client().await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !exists(
-        &target,
-        "SELECT 1 FROM pg_constraint WHERE conname = 'orders_pkey'",
-    )
-    .await
-    {
-        assert!(Instant::now() < deadline, "{}", daemon.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_orders_key(&target, &daemon).await;
     daemon.kill9();
     let first = daemon.log();
     assert!(first.contains("planned table=public.orders"), "{first}");
@@ -351,15 +348,12 @@ async fn a_kill_while_keys_are_being_built_resumes_without_copying_finished_tabl
     // its key is not built twice.
     assert!(!log.contains("planned table=public.orders"), "{log}");
     assert!(!log.contains("orders_pkey"), "{log}");
-    pair.source_client()
-        .await
-        .batch_execute(
-            "UPDATE orders SET note = 'after' WHERE id <= 10; DELETE FROM tags WHERE weight < 5",
-        )
-        .await
-        .unwrap();
-    pair.wait_caught_up(&daemon).await;
-    assert_all_same(&pair).await;
+    stream_and_compare(
+        &pair,
+        &daemon,
+        "UPDATE orders SET note = 'after' WHERE id <= 10; DELETE FROM tags WHERE weight < 5",
+    )
+    .await;
     assert!(
         exists(
             &target,

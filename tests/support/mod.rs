@@ -35,3 +35,12 @@ pub async fn terminate_backends(client: &tokio_postgres::Client, filter: &str) -
         .unwrap()
         .get(0)
 }
+
+/// Whether `sql` returns a row.
+pub async fn exists(client: &tokio_postgres::Client, sql: &str) -> bool {
+    client
+        .query_one(&format!("SELECT EXISTS ({sql})"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
