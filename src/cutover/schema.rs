@@ -123,6 +123,9 @@ pub async fn apply_deferred_statement(
 ) -> Result<bool> {
     let id = deferred.id;
     let title = statement_title(&deferred.statement);
+    // A key over a large table takes minutes to hours: say what is being built.
+    tracing::info!(statement = %title, table = deferred.table.as_deref().unwrap_or("-"), "building deferred DDL");
+    let started = std::time::Instant::now();
     let run = async {
         target.batch_execute("BEGIN").await?;
         target.batch_execute(&deferred.statement).await?;
@@ -136,7 +139,11 @@ pub async fn apply_deferred_statement(
     };
     match run.await {
         Ok(()) => {
-            tracing::info!(statement = %title, "deferred DDL applied");
+            tracing::info!(
+                statement = %title,
+                seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+                "deferred DDL applied"
+            );
             Ok(true)
         }
         Err(e) => {
