@@ -99,6 +99,9 @@ struct Column {
 struct SourceFacts {
     tables: Vec<SourceTable>,
     columns: BTreeMap<u32, Vec<Column>>,
+    /// The columns pgoutput sends for an old row: the primary key's (identity `d`) or the
+    /// REPLICA IDENTITY index's (`i`). Tables with neither are absent.
+    identity_columns: BTreeMap<u32, Vec<String>>,
 }
 
 async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts> {
@@ -161,7 +164,65 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
             return None;
         }
     };
-    Some(SourceFacts { tables, columns })
+    let identity_columns =
+        match identity_columns_of(&client, &tables.iter().map(|t| t.oid).collect::<Vec<_>>()).await
+        {
+            Ok(identity) => identity,
+            Err(error) => {
+                out.fail(format!(
+                    "source: cannot read the tables' replica identities ({})",
+                    error.report()
+                ));
+                return None;
+            }
+        };
+    Some(SourceFacts {
+        tables,
+        columns,
+        identity_columns,
+    })
+}
+
+/// The key columns of each table's replica identity: its primary key for REPLICA IDENTITY
+/// DEFAULT, its REPLICA IDENTITY index for USING INDEX.
+async fn identity_columns_of(client: &Client, oids: &[u32]) -> Result<BTreeMap<u32, Vec<String>>> {
+    let rows = client
+        .query(
+            "SELECT c.oid, array_agg(a.attname::text ORDER BY k.n)
+             FROM pg_class c
+             JOIN pg_index i ON i.indrelid = c.oid
+                AND CASE c.relreplident WHEN 'd' THEN i.indisprimary WHEN 'i' THEN i.indisreplident ELSE false END
+             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+             WHERE c.oid = ANY($1::oid[])
+             GROUP BY c.oid",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| error::pg("Reading the replica identity of the tables", e))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Distributed tables whose UPDATE and DELETE cannot be routed to one shard (the old row
+/// pgoutput sends lacks the distribution column). `distribution_column` gives a table's,
+/// from the target's layout or, before `sluice schema` distributed it, the config.
+fn routing_findings<'a>(
+    source: &SourceFacts,
+    distribution_column: impl Fn(&TableName) -> Option<&'a str>,
+) -> Vec<String> {
+    source
+        .tables
+        .iter()
+        .filter_map(|table| {
+            let column = distribution_column(&table.name)?;
+            let identity = source
+                .identity_columns
+                .get(&table.oid)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            crate::citus::routing_finding(&table.name, column, table.replica_identity, identity)
+        })
+        .collect()
 }
 
 async fn check_source_settings(client: &Client, config: &Config, out: &mut Findings) -> Result<()> {
@@ -400,7 +461,7 @@ async fn check_target(config: &Config, source: Option<&SourceFacts>, out: &mut F
     let Some(source) = source else {
         return;
     };
-    if let Err(error) = check_target_tables(&client, source, citus.as_deref(), out).await {
+    if let Err(error) = check_target_tables(config, &client, source, citus.as_deref(), out).await {
         out.fail(format!(
             "target: cannot read its tables ({})",
             error.report()
@@ -409,6 +470,7 @@ async fn check_target(config: &Config, source: Option<&SourceFacts>, out: &mut F
 }
 
 async fn check_target_tables(
+    config: &Config,
     client: &Client,
     source: &SourceFacts,
     citus: Option<&str>,
@@ -490,6 +552,20 @@ async fn check_target_tables(
                 .filter(|(_, oid)| !distributed.contains(oid))
                 .map(|(name, _)| name.to_string())
                 .collect();
+            let layout = crate::citus::detect(client).await?;
+            let routing = routing_findings(source, |name| {
+                match layout.as_ref().and_then(|l| l.table(name)) {
+                    Some(laid_out) => laid_out.distribution_column(),
+                    None => config
+                        .citus
+                        .distribute
+                        .get(&name.qualified())
+                        .map(String::as_str),
+                }
+            });
+            for finding in routing {
+                out.warn(format!("target: {finding}"));
+            }
             if local.is_empty() {
                 out.pass(format!(
                     "target: Citus {version}; every selected table is distributed or a reference table"
@@ -601,6 +677,32 @@ mod tests {
             not_null: false,
             has_default: false,
         }
+    }
+
+    #[test]
+    fn distributed_tables_whose_old_rows_lack_the_distribution_column_are_named() {
+        let mut keyed = table("public.orders", 'd', true);
+        keyed.oid = 10;
+        let mut other_key = table("public.items", 'd', true);
+        other_key.oid = 11;
+        let mut full = table("public.notes", 'f', false);
+        full.oid = 12;
+        let mut local = table("public.plain", 'd', true);
+        local.oid = 13;
+        let facts = SourceFacts {
+            tables: vec![keyed, other_key, full, local],
+            columns: BTreeMap::new(),
+            identity_columns: BTreeMap::from([
+                (10, vec!["customer_id".to_string(), "id".to_string()]),
+                (11, vec!["id".to_string()]),
+                (13, vec!["id".to_string()]),
+            ]),
+        };
+        let findings = routing_findings(&facts, |name| {
+            (name.name != "plain").then_some("customer_id")
+        });
+        assert_eq!(findings.len(), 1, "{findings:?}");
+        assert!(findings[0].starts_with("public.items: distribution column customer_id"));
     }
 
     #[test]
