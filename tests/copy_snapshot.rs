@@ -109,7 +109,7 @@ async fn copy_sees_the_snapshot_and_the_slot_holds_every_later_write_once() {
     let layout = plan::table_layout(&pair.src, &pair.dst, table)
         .await
         .unwrap();
-    let copy_sql = plan::source_copy_sql(&layout, big.chunks[1]);
+    let copy_sql = plan::source_copy_sql(&layout, big.chunks[1]).unwrap();
     let select = copy_sql
         .strip_prefix("COPY (")
         .and_then(|rest| rest.split(") TO STDOUT").next())

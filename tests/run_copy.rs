@@ -362,3 +362,73 @@ async fn a_kill_while_keys_are_being_built_resumes_without_copying_finished_tabl
         .await
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_table_is_copied_partition_by_partition_while_rows_move_between_them() {
+    let pair = Pair::with_schema(
+        "CREATE TABLE readings (id bigint, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+         CREATE TABLE readings_eu PARTITION OF readings FOR VALUES IN ('eu');
+         CREATE TABLE readings_us PARTITION OF readings FOR VALUES IN ('us');
+         CREATE TABLE readings_other PARTITION OF readings DEFAULT;",
+    )
+    .await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute(
+            "INSERT INTO readings SELECT g, CASE WHEN g % 10 = 0 THEN 'us' WHEN g % 10 = 1 THEN 'jp' ELSE 'eu' END, repeat(md5(g::text), 4)
+             FROM generate_series(1, 150000) g;
+             ANALYZE readings;",
+        )
+        .await
+        .unwrap();
+    let config =
+        pair.config("[copy]\nenabled = true\njobs = 2\nsplit_tables_larger_than = \"4MB\"\n");
+    // Rows change partition (a new region) while the copy runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let dsn = pair.source.dsn("app");
+    let mover = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let id = fastrand::i64(1..150_000);
+                client
+                    .batch_execute(&format!(
+                        "UPDATE readings SET region = (ARRAY['eu','us','jp'])[1 + {id} % 3], v = 'moved' WHERE id = {id};
+                         INSERT INTO readings VALUES ({}, 'us', 'new');",
+                        150_000 + n as i64 + 1
+                    ))
+                    .await
+                    .unwrap();
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let daemon = pair.start_daemon(&config).await;
+    wait_for_log(&daemon, "initial copy finished").await;
+    stop.store(true, Ordering::Relaxed);
+    let moved = mover.await.unwrap();
+    assert!(moved > 10, "rows moved during the copy ({moved})");
+    pair.wait_caught_up(&daemon).await;
+    pair.assert_same("readings").await;
+    let log = daemon.log();
+    // Three partitions, the big one (eu, 80 % of the rows) split: more than three chunks.
+    let planned = log
+        .lines()
+        .find(|l| l.contains("planned table=public.readings"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let chunks: usize = planned
+        .split("chunks=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{planned}"));
+    assert!(chunks > 3, "{planned}");
+}

@@ -447,6 +447,7 @@ async fn copy_tables(
             u64::try_from(blocks).unwrap_or(0),
             ctx.config.copy.split_tables_larger_than,
             tid_range_scans,
+            &layout.leaves,
         );
         empty_target_table(ctx, &target, &layout, records.get(&table.name)).await?;
         let record = TableRecord {
@@ -461,13 +462,13 @@ async fn copy_tables(
         // Recorded before any row lands: a later start knows rows may be there.
         state::save_table(&ctx.store, &record)?;
         progress[*index].reset_to(0, 0);
-        let weight = u64::try_from(table.size_bytes).unwrap_or(0) / chunks.len() as u64;
+        let table_bytes = u64::try_from(table.size_bytes).unwrap_or(0);
         for (chunk, range) in chunks.iter().enumerate() {
             jobs.push(Job {
                 table: layouts.len(),
                 chunk,
                 range: *range,
-                weight,
+                weight: plan::chunk_weight(&layout, table_bytes, &chunks, *range),
             });
         }
         remaining.push(AtomicUsize::new(chunks.len()));
@@ -606,7 +607,7 @@ async fn work(round: Arc<Round>) -> Result<()> {
                         )));
                     }
                     tracing::warn!(
-                        chunk = %plan::describe(&layout.name, job.range),
+                        chunk = %plan::describe(layout, job.range),
                         attempt,
                         error = %e.report(),
                         "copying a chunk failed; retrying under the same snapshot"

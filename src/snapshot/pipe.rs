@@ -87,7 +87,8 @@ impl Worker {
         progress: &TableProgress,
         counted: &mut (u64, u64),
     ) -> Result<ChunkDone> {
-        let what = plan::describe(&layout.name, chunk);
+        let what = plan::describe(layout, chunk);
+        let source_sql = plan::source_copy_sql(layout, chunk)?;
         if let Err(e) = self
             .source
             .batch_execute(&format!(
@@ -121,7 +122,7 @@ impl Worker {
             .map_err(|e| target_error(&what, e))?;
         let stream = self
             .source
-            .copy_out(&plan::source_copy_sql(layout, chunk))
+            .copy_out(&source_sql)
             .await
             .map_err(|e| source_error(&what, e))?;
         let mut sink = pin!(sink);

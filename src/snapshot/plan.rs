@@ -7,8 +7,10 @@
 //! distribution (a scan or histogram) and an index scan per chunk, which is slower than a
 //! sequential read on a cold table. Before 14 a ctid predicate scans the whole table, so
 //! there large tables are copied whole. The last chunk has no upper bound: rows that sit in
-//! blocks beyond the size seen at planning time are still copied. Partitioned tables are
-//! copied whole through their root (their partitions' blocks are numbered separately).
+//! blocks beyond the size seen at planning time are still copied. A partitioned table is
+//! copied partition by partition (each leaf a chunk, a large leaf split by its own blocks the
+//! same way), read from the leaf and written through the target's root, which routes the
+//! rows (the target may be partitioned differently, or not at all).
 //!
 //! **Binary COPY** only when every column's type is built in (OID below 10000: the same OID
 //! in every cluster, also inside arrays) and the target column has the same type; a user
@@ -35,6 +37,19 @@ pub struct TableLayout {
     pub binary: bool,
     pub source_partitioned: bool,
     pub target_partitioned: bool,
+    /// The leaf partitions of a partitioned source table, by OID (empty otherwise).
+    pub leaves: Vec<Leaf>,
+}
+
+/// One leaf partition of a partitioned source table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leaf {
+    pub name: TableName,
+    /// Heap blocks, and bytes with TOAST (what chunking and weights go by).
+    pub blocks: u64,
+    pub bytes: u64,
+    /// A plain table (ctid ranges work), not a foreign table.
+    pub heap: bool,
 }
 
 /// Reads the source and target catalogs for `table`. Errors name the table and what the
@@ -105,44 +120,151 @@ pub async fn table_layout(
         binary &= type_oid < FIRST_NON_BUILTIN_OID && target_type == type_oid;
         columns.push(quote_ident(&column));
     }
+    let leaves = if table.is_partitioned {
+        leaves_of(source, table).await?
+    } else {
+        Vec::new()
+    };
     Ok(TableLayout {
         name: name.clone(),
         columns,
         binary,
         source_partitioned: table.is_partitioned,
         target_partitioned: target_kind == "p",
+        leaves,
     })
 }
 
+/// The leaf partitions of a partitioned source table, at every level.
+async fn leaves_of(source: &Client, table: &SourceTable) -> Result<Vec<Leaf>> {
+    let rows = source
+        .query(
+            "SELECT n.nspname::text, c.relname::text, c.relkind = 'r',
+                    (pg_relation_size(c.oid, 'main') / current_setting('block_size')::int8)::int8,
+                    COALESCE(pg_total_relation_size(c.oid) - pg_indexes_size(c.oid), 0)::int8
+             FROM pg_partition_tree($1::oid::regclass) p
+             JOIN pg_class c ON c.oid = p.relid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE p.isleaf AND c.relkind IN ('r', 'f')
+             ORDER BY c.oid",
+            &[&table.oid],
+        )
+        .await
+        .map_err(|e| {
+            error::pg(
+                format!("Listing the partitions of {} on the source", table.name),
+                e,
+            )
+        })?;
+    Ok(rows
+        .iter()
+        .map(|row| Leaf {
+            name: TableName::new(row.get::<_, String>(0), row.get::<_, String>(1)),
+            heap: row.get(2),
+            blocks: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
+            bytes: u64::try_from(row.get::<_, i64>(4)).unwrap_or(0),
+        })
+        .collect())
+}
+
 /// Splits a table into chunks of about `chunk_bytes` each (by its heap blocks), or keeps it
-/// whole when it is small, partitioned, or the source is older than PostgreSQL 14.
+/// whole when it is small or the source is older than PostgreSQL 14. A partitioned table
+/// gets a chunk per leaf partition (`leaves`, from its layout), a large leaf several.
 pub fn plan_chunks(
     table: &SourceTable,
     heap_blocks: u64,
     chunk_bytes: u64,
     tid_range_scans: bool,
+    leaves: &[Leaf],
 ) -> Vec<ChunkRange> {
+    if table.is_partitioned {
+        if leaves.is_empty() {
+            // No partitions: nothing to read, but the table still needs its one chunk.
+            return vec![ChunkRange::Whole];
+        }
+        let mut chunks = Vec::new();
+        for (index, leaf) in leaves.iter().enumerate() {
+            let leaf_index = u32::try_from(index).unwrap_or(u32::MAX);
+            let ranges = if leaf.heap && tid_range_scans {
+                block_ranges(leaf.bytes, leaf.blocks, chunk_bytes)
+            } else {
+                None
+            };
+            match ranges {
+                Some(ranges) => {
+                    chunks.extend(ranges.into_iter().map(|(first, end)| ChunkRange::Leaf {
+                        leaf: leaf_index,
+                        first,
+                        end,
+                    }))
+                }
+                None => chunks.push(ChunkRange::Leaf {
+                    leaf: leaf_index,
+                    first: 0,
+                    end: None,
+                }),
+            }
+        }
+        return chunks;
+    }
     let size = u64::try_from(table.size_bytes).unwrap_or(0);
-    if table.is_partitioned || !tid_range_scans || chunk_bytes == 0 || size <= chunk_bytes {
-        return vec![ChunkRange::Whole];
+    let ranges = if tid_range_scans {
+        block_ranges(size, heap_blocks, chunk_bytes)
+    } else {
+        None
+    };
+    match ranges {
+        Some(ranges) => ranges
+            .into_iter()
+            .map(|(first, end)| ChunkRange::Blocks { first, end })
+            .collect(),
+        None => vec![ChunkRange::Whole],
+    }
+}
+
+/// Block ranges `[first, end)` of about `chunk_bytes` each covering a relation of `size`
+/// bytes in `heap_blocks` blocks, the last one open; `None` when it is not worth splitting.
+fn block_ranges(size: u64, heap_blocks: u64, chunk_bytes: u64) -> Option<Vec<(u64, Option<u64>)>> {
+    if chunk_bytes == 0 || size <= chunk_bytes {
+        return None;
     }
     // Bounded so a tiny threshold on a huge table cannot plan millions of chunks.
     let count = size.div_ceil(chunk_bytes).clamp(2, 10_000).min(heap_blocks);
     if count < 2 {
-        return vec![ChunkRange::Whole];
+        return None;
     }
     let per_chunk = heap_blocks.div_ceil(count);
-    let mut chunks = Vec::new();
+    let mut ranges = Vec::new();
     let mut first = 0;
     while first < heap_blocks {
         let end = first + per_chunk;
-        chunks.push(ChunkRange::Blocks {
-            first,
-            end: (end < heap_blocks).then_some(end),
-        });
+        ranges.push((first, (end < heap_blocks).then_some(end)));
         first = end;
     }
-    chunks
+    Some(ranges)
+}
+
+/// How much of the copy a chunk is (bytes, roughly), to start the big ones first.
+pub fn chunk_weight(
+    layout: &TableLayout,
+    table_bytes: u64,
+    chunks: &[ChunkRange],
+    chunk: ChunkRange,
+) -> u64 {
+    match chunk {
+        ChunkRange::Leaf { leaf, .. } => {
+            let of_leaf = chunks
+                .iter()
+                .filter(|c| matches!(c, ChunkRange::Leaf { leaf: l, .. } if *l == leaf))
+                .count()
+                .max(1) as u64;
+            layout
+                .leaves
+                .get(leaf as usize)
+                .map_or(0, |l| l.bytes / of_leaf)
+        }
+        _ => table_bytes / chunks.len().max(1) as u64,
+    }
 }
 
 /// ` (a, b)` for COPY, or nothing for a table without columns (`()` is a syntax error;
@@ -155,8 +277,18 @@ fn column_list(layout: &TableLayout) -> String {
     }
 }
 
+/// A ctid range predicate for blocks `[first, end)`.
+fn ctid_range(first: u64, end: Option<u64>) -> String {
+    let lower = quote_literal(&format!("({first},0)"));
+    let upper = match end {
+        Some(end) => format!(" AND ctid < {}::tid", quote_literal(&format!("({end},0)"))),
+        None => String::new(),
+    };
+    format!("ctid >= {lower}::tid{upper}")
+}
+
 /// `COPY ... TO STDOUT` for one chunk of the source table.
-pub fn source_copy_sql(layout: &TableLayout, chunk: ChunkRange) -> String {
+pub fn source_copy_sql(layout: &TableLayout, chunk: ChunkRange) -> Result<String> {
     // `SELECT FROM t` is valid and yields one empty row per row.
     let columns = layout.columns.join(", ");
     let column_list = column_list(layout);
@@ -173,7 +305,7 @@ pub fn source_copy_sql(layout: &TableLayout, chunk: ChunkRange) -> String {
     } else {
         "ONLY "
     };
-    match chunk {
+    Ok(match chunk {
         ChunkRange::Whole if !layout.source_partitioned => {
             // `COPY table TO` skips the executor's projection; it never includes children.
             format!("COPY {table}{column_list} TO STDOUT{format}")
@@ -182,16 +314,29 @@ pub fn source_copy_sql(layout: &TableLayout, chunk: ChunkRange) -> String {
             format!("COPY (SELECT {columns} FROM {only}{table}) TO STDOUT{format}")
         }
         ChunkRange::Blocks { first, end } => {
-            let lower = quote_literal(&format!("({first},0)"));
-            let upper = match end {
-                Some(end) => format!(" AND ctid < {}::tid", quote_literal(&format!("({end},0)"))),
-                None => String::new(),
-            };
-            format!(
-                "COPY (SELECT {columns} FROM {only}{table} WHERE ctid >= {lower}::tid{upper}) TO STDOUT{format}"
-            )
+            let range = ctid_range(first, end);
+            format!("COPY (SELECT {columns} FROM {only}{table} WHERE {range}) TO STDOUT{format}")
         }
-    }
+        ChunkRange::Leaf { leaf, first, end } => {
+            let leaf = leaf_of(layout, leaf)?.name.quoted();
+            // A leaf has no partitions of its own; its blocks are its own.
+            if first == 0 && end.is_none() {
+                format!("COPY (SELECT {columns} FROM {leaf}) TO STDOUT{format}")
+            } else {
+                let range = ctid_range(first, end);
+                format!("COPY (SELECT {columns} FROM {leaf} WHERE {range}) TO STDOUT{format}")
+            }
+        }
+    })
+}
+
+fn leaf_of(layout: &TableLayout, leaf: u32) -> Result<&Leaf> {
+    layout.leaves.get(leaf as usize).ok_or_else(|| {
+        Error::definite(format!(
+            "A copy chunk of {} names partition #{leaf}, which its plan does not have: this is a bug in sluice; restart to plan the copy of this table again",
+            layout.name
+        ))
+    })
 }
 
 /// `COPY ... FROM STDIN` into the target table.
@@ -231,15 +376,28 @@ pub fn any_row_sql(layout: &TableLayout) -> String {
     )
 }
 
-/// A chunk as people read it in messages: `public.orders (blocks 1000..2000)`.
-pub fn describe(name: &TableName, chunk: ChunkRange) -> String {
+/// A chunk as people read it in messages: `public.orders (blocks 1000..2000)`,
+/// `public.events (partition public.events_2024, blocks 0..500)`.
+pub fn describe(layout: &TableLayout, chunk: ChunkRange) -> String {
+    let name = &layout.name;
+    let blocks = |first: u64, end: Option<u64>| match end {
+        Some(end) => format!("blocks {first}..{end}"),
+        None => format!("blocks {first}..end"),
+    };
     match chunk {
         ChunkRange::Whole => name.to_string(),
-        ChunkRange::Blocks {
-            first,
-            end: Some(end),
-        } => format!("{name} (blocks {first}..{end})"),
-        ChunkRange::Blocks { first, end: None } => format!("{name} (blocks {first}..end)"),
+        ChunkRange::Blocks { first, end } => format!("{name} ({})", blocks(first, end)),
+        ChunkRange::Leaf { leaf, first, end } => {
+            let partition = layout
+                .leaves
+                .get(leaf as usize)
+                .map_or_else(|| format!("#{leaf}"), |l| l.name.to_string());
+            if first == 0 && end.is_none() {
+                format!("{name} (partition {partition})")
+            } else {
+                format!("{name} (partition {partition}, {})", blocks(first, end))
+            }
+        }
     }
 }
 
@@ -261,7 +419,7 @@ mod tests {
 
     #[test]
     fn chunks_cover_every_block_once_and_the_last_is_open() {
-        let chunks = plan_chunks(&table(1_000_000), 122, 100_000, true);
+        let chunks = plan_chunks(&table(1_000_000), 122, 100_000, true, &[]);
         assert_eq!(chunks.len(), 10);
         let mut next = 0;
         for (i, chunk) in chunks.iter().enumerate() {
@@ -280,24 +438,99 @@ mod tests {
     #[test]
     fn small_partitioned_or_old_servers_copy_whole() {
         assert_eq!(
-            plan_chunks(&table(50), 1, 100, true),
+            plan_chunks(&table(50), 1, 100, true, &[]),
             vec![ChunkRange::Whole]
         );
         assert_eq!(
-            plan_chunks(&table(1000), 10, 100, false),
+            plan_chunks(&table(1000), 10, 100, false, &[]),
             vec![ChunkRange::Whole]
         );
         let mut partitioned = table(1000);
         partitioned.is_partitioned = true;
         assert_eq!(
-            plan_chunks(&partitioned, 10, 100, true),
-            vec![ChunkRange::Whole]
+            plan_chunks(&partitioned, 0, 100, true, &[]),
+            vec![ChunkRange::Whole],
+            "a partitioned table without partitions still has its one chunk"
         );
         // Big by TOAST but one heap block: nothing to split by ctid.
         assert_eq!(
-            plan_chunks(&table(1000), 1, 100, true),
+            plan_chunks(&table(1000), 1, 100, true, &[]),
             vec![ChunkRange::Whole]
         );
+    }
+
+    fn leaf(name: &str, blocks: u64, bytes: u64, heap: bool) -> Leaf {
+        Leaf {
+            name: TableName::new("public", name),
+            blocks,
+            bytes,
+            heap,
+        }
+    }
+
+    #[test]
+    fn a_partitioned_table_is_copied_partition_by_partition_and_big_ones_split() {
+        let mut parts = table(10_000);
+        parts.is_partitioned = true;
+        let leaves = [
+            leaf("p_small", 1, 50, true),
+            leaf("p_big", 40, 400, true),
+            leaf("p_remote", 0, 0, false),
+        ];
+        let chunks = plan_chunks(&parts, 0, 100, true, &leaves);
+        let whole = |leaf| ChunkRange::Leaf {
+            leaf,
+            first: 0,
+            end: None,
+        };
+        assert_eq!(chunks[0], whole(0));
+        assert_eq!(
+            chunks.last(),
+            Some(&whole(2)),
+            "a foreign partition is read whole"
+        );
+        let big: Vec<&ChunkRange> = chunks
+            .iter()
+            .filter(|c| matches!(c, ChunkRange::Leaf { leaf: 1, .. }))
+            .collect();
+        assert_eq!(big.len(), 4, "{chunks:?}");
+        assert_eq!(
+            *big[3],
+            ChunkRange::Leaf {
+                leaf: 1,
+                first: 30,
+                end: None
+            }
+        );
+        // Before PostgreSQL 14 each partition is still a chunk of its own.
+        assert_eq!(
+            plan_chunks(&parts, 0, 100, false, &leaves),
+            vec![whole(0), whole(1), whole(2)]
+        );
+
+        let layout = TableLayout {
+            name: TableName::new("public", "parts"),
+            columns: vec![quote_ident("a")],
+            binary: true,
+            source_partitioned: true,
+            target_partitioned: false,
+            leaves: leaves.to_vec(),
+        };
+        assert_eq!(
+            source_copy_sql(&layout, whole(0)).unwrap(),
+            "COPY (SELECT \"a\" FROM \"public\".\"p_small\") TO STDOUT (FORMAT binary)"
+        );
+        assert_eq!(
+            source_copy_sql(&layout, *big[1]).unwrap(),
+            "COPY (SELECT \"a\" FROM \"public\".\"p_big\" WHERE ctid >= '(10,0)'::tid AND ctid < '(20,0)'::tid) TO STDOUT (FORMAT binary)"
+        );
+        assert!(source_copy_sql(&layout, whole(7)).is_err());
+        assert_eq!(
+            describe(&layout, *big[1]),
+            "public.parts (partition public.p_big, blocks 10..20)"
+        );
+        assert_eq!(chunk_weight(&layout, 10_000, &chunks, *big[0]), 100);
+        assert_eq!(chunk_weight(&layout, 10_000, &chunks, whole(0)), 50);
     }
 
     #[test]
@@ -308,13 +541,14 @@ mod tests {
             binary: false,
             source_partitioned: false,
             target_partitioned: false,
+            leaves: Vec::new(),
         };
         assert_eq!(
-            source_copy_sql(&layout, ChunkRange::Whole),
+            source_copy_sql(&layout, ChunkRange::Whole).unwrap(),
             "COPY \"s\".\"we\"\"ird\" (\"b\", \"a\") TO STDOUT"
         );
         assert_eq!(
-            source_copy_sql(&layout, ChunkRange::Blocks { first: 5, end: Some(9) }),
+            source_copy_sql(&layout, ChunkRange::Blocks { first: 5, end: Some(9) }).unwrap(),
             "COPY (SELECT \"b\", \"a\" FROM ONLY \"s\".\"we\"\"ird\" WHERE ctid >= '(5,0)'::tid AND ctid < '(9,0)'::tid) TO STDOUT"
         );
         let binary = TableLayout {

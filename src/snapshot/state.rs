@@ -43,7 +43,17 @@ pub struct CopyState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChunkRange {
     Whole,
-    Blocks { first: u64, end: Option<u64> },
+    Blocks {
+        first: u64,
+        end: Option<u64>,
+    },
+    /// One leaf partition of a partitioned table (its place in `TableLayout::leaves`):
+    /// whole (`first = 0, end = None`) or a block range of it, like `Blocks`.
+    Leaf {
+        leaf: u32,
+        first: u64,
+        end: Option<u64>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
