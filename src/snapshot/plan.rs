@@ -50,6 +50,9 @@ pub struct Leaf {
     pub bytes: u64,
     /// A plain table (ctid ranges work), not a foreign table.
     pub heap: bool,
+    /// The copy's user may read the partition itself (reading through the root checks only
+    /// the root's privileges); without it the table is read whole through its root.
+    pub readable: bool,
 }
 
 /// Reads the source and target catalogs for `table`. Errors name the table and what the
@@ -141,7 +144,8 @@ async fn leaves_of(source: &Client, table: &SourceTable) -> Result<Vec<Leaf>> {
         .query(
             "SELECT n.nspname::text, c.relname::text, c.relkind = 'r',
                     (pg_relation_size(c.oid, 'main') / current_setting('block_size')::int8)::int8,
-                    COALESCE(pg_total_relation_size(c.oid) - pg_indexes_size(c.oid), 0)::int8
+                    COALESCE(pg_total_relation_size(c.oid) - pg_indexes_size(c.oid), 0)::int8,
+                    has_table_privilege(c.oid, 'SELECT')
              FROM pg_partition_tree($1::oid::regclass) p
              JOIN pg_class c ON c.oid = p.relid
              JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -163,6 +167,7 @@ async fn leaves_of(source: &Client, table: &SourceTable) -> Result<Vec<Leaf>> {
             heap: row.get(2),
             blocks: u64::try_from(row.get::<_, i64>(3)).unwrap_or(0),
             bytes: u64::try_from(row.get::<_, i64>(4)).unwrap_or(0),
+            readable: row.get(5),
         })
         .collect())
 }
@@ -178,8 +183,9 @@ pub fn plan_chunks(
     leaves: &[Leaf],
 ) -> Vec<ChunkRange> {
     if table.is_partitioned {
-        if leaves.is_empty() {
-            // No partitions: nothing to read, but the table still needs its one chunk.
+        // No partitions: nothing to read, but the table still needs its one chunk. A
+        // partition the user may not read directly: through the root, whole.
+        if leaves.is_empty() || leaves.iter().any(|l| !l.readable) {
             return vec![ChunkRange::Whole];
         }
         let mut chunks = Vec::new();
@@ -465,6 +471,7 @@ mod tests {
             blocks,
             bytes,
             heap,
+            readable: true,
         }
     }
 
@@ -506,6 +513,13 @@ mod tests {
         assert_eq!(
             plan_chunks(&parts, 0, 100, false, &leaves),
             vec![whole(0), whole(1), whole(2)]
+        );
+        // A partition the user may read only through the root: the root, whole.
+        let mut guarded = leaves.to_vec();
+        guarded[1].readable = false;
+        assert_eq!(
+            plan_chunks(&parts, 0, 100, true, &guarded),
+            vec![ChunkRange::Whole]
         );
 
         let layout = TableLayout {
