@@ -341,6 +341,23 @@ async fn a_kill_while_keys_are_being_built_resumes_without_copying_finished_tabl
     let first = daemon.log();
     assert!(first.contains("planned table=public.orders"), "{first}");
     assert!(first.contains("orders_pkey"), "{first}");
+    // With the daemon down, status reads the copy's records: orders done, tags to redo.
+    let (code, out, err) = sluice(&["status", "--json", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let table = |name: &str| {
+        status["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {out}"))
+            .clone()
+    };
+    assert_eq!(table("public.orders")["state"], "copied", "{out}");
+    assert_eq!(table("public.orders")["rows_copied"], 200_000, "{out}");
+    assert_eq!(table("public.tags")["state"], "pending", "{out}");
+    assert_eq!(table("public.tags")["rows_copied"], 0, "{out}");
     blocker.batch_execute("COMMIT").await.unwrap();
     let daemon = pair.start_daemon(&config).await;
     let log = daemon.log();

@@ -17,7 +17,7 @@ use crate::checkpoint;
 use crate::config::{format_size, Config};
 use crate::control::client;
 use crate::control::monitor::sample_slot;
-use crate::control::status::{unix_now, DaemonState, StatusReport};
+use crate::control::status::{unix_now, DaemonState, StatusReport, TableState, TableStatus};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lsn::Lsn;
 
@@ -78,11 +78,13 @@ pub async fn direct_report(config: &Config, read_checkpoint: bool) -> StatusRepo
 
     if read_checkpoint {
         match read_local_checkpoint(&config.state.dir) {
-            Ok(Some(position)) => {
-                report.applied_lsn = Some(position.applied_lsn);
-                report.caught_up_lsn = Some(position.caught_up_lsn);
+            Ok((position, tables)) => {
+                if let Some(position) = position {
+                    report.applied_lsn = Some(position.applied_lsn);
+                    report.caught_up_lsn = Some(position.caught_up_lsn);
+                }
+                report.tables = tables;
             }
-            Ok(None) => {}
             // The store is locked, yet nobody answered on the socket: a daemon is starting
             // (or wedged before serving). Say so rather than claim it is stopped.
             Err(_) if checkpoint::daemon_holds(&config.state.dir) => {
@@ -170,13 +172,32 @@ async fn read_target(config: &Config) -> Result<Option<checkpoint::TargetPositio
     checkpoint::read_target_position(&client, &config.source.slot).await
 }
 
-/// The sled checkpoint, when the state dir holds one. Never creates the state dir.
-fn read_local_checkpoint(state_dir: &Path) -> Result<Option<checkpoint::Position>> {
+/// The sled checkpoint and what the copy recorded per table, when the state dir holds
+/// them. Never creates the state dir. With the daemon down a table is `copied` once its
+/// copy finished (`streaming` once the whole copy did), else `pending`: an unfinished
+/// table is copied again from the start, so its rows so far do not count.
+fn read_local_checkpoint(
+    state_dir: &Path,
+) -> Result<(Option<checkpoint::Position>, Vec<TableStatus>)> {
     if !checkpoint::sled_path(state_dir).is_dir() {
-        return Ok(None);
+        return Ok((None, Vec::new()));
     }
     let store = checkpoint::Store::open(state_dir)?;
-    store.position()
+    let copy_finished = crate::snapshot::state::load_state(&store)?.is_some_and(|s| s.finished);
+    let mut tables: Vec<TableStatus> = crate::snapshot::state::load_tables(&store)?
+        .into_iter()
+        .map(|record| TableStatus {
+            name: record.name.to_string(),
+            state: match (record.finished, copy_finished) {
+                (true, true) => TableState::Streaming,
+                (true, false) => TableState::Copied,
+                (false, _) => TableState::Pending,
+            },
+            rows_copied: if record.finished { record.rows } else { 0 },
+        })
+        .collect();
+    tables.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((store.position()?, tables))
 }
 
 fn lsn(value: Option<Lsn>) -> String {
