@@ -113,6 +113,8 @@ pub async fn apply_deferred_ddl(target: &Client) -> Result<usize> {
     Ok(applied)
 }
 
+const MARK_APPLIED: &str = "UPDATE sluice.deferred_ddl SET applied_at = now() WHERE id = $1";
+
 /// Runs one deferred statement in its own transaction together with marking its row
 /// applied, so a crash in between never runs it twice (call it outside a transaction, on a
 /// client not used concurrently). `Ok(false)` when its object existed already (SQLSTATE
@@ -129,12 +131,7 @@ pub async fn apply_deferred_statement(
     let run = async {
         target.batch_execute("BEGIN").await?;
         target.batch_execute(&deferred.statement).await?;
-        target
-            .execute(
-                "UPDATE sluice.deferred_ddl SET applied_at = now() WHERE id = $1",
-                &[&id],
-            )
-            .await?;
+        target.execute(MARK_APPLIED, &[&id]).await?;
         target.batch_execute("COMMIT").await
     };
     match run.await {
@@ -151,10 +148,7 @@ pub async fn apply_deferred_statement(
             let code = e.code().map(|c| c.code().to_string());
             if matches!(code.as_deref(), Some("42P07") | Some("42710")) {
                 target
-                    .execute(
-                        "UPDATE sluice.deferred_ddl SET applied_at = now() WHERE id = $1",
-                        &[&id],
-                    )
+                    .execute(MARK_APPLIED, &[&id])
                     .await
                     .map_err(|e| error::pg("Marking sluice.deferred_ddl on the target", e))?;
                 tracing::info!(statement = %title, "deferred DDL already present on the target");

@@ -64,10 +64,6 @@ impl DdlSchedule {
     pub fn take_last(&mut self) -> Vec<DeferredStatement> {
         std::mem::take(&mut self.last)
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.per_table.is_empty() && self.last.is_empty()
-    }
 }
 
 /// Builds the deferred statements as tables are reported copied on `copied` (quoted root
@@ -190,7 +186,7 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![3]
         );
-        assert!(schedule.is_empty());
+        assert!(schedule.take_waiting().is_empty() && schedule.take_last().is_empty());
     }
 
     #[test]
