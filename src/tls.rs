@@ -40,7 +40,7 @@ pub async fn connect(info: &ConnInfo, purpose: &str) -> Result<tokio_postgres::C
             tokio::spawn(async move {
                 let _ = connection.await;
             });
-            Ok(client)
+            Ok(watch_for_disconnect(client).await)
         } else {
             let tls = tokio_postgres_rustls::MakeRustlsConnect::new(client_config(info)?);
             let (client, connection) = config
@@ -50,7 +50,7 @@ pub async fn connect(info: &ConnInfo, purpose: &str) -> Result<tokio_postgres::C
             tokio::spawn(async move {
                 let _ = connection.await;
             });
-            Ok(client)
+            Ok(watch_for_disconnect(client).await)
         }
     };
     // tokio-postgres's connect_timeout covers the TCP connect only; a server that accepts
@@ -63,6 +63,22 @@ pub async fn connect(info: &ConnInfo, purpose: &str) -> Result<tokio_postgres::C
             info.connect_timeout * 3
         ))),
     }
+}
+
+/// How often the server checks, during a long statement, that sluice is still connected.
+const CLIENT_CHECK: &str = "SET client_connection_check_interval = 1000";
+
+/// A server notices a client that went away only when it next reads or writes the socket.
+/// Without this, a statement running when sluice stops or is killed (a key build of hours,
+/// a COPY or an apply statement waiting on a lock) goes on to its end, holding its locks,
+/// and the next start waits behind it; with it, the server ends that statement within a
+/// second. PostgreSQL 14 and later on Linux; older servers and other platforms refuse the
+/// setting, and keep the old behaviour.
+async fn watch_for_disconnect(client: tokio_postgres::Client) -> tokio_postgres::Client {
+    if let Err(e) = client.batch_execute(CLIENT_CHECK).await {
+        tracing::debug!(error = %e, "client_connection_check_interval not available");
+    }
+    client
 }
 
 /// The replication transport's TLS settings for the same connection string.

@@ -70,6 +70,54 @@ async fn wait_for_log(daemon: &Daemon, needle: &str) {
     }
 }
 
+/// The statements on the target that wait for a lock, as `query` text.
+async fn waiting_on_locks(target: &tokio_postgres::Client) -> Vec<String> {
+    target
+        .query(
+            "SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// Waits until a statement of the daemon's waits for a lock the test holds.
+async fn wait_until_waiting(target: &tokio_postgres::Client, needle: &str, daemon: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !waiting_on_locks(target)
+        .await
+        .iter()
+        .any(|query| query.contains(needle))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "nothing waits on {needle}:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A stopped or killed daemon leaves no statement behind on the target: one left waiting
+/// for a lock would run to its end (a key build of hours) and hold the next start up.
+async fn assert_nothing_left_waiting(target: &tokio_postgres::Client) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = waiting_on_locks(target).await;
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still on the target after sluice stopped: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn assert_all_same(pair: &Pair) {
     for table in ["orders", "events", "tags"] {
         pair.assert_same(table).await;
@@ -159,7 +207,8 @@ async fn sigterm_during_the_copy_stops_promptly_and_the_next_start_finishes_it()
     // Not start_daemon: the slot is not active while the copy holds its snapshot.
     let mut daemon = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
     wait_for_log(&daemon, "planned").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let target = pair.target_client().await;
+    wait_until_waiting(&target, "COPY", &daemon).await;
     let asked = Instant::now();
     let status = daemon.terminate();
     assert!(status.success(), "{}", daemon.log());
@@ -175,6 +224,7 @@ async fn sigterm_during_the_copy_stops_promptly_and_the_next_start_finishes_it()
         "{}",
         daemon.log()
     );
+    assert_nothing_left_waiting(&target).await;
     blocker.batch_execute("COMMIT").await.unwrap();
     let daemon = pair.start_daemon(&config).await;
     wait_for_log(&daemon, "initial copy finished").await;
@@ -337,7 +387,10 @@ async fn a_kill_while_keys_are_being_built_resumes_without_copying_finished_tabl
     let mut daemon = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
     let target = pair.target_client().await;
     wait_for_orders_key(&target, &daemon).await;
+    wait_until_waiting(&target, "COPY", &daemon).await;
     daemon.kill9();
+    // The copy of tags, waiting for the lock, does not outlive the daemon.
+    assert_nothing_left_waiting(&target).await;
     let first = daemon.log();
     assert!(first.contains("planned table=public.orders"), "{first}");
     assert!(first.contains("orders_pkey"), "{first}");
@@ -375,6 +428,67 @@ async fn a_kill_while_keys_are_being_built_resumes_without_copying_finished_tabl
         exists(
             &target,
             "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM sluice.deferred_ddl WHERE applied_at IS NULL)"
+        )
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_key_build_ends_it_on_the_target_and_the_next_start_builds_it() {
+    let (pair, config) = pair_through_sluice_schema("[copy]\nenabled = true\njobs = 2\n").await;
+    // ROW EXCLUSIVE lets the copy of orders in and keeps its key build out.
+    let blocker = pair.target_client().await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE orders IN ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut daemon = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
+    let target = pair.target_client().await;
+    wait_until_waiting(&target, "orders", &daemon).await;
+    let asked = Instant::now();
+    let status = daemon.terminate();
+    assert!(status.success(), "{}", daemon.log());
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        asked.elapsed()
+    );
+    assert_nothing_left_waiting(&target).await;
+    assert!(
+        !exists(
+            &target,
+            "SELECT 1 FROM pg_constraint WHERE conname = 'orders_pkey'"
+        )
+        .await,
+        "{}",
+        daemon.log()
+    );
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let daemon = pair.start_daemon(&config).await;
+    let log = daemon.log();
+    assert!(
+        !log.contains("planned table=public.orders"),
+        "copied again:\n{log}"
+    );
+    stream_and_compare(
+        &pair,
+        &daemon,
+        "UPDATE orders SET note = 'after' WHERE id <= 10",
+    )
+    .await;
+    assert!(
+        exists(
+            &target,
+            "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM sluice.deferred_ddl WHERE applied_at IS NULL)"
+        )
+        .await,
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        exists(
+            &target,
+            "SELECT 1 FROM pg_constraint WHERE conname = 'orders_pkey'"
         )
         .await
     );
