@@ -292,7 +292,7 @@ pub async fn ensure_publication(
         .collect();
     if !missing.is_empty() {
         return Err(Error::definite(format!(
-            "Publication {publication} does not publish these selected tables: {}. Add them (ALTER PUBLICATION {publication} ADD TABLE ...) or exclude them in [tables]",
+            "Publication {publication} does not publish these selected tables: {}. Add them (ALTER PUBLICATION {publication} ADD TABLE ...; with copy.enabled, the next start copies their rows before streaming resumes) or exclude them in [tables]",
             missing.join(", ")
         )));
     }
@@ -325,7 +325,22 @@ async fn pipeline(
 
     // The initial copy: unless disabled, or done (sled says so, or the target already holds
     // streamed changes: its position row is the authority).
-    if config.copy.enabled && target_position.is_none() && !snapshot::copy_finished(store).await? {
+    let late = if config.copy.enabled {
+        snapshot::tables_to_copy_late(store, &tables)?
+    } else {
+        Vec::new()
+    };
+    if !late.is_empty() {
+        let names: Vec<String> = late.iter().map(|t| t.to_string()).collect();
+        tracing::info!(
+            tables = names.join(", "),
+            "selected since the copy finished: copying them before streaming resumes"
+        );
+    }
+    if config.copy.enabled
+        && ((target_position.is_none() && !snapshot::copy_finished(store).await?)
+            || !late.is_empty())
+    {
         use std::io::IsTerminal;
         let context = snapshot::CopyContext {
             config: config.clone(),

@@ -563,3 +563,110 @@ async fn a_partitioned_table_is_copied_partition_by_partition_while_rows_move_be
         .unwrap_or_else(|| panic!("{planned}"));
     assert!(chunks > 3, "{planned}");
 }
+
+/// Inserts into and updates `late` on the source until stopped.
+fn late_writer(pair: &Pair, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    let dsn = pair.source.dsn("app");
+    tokio::spawn(async move {
+        let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let id = 100_000 + n as i64 + 1;
+            let victim = fastrand::i64(1..100_000);
+            client
+                .batch_execute(&format!(
+                    "BEGIN;
+                     INSERT INTO late VALUES ({id}, 'new');
+                     UPDATE late SET v = v || '+' WHERE id = {victim};
+                     DELETE FROM late WHERE id = {victim} + 1;
+                     UPDATE orders SET note = 'late' WHERE id = {victim};
+                     COMMIT;"
+                ))
+                .await
+                .unwrap();
+            n += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        n
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_selected_after_the_copy_is_copied_before_streaming_resumes() {
+    let (pair, config) = pair_through_sluice_schema("[copy]\nenabled = true\njobs = 2\n").await;
+    let mut first = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
+    wait_for_log(&first, "initial copy finished").await;
+    pair.wait_caught_up(&first).await;
+    assert!(first.terminate().success(), "{}", first.log());
+
+    // A table created on the source since, with rows; `schema` creates it on the target.
+    let source = pair.source_client().await;
+    source
+        .batch_execute(
+            "CREATE TABLE late (id int PRIMARY KEY, v text);
+             INSERT INTO late SELECT g, md5(g::text) FROM generate_series(1, 100000) g;",
+        )
+        .await
+        .unwrap();
+    let (code, out, err) = sluice(&["schema", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("LEFT ALONE"), "{out}");
+
+    // Not published yet: a clear refusal, nothing streamed.
+    let mut refused = Daemon::spawn(&config, &pair.dir.path().join("refused.log"));
+    let status = refused
+        .wait(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("sluice kept running:\n{}", refused.log()));
+    assert_eq!(status.code(), Some(1), "{}", refused.log());
+    assert!(
+        refused.log().contains("ALTER PUBLICATION sluice ADD TABLE"),
+        "{}",
+        refused.log()
+    );
+
+    // Published: changes made between the publication and the copy's snapshot are in the
+    // stream and in the snapshot, and must land once.
+    source
+        .batch_execute(
+            "ALTER PUBLICATION sluice ADD TABLE late;
+             UPDATE late SET v = v || '!' WHERE id <= 500;
+             DELETE FROM late WHERE id BETWEEN 501 AND 600;
+             INSERT INTO late VALUES (200001, 'between the publication and the copy');",
+        )
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = late_writer(&pair, stop.clone());
+    let second = Daemon::spawn(&config, &pair.dir.path().join("second.log"));
+    wait_for_log(&second, "initial copy finished").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    assert!(load.await.unwrap() > 0);
+    pair.wait_caught_up(&second).await;
+    let log = second.log();
+    assert!(log.contains("planned table=public.late"), "{log}");
+    for copied_before in ["orders", "events", "tags"] {
+        assert!(
+            !log.contains(&format!("planned table=public.{copied_before}")),
+            "copied again:\n{log}"
+        );
+    }
+    for table in ["orders", "events", "tags", "late"] {
+        pair.assert_same(table).await;
+    }
+    let target = pair.target_client().await;
+    assert!(
+        exists(
+            &target,
+            "SELECT 1 FROM pg_constraint WHERE conname = 'late_pkey'"
+        )
+        .await,
+        "{log}"
+    );
+    // And it streams on.
+    stream_and_compare(&pair, &second, "UPDATE late SET v = 'after' WHERE id <= 10").await;
+    pair.assert_same("late").await;
+}

@@ -98,6 +98,28 @@ pub async fn copy_finished(store: &Store) -> Result<bool> {
     Ok(state::load_state(store)?.is_some_and(|s| s.finished))
 }
 
+/// Selected tables that a finished copy never copied: selected after it (a wider
+/// `[tables]`, a table created since). They are copied before streaming resumes, under a
+/// temporary slot's snapshot with a sync LSN, the way PostgreSQL's `ALTER SUBSCRIPTION ...
+/// REFRESH PUBLICATION` copies tables added to a publication. Without a finished copy in this
+/// state dir (the copy was off, or is still under way) there are none: the tables were
+/// loaded some other way, or the copy in progress takes them.
+pub fn tables_to_copy_late(store: &Store, tables: &[SourceTable]) -> Result<Vec<TableName>> {
+    if !state::load_state(store)?.is_some_and(|s| s.finished) {
+        return Ok(Vec::new());
+    }
+    let copied: std::collections::HashSet<TableName> = state::load_tables(store)?
+        .into_iter()
+        .filter(|record| record.finished)
+        .map(|record| record.name)
+        .collect();
+    Ok(tables
+        .iter()
+        .filter(|table| !copied.contains(&table.name))
+        .map(|table| table.name.clone())
+        .collect())
+}
+
 /// Per-table positions for streaming: a table re-copied under a fresh snapshot (its original
 /// snapshot was gone) must have its changes skipped for transactions whose commit LSN
 /// (`Begin.final_lsn`) is below this LSN; from this LSN on they apply. This is PostgreSQL's
@@ -666,5 +688,56 @@ mod tests {
         let long = sync_slot_name(&"s".repeat(63), 12);
         assert_eq!(long.len(), 63);
         assert!(crate::source::slot::validate_slot_name(&long).is_ok());
+    }
+
+    fn selected(name: &str) -> SourceTable {
+        SourceTable {
+            name: TableName::new("public", name),
+            oid: 1,
+            replica_identity: 'd',
+            has_primary_key: true,
+            is_partitioned: false,
+            size_bytes: 0,
+            estimated_rows: 0,
+        }
+    }
+
+    fn record(name: &str, finished: bool) -> TableRecord {
+        TableRecord {
+            name: TableName::new("public", name),
+            generation: 0,
+            sync_lsn: None,
+            chunks: Vec::new(),
+            finished,
+            rows: 0,
+            bytes: 0,
+        }
+    }
+
+    #[test]
+    fn only_a_finished_copy_has_tables_to_copy_late() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let tables = [selected("a"), selected("b"), selected("c")];
+        // No copy (it was off): nothing is copied late.
+        assert!(tables_to_copy_late(&store, &tables).unwrap().is_empty());
+        let mut copy = CopyState {
+            slot: "sluice".into(),
+            consistent_point: Lsn(1),
+            generation: 0,
+            finished: false,
+        };
+        state::save_state(&store, &copy).unwrap();
+        state::save_table(&store, &record("a", true)).unwrap();
+        state::save_table(&store, &record("b", false)).unwrap();
+        // A copy under way takes its unfinished tables itself.
+        assert!(tables_to_copy_late(&store, &tables).unwrap().is_empty());
+        copy.finished = true;
+        state::save_state(&store, &copy).unwrap();
+        // b was killed in a late copy; c was selected since.
+        assert_eq!(
+            tables_to_copy_late(&store, &tables).unwrap(),
+            vec![TableName::new("public", "b"), TableName::new("public", "c")]
+        );
     }
 }
