@@ -369,7 +369,7 @@ async fn pipeline(
     // What `sluice schema` deferred and no copy built (the copy is off: the target was
     // loaded some other way; or `schema` ran again for more tables): before streaming, as
     // apply needs the primary keys.
-    let built = crate::cutover::schema::apply_deferred_ddl(&target).await?;
+    let built = crate::cutover::schema::apply_deferred_ddl(&target, Some(status)).await?;
     if built > 0 {
         tracing::info!(
             statements = built,

@@ -64,7 +64,7 @@ async fn schema_then_run_then_deferred_ddl_then_verify_then_teardown() {
         .get(0);
     assert_eq!(applied, 3, "unique constraint, index, foreign key");
     assert_eq!(
-        sluice::cutover::schema::apply_deferred_ddl(&target)
+        sluice::cutover::schema::apply_deferred_ddl(&target, None)
             .await
             .unwrap(),
         0,

@@ -196,7 +196,7 @@ async fn schema_into_an_empty_target_defers_indexes_and_foreign_keys() {
     );
 
     // The copy would run here; then sluice run creates the deferred objects.
-    let applied = sluice::cutover::schema::apply_deferred_ddl(t)
+    let applied = sluice::cutover::schema::apply_deferred_ddl(t, None)
         .await
         .unwrap();
     assert_eq!(applied as i64, deferred);
@@ -231,7 +231,7 @@ async fn schema_into_an_empty_target_defers_indexes_and_foreign_keys() {
         0
     );
     assert_eq!(
-        sluice::cutover::schema::apply_deferred_ddl(t)
+        sluice::cutover::schema::apply_deferred_ddl(t, None)
             .await
             .unwrap(),
         0,
@@ -267,7 +267,7 @@ async fn schema_into_an_empty_target_defers_indexes_and_foreign_keys() {
         .await
     );
     assert_eq!(
-        sluice::cutover::schema::apply_deferred_ddl(t)
+        sluice::cutover::schema::apply_deferred_ddl(t, None)
             .await
             .unwrap() as i64,
         deferred
@@ -461,7 +461,7 @@ async fn odd_identifiers_survive_schema_sequences_and_verify() {
         show(&output)
     );
     let t = &setup.target;
-    sluice::cutover::schema::apply_deferred_ddl(t)
+    sluice::cutover::schema::apply_deferred_ddl(t, None)
         .await
         .unwrap();
     assert!(exists(t, r#"SELECT 1 FROM pg_class WHERE relname = 'By Region'"#).await);

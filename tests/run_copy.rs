@@ -445,6 +445,19 @@ async fn sigterm_during_a_key_build_ends_it_on_the_target_and_the_next_start_bui
     let mut daemon = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
     let target = pair.target_client().await;
     wait_until_waiting(&target, "orders", &daemon).await;
+    // Every table says copied; status names what is being built meanwhile.
+    let (code, out, err) = sluice(&["status", "--json", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let building: Vec<&str> = status["building"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no building: {out}"))
+        .iter()
+        .map(|b| b["statement"].as_str().unwrap())
+        .collect();
+    assert!(building.iter().any(|b| b.contains("orders")), "{out}");
+    let (_, text, _) = sluice(&["status", "--config", config.to_str().unwrap()]);
+    assert!(text.contains("building"), "{text}");
     let asked = Instant::now();
     let status = daemon.terminate();
     assert!(status.success(), "{}", daemon.log());

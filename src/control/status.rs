@@ -37,6 +37,14 @@ pub struct TableStatus {
     pub rows_copied: u64,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildingStatus {
+    /// The statement's title (`CONSTRAINT public.orders orders_pkey`).
+    pub statement: String,
+    /// Unix time (seconds) the build started.
+    pub started_at: f64,
+}
+
 /// The SPEC.md status fields (and a few more). LSNs serialise as `16/B374D848`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct StatusReport {
@@ -68,6 +76,10 @@ pub struct StatusReport {
     /// Errors seen since start, by kind (`transient`, `definite`, `apply`).
     pub errors_by_kind: BTreeMap<String, u64>,
     pub tables: Vec<TableStatus>,
+    /// Deferred indexes and constraints being built right now (a key over a large table
+    /// takes hours, while every table already says `copied`).
+    #[serde(default)]
+    pub building: Vec<BuildingStatus>,
     /// Unix time (seconds) the daemon started, when running.
     pub started_at: Option<f64>,
     /// Unix time (seconds) of this report.
@@ -80,6 +92,24 @@ pub struct StatusReport {
 pub struct SharedStatus {
     inner: Arc<Mutex<StatusReport>>,
     tables: Arc<Mutex<BTreeMap<String, TableStatus>>>,
+    building: Arc<Mutex<BTreeMap<u64, BuildingStatus>>>,
+    next_build: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Lists a statement under `building` for as long as it lives.
+pub struct Building {
+    status: SharedStatus,
+    id: u64,
+}
+
+impl Drop for Building {
+    fn drop(&mut self) {
+        self.status
+            .building
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
 }
 
 impl SharedStatus {
@@ -124,10 +154,38 @@ impl SharedStatus {
         entry.state = state;
     }
 
+    /// Shows `statement` under `building` until the returned guard is dropped.
+    pub fn building(&self, statement: &str) -> Building {
+        let id = self
+            .next_build
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.building
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id,
+                BuildingStatus {
+                    statement: statement.to_string(),
+                    started_at: unix_now(),
+                },
+            );
+        Building {
+            status: self.clone(),
+            id,
+        }
+    }
+
     pub fn snapshot(&self) -> StatusReport {
         let mut report = self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone();
         report.tables = self
             .tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        report.building = self
+            .building
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()

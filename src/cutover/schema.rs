@@ -34,6 +34,7 @@ use tokio_postgres::Client;
 use crate::citus::{self, TableKind};
 use crate::config::Config;
 use crate::conninfo::ConnInfo;
+use crate::control::SharedStatus;
 use crate::error::{self, Error, ErrorKind, Result};
 use crate::source::{quote_ident, selected_tables, TableName};
 
@@ -103,10 +104,10 @@ pub async fn pending_deferred_ddl(target: &Client) -> Result<Vec<DeferredStateme
 /// statement whose object already exists (created by hand) is marked applied. Returns how
 /// many statements ran now. Without the table (no `sluice schema` run) there is nothing to
 /// do: `Ok(0)`. The copy builds them table by table instead (`snapshot::ddl`).
-pub async fn apply_deferred_ddl(target: &Client) -> Result<usize> {
+pub async fn apply_deferred_ddl(target: &Client, status: Option<&SharedStatus>) -> Result<usize> {
     let mut applied = 0;
     for statement in pending_deferred_ddl(target).await? {
-        if apply_deferred_statement(target, &statement).await? {
+        if apply_deferred_statement(target, &statement, status).await? {
             applied += 1;
         }
     }
@@ -122,9 +123,11 @@ const MARK_APPLIED: &str = "UPDATE sluice.deferred_ddl SET applied_at = now() WH
 pub async fn apply_deferred_statement(
     target: &Client,
     deferred: &DeferredStatement,
+    status: Option<&SharedStatus>,
 ) -> Result<bool> {
     let id = deferred.id;
     let title = statement_title(&deferred.statement);
+    let _shown = status.map(|status| status.building(&title));
     // A key over a large table takes minutes to hours: say what is being built.
     tracing::info!(statement = %title, table = deferred.table.as_deref().unwrap_or("-"), "building deferred DDL");
     let started = std::time::Instant::now();

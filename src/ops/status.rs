@@ -289,6 +289,16 @@ pub fn human(report: &StatusReport, origin: Origin) -> String {
     for warning in &report.warnings {
         line("warning", warning.clone());
     }
+    for build in &report.building {
+        line(
+            "building",
+            format!(
+                "{} (for {:.0} s)",
+                build.statement,
+                (report.reported_at - build.started_at).max(0.0)
+            ),
+        );
+    }
     if !report.tables.is_empty() {
         out.push_str("tables:\n");
         for table in &report.tables {

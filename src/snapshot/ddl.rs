@@ -20,6 +20,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinSet;
 
 use crate::conninfo::ConnInfo;
+use crate::control::SharedStatus;
 use crate::cutover::schema::{apply_deferred_statement, statement_title, DeferredStatement};
 use crate::error::{Error, Result};
 use crate::tls;
@@ -71,6 +72,7 @@ impl DdlSchedule {
 /// waiting rest, then the foreign keys. Returns how many statements ran.
 pub async fn build(
     target: ConnInfo,
+    status: SharedStatus,
     mut schedule: DdlSchedule,
     mut copied: UnboundedReceiver<String>,
     jobs: usize,
@@ -86,7 +88,7 @@ pub async fn build(
             let Some(group) = queue.pop_front() else {
                 break;
             };
-            running.spawn(build_group(target.clone(), group));
+            running.spawn(build_group(target.clone(), status.clone(), group));
         }
         if copy_over && running.is_empty() && (queue.is_empty() || failure.is_some()) {
             break;
@@ -125,13 +127,17 @@ pub async fn build(
     }
     let last = schedule.take_last();
     if !last.is_empty() {
-        applied += build_group(target, last).await?;
+        applied += build_group(target, status, last).await?;
     }
     Ok(applied)
 }
 
 /// One table's statements (or the final ones), in order, on one connection.
-async fn build_group(target: ConnInfo, group: Vec<DeferredStatement>) -> Result<usize> {
+async fn build_group(
+    target: ConnInfo,
+    status: SharedStatus,
+    group: Vec<DeferredStatement>,
+) -> Result<usize> {
     let Some(first) = group.first() else {
         return Ok(0);
     };
@@ -143,7 +149,7 @@ async fn build_group(target: ConnInfo, group: Vec<DeferredStatement>) -> Result<
     })?;
     let mut applied = 0;
     for statement in &group {
-        if apply_deferred_statement(&client, statement).await? {
+        if apply_deferred_statement(&client, statement, Some(&status)).await? {
             applied += 1;
         }
     }

@@ -185,6 +185,7 @@ pub async fn initial_copy(ctx: &CopyContext) -> Result<CopyOutcome> {
         }
         deferred.spawn(ddl::build(
             ctx.config.target.conn.clone(),
+            ctx.status.clone(),
             schedule,
             copied_feed,
             ctx.config.copy.jobs,
