@@ -337,6 +337,7 @@ async fn pipeline(
             "selected since the copy finished: copying them before streaming resumes"
         );
     }
+    let mut to_analyze = Vec::new();
     if config.copy.enabled
         && ((target_position.is_none() && !snapshot::copy_finished(store).await?)
             || !late.is_empty())
@@ -365,6 +366,11 @@ async fn pipeline(
             consistent_point = %outcome.consistent_point,
             "initial copy finished; streaming from its consistent point"
         );
+        to_analyze = if late.is_empty() {
+            tables.iter().map(|t| t.name.clone()).collect()
+        } else {
+            late
+        };
     }
     // What `sluice schema` deferred and no copy built (the copy is off: the target was
     // loaded some other way; or `schema` ran again for more tables): before streaming, as
@@ -375,6 +381,9 @@ async fn pipeline(
             statements = built,
             "created the deferred indexes and constraints before streaming"
         );
+    }
+    if !to_analyze.is_empty() {
+        snapshot::analyze_in_background(config.target.conn.clone(), to_analyze);
     }
     let table_sync = snapshot::table_sync_positions(store)?;
     // On Citus the position row must commit atomically with distributed writes: as a

@@ -153,6 +153,19 @@ async fn the_copy_and_the_stream_meet_without_gap_or_overlap() {
         .unwrap_or_else(|| panic!("{out}"));
     assert_eq!(orders["state"], "streaming", "{out}");
     assert!(orders["rows_copied"].as_u64().unwrap() >= 200_000, "{out}");
+    // The copied tables get statistics (a manual ANALYZE, not autovacuum's).
+    wait_for_log(&daemon, "analyzed the copied tables").await;
+    let analyzed: i64 = pair
+        .target_client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_user_tables WHERE relname IN ('orders', 'events', 'tags') AND last_analyze IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(analyzed, 3, "{}", daemon.log());
 }
 
 #[tokio::test(flavor = "multi_thread")]
