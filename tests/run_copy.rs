@@ -28,8 +28,13 @@ async fn seed(pair: &Pair) {
         .unwrap();
 }
 
-/// Writes to every table until stopped.
-fn writer(pair: &Pair, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+/// Runs the transaction `transaction(n)` on the source, n = 0, 1, ..., every 5 ms until
+/// stopped; returns how many ran.
+fn write_until_stopped(
+    pair: &Pair,
+    stop: Arc<AtomicBool>,
+    transaction: impl Fn(i64) -> String + Send + 'static,
+) -> tokio::task::JoinHandle<u64> {
     let dsn = pair.source.dsn("app");
     tokio::spawn(async move {
         let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
@@ -38,23 +43,27 @@ fn writer(pair: &Pair, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
         tokio::spawn(connection);
         let mut n = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            let id = 200_000 + n as i64 + 1;
-            let victim = fastrand::i64(1..200_000);
-            client
-                .batch_execute(&format!(
-                    "BEGIN;
-                     INSERT INTO orders VALUES ({id}, 1, 9.99, 'new');
-                     UPDATE orders SET amount = amount + 1 WHERE id = {victim};
-                     INSERT INTO events (order_id, kind) VALUES ({victim}, 'paid');
-                     DELETE FROM tags WHERE ctid = (SELECT ctid FROM tags LIMIT 1);
-                     COMMIT;"
-                ))
-                .await
-                .unwrap();
+            client.batch_execute(&transaction(n as i64)).await.unwrap();
             n += 1;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         n
+    })
+}
+
+/// Writes to every table until stopped.
+fn writer(pair: &Pair, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    write_until_stopped(pair, stop, |n| {
+        let id = 200_000 + n + 1;
+        let victim = fastrand::i64(1..200_000);
+        format!(
+            "BEGIN;
+             INSERT INTO orders VALUES ({id}, 1, 9.99, 'new');
+             UPDATE orders SET amount = amount + 1 WHERE id = {victim};
+             INSERT INTO events (order_id, kind) VALUES ({victim}, 'paid');
+             DELETE FROM tags WHERE ctid = (SELECT ctid FROM tags LIMIT 1);
+             COMMIT;"
+        )
     })
 }
 
@@ -222,14 +231,7 @@ async fn sigterm_during_the_copy_stops_promptly_and_the_next_start_finishes_it()
     wait_for_log(&daemon, "planned").await;
     let target = pair.target_client().await;
     wait_until_waiting(&target, "COPY", &daemon).await;
-    let asked = Instant::now();
-    let status = daemon.terminate();
-    assert!(status.success(), "{}", daemon.log());
-    assert!(
-        asked.elapsed() < Duration::from_secs(15),
-        "took {:?}",
-        asked.elapsed()
-    );
+    daemon.terminate_within(Duration::from_secs(15));
     assert!(
         daemon
             .log()
@@ -290,6 +292,28 @@ async fn stream_and_compare(pair: &Pair, daemon: &Daemon, sql: &str) {
     assert_all_same(pair).await;
 }
 
+/// Starts the daemon again and checks that it copies nothing `copied_before` names again
+/// (a log needle), then that it streams.
+async fn restart_without_copying_again(
+    pair: &Pair,
+    config: &std::path::Path,
+    copied_before: &str,
+) -> Daemon {
+    let daemon = pair.start_daemon(config).await;
+    let log = daemon.log();
+    assert!(!log.contains(copied_before), "copied again:\n{log}");
+    stream_and_compare(
+        pair,
+        &daemon,
+        "UPDATE orders SET note = 'after' WHERE id <= 10",
+    )
+    .await;
+    daemon
+}
+
+const EVERY_DEFERRED_STATEMENT_APPLIED: &str =
+    "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM sluice.deferred_ddl WHERE applied_at IS NULL)";
+
 /// Waits until the target has the primary key of orders.
 async fn wait_for_orders_key(target: &tokio_postgres::Client, daemon: &Daemon) {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -337,7 +361,7 @@ async fn keys_are_built_per_table_during_the_copy_and_streaming_uses_them() {
     pair.wait_caught_up(&daemon).await;
     assert_all_same(&pair).await;
     for (what, sql) in [
-        ("every deferred statement applied", "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM sluice.deferred_ddl WHERE applied_at IS NULL)"),
+        ("every deferred statement applied", EVERY_DEFERRED_STATEMENT_APPLIED),
         ("the key of events", "SELECT 1 FROM pg_constraint WHERE conname = 'events_pkey'"),
         ("the index of orders", "SELECT 1 FROM pg_index WHERE indexrelid = 'orders_customer_idx'::regclass AND indisvalid"),
         ("the foreign key, validated", "SELECT 1 FROM pg_constraint WHERE contype = 'f' AND convalidated"),
@@ -375,15 +399,7 @@ async fn a_failing_deferred_index_lets_the_copy_finish_then_stops_with_its_name(
         .batch_execute("DELETE FROM sluice.deferred_ddl WHERE statement LIKE '%tags_name_uq%'")
         .await
         .unwrap();
-    let daemon = pair.start_daemon(&config).await;
-    let log = daemon.log();
-    assert!(!log.contains("planned"), "copied again:\n{log}");
-    stream_and_compare(
-        &pair,
-        &daemon,
-        "UPDATE orders SET note = 'after' WHERE id <= 10",
-    )
-    .await;
+    restart_without_copying_again(&pair, &config, "planned").await;
     assert!(
         exists(
             &target,
@@ -437,13 +453,7 @@ async fn a_kill_while_keys_are_being_built_resumes_without_copying_finished_tabl
         "UPDATE orders SET note = 'after' WHERE id <= 10; DELETE FROM tags WHERE weight < 5",
     )
     .await;
-    assert!(
-        exists(
-            &target,
-            "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM sluice.deferred_ddl WHERE applied_at IS NULL)"
-        )
-        .await
-    );
+    assert!(exists(&target, EVERY_DEFERRED_STATEMENT_APPLIED).await);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -471,14 +481,7 @@ async fn sigterm_during_a_key_build_ends_it_on_the_target_and_the_next_start_bui
     assert!(building.iter().any(|b| b.contains("orders")), "{out}");
     let (_, text, _) = sluice(&["status", "--config", config.to_str().unwrap()]);
     assert!(text.contains("building"), "{text}");
-    let asked = Instant::now();
-    let status = daemon.terminate();
-    assert!(status.success(), "{}", daemon.log());
-    assert!(
-        asked.elapsed() < Duration::from_secs(15),
-        "took {:?}",
-        asked.elapsed()
-    );
+    daemon.terminate_within(Duration::from_secs(15));
     assert_nothing_left_waiting(&target).await;
     assert!(
         !exists(
@@ -490,24 +493,9 @@ async fn sigterm_during_a_key_build_ends_it_on_the_target_and_the_next_start_bui
         daemon.log()
     );
     blocker.batch_execute("COMMIT").await.unwrap();
-    let daemon = pair.start_daemon(&config).await;
-    let log = daemon.log();
+    let daemon = restart_without_copying_again(&pair, &config, "planned table=public.orders").await;
     assert!(
-        !log.contains("planned table=public.orders"),
-        "copied again:\n{log}"
-    );
-    stream_and_compare(
-        &pair,
-        &daemon,
-        "UPDATE orders SET note = 'after' WHERE id <= 10",
-    )
-    .await;
-    assert!(
-        exists(
-            &target,
-            "SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM sluice.deferred_ddl WHERE applied_at IS NULL)"
-        )
-        .await,
+        exists(&target, EVERY_DEFERRED_STATEMENT_APPLIED).await,
         "{}",
         daemon.log()
     );
@@ -590,33 +578,19 @@ async fn a_partitioned_table_is_copied_partition_by_partition_while_rows_move_be
     assert!(chunks > 3, "{planned}");
 }
 
-/// Inserts into and updates `late` on the source until stopped.
+/// Inserts into, updates and deletes from `late` on the source until stopped.
 fn late_writer(pair: &Pair, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
-    let dsn = pair.source.dsn("app");
-    tokio::spawn(async move {
-        let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        let mut n = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let id = 100_000 + n as i64 + 1;
-            let victim = fastrand::i64(1..100_000);
-            client
-                .batch_execute(&format!(
-                    "BEGIN;
-                     INSERT INTO late VALUES ({id}, 'new');
-                     UPDATE late SET v = v || '+' WHERE id = {victim};
-                     DELETE FROM late WHERE id = {victim} + 1;
-                     UPDATE orders SET note = 'late' WHERE id = {victim};
-                     COMMIT;"
-                ))
-                .await
-                .unwrap();
-            n += 1;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        n
+    write_until_stopped(pair, stop, |n| {
+        let id = 100_000 + n + 1;
+        let victim = fastrand::i64(1..100_000);
+        format!(
+            "BEGIN;
+             INSERT INTO late VALUES ({id}, 'new');
+             UPDATE late SET v = v || '+' WHERE id = {victim};
+             DELETE FROM late WHERE id = {victim} + 1;
+             UPDATE orders SET note = 'late' WHERE id = {victim};
+             COMMIT;"
+        )
     })
 }
 

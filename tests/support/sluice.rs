@@ -202,6 +202,19 @@ impl Daemon {
         wait_exit(&mut child, Duration::from_secs(60)).expect("sluice did not stop on SIGTERM")
     }
 
+    /// SIGTERM; the daemon must exit 0 within `limit`.
+    pub fn terminate_within(&mut self, limit: Duration) {
+        let asked = Instant::now();
+        let status = self.terminate();
+        assert!(status.success(), "{}", self.log());
+        assert!(
+            asked.elapsed() < limit,
+            "took {:?}:\n{}",
+            asked.elapsed(),
+            self.log()
+        );
+    }
+
     /// Waits for the daemon to exit by itself.
     pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let child = self.child.as_mut()?;
