@@ -375,7 +375,16 @@ async fn pipeline(
     // What `sluice schema` deferred and no copy built (the copy is off: the target was
     // loaded some other way; or `schema` ran again for more tables): before streaming, as
     // apply needs the primary keys.
-    let built = crate::cutover::schema::apply_deferred_ddl(&target, Some(status)).await?;
+    // A stop request ends a build at once (hours for a large index otherwise); the server
+    // rolls it back, and the next start builds it again.
+    let mut stop = shutdown.clone();
+    let built = tokio::select! {
+        built = crate::cutover::schema::apply_deferred_ddl(&target, Some(status)) => built?,
+        _ = stop.changed() => {
+            tracing::info!("stopping while building deferred indexes and constraints; the next start builds the rest");
+            return Ok(());
+        }
+    };
     if built > 0 {
         tracing::info!(
             statements = built,

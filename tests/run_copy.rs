@@ -267,8 +267,15 @@ async fn pair_through_sluice_schema(config_extra: &str) -> (Pair, std::path::Pat
     let config = pair.config(config_extra);
     let (code, out, err) = sluice(&["schema", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(
+    // Keys are deferred only when the copy will load the tables.
+    let keys_deferred = !config_extra.contains("enabled = false");
+    assert_eq!(
         out.contains("DEFERRED CONSTRAINT public.orders orders_pkey"),
+        keys_deferred,
+        "{out}"
+    );
+    assert!(
+        out.contains("DEFERRED INDEX public.orders_customer_idx"),
         "{out}"
     );
     (pair, config)
@@ -506,6 +513,39 @@ async fn sigterm_during_a_key_build_ends_it_on_the_target_and_the_next_start_bui
         )
         .await
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_while_run_builds_deferred_indexes_with_the_copy_off_stops_at_once() {
+    let (pair, config) = pair_through_sluice_schema("[copy]\nenabled = false\n").await;
+    let blocker = pair.target_client().await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE orders IN ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut daemon = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
+    let target = pair.target_client().await;
+    wait_until_waiting(&target, "orders_customer_idx", &daemon).await;
+    daemon.terminate_within(Duration::from_secs(15));
+    assert_nothing_left_waiting(&target).await;
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let daemon = pair.start_daemon(&config).await;
+    // The copy is off, so the target holds only what streams from now on.
+    pair.source_client()
+        .await
+        .batch_execute("INSERT INTO orders VALUES (900001, 1, 1, 'after the stop')")
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    for (what, sql) in [
+        ("the streamed row", "SELECT 1 FROM orders WHERE id = 900001"),
+        (
+            "every deferred statement applied",
+            EVERY_DEFERRED_STATEMENT_APPLIED,
+        ),
+    ] {
+        assert!(exists(&target, sql).await, "{what}:\n{}", daemon.log());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
