@@ -261,6 +261,12 @@ pub fn render(report: &StatusReport) -> String {
         "Number of active warnings (see `sluice status`).",
         &one(Some(report.warnings.len() as f64)),
     );
+    metric(
+        "sluice_deferred_ddl_building",
+        "gauge",
+        "Deferred indexes and constraints being built now (see `sluice status`).",
+        &one(Some(report.building.len() as f64)),
+    );
     out
 }
 
@@ -316,6 +322,12 @@ mod tests {
             rows_copied: 42,
         });
         report.errors_by_kind.insert("apply".into(), 3);
+        report
+            .building
+            .push(crate::control::status::BuildingStatus {
+                statement: "CONSTRAINT public.t t_pkey".into(),
+                started_at: 1.0,
+            });
         let text = render(&report);
         for line in [
             "sluice_up 1",
@@ -329,6 +341,7 @@ mod tests {
             "sluice_copy_rows_total{table=\"public.we\\\"ird\"} 42",
             "sluice_errors_total{kind=\"apply\"} 3",
             "sluice_errors_total{kind=\"transient\"} 0",
+            "sluice_deferred_ddl_building 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
