@@ -233,6 +233,29 @@ pub async fn ensure_publication(
             "No source table matches [tables] include/exclude: nothing to replicate",
         ));
     }
+    let Some(missing) = unpublished_tables(source, publication, tables).await? else {
+        return create_publication(source, publication, tables).await;
+    };
+    if !missing.is_empty() {
+        return Err(Error::definite(unpublished_message(publication, &missing)));
+    }
+    Ok(())
+}
+
+/// What to say about selected tables an existing publication does not publish.
+pub fn unpublished_message(publication: &str, missing: &[String]) -> String {
+    format!(
+        "Publication {publication} does not publish these selected tables: {}. Add them (ALTER PUBLICATION {publication} ADD TABLE ...; with copy.enabled, the next start copies their rows before streaming resumes) or exclude them in [tables]",
+        missing.join(", ")
+    )
+}
+
+/// The selected tables that publication does not publish, or `None` when it does not exist.
+pub async fn unpublished_tables(
+    source: &Client,
+    publication: &str,
+    tables: &[SourceTable],
+) -> Result<Option<Vec<String>>> {
     let exists = source
         .query_opt(
             "SELECT 1 FROM pg_publication WHERE pubname = $1",
@@ -242,39 +265,7 @@ pub async fn ensure_publication(
         .map_err(|e| error::pg("Looking up the publication on the source", e))?
         .is_some();
     if !exists {
-        // Publishing a table without a replica identity makes every UPDATE and DELETE on it
-        // fail on the source itself: sluice must not break the application it migrates.
-        let unmatched: Vec<String> = tables
-            .iter()
-            .filter(|t| {
-                t.replica_identity == 'n' || (t.replica_identity == 'd' && !t.has_primary_key)
-            })
-            .map(|t| t.name.qualified())
-            .collect();
-        if !unmatched.is_empty() {
-            return Err(Error::definite(format!(
-                "These selected tables have no primary key and no replica identity: {}. Publishing them would make every UPDATE and DELETE on them fail on the source. Give each a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL (or USING INDEX), or exclude them in [tables]",
-                unmatched.join(", ")
-            )));
-        }
-        let list: Vec<String> = tables.iter().map(|t| t.name.quoted()).collect();
-        let statement = format!(
-            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
-            quote_ident(publication),
-            list.join(", ")
-        );
-        source.batch_execute(&statement).await.map_err(|e| {
-            error::pg(
-                format!("Creating publication {publication} on the source"),
-                e,
-            )
-        })?;
-        tracing::info!(
-            publication,
-            tables = tables.len(),
-            "created the publication"
-        );
-        return Ok(());
+        return Ok(None);
     }
     let rows = source
         .query(
@@ -285,17 +276,52 @@ pub async fn ensure_publication(
         .map_err(|e| error::pg("Reading the publication's tables on the source", e))?;
     let published: std::collections::HashSet<(String, String)> =
         rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let missing: Vec<String> = tables
+    Ok(Some(
+        tables
+            .iter()
+            .filter(|t| !published.contains(&(t.name.schema.clone(), t.name.name.clone())))
+            .map(|t| t.name.qualified())
+            .collect(),
+    ))
+}
+
+/// Creates the publication for the selected tables, refusing tables whose UPDATE and DELETE
+/// publishing would break on the source.
+async fn create_publication(
+    source: &Client,
+    publication: &str,
+    tables: &[SourceTable],
+) -> Result<()> {
+    // Publishing a table without a replica identity makes every UPDATE and DELETE on it
+    // fail on the source itself: sluice must not break the application it migrates.
+    let unmatched: Vec<String> = tables
         .iter()
-        .filter(|t| !published.contains(&(t.name.schema.clone(), t.name.name.clone())))
+        .filter(|t| t.replica_identity == 'n' || (t.replica_identity == 'd' && !t.has_primary_key))
         .map(|t| t.name.qualified())
         .collect();
-    if !missing.is_empty() {
+    if !unmatched.is_empty() {
         return Err(Error::definite(format!(
-            "Publication {publication} does not publish these selected tables: {}. Add them (ALTER PUBLICATION {publication} ADD TABLE ...; with copy.enabled, the next start copies their rows before streaming resumes) or exclude them in [tables]",
-            missing.join(", ")
+            "These selected tables have no primary key and no replica identity: {}. Publishing them would make every UPDATE and DELETE on them fail on the source. Give each a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL (or USING INDEX), or exclude them in [tables]",
+            unmatched.join(", ")
         )));
     }
+    let list: Vec<String> = tables.iter().map(|t| t.name.quoted()).collect();
+    let statement = format!(
+        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
+        quote_ident(publication),
+        list.join(", ")
+    );
+    source.batch_execute(&statement).await.map_err(|e| {
+        error::pg(
+            format!("Creating publication {publication} on the source"),
+            e,
+        )
+    })?;
+    tracing::info!(
+        publication,
+        tables = tables.len(),
+        "created the publication"
+    );
     Ok(())
 }
 

@@ -175,4 +175,31 @@ async fn check_passes_a_ready_source_and_target() {
         &["free (sluice needs 1)", "max_replication_slots"],
     );
     line_with(&text, "PASS", &["free (sluice needs 1)", "max_wal_senders"]);
+    line_with(&text, "PASS", &["publication sluice does not exist yet"]);
+
+    // A publication that misses a selected table blocks `run`: check says so first.
+    source
+        .batch_execute("CREATE PUBLICATION sluice FOR TABLE orders")
+        .await
+        .unwrap();
+    let output = run(sluice(&config, &["check"]), Duration::from_secs(60)).await;
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    line_with(
+        &text,
+        "FAIL",
+        &["public.people", "ALTER PUBLICATION sluice ADD TABLE"],
+    );
+    source
+        .batch_execute("ALTER PUBLICATION sluice ADD TABLE people")
+        .await
+        .unwrap();
+    let output = run(sluice(&config, &["check"]), Duration::from_secs(60)).await;
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    line_with(
+        &text,
+        "PASS",
+        &["publication sluice publishes every selected table"],
+    );
 }

@@ -153,6 +153,23 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
     for finding in replica_identity_findings(&tables) {
         out.push(finding.level, finding.text);
     }
+    let publication = &config.source.publication;
+    match crate::daemon::unpublished_tables(&client, publication, &tables).await {
+        Ok(None) => out.pass(format!(
+            "source: publication {publication} does not exist yet; run creates it for the selected tables"
+        )),
+        Ok(Some(missing)) if missing.is_empty() => out.pass(format!(
+            "source: publication {publication} publishes every selected table"
+        )),
+        Ok(Some(missing)) => out.fail(format!(
+            "source: {}",
+            crate::daemon::unpublished_message(publication, &missing)
+        )),
+        Err(error) => out.fail(format!(
+            "source: cannot read publication {publication} ({})",
+            error.report()
+        )),
+    }
     let columns = match columns_of(&client, &tables.iter().map(|t| t.oid).collect::<Vec<_>>()).await
     {
         Ok(columns) => columns,
