@@ -55,13 +55,14 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
     });
     // A `sluice status` reading the checkpoint holds it for a moment: wait that out, and
     // still hear a stop request meanwhile.
-    let mut stop = shutdown.clone();
-    let store = tokio::select! {
-        opened = Store::open_waiting(&config.state.dir, std::time::Duration::from_secs(5)) => opened?,
-        _ = stop.changed() => {
-            tracing::info!("stop requested while waiting for the state dir; nothing was started");
-            return Ok(());
-        }
+    let Some(store) = unless_stopped(
+        &shutdown,
+        Store::open_waiting(&config.state.dir, std::time::Duration::from_secs(5)),
+        "stop requested while waiting for the state dir; nothing was started",
+    )
+    .await?
+    else {
+        return Ok(());
     };
     // Held for the daemon's lifetime: dropping it stops the server and removes the socket.
     let _socket = crate::control::socket::serve(&config.state.dir, status.clone())?;
@@ -325,6 +326,23 @@ async fn create_publication(
     Ok(())
 }
 
+/// Runs `work` unless a stop request comes first; then says `on_stop` and returns `None`
+/// (dropping `work`, which closes its connections).
+async fn unless_stopped<T>(
+    shutdown: &watch::Receiver<bool>,
+    work: impl std::future::Future<Output = Result<T>>,
+    on_stop: &str,
+) -> Result<Option<T>> {
+    let mut stop = shutdown.clone();
+    tokio::select! {
+        done = work => done.map(Some),
+        _ = stop.changed() => {
+            tracing::info!("{on_stop}");
+            Ok(None)
+        }
+    }
+}
+
 /// One run of the pipeline, from connecting to the first error (or shutdown).
 async fn pipeline(
     config: &Config,
@@ -365,8 +383,7 @@ async fn pipeline(
     }
     let mut to_analyze = Vec::new();
     if config.copy.enabled
-        && ((target_position.is_none() && !snapshot::copy_finished(store).await?)
-            || !late.is_empty())
+        && ((target_position.is_none() && !snapshot::copy_finished(store)?) || !late.is_empty())
     {
         use std::io::IsTerminal;
         let context = snapshot::CopyContext {
@@ -378,13 +395,14 @@ async fn pipeline(
         };
         // A stop request ends the copy at once: only finished chunks are recorded, so the
         // next start resumes where this one was, under a new snapshot if needed.
-        let mut stop = shutdown.clone();
-        let outcome = tokio::select! {
-            outcome = snapshot::initial_copy(&context) => outcome?,
-            _ = stop.changed() => {
-                tracing::info!("stopping in the middle of the initial copy; the next start resumes it");
-                return Ok(());
-            }
+        let Some(outcome) = unless_stopped(
+            &shutdown,
+            snapshot::initial_copy(&context),
+            "stopping in the middle of the initial copy; the next start resumes it",
+        )
+        .await?
+        else {
+            return Ok(());
         };
         tracing::info!(
             tables = outcome.tables_copied,
@@ -400,16 +418,16 @@ async fn pipeline(
     }
     // What `sluice schema` deferred and no copy built (the copy is off: the target was
     // loaded some other way; or `schema` ran again for more tables): before streaming, as
-    // apply needs the primary keys.
-    // A stop request ends a build at once (hours for a large index otherwise); the server
-    // rolls it back, and the next start builds it again.
-    let mut stop = shutdown.clone();
-    let built = tokio::select! {
-        built = crate::cutover::schema::apply_deferred_ddl(&target, Some(status)) => built?,
-        _ = stop.changed() => {
-            tracing::info!("stopping while building deferred indexes and constraints; the next start builds the rest");
-            return Ok(());
-        }
+    // apply needs the primary keys. A stop request ends a build at once (hours for a large
+    // index otherwise); the server rolls it back, and the next start builds it again.
+    let Some(built) = unless_stopped(
+        &shutdown,
+        crate::cutover::schema::apply_deferred_ddl(&target, Some(status)),
+        "stopping while building deferred indexes and constraints; the next start builds the rest",
+    )
+    .await?
+    else {
+        return Ok(());
     };
     if built > 0 {
         tracing::info!(

@@ -159,7 +159,7 @@ async fn a_killed_copy_resumes_under_a_temporary_slot_with_a_sync_lsn() {
     // A new process: fresh status, same state dir.
     let ctx = pair.context(config, &store).await;
     let outcome = initial_copy(&ctx).await.expect("resumed copy");
-    assert!(copy_finished(&store).await.unwrap());
+    assert!(copy_finished(&store).unwrap());
     assert_eq!(outcome.consistent_point, first_point);
     assert_eq!(outcome.tables_copied, 2);
     let copy_state = state::load_state(&store).unwrap().unwrap();

@@ -12,6 +12,19 @@ fn line_with<'a>(text: &'a str, level: &str, needles: &[&str]) -> &'a str {
         .unwrap_or_else(|| panic!("no {level} line with {needles:?} in:\n{text}"))
 }
 
+/// Runs `sluice check`, asserts its exit code, and returns what it printed.
+async fn check_exits(config: &std::path::Path, code: i32) -> String {
+    let output = run(sluice(config, &["check"]), Duration::from_secs(60)).await;
+    let text = stdout(&output);
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "{text}\n{}",
+        stderr(&output)
+    );
+    text
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_names_every_blocking_problem_and_exits_1() {
     let pg = PgCluster::builder().setting("wal_level", "replica").start();
@@ -47,9 +60,7 @@ async fn check_names_every_blocking_problem_and_exits_1() {
         &dir.path().join("state"),
         "",
     );
-    let output = run(sluice(&config, &["check"]), Duration::from_secs(60)).await;
-    let text = stdout(&output);
-    assert_eq!(output.status.code(), Some(1), "{text}\n{}", stderr(&output));
+    let text = check_exits(&config, 1).await;
     line_with(
         &text,
         "FAIL",
@@ -158,9 +169,7 @@ async fn check_passes_a_ready_source_and_target() {
         &dir.path().join("state"),
         "",
     );
-    let output = run(sluice(&config, &["check"]), Duration::from_secs(60)).await;
-    let text = stdout(&output);
-    assert_eq!(output.status.code(), Some(0), "{text}\n{}", stderr(&output));
+    let text = check_exits(&config, 0).await;
     assert!(!text.contains("FAIL  "), "{text}");
     line_with(&text, "PASS", &["wal_level = logical"]);
     line_with(&text, "PASS", &["max_slot_wal_keep_size = 10GB"]);
@@ -182,9 +191,7 @@ async fn check_passes_a_ready_source_and_target() {
         .batch_execute("CREATE PUBLICATION sluice FOR TABLE orders")
         .await
         .unwrap();
-    let output = run(sluice(&config, &["check"]), Duration::from_secs(60)).await;
-    let text = stdout(&output);
-    assert_eq!(output.status.code(), Some(1), "{text}");
+    let text = check_exits(&config, 1).await;
     line_with(
         &text,
         "FAIL",
@@ -194,9 +201,7 @@ async fn check_passes_a_ready_source_and_target() {
         .batch_execute("ALTER PUBLICATION sluice ADD TABLE people")
         .await
         .unwrap();
-    let output = run(sluice(&config, &["check"]), Duration::from_secs(60)).await;
-    let text = stdout(&output);
-    assert_eq!(output.status.code(), Some(0), "{text}");
+    let text = check_exits(&config, 0).await;
     line_with(
         &text,
         "PASS",

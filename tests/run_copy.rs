@@ -221,11 +221,7 @@ async fn sigterm_during_the_copy_stops_promptly_and_the_next_start_finishes_it()
     let config = pair.config("[copy]\nenabled = true\njobs = 1\n");
     // Hold the copy up at one table (SHARE blocks its COPY, not the checks that read it):
     // the copy is provably in the middle when asked to stop.
-    let blocker = pair.target_client().await;
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE events IN SHARE MODE")
-        .await
-        .unwrap();
+    let blocker = hold_lock(&pair, "LOCK TABLE events IN SHARE MODE").await;
     // Not start_daemon: the slot is not active while the copy holds its snapshot.
     let mut daemon = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
     wait_for_log(&daemon, "planned").await;
@@ -281,12 +277,13 @@ async fn pair_through_sluice_schema(config_extra: &str) -> (Pair, std::path::Pat
     (pair, config)
 }
 
-/// Holds the copy of tags up on the target (SHARE blocks its COPY, not CREATE INDEX on
-/// other tables) until the returned transaction commits.
-async fn hold_tags(pair: &Pair) -> tokio_postgres::Client {
+/// Takes `lock` (`LOCK TABLE t IN ... MODE`) on the target in a transaction that lasts
+/// until the returned client commits: holds a table's copy (SHARE) or its key build (ROW
+/// EXCLUSIVE) up, so a test can act while sluice provably waits.
+async fn hold_lock(pair: &Pair, lock: &str) -> tokio_postgres::Client {
     let blocker = pair.target_client().await;
     blocker
-        .batch_execute("BEGIN; LOCK TABLE tags IN SHARE MODE")
+        .batch_execute(&format!("BEGIN; {lock}"))
         .await
         .unwrap();
     blocker
@@ -343,7 +340,7 @@ async fn wait_for_orders_key(target: &tokio_postgres::Client, daemon: &Daemon) {
 async fn keys_are_built_per_table_during_the_copy_and_streaming_uses_them() {
     let (pair, config) = pair_through_sluice_schema("[copy]\nenabled = true\njobs = 2\n").await;
     // The key of orders must appear while the copy is provably not over.
-    let blocker = hold_tags(&pair).await;
+    let blocker = hold_lock(&pair, "LOCK TABLE tags IN SHARE MODE").await;
     let stop = Arc::new(AtomicBool::new(false));
     let load = writer(&pair, stop.clone());
     let daemon = Daemon::spawn(&config, &pair.dir.path().join("sluice.log"));
@@ -419,7 +416,7 @@ async fn a_failing_deferred_index_lets_the_copy_finish_then_stops_with_its_name(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kill_while_keys_are_being_built_resumes_without_copying_finished_tables_again() {
     let (pair, config) = pair_through_sluice_schema("[copy]\nenabled = true\njobs = 2\n").await;
-    let blocker = hold_tags(&pair).await;
+    let blocker = hold_lock(&pair, "LOCK TABLE tags IN SHARE MODE").await;
     let mut daemon = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
     let target = pair.target_client().await;
     wait_for_orders_key(&target, &daemon).await;
@@ -467,11 +464,7 @@ async fn a_kill_while_keys_are_being_built_resumes_without_copying_finished_tabl
 async fn sigterm_during_a_key_build_ends_it_on_the_target_and_the_next_start_builds_it() {
     let (pair, config) = pair_through_sluice_schema("[copy]\nenabled = true\njobs = 2\n").await;
     // ROW EXCLUSIVE lets the copy of orders in and keeps its key build out.
-    let blocker = pair.target_client().await;
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE orders IN ROW EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let blocker = hold_lock(&pair, "LOCK TABLE orders IN ROW EXCLUSIVE MODE").await;
     let mut daemon = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
     let target = pair.target_client().await;
     wait_until_waiting(&target, "orders", &daemon).await;
@@ -518,11 +511,7 @@ async fn sigterm_during_a_key_build_ends_it_on_the_target_and_the_next_start_bui
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_while_run_builds_deferred_indexes_with_the_copy_off_stops_at_once() {
     let (pair, config) = pair_through_sluice_schema("[copy]\nenabled = false\n").await;
-    let blocker = pair.target_client().await;
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE orders IN ROW EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let blocker = hold_lock(&pair, "LOCK TABLE orders IN ROW EXCLUSIVE MODE").await;
     let mut daemon = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
     let target = pair.target_client().await;
     wait_until_waiting(&target, "orders_customer_idx", &daemon).await;

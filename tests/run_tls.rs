@@ -17,20 +17,24 @@ fn make_certificates(dir: &Path) {
             .expect("run openssl");
         assert!(output.status.success(), "openssl {args:?}: {output:?}");
     };
-    run(&[
-        "req",
-        "-new",
-        "-x509",
-        "-days",
-        "2",
-        "-nodes",
-        "-subj",
-        "/CN=sluice test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-    ]);
+    // A self-signed CA: its subject, key file and certificate file.
+    let ca = |subject: &str, key: &str, certificate: &str| {
+        run(&[
+            "req",
+            "-new",
+            "-x509",
+            "-days",
+            "2",
+            "-nodes",
+            "-subj",
+            subject,
+            "-keyout",
+            key,
+            "-out",
+            certificate,
+        ])
+    };
+    ca("/CN=sluice test CA", "ca.key", "ca.crt");
     run(&[
         "req",
         "-new",
@@ -64,20 +68,7 @@ fn make_certificates(dir: &Path) {
         "-extfile",
         "san.ext",
     ]);
-    run(&[
-        "req",
-        "-new",
-        "-x509",
-        "-days",
-        "2",
-        "-nodes",
-        "-subj",
-        "/CN=another CA",
-        "-keyout",
-        "other.key",
-        "-out",
-        "other.crt",
-    ]);
+    ca("/CN=another CA", "other.key", "other.crt");
 }
 
 #[tokio::test(flavor = "multi_thread")]

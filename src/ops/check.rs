@@ -170,8 +170,8 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
             error.report()
         )),
     }
-    let columns = match columns_of(&client, &tables.iter().map(|t| t.oid).collect::<Vec<_>>()).await
-    {
+    let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
+    let columns = match columns_of(&client, &oids).await {
         Ok(columns) => columns,
         Err(error) => {
             out.fail(format!(
@@ -181,18 +181,16 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
             return None;
         }
     };
-    let identity_columns =
-        match identity_columns_of(&client, &tables.iter().map(|t| t.oid).collect::<Vec<_>>()).await
-        {
-            Ok(identity) => identity,
-            Err(error) => {
-                out.fail(format!(
-                    "source: cannot read the tables' replica identities ({})",
-                    error.report()
-                ));
-                return None;
-            }
-        };
+    let identity_columns = match identity_columns_of(&client, &oids).await {
+        Ok(identity) => identity,
+        Err(error) => {
+            out.fail(format!(
+                "source: cannot read the tables' replica identities ({})",
+                error.report()
+            ));
+            return None;
+        }
+    };
     Some(SourceFacts {
         tables,
         columns,
@@ -677,13 +675,9 @@ mod tests {
 
     fn table(name: &str, identity: char, pk: bool) -> SourceTable {
         SourceTable {
-            name: TableName::parse(name),
-            oid: 1,
             replica_identity: identity,
             has_primary_key: pk,
-            is_partitioned: false,
-            size_bytes: 0,
-            estimated_rows: 0,
+            ..SourceTable::keyed(TableName::parse(name))
         }
     }
 

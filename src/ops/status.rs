@@ -183,7 +183,7 @@ fn read_local_checkpoint(
         return Ok((None, Vec::new()));
     }
     let store = checkpoint::Store::open(state_dir)?;
-    let copy_finished = crate::snapshot::state::load_state(&store)?.is_some_and(|s| s.finished);
+    let copy_finished = crate::snapshot::copy_finished(&store)?;
     let mut tables: Vec<TableStatus> = crate::snapshot::state::load_tables(&store)?
         .into_iter()
         .map(|record| TableStatus {

@@ -94,7 +94,7 @@ const MAX_ROUNDS: u32 = 3;
 
 /// Whether the initial copy (data and deferred DDL) is finished: `sluice run` then streams
 /// without copying.
-pub async fn copy_finished(store: &Store) -> Result<bool> {
+pub fn copy_finished(store: &Store) -> Result<bool> {
     Ok(state::load_state(store)?.is_some_and(|s| s.finished))
 }
 
@@ -105,7 +105,7 @@ pub async fn copy_finished(store: &Store) -> Result<bool> {
 /// state dir (the copy was off, or is still under way) there are none: the tables were
 /// loaded some other way, or the copy in progress takes them.
 pub fn tables_to_copy_late(store: &Store, tables: &[SourceTable]) -> Result<Vec<TableName>> {
-    if !state::load_state(store)?.is_some_and(|s| s.finished) {
+    if !copy_finished(store)? {
         return Ok(Vec::new());
     }
     let copied: std::collections::HashSet<TableName> = state::load_tables(store)?
@@ -727,18 +727,6 @@ mod tests {
         assert!(crate::source::slot::validate_slot_name(&long).is_ok());
     }
 
-    fn selected(name: &str) -> SourceTable {
-        SourceTable {
-            name: TableName::new("public", name),
-            oid: 1,
-            replica_identity: 'd',
-            has_primary_key: true,
-            is_partitioned: false,
-            size_bytes: 0,
-            estimated_rows: 0,
-        }
-    }
-
     fn record(name: &str, finished: bool) -> TableRecord {
         TableRecord {
             name: TableName::new("public", name),
@@ -755,7 +743,7 @@ mod tests {
     fn only_a_finished_copy_has_tables_to_copy_late() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let tables = [selected("a"), selected("b"), selected("c")];
+        let tables = ["a", "b", "c"].map(|name| SourceTable::keyed(TableName::new("public", name)));
         // No copy (it was off): nothing is copied late.
         assert!(tables_to_copy_late(&store, &tables).unwrap().is_empty());
         let mut copy = CopyState {

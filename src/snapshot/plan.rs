@@ -413,13 +413,8 @@ mod tests {
 
     fn table(size_bytes: i64) -> SourceTable {
         SourceTable {
-            name: TableName::new("public", "t"),
-            oid: 1,
-            replica_identity: 'd',
-            has_primary_key: true,
-            is_partitioned: false,
             size_bytes,
-            estimated_rows: 0,
+            ..SourceTable::keyed(TableName::new("public", "t"))
         }
     }
 

@@ -78,6 +78,22 @@ pub struct SourceTable {
     pub estimated_rows: i64,
 }
 
+#[cfg(test)]
+impl SourceTable {
+    /// For unit tests: an empty, unpartitioned table with a primary key.
+    pub fn keyed(name: TableName) -> SourceTable {
+        SourceTable {
+            name,
+            oid: 1,
+            replica_identity: 'd',
+            has_primary_key: true,
+            is_partitioned: false,
+            size_bytes: 0,
+            estimated_rows: 0,
+        }
+    }
+}
+
 /// The source's selected tables, sorted by name. System schemas, sluice's own schema,
 /// temporary tables and partitions (their root is selected instead) are never selected.
 pub async fn selected_tables(client: &Client, tables: &TablesConfig) -> Result<Vec<SourceTable>> {
