@@ -10,8 +10,11 @@ use tokio::time::timeout;
 
 use crate::support::PgCluster;
 
-/// What the stream said, one line per event, so a whole session compares at once.
-fn summarise(cache: &mut RelationCache, message: LogicalMessage) -> String {
+/// What the stream said, one line per event, so a whole session compares at once. `None` for
+/// a Relation re-sent unchanged: pgoutput re-sends one after any invalidation of its cache
+/// entry (a TRUNCATE's new file, but also a shared-invalidation reset when the walsender falls
+/// behind on a busy machine), so whether one appears is timing, not what the SQL made.
+fn summarise(cache: &mut RelationCache, message: LogicalMessage) -> Option<String> {
     let name = |cache: &RelationCache, oid: u32| cache.resolve(oid).unwrap().name.clone();
     let row = |tuple: &Tuple| {
         tuple
@@ -29,11 +32,13 @@ fn summarise(cache: &mut RelationCache, message: LogicalMessage) -> String {
         OldTuple::Key(t) => format!("K={}", row(t)),
         OldTuple::Full(t) => format!("O={}", row(t)),
     };
-    match message {
+    let line = match message {
         LogicalMessage::Relation(relation) => {
             let label = format!("R {} ({} columns)", relation.name, relation.columns.len());
+            let known = cache.get(relation.oid).is_some();
             match cache.insert(relation) {
                 Some(change) => format!("{label}: {change}"),
+                None if known => return None,
                 None => label,
             }
         }
@@ -59,7 +64,8 @@ fn summarise(cache: &mut RelationCache, message: LogicalMessage) -> String {
             t.restart_identity
         ),
         other => format!("unexpected {other:?}"),
-    }
+    };
+    Some(line)
 }
 
 #[tokio::test]
@@ -145,7 +151,7 @@ async fn live_stream_decodes_every_change_the_sql_made() {
             ReplicationEvent::XLogData { data, .. } => {
                 assert!(open_xid.is_some(), "a change outside a transaction");
                 let message = decoder.decode(data).expect("decode a live payload");
-                lines.push(summarise(&mut cache, message));
+                lines.extend(summarise(&mut cache, message));
             }
             ReplicationEvent::KeepAlive { .. } => {}
             ReplicationEvent::StoppedAt { .. } => panic!("no stop LSN was set"),
@@ -182,9 +188,6 @@ async fn live_stream_decodes_every_change_the_sql_made() {
         "I items 4|pear|2.00|NULL|NULL|NULL|new column",
         "COMMIT",
         "BEGIN",
-        // TRUNCATE gives the tables new files: pgoutput re-sends both (unchanged) Relations.
-        "R items (7 columns)",
-        "R logs (1 columns)",
         "T items,logs cascade=false restart=true",
         "COMMIT",
     ];
