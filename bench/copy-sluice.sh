@@ -8,8 +8,9 @@
 #        SLUICE_COPY_BIN (the test binary; built with `cargo test --release --no-run` when unset),
 #        SLUICE_BENCH_JOBS (2), SLUICE_BENCH_SPLIT ("256MB").
 #
-# `sluice run` cannot copy on its own yet, so the copy is timed through the ignored test
-# `copy_bench::copy_bench`, which calls `sluice::snapshot::initial_copy` directly.
+# The `sluice` method times the copy alone through the ignored test `copy_bench::copy_bench`,
+# which calls `sluice::snapshot::initial_copy` directly (no daemon start-up, no deferred DDL);
+# `sluicerun` and `sluiceschema` time the real commands an operator runs.
 #
 # Methods (each a `copy_NAME TARGETDB` function, exported so the shared copy.sh sees them):
 #   sluice : schema without indexes/constraints (pg_restore --section=pre-data), sluice's

@@ -67,18 +67,6 @@ fn writer(pair: &Pair, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
     })
 }
 
-async fn wait_for_log(daemon: &Daemon, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !daemon.log().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "never logged {needle:?}:\n{}",
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The statements on the target that wait for a lock, as `query` text.
 async fn waiting_on_locks(target: &tokio_postgres::Client) -> Vec<String> {
     target
@@ -143,7 +131,7 @@ async fn the_copy_and_the_stream_meet_without_gap_or_overlap() {
     let load = writer(&pair, stop.clone());
     tokio::time::sleep(Duration::from_millis(200)).await;
     let daemon = pair.start_daemon(&config).await;
-    wait_for_log(&daemon, "initial copy finished").await;
+    daemon.wait_for_log("initial copy finished").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let written = load.await.unwrap();
@@ -163,7 +151,7 @@ async fn the_copy_and_the_stream_meet_without_gap_or_overlap() {
     assert_eq!(orders["state"], "streaming", "{out}");
     assert!(orders["rows_copied"].as_u64().unwrap() >= 200_000, "{out}");
     // The copied tables get statistics (a manual ANALYZE, not autovacuum's).
-    wait_for_log(&daemon, "analyzed the copied tables").await;
+    daemon.wait_for_log("analyzed the copied tables").await;
     let analyzed: i64 = pair
         .target_client()
         .await
@@ -207,7 +195,7 @@ async fn a_copy_killed_midway_resumes_and_ends_exactly_once() {
     }
     daemon.kill9();
     let daemon = pair.start_daemon(&config).await;
-    wait_for_log(&daemon, "initial copy finished").await;
+    daemon.wait_for_log("initial copy finished").await;
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
     pair.wait_caught_up(&daemon).await;
@@ -224,7 +212,7 @@ async fn sigterm_during_the_copy_stops_promptly_and_the_next_start_finishes_it()
     let blocker = hold_lock(&pair, "LOCK TABLE events IN SHARE MODE").await;
     // Not start_daemon: the slot is not active while the copy holds its snapshot.
     let mut daemon = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
-    wait_for_log(&daemon, "planned").await;
+    daemon.wait_for_log("planned").await;
     let target = pair.target_client().await;
     wait_until_waiting(&target, "COPY", &daemon).await;
     daemon.terminate_within(Duration::from_secs(15));
@@ -238,7 +226,7 @@ async fn sigterm_during_the_copy_stops_promptly_and_the_next_start_finishes_it()
     assert_nothing_left_waiting(&target).await;
     blocker.batch_execute("COMMIT").await.unwrap();
     let daemon = pair.start_daemon(&config).await;
-    wait_for_log(&daemon, "initial copy finished").await;
+    daemon.wait_for_log("initial copy finished").await;
     pair.wait_caught_up(&daemon).await;
     assert_all_same(&pair).await;
 }
@@ -358,7 +346,7 @@ async fn keys_are_built_per_table_during_the_copy_and_streaming_uses_them() {
         daemon.log()
     );
     blocker.batch_execute("COMMIT").await.unwrap();
-    wait_for_log(&daemon, "initial copy finished").await;
+    daemon.wait_for_log("initial copy finished").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
@@ -586,7 +574,7 @@ async fn a_partitioned_table_is_copied_partition_by_partition_while_rows_move_be
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let daemon = pair.start_daemon(&config).await;
-    wait_for_log(&daemon, "initial copy finished").await;
+    daemon.wait_for_log("initial copy finished").await;
     stop.store(true, Ordering::Relaxed);
     let moved = mover.await.unwrap();
     assert!(moved > 10, "rows moved during the copy ({moved})");
@@ -627,7 +615,7 @@ fn late_writer(pair: &Pair, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u6
 async fn a_table_selected_after_the_copy_is_copied_before_streaming_resumes() {
     let (pair, config) = pair_through_sluice_schema("[copy]\nenabled = true\njobs = 2\n").await;
     let mut first = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
-    wait_for_log(&first, "initial copy finished").await;
+    first.wait_for_log("initial copy finished").await;
     pair.wait_caught_up(&first).await;
     assert!(first.terminate().success(), "{}", first.log());
 
@@ -670,7 +658,7 @@ async fn a_table_selected_after_the_copy_is_copied_before_streaming_resumes() {
     let stop = Arc::new(AtomicBool::new(false));
     let load = late_writer(&pair, stop.clone());
     let second = Daemon::spawn(&config, &pair.dir.path().join("second.log"));
-    wait_for_log(&second, "initial copy finished").await;
+    second.wait_for_log("initial copy finished").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     assert!(load.await.unwrap() > 0);

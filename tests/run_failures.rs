@@ -241,15 +241,7 @@ async fn a_rejected_change_stalls_and_resumes_once_the_target_is_fixed() {
         )
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !daemon.log().contains("apply stalled") {
-        assert!(
-            Instant::now() < deadline,
-            "no stall reported:\n{}",
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    daemon.wait_for_log("apply stalled").await;
     let log = daemon.log();
     assert!(log.contains("public.history"), "names the table:\n{log}");
     assert!(log.contains("note"), "names the column:\n{log}");

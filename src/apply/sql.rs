@@ -20,6 +20,9 @@ pub struct SqlColumn {
     pub name: String,
     /// `format_type(atttypid, atttypmod)` on the target.
     pub type_name: String,
+    /// `GENERATED ALWAYS AS IDENTITY` on the target: an INSERT must say `OVERRIDING SYSTEM
+    /// VALUE` to write the source's value, and no UPDATE may set it (only to DEFAULT).
+    pub generated_always: bool,
 }
 
 impl SqlColumn {
@@ -27,6 +30,14 @@ impl SqlColumn {
         SqlColumn {
             name: name.into(),
             type_name: type_name.into(),
+            generated_always: false,
+        }
+    }
+
+    pub fn generated_always(self) -> Self {
+        SqlColumn {
+            generated_always: true,
+            ..self
         }
     }
 
@@ -49,7 +60,9 @@ fn aliases(prefix: &str, count: usize) -> Vec<String> {
 }
 
 /// `INSERT INTO t (cols) SELECT s.v0::type, ... FROM unnest($1, ...) AS s(v0, ...)`.
-/// Parameters: one text array per column, in `columns` order.
+/// Parameters: one text array per column, in `columns` order. `OVERRIDING SYSTEM VALUE`
+/// only where a column needs it (the source's identity values are the ones to keep; COPY
+/// needs no such clause).
 pub fn insert_unnest(table: &str, columns: &[SqlColumn]) -> String {
     let names: Vec<String> = columns.iter().map(|c| quote_ident(&c.name)).collect();
     let values = aliases("v", columns.len());
@@ -58,8 +71,12 @@ pub fn insert_unnest(table: &str, columns: &[SqlColumn]) -> String {
         .zip(&values)
         .map(|(c, v)| c.cast(&format!("s.{v}")))
         .collect();
+    let overriding = match columns.iter().any(|c| c.generated_always) {
+        true => " OVERRIDING SYSTEM VALUE",
+        false => "",
+    };
     format!(
-        "INSERT INTO {table} ({}) SELECT {} FROM unnest({}) AS s({})",
+        "INSERT INTO {table} ({}){overriding} SELECT {} FROM unnest({}) AS s({})",
         names.join(", "),
         casts.join(", "),
         text_arrays(1, columns.len()),
@@ -94,27 +111,61 @@ fn key_match(keys: &[SqlColumn], dist: Option<&SqlColumn>, first_param: usize) -
     (conditions.join(" AND "), extra)
 }
 
-/// `UPDATE t SET col = s.v0::type ... FROM unnest(keys..., values...) AS s(k0.., v0..)
-/// WHERE t.key = s.k0::type ... [AND t.dist = ANY($n)]`.
+/// The columns of one UPDATE shape.
+pub struct UpdateColumns<'a> {
+    /// Matched against the old key values.
+    pub keys: &'a [SqlColumn],
+    /// Assigned their new values.
+    pub set: &'a [SqlColumn],
+    /// New values that cannot be assigned (`GENERATED ALWAYS AS IDENTITY` on the target):
+    /// the row must already hold them, so they join the WHERE clause and a changed value
+    /// leaves the row unmatched (reported, never silently kept old).
+    pub guards: &'a [SqlColumn],
+    /// Assigned to itself when `set` is empty, so a guarded row is still matched.
+    pub touch: Option<&'a SqlColumn>,
+    /// Citus distribution column.
+    pub dist: Option<&'a SqlColumn>,
+}
+
+/// `UPDATE t SET col = s.v0::type ... FROM unnest(keys..., values..., guards...) AS s(k0..,
+/// v0.., g0..) WHERE t.key = s.k0::type ... [AND t.guard = s.g0::type] [AND t.dist = ANY($n)]`.
 ///
 /// Parameters: key arrays (old key values, in `keys` order), then value arrays (in `set`
-/// order), then, with `dist`, one array of the rows' distribution values.
-pub fn update_unnest(
-    table: &str,
-    keys: &[SqlColumn],
-    set: &[SqlColumn],
-    dist: Option<&SqlColumn>,
-) -> String {
+/// order), then guard arrays, then, with `dist`, one array of the rows' distribution values.
+pub fn update_unnest(table: &str, columns: &UpdateColumns) -> String {
+    let UpdateColumns {
+        keys,
+        set,
+        guards,
+        touch,
+        dist,
+    } = *columns;
     let key_aliases = aliases("k", keys.len());
     let value_aliases = aliases("v", set.len());
-    let assignments: Vec<String> = set
+    let guard_aliases = aliases("g", guards.len());
+    let mut assignments: Vec<String> = set
         .iter()
         .zip(&value_aliases)
         .map(|(c, v)| format!("{} = {}", quote_ident(&c.name), c.cast(&format!("s.{v}"))))
         .collect();
-    let arrays = keys.len() + set.len();
-    let (matching, _) = key_match(keys, dist, arrays + 1);
-    let all_aliases: Vec<String> = key_aliases.into_iter().chain(value_aliases).collect();
+    if let (true, Some(touch)) = (assignments.is_empty(), touch) {
+        let name = quote_ident(&touch.name);
+        assignments.push(format!("{name} = t.{name}"));
+    }
+    let arrays = keys.len() + set.len() + guards.len();
+    let (mut matching, _) = key_match(keys, dist, arrays + 1);
+    for (column, alias) in guards.iter().zip(&guard_aliases) {
+        matching.push_str(&format!(
+            " AND t.{} = {}",
+            quote_ident(&column.name),
+            column.cast(&format!("s.{alias}"))
+        ));
+    }
+    let all_aliases: Vec<String> = key_aliases
+        .into_iter()
+        .chain(value_aliases)
+        .chain(guard_aliases)
+        .collect();
     format!(
         "UPDATE {table} AS t SET {} FROM unnest({}) AS s({}) WHERE {matching}",
         assignments.join(", "),
@@ -239,6 +290,63 @@ mod tests {
         SqlColumn::new("note", "text")
     }
 
+    fn plain<'a>(
+        keys: &'a [SqlColumn],
+        set: &'a [SqlColumn],
+        dist: Option<&'a SqlColumn>,
+    ) -> UpdateColumns<'a> {
+        UpdateColumns {
+            keys,
+            set,
+            guards: &[],
+            touch: None,
+            dist,
+        }
+    }
+
+    #[test]
+    fn an_insert_overrides_only_identities_generated_always() {
+        assert!(!insert_unnest("t", &[id(), note()]).contains("OVERRIDING"));
+        assert_eq!(
+            insert_unnest("t", &[id().generated_always(), note()]),
+            "INSERT INTO t (\"id\", \"note\") OVERRIDING SYSTEM VALUE SELECT s.v0::bigint, \
+             s.v1::text FROM unnest($1::text[], $2::text[]) AS s(v0, v1)"
+        );
+    }
+
+    #[test]
+    fn an_identity_generated_always_is_matched_not_assigned() {
+        let seq = SqlColumn::new("seq", "integer").generated_always();
+        let sql = update_unnest(
+            "t",
+            &UpdateColumns {
+                guards: std::slice::from_ref(&seq),
+                ..plain(&[tenant(), id()], &[note()], Some(&tenant()))
+            },
+        );
+        assert_eq!(
+            sql,
+            "UPDATE t AS t SET \"note\" = s.v0::text FROM unnest($1::text[], $2::text[], \
+             $3::text[], $4::text[]) AS s(k0, k1, v0, g0) WHERE t.\"tenant_id\" = s.k0::integer \
+             AND t.\"id\" = s.k1::bigint AND t.\"tenant_id\" = ANY($5::text[]::integer[]) \
+             AND t.\"seq\" = s.g0::integer"
+        );
+        // Nothing else to set: the row is touched so that a changed identity goes unmatched.
+        let only_guarded = update_unnest(
+            "t",
+            &UpdateColumns {
+                guards: std::slice::from_ref(&seq),
+                touch: Some(&note()),
+                ..plain(&[id()], &[], None)
+            },
+        );
+        assert_eq!(
+            only_guarded,
+            "UPDATE t AS t SET \"note\" = t.\"note\" FROM unnest($1::text[], $2::text[]) \
+             AS s(k0, g0) WHERE t.\"id\" = s.k0::bigint AND t.\"seq\" = s.g0::integer"
+        );
+    }
+
     #[test]
     fn insert_casts_every_column_from_text() {
         assert_eq!(
@@ -251,7 +359,7 @@ mod tests {
     #[test]
     fn update_on_plain_postgres_joins_on_the_key() {
         assert_eq!(
-            update_unnest("t", &[id()], &[note()], None),
+            update_unnest("t", &plain(&[id()], &[note()], None)),
             "UPDATE t AS t SET \"note\" = s.v0::text FROM unnest($1::text[], $2::text[]) \
              AS s(k0, v0) WHERE t.\"id\" = s.k0::bigint"
         );
@@ -261,7 +369,7 @@ mod tests {
     fn update_on_citus_routes_by_the_distribution_column_and_never_sets_it() {
         // The batcher passes SET columns without the distribution column; the statement
         // adds the ANY() condition that lets Citus prune to the rows' shards.
-        let sql = update_unnest("t", &[tenant(), id()], &[note()], Some(&tenant()));
+        let sql = update_unnest("t", &plain(&[tenant(), id()], &[note()], Some(&tenant())));
         assert_eq!(
             sql,
             "UPDATE t AS t SET \"note\" = s.v0::text FROM unnest($1::text[], $2::text[], \

@@ -58,7 +58,8 @@ pub async fn load(
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
                     COALESCE(a.attnum = ANY(i.indkey::int2[]), false),
-                    array_position(i.indkey::int2[], a.attnum)
+                    array_position(i.indkey::int2[], a.attnum),
+                    a.attidentity = 'a'
              FROM pg_attribute a
              LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
@@ -84,7 +85,11 @@ pub async fn load(
         if row.get::<_, bool>(2) {
             key.push((row.get::<_, Option<i32>>(3).unwrap_or(0), column.clone()));
         }
-        columns.insert(column.clone(), SqlColumn::new(column, type_name));
+        let mut sql_column = SqlColumn::new(column.clone(), type_name);
+        if row.get::<_, bool>(4) {
+            sql_column = sql_column.generated_always();
+        }
+        columns.insert(column, sql_column);
     }
     key.sort();
     let distribution_column = citus
