@@ -247,8 +247,7 @@ impl Monitor {
             s.retained_wal_bytes = retained;
             s.wal_status = slot.wal_status.clone();
             s.safe_wal_size = slot.safe_wal_size;
-            let caught_up = s.caught_up_lsn.or(s.applied_lsn);
-            s.lag_bytes = caught_up.map(|c| sample.source_lsn.bytes_since(c));
+            s.refresh_lag();
             // Only this monitor's warnings are replaced; others' stay.
             s.warnings
                 .retain(|w| !w.starts_with(RETAINED_PREFIX) && !w.starts_with(UNRESERVED_PREFIX));
@@ -275,6 +274,24 @@ mod tests {
                 plugin: Some("pgoutput".into()),
             }),
         }
+    }
+
+    #[test]
+    fn a_report_between_samples_never_shows_the_source_behind_the_stream() {
+        let status = SharedStatus::new("sluice");
+        status.update(|s| s.caught_up_lsn = Some(Lsn(900)));
+        let mut monitor = Monitor::new("sluice", u64::MAX);
+        monitor
+            .apply(&sample(1000, 500, "reserved"), &status)
+            .unwrap();
+        // Before the next sample, the stream receives up to 1500 and 1400 is applied.
+        status.update(|s| {
+            s.received_lsn = Some(Lsn(1500));
+            s.caught_up_lsn = Some(Lsn(1400));
+        });
+        let report = status.snapshot();
+        assert_eq!(report.source_lsn, Some(Lsn(1500)));
+        assert_eq!(report.lag_bytes, Some(100));
     }
 
     #[test]

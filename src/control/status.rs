@@ -50,7 +50,8 @@ pub struct BuildingStatus {
 pub struct StatusReport {
     pub state: DaemonState,
     pub slot: String,
-    /// The source's current WAL position (`pg_current_wal_lsn()`), last sampled.
+    /// The source's current WAL position (`pg_current_wal_lsn()`), last sampled; at least
+    /// `received_lsn` in a report (`refresh_lag`).
     pub source_lsn: Option<Lsn>,
     /// End of the last WAL data received from the slot.
     pub received_lsn: Option<Lsn>,
@@ -191,8 +192,25 @@ impl SharedStatus {
             .values()
             .cloned()
             .collect();
+        report.refresh_lag();
         report.reported_at = unix_now();
         report
+    }
+}
+
+impl StatusReport {
+    /// The monitor samples the source's position every `monitor.interval`, while the stream
+    /// and apply move on in between: the source is at least where the stream has received
+    /// from, and the lag follows the freshest positions (a report never shows the source
+    /// behind what was applied).
+    pub fn refresh_lag(&mut self) {
+        if let (Some(source), Some(received)) = (self.source_lsn, self.received_lsn) {
+            self.source_lsn = Some(source.max(received));
+        }
+        if let Some(source) = self.source_lsn {
+            let caught_up = self.caught_up_lsn.or(self.applied_lsn);
+            self.lag_bytes = caught_up.map(|c| source.bytes_since(c));
+        }
     }
 }
 
