@@ -161,6 +161,17 @@ async fn check_passes_a_ready_source_and_target() {
                   CREATE TABLE people (id uuid PRIMARY KEY, mood mood, born date)";
     source.batch_execute(schema).await.unwrap();
     target.batch_execute(schema).await.unwrap();
+    // Matched by the globs but left out, each said once: an unlogged table, and a table an
+    // extension owns (as PostGIS's spatial_ref_sys).
+    source
+        .batch_execute(
+            "CREATE UNLOGGED TABLE cache (k text PRIMARY KEY, v text);
+             CREATE EXTENSION citext;
+             CREATE TABLE citext_words (w citext PRIMARY KEY);
+             ALTER EXTENSION citext ADD TABLE citext_words;",
+        )
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
         dir.path(),
@@ -171,6 +182,17 @@ async fn check_passes_a_ready_source_and_target() {
     );
     let text = check_exits(&config, 0).await;
     assert!(!text.contains("FAIL  "), "{text}");
+    line_with(&text, "PASS", &["2 tables selected by [tables]"]);
+    line_with(&text, "WARN", &["public.cache", "UNLOGGED", "SET LOGGED"]);
+    line_with(
+        &text,
+        "WARN",
+        &[
+            "public.citext_words",
+            "extension citext",
+            "CREATE EXTENSION citext",
+        ],
+    );
     line_with(&text, "PASS", &["wal_level = logical"]);
     line_with(&text, "PASS", &["max_slot_wal_keep_size = 10GB"]);
     line_with(

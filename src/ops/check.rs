@@ -13,7 +13,7 @@ use tokio_postgres::Client;
 
 use crate::config::{format_size, Config};
 use crate::error::{self, Result};
-use crate::source::{selected_tables, SourceTable, TableName};
+use crate::source::{selected_tables, unreplicated_tables, SourceTable, TableName, Unreplicated};
 
 #[derive(Debug, Clone, Args)]
 pub struct CheckArgs {}
@@ -144,6 +144,25 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
         tables.len(),
         format_size(tables.iter().map(|t| t.size_bytes.max(0) as u64).sum())
     ));
+    match unreplicated_tables(&client, &config.tables).await {
+        Ok(left_out) => {
+            for (name, reason) in left_out {
+                out.warn(match reason {
+                    Unreplicated::Unlogged => format!(
+                        "table {name}: UNLOGGED, so it is not replicated (its changes never reach the WAL) and not created on the target; to migrate it, ALTER TABLE {} SET LOGGED on the source (a rewrite), or exclude it in [tables]",
+                        name.quoted()
+                    ),
+                    Unreplicated::OfExtension(extension) => format!(
+                        "table {name}: belongs to extension {extension}, so it is left out as pg_dump does (CREATE EXTENSION {extension} on the target creates it); rows added to it on the source are not migrated"
+                    ),
+                });
+            }
+        }
+        Err(error) => out.fail(format!(
+            "source: cannot list unlogged and extension tables ({})",
+            error.report()
+        )),
+    }
     if let Err(error) = check_read_privilege(&client, &tables, out).await {
         out.fail(format!(
             "source: cannot check table privileges ({})",

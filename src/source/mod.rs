@@ -5,4 +5,7 @@ pub mod slot;
 pub mod stream;
 pub mod tables;
 
-pub use tables::{quote_ident, quote_literal, selected_tables, SourceTable, TableName};
+pub use tables::{
+    quote_ident, quote_literal, selected_tables, unreplicated_tables, SourceTable, TableName,
+    Unreplicated,
+};

@@ -94,12 +94,20 @@ impl SourceTable {
     }
 }
 
+/// Tables no extension owns: an extension's own tables (PostGIS's `spatial_ref_sys`) come
+/// with `CREATE EXTENSION` on the target, as pg_dump leaves them out.
+const NOT_AN_EXTENSION_MEMBER: &str = "NOT EXISTS (SELECT 1 FROM pg_depend d
+                   WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
+
 /// The source's selected tables, sorted by name. System schemas, sluice's own schema,
-/// temporary tables and partitions (their root is selected instead) are never selected.
+/// temporary and unlogged tables (logical decoding cannot see their changes), tables of
+/// extensions, and partitions (their root is selected instead) are never selected;
+/// `unreplicated_tables` names the ones the globs match.
 pub async fn selected_tables(client: &Client, tables: &TablesConfig) -> Result<Vec<SourceTable>> {
     let rows = client
         .query(
-            "SELECT n.nspname::text, c.relname::text, c.oid, c.relreplident::text,
+            &format!(
+                "SELECT n.nspname::text, c.relname::text, c.oid, c.relreplident::text,
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
                     c.relkind = 'p',
                     COALESCE(pg_total_relation_size(c.oid) - pg_indexes_size(c.oid), 0)::int8,
@@ -110,7 +118,9 @@ pub async fn selected_tables(client: &Client, tables: &TablesConfig) -> Result<V
                AND c.relpersistence = 'p'
                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'sluice')
                AND n.nspname NOT LIKE 'pg\\_%'
-             ORDER BY 1, 2",
+               AND {NOT_AN_EXTENSION_MEMBER}
+             ORDER BY 1, 2"
+            ),
             &[],
         )
         .await
@@ -133,6 +143,56 @@ pub async fn selected_tables(client: &Client, tables: &TablesConfig) -> Result<V
         });
     }
     Ok(selected)
+}
+
+/// Why a table the globs match is left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unreplicated {
+    Unlogged,
+    /// The extension that owns it.
+    OfExtension(String),
+}
+
+/// Tables the `[tables]` globs match that sluice leaves out, each with the reason: unlogged
+/// tables (their changes never reach the WAL) and tables an extension owns.
+pub async fn unreplicated_tables(
+    client: &Client,
+    tables: &TablesConfig,
+) -> Result<Vec<(TableName, Unreplicated)>> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT n.nspname::text, c.relname::text, c.relpersistence = 'u', e.extname::text
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 LEFT JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                                      AND d.deptype = 'e'
+                 LEFT JOIN pg_extension e ON e.oid = d.refobjid
+                 WHERE c.relkind IN ('r', 'p')
+                   AND NOT c.relispartition
+                   AND c.relpersistence IN ('p', 'u')
+                   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'sluice')
+                   AND n.nspname NOT LIKE 'pg\\_%'
+                   AND (c.relpersistence = 'u' OR NOT {NOT_AN_EXTENSION_MEMBER})
+                 ORDER BY 1, 2"
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| error::pg("Listing the source's unlogged and extension tables", e))?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let name = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+            let reason = match row.get::<_, bool>(2) {
+                true => Unreplicated::Unlogged,
+                false => {
+                    Unreplicated::OfExtension(row.get::<_, Option<String>>(3).unwrap_or_default())
+                }
+            };
+            (name, reason)
+        })
+        .filter(|(name, _)| tables.selects(&name.qualified()))
+        .collect())
 }
 
 #[cfg(test)]
