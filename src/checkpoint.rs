@@ -293,14 +293,18 @@ pub const POSITION_TABLE: &str = "sluice.applied_position";
 pub async fn ensure_position_table(target: &Client) -> Result<()> {
     target
         .batch_execute(
-            "CREATE SCHEMA IF NOT EXISTS sluice;
+            // Quietly: "already exists, skipping" notices on every reconnect are noise.
+            "BEGIN;
+             SET LOCAL client_min_messages = warning;
+             CREATE SCHEMA IF NOT EXISTS sluice;
              CREATE TABLE IF NOT EXISTS sluice.applied_position (
                  slot text PRIMARY KEY,
                  source_system_identifier text NOT NULL,
                  applied_lsn pg_lsn NOT NULL,
                  caught_up_lsn pg_lsn NOT NULL,
                  updated_at timestamptz NOT NULL DEFAULT now()
-             );",
+             );
+             COMMIT;",
         )
         .await
         .map_err(|e| error::pg("Creating sluice.applied_position on the target", e))
