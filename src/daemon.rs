@@ -306,12 +306,14 @@ async fn create_publication(
             unmatched.join(", ")
         )));
     }
-    let list: Vec<String> = tables.iter().map(|t| t.name.quoted()).collect();
-    let statement = format!(
-        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
-        quote_ident(publication),
-        list.join(", ")
-    );
+    let statement = create_publication_sql(publication, tables);
+    if let Some(problem) = publication_privilege_problem(source, tables).await? {
+        return Err(Error::definite(publication_privilege_message(
+            publication,
+            tables,
+            &problem,
+        )));
+    }
     source.batch_execute(&statement).await.map_err(|e| {
         error::pg(
             format!("Creating publication {publication} on the source"),
@@ -324,6 +326,80 @@ async fn create_publication(
         "created the publication"
     );
     Ok(())
+}
+
+fn create_publication_sql(publication: &str, tables: &[SourceTable]) -> String {
+    let list: Vec<String> = tables.iter().map(|t| t.name.quoted()).collect();
+    format!(
+        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
+        quote_ident(publication),
+        list.join(", ")
+    )
+}
+
+/// Why the source user may not create the publication itself, `None` when it may: CREATE
+/// PUBLICATION ... FOR TABLE needs CREATE on the database and ownership of every table
+/// (membership in the owning role will do), unless the user is a superuser.
+pub async fn publication_privilege_problem(
+    source: &Client,
+    tables: &[SourceTable],
+) -> Result<Option<String>> {
+    let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
+    let row = source
+        .query_one(
+            "SELECT r.rolsuper, has_database_privilege(current_database(), 'CREATE'),
+                    current_user::text, current_database()::text,
+                    ARRAY(SELECT format('%I.%I', n.nspname, c.relname)
+                          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                          WHERE c.oid = ANY($1::oid[]) AND NOT pg_has_role(c.relowner, 'USAGE')
+                          ORDER BY 1)
+             FROM pg_roles r WHERE r.rolname = current_user",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| error::pg("Checking who may create the publication on the source", e))?;
+    let (superuser, may_create, user, database): (bool, bool, String, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let not_owned: Vec<String> = row.get(4);
+    if superuser {
+        return Ok(None);
+    }
+    let mut problems = Vec::new();
+    if !may_create {
+        problems.push(format!("{user} lacks CREATE on database {database}"));
+    }
+    if !not_owned.is_empty() {
+        problems.push(format!(
+            "{user} does not own {} of the selected tables ({})",
+            not_owned.len(),
+            abbreviated(&not_owned, 5)
+        ));
+    }
+    Ok((!problems.is_empty()).then(|| problems.join(", and ")))
+}
+
+/// The first `shown` names, then how many more.
+fn abbreviated(names: &[String], shown: usize) -> String {
+    match names.len() > shown {
+        true => format!(
+            "{}, and {} more",
+            names[..shown].join(", "),
+            names.len() - shown
+        ),
+        false => names.join(", "),
+    }
+}
+
+/// What to do when the source user may not create the publication.
+pub fn publication_privilege_message(
+    publication: &str,
+    tables: &[SourceTable],
+    problem: &str,
+) -> String {
+    format!(
+        "Publication {publication} does not exist and sluice may not create it: {problem} (CREATE PUBLICATION needs CREATE on the database and ownership of every published table). Have the tables' owner or a superuser run `{}` on the source (sluice uses an existing publication that publishes every selected table), or GRANT CREATE and the owning role to this user; then start again",
+        create_publication_sql(publication, tables)
+    )
 }
 
 /// Runs `work` unless a stop request comes first; then says `on_stop` and returns `None`

@@ -301,9 +301,17 @@ async fn definite_errors_at_start_up_exit_1_within_seconds() {
             ),
             "nosuchdb",
         ),
+        // Streaming is allowed, but not creating the publication: say who must, and how.
+        (
+            format!(
+                "postgresql://migrator:right@127.0.0.1:{}/app",
+                pair.source.port
+            ),
+            "migrator lacks CREATE on database app, and migrator does not own 2 of the selected tables",
+        ),
     ];
-    for (url, expected) in cases {
-        let config = write(&url);
+    for (url, expected) in &cases {
+        let config = write(url);
         let started = Instant::now();
         let (code, _, stderr) = sluice(&["run", "--config", config.to_str().unwrap()]);
         assert_eq!(code, 1, "{url}: {stderr}");
@@ -315,6 +323,15 @@ async fn definite_errors_at_start_up_exit_1_within_seconds() {
         assert!(stderr.contains(expected), "{url}: {stderr}");
         assert!(!stderr.contains("wrong"), "the password leaked: {stderr}");
     }
+    // `check` says so before `run` is tried, with the statement for the tables' owner.
+    let (code, stdout, _) = sluice(&["check", "--config", write(&cases[2].0).to_str().unwrap()]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("FAIL")
+            && l.contains("may not create it")
+            && l.contains("CREATE PUBLICATION \"sluice\" FOR TABLE \"public\".\"accounts\"")),
+        "{stdout}"
+    );
     // A configuration error is exit 2 and names the key.
     let config = pair.dir.path().join("typo.toml");
     std::fs::write(&config, "[source]\nurl = \"host=x\"\nslto = \"s\"\n").unwrap();

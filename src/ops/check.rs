@@ -174,9 +174,19 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
     }
     let publication = &config.source.publication;
     match crate::daemon::unpublished_tables(&client, publication, &tables).await {
-        Ok(None) => out.pass(format!(
-            "source: publication {publication} does not exist yet; run creates it for the selected tables"
-        )),
+        Ok(None) => match crate::daemon::publication_privilege_problem(&client, &tables).await {
+            Ok(None) => out.pass(format!(
+                "source: publication {publication} does not exist yet; run creates it for the selected tables"
+            )),
+            Ok(Some(problem)) => out.fail(format!(
+                "source: {}",
+                crate::daemon::publication_privilege_message(publication, &tables, &problem)
+            )),
+            Err(error) => out.fail(format!(
+                "source: cannot tell whether the publication can be created ({})",
+                error.report()
+            )),
+        },
         Ok(Some(missing)) if missing.is_empty() => out.pass(format!(
             "source: publication {publication} publishes every selected table"
         )),
