@@ -252,22 +252,25 @@ pub fn unpublished_message(publication: &str, missing: &[String]) -> String {
 }
 
 /// The selected tables that publication does not publish, or `None` when it does not exist.
+/// A partitioned table counts as unpublished unless the publication publishes through the
+/// root (`publish_via_partition_root`): otherwise its changes arrive under each partition's
+/// name, which the target need not have.
 pub async fn unpublished_tables(
     source: &Client,
     publication: &str,
     tables: &[SourceTable],
 ) -> Result<Option<Vec<String>>> {
-    let exists = source
+    let via_root: Option<bool> = source
         .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
             &[&publication],
         )
         .await
         .map_err(|e| error::pg("Looking up the publication on the source", e))?
-        .is_some();
-    if !exists {
+        .map(|row| row.get(0));
+    let Some(via_root) = via_root else {
         return Ok(None);
-    }
+    };
     let rows = source
         .query(
             "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
@@ -281,7 +284,14 @@ pub async fn unpublished_tables(
         tables
             .iter()
             .filter(|t| !published.contains(&(t.name.schema.clone(), t.name.name.clone())))
-            .map(|t| t.name.qualified())
+            .map(|t| match (t.is_partitioned, via_root) {
+                (true, false) => format!(
+                    "{} (published partition by partition: ALTER PUBLICATION {} SET (publish_via_partition_root = true))",
+                    t.name.qualified(),
+                    quote_ident(publication)
+                ),
+                _ => t.name.qualified(),
+            })
             .collect(),
     ))
 }

@@ -158,7 +158,10 @@ async fn check_passes_a_ready_source_and_target() {
     let target = pg.create_database("target").await;
     let schema = "CREATE TABLE orders (id bigint PRIMARY KEY, total numeric(10,2), tags text[]);
                   CREATE TYPE mood AS ENUM ('ok', 'sad');
-                  CREATE TABLE people (id uuid PRIMARY KEY, mood mood, born date)";
+                  CREATE TABLE people (id uuid PRIMARY KEY, mood mood, born date);
+                  CREATE TABLE readings (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+                  CREATE TABLE readings_2026 PARTITION OF readings
+                      FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')";
     source.batch_execute(schema).await.unwrap();
     target.batch_execute(schema).await.unwrap();
     // Matched by the globs but left out, each said once: an unlogged table, and a table an
@@ -182,7 +185,12 @@ async fn check_passes_a_ready_source_and_target() {
     );
     let text = check_exits(&config, 0).await;
     assert!(!text.contains("FAIL  "), "{text}");
-    line_with(&text, "PASS", &["2 tables selected by [tables]"]);
+    line_with(&text, "PASS", &["3 tables selected by [tables]"]);
+    line_with(
+        &text,
+        "WARN",
+        &["partitioned tables selected (public.readings)", "TRUNCATE"],
+    );
     line_with(&text, "WARN", &["public.cache", "UNLOGGED", "SET LOGGED"]);
     line_with(
         &text,
@@ -198,7 +206,7 @@ async fn check_passes_a_ready_source_and_target() {
     line_with(
         &text,
         "PASS",
-        &["2 of 2 selected tables exist with compatible columns"],
+        &["3 of 3 selected tables exist with compatible columns"],
     );
     line_with(
         &text,
@@ -219,8 +227,22 @@ async fn check_passes_a_ready_source_and_target() {
         "FAIL",
         &["public.people", "ALTER PUBLICATION sluice ADD TABLE"],
     );
+    // Partitions published on their own would arrive under names the target need not have.
     source
-        .batch_execute("ALTER PUBLICATION sluice ADD TABLE people")
+        .batch_execute("ALTER PUBLICATION sluice ADD TABLE people, readings")
+        .await
+        .unwrap();
+    let text = check_exits(&config, 1).await;
+    line_with(
+        &text,
+        "FAIL",
+        &[
+            "public.readings (published partition by partition",
+            "publish_via_partition_root = true",
+        ],
+    );
+    source
+        .batch_execute("ALTER PUBLICATION sluice SET (publish_via_partition_root = true)")
         .await
         .unwrap();
     let text = check_exits(&config, 0).await;

@@ -172,6 +172,9 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
     for finding in replica_identity_findings(&tables) {
         out.push(finding.level, finding.text);
     }
+    if let Some(text) = partition_maintenance_warning(&tables) {
+        out.warn(text);
+    }
     let publication = &config.source.publication;
     match crate::daemon::unpublished_tables(&client, publication, &tables).await {
         Ok(None) => match crate::daemon::publication_privilege_problem(&client, &tables).await {
@@ -401,6 +404,23 @@ async fn check_read_privilege(
         ));
     }
     Ok(())
+}
+
+/// Partitions are published through their root (`publish_via_partition_root`), and
+/// PostgreSQL then sends nothing for a TRUNCATE of one partition; detaching or dropping one
+/// is DDL, never replicated either. Time-partitioned tables are pruned exactly that way.
+fn partition_maintenance_warning(tables: &[SourceTable]) -> Option<String> {
+    let partitioned: Vec<String> = tables
+        .iter()
+        .filter(|t| t.is_partitioned)
+        .map(|t| t.name.qualified())
+        .collect();
+    (!partitioned.is_empty()).then(|| {
+        format!(
+            "source: partitioned tables selected ({}): a TRUNCATE, DETACH PARTITION or DROP TABLE of one partition is not replicated (PostgreSQL publishes partitions through their root and sends nothing for these); while sluice runs, do the same on the target, or DELETE through the root instead. `sluice verify` shows any difference",
+            partitioned.join(", ")
+        )
+    })
 }
 
 /// Primary key or usable replica identity, per table. Only problems get their own line.
