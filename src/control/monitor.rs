@@ -142,7 +142,13 @@ pub async fn run(config: &Config, status: SharedStatus) -> Result<()> {
                 continue;
             }
         }
-        tokio::time::sleep(interval).await;
+        // Started beside the daemon's start-up, the monitor may look before the slot is
+        // created: look again soon, so status shows the slot's figures right after.
+        let next = match monitor.seen_slot {
+            true => interval,
+            false => interval.min(Duration::from_millis(200)),
+        };
+        tokio::time::sleep(next).await;
     }
 }
 
