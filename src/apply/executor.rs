@@ -201,12 +201,14 @@ impl Executor {
         Ok(())
     }
 
-    async fn statement(&mut self, text: &str, types: &[Type]) -> Result<Statement> {
+    /// The prepared statement for `text`; a refusal names `what` it was for (preparing is
+    /// where the target rejects a missing column, a type, an identity column).
+    async fn statement(&mut self, text: &str, types: &[Type], what: &str) -> Result<Statement> {
         if let Some(statement) = self.statements.get(text) {
             return Ok(statement.clone());
         }
         let result = self.client.prepare_typed(text, types).await;
-        let statement = result.map_err(|e| self.apply_error("preparing a statement", e))?;
+        let statement = result.map_err(|e| self.apply_error(what, e))?;
         self.statements.insert(text.to_string(), statement.clone());
         Ok(statement)
     }
@@ -216,7 +218,9 @@ impl Executor {
         let columns = &plan.columns;
         let what = format!("{} insert(s) into {}", rows.len(), plan.target.name);
         if rows.len() >= COPY_MIN_ROWS {
-            let statement = self.statement(&sql::copy_in(table, columns), &[]).await?;
+            let statement = self
+                .statement(&sql::copy_in(table, columns), &[], &what)
+                .await?;
             let mut buffer = Vec::with_capacity(rows.len() * columns.len() * 16);
             for row in &rows {
                 for i in 0..columns.len() {
@@ -242,7 +246,7 @@ impl Executor {
         }
         let text = sql::insert_unnest(table, columns);
         let statement = self
-            .statement(&text, &vec![Type::TEXT_ARRAY; columns.len()])
+            .statement(&text, &vec![Type::TEXT_ARRAY; columns.len()], &what)
             .await?;
         let mut arrays: Vec<Vec<Option<&str>>> = (0..columns.len())
             .map(|_| Vec::with_capacity(rows.len()))
@@ -335,7 +339,7 @@ impl Executor {
             let param_count =
                 key_columns.len() + set.len() + guards.len() + usize::from(dist_column.is_some());
             let statement = self
-                .statement(&text, &vec![Type::TEXT_ARRAY; param_count])
+                .statement(&text, &vec![Type::TEXT_ARRAY; param_count], &what)
                 .await?;
             let selected: Vec<&UpdateRow> = members.iter().map(|&at| &rows[at]).collect();
             let mut arrays = column_arrays(&selected, key_columns.len(), |row, i| &row.key[i])
@@ -416,7 +420,7 @@ impl Executor {
         let text = sql::delete_unnest(&plan.target.quoted, &key_columns, dist_column.as_ref());
         let param_count = key_columns.len() + usize::from(dist_column.is_some());
         let statement = self
-            .statement(&text, &vec![Type::TEXT_ARRAY; param_count])
+            .statement(&text, &vec![Type::TEXT_ARRAY; param_count], &what)
             .await?;
         let mut arrays = column_arrays(&keys, key_columns.len(), |row, i| &row[i])
             .map_err(|e| e.context(&what))?;
@@ -490,7 +494,7 @@ impl Executor {
             }
         };
         let statement = self
-            .statement(&text, &vec![Type::TEXT; values.len()])
+            .statement(&text, &vec![Type::TEXT; values.len()], &what)
             .await?;
         let params: Vec<&(dyn ToSql + Sync)> =
             values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
