@@ -89,15 +89,18 @@ pub async fn create_slot_exporting_snapshot(
     );
     // Creating a slot waits until every transaction running on the source has ended, so a
     // long-running transaction delays it. PostgreSQL's own subscriber waits as long as it
-    // takes; sluice does too, but says every 30 s what it waits for, and gives up after
+    // takes; sluice does too, but says what it waits for after 5 s and every 30 s after
+    // that (meanwhile the copy's progress line shows no rows), and gives up after
     // SLOT_CREATION_LIMIT in case the connection died silently (no TCP keepalive here).
     let started = std::time::Instant::now();
     let answer = {
         let mut creating = std::pin::pin!(session.simple_query(&command));
+        let mut wait = std::time::Duration::from_secs(5);
         loop {
             tokio::select! {
                 answer = &mut creating => break Some(answer),
-                _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {
+                _ = tokio::time::sleep(wait) => {
+                    wait = std::time::Duration::from_secs(30);
                     if started.elapsed() >= SLOT_CREATION_LIMIT {
                         break None;
                     }
