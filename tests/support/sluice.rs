@@ -128,6 +128,14 @@ impl Pair {
         }
     }
 
+    /// Waits until the daemon has applied everything, then compares each table.
+    pub async fn catch_up_and_compare(&self, daemon: &Daemon, tables: &[&str]) {
+        self.wait_caught_up(daemon).await;
+        for table in tables {
+            self.assert_same(table).await;
+        }
+    }
+
     /// Asserts that `table` holds the same rows on both sides.
     pub async fn assert_same(&self, table: &str) {
         let source = digest(&self.source_client().await, table).await;
