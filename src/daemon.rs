@@ -382,22 +382,10 @@ pub async fn publication_privilege_problem(
         problems.push(format!(
             "{user} does not own {} of the selected tables ({})",
             not_owned.len(),
-            abbreviated(&not_owned, 5)
+            crate::source::abbreviate(&not_owned, 5)
         ));
     }
     Ok((!problems.is_empty()).then(|| problems.join(", and ")))
-}
-
-/// The first `shown` names, then how many more.
-fn abbreviated(names: &[String], shown: usize) -> String {
-    match names.len() > shown {
-        true => format!(
-            "{}, and {} more",
-            names[..shown].join(", "),
-            names.len() - shown
-        ),
-        false => names.join(", "),
-    }
 }
 
 /// What to do when the source user may not create the publication.

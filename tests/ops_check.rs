@@ -252,3 +252,59 @@ async fn check_passes_a_ready_source_and_target() {
         &["publication sluice publishes every selected table"],
     );
 }
+
+/// Apply finds rows by the replica identity's columns: a target without an index on them
+/// scans the whole table for every UPDATE and DELETE batch. Keys `sluice schema` deferred
+/// are built before streaming, so those tables are fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_warns_when_the_target_cannot_find_rows_by_an_index() {
+    let pg = PgCluster::start();
+    let source = pg.create_database("app").await;
+    let target = pg.create_database("target").await;
+    source
+        .batch_execute(
+            "CREATE TABLE plain (id int PRIMARY KEY, v text);
+             CREATE TABLE wide (a int, b text);
+             ALTER TABLE wide REPLICA IDENTITY FULL;
+             CREATE TABLE keyed (id int PRIMARY KEY, v text);
+             CREATE TABLE later (id int PRIMARY KEY, v text);",
+        )
+        .await
+        .unwrap();
+    target
+        .batch_execute(
+            "CREATE TABLE plain (id int, v text);
+             CREATE TABLE wide (a int, b text);
+             CREATE TABLE keyed (id int, v text);
+             CREATE INDEX ON keyed (id);",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &pg.url("app"),
+        &pg.url("target"),
+        &dir.path().join("state"),
+        "",
+    );
+    // `later` is created by `sluice schema`, its key deferred to after the copy.
+    let output = run(sluice(&config, &["schema"]), Duration::from_secs(60)).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = check_exits(&config, 0).await;
+    line_with(
+        &text,
+        "WARN",
+        &["public.plain has no index to find rows by id"],
+    );
+    line_with(
+        &text,
+        "WARN",
+        &["public.wide has no index", "REPLICA IDENTITY FULL"],
+    );
+    let unindexed: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("has no index"))
+        .collect();
+    assert_eq!(unindexed.len(), 2, "{text}");
+}

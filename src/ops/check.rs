@@ -13,7 +13,9 @@ use tokio_postgres::Client;
 
 use crate::config::{format_size, Config};
 use crate::error::{self, Result};
-use crate::source::{selected_tables, unreplicated_tables, SourceTable, TableName, Unreplicated};
+use crate::source::{
+    abbreviate, selected_tables, unreplicated_tables, SourceTable, TableName, Unreplicated,
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct CheckArgs {}
@@ -600,6 +602,9 @@ async fn check_target_tables(
             source.tables.len()
         ));
     }
+    for warning in unindexed_matches(client, source, &on_target).await? {
+        out.warn(warning);
+    }
 
     match citus {
         None => out.pass("target: plain PostgreSQL (no citus extension); tables stay local"),
@@ -644,6 +649,82 @@ async fn check_target_tables(
         }
     }
     Ok(())
+}
+
+/// Tables whose UPDATE and DELETE the target can only match by scanning the whole table:
+/// apply matches rows on the replica identity's columns (REPLICA IDENTITY FULL: on the
+/// target's primary key, else on every column), and without an index that starts with one
+/// of them every batch reads the table end to end, which on a large table is a stall in all
+/// but name. Tables whose keys `sluice schema` deferred (built by `run` after the copy, before
+/// streaming) are fine.
+async fn unindexed_matches(
+    client: &Client,
+    source: &SourceFacts,
+    on_target: &BTreeMap<TableName, u32>,
+) -> Result<Vec<String>> {
+    let oids: Vec<u32> = on_target.values().copied().collect();
+    let rows = client
+        .query(
+            "SELECT i.indrelid, a.attname::text, i.indisprimary
+             FROM pg_index i
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+             WHERE i.indrelid = ANY($1::oid[]) AND i.indisvalid AND i.indpred IS NULL",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| error::pg("Reading the target tables' indexes", e))?;
+    // Per target table: the leading column of each index, and whether it is the primary key.
+    let mut indexes: BTreeMap<u32, Vec<(String, bool)>> = BTreeMap::new();
+    for row in rows {
+        indexes
+            .entry(row.get(0))
+            .or_default()
+            .push((row.get(1), row.get(2)));
+    }
+    let deferred: BTreeSet<String> = client
+        .query(
+            "SELECT table_name FROM sluice.deferred_ddl
+             WHERE applied_at IS NULL AND table_name IS NOT NULL
+               AND to_regclass('sluice.deferred_ddl') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        // No sluice.deferred_ddl yet: `sluice schema` deferred nothing.
+        .unwrap_or_default();
+    let mut warnings = Vec::new();
+    for table in &source.tables {
+        let Some(oid) = on_target.get(&table.name) else {
+            continue;
+        };
+        if deferred.contains(&table.name.quoted()) {
+            continue;
+        }
+        let target_indexes = indexes.get(oid).map(Vec::as_slice).unwrap_or(&[]);
+        let (matched_on, indexed) = match table.replica_identity {
+            'f' => (
+                "every column (REPLICA IDENTITY FULL and no primary key on the target)".to_string(),
+                target_indexes.iter().any(|(_, primary)| *primary),
+            ),
+            _ => match source.identity_columns.get(&table.oid) {
+                Some(columns) => (
+                    columns.join(", "),
+                    target_indexes
+                        .iter()
+                        .any(|(first, _)| columns.contains(first)),
+                ),
+                // No replica identity: reported with the source's findings.
+                None => continue,
+            },
+        };
+        if !indexed {
+            warnings.push(format!(
+                "target: table {} has no index to find rows by {matched_on}: every UPDATE and DELETE batch on it scans the whole table; create its primary key (or an index on those columns) on the target before streaming",
+                table.name
+            ));
+        }
+    }
+    Ok(warnings)
 }
 
 /// Compares one table's columns. Types are compared by their `format_type` text: the same
@@ -704,18 +785,6 @@ fn column_findings(table: &TableName, source: &[Column], target: &[Column]) -> V
         }
     }
     out
-}
-
-fn abbreviate(names: &[String], limit: usize) -> String {
-    if names.len() <= limit {
-        names.join(", ")
-    } else {
-        format!(
-            "{} and {} more",
-            names[..limit].join(", "),
-            names.len() - limit
-        )
-    }
 }
 
 #[cfg(test)]

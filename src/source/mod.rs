@@ -6,6 +6,6 @@ pub mod stream;
 pub mod tables;
 
 pub use tables::{
-    quote_ident, quote_literal, selected_tables, unreplicated_tables, SourceTable, TableName,
-    Unreplicated,
+    abbreviate, quote_ident, quote_literal, selected_tables, unreplicated_tables, SourceTable,
+    TableName, Unreplicated,
 };

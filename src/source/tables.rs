@@ -195,6 +195,19 @@ pub async fn unreplicated_tables(
         .collect())
 }
 
+/// The first `limit` names, then how many more (messages about many tables stay readable).
+pub fn abbreviate(names: &[String], limit: usize) -> String {
+    if names.len() <= limit {
+        names.join(", ")
+    } else {
+        format!(
+            "{} and {} more",
+            names[..limit].join(", "),
+            names.len() - limit
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
