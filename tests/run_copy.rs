@@ -687,3 +687,42 @@ async fn a_table_selected_after_the_copy_is_copied_before_streaming_resumes() {
     stream_and_compare(&pair, &second, "UPDATE late SET v = 'after' WHERE id <= 10").await;
     pair.assert_same("late").await;
 }
+
+/// `sluice run` before `sluice schema`: refused at once, naming the tables, and before any
+/// slot exists, so a failed first start leaves nothing retaining WAL on the source.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_start_before_the_schema_is_refused_before_a_slot_exists() {
+    let pair = Pair::with_schema("").await;
+    pair.source_client()
+        .await
+        .batch_execute(
+            "CREATE TABLE orders (id bigint PRIMARY KEY, note text);
+             CREATE TABLE \"Line Items\" (id bigint PRIMARY KEY);
+             INSERT INTO orders VALUES (1, 'one');",
+        )
+        .await
+        .unwrap();
+    let config = pair.config("[copy]\nenabled = true\n");
+    let (code, _, stderr) = sluice(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(
+            "2 selected table(s) do not exist on the target: public.Line Items, public.orders"
+        ) && stderr.contains("sluice schema"),
+        "{stderr}"
+    );
+    let slots: i64 = pair
+        .source_client()
+        .await
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "a failed first start left a slot behind");
+    // With the schema in place, the same state dir copies and streams.
+    let (code, _, stderr) = sluice(&["schema", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    let daemon = pair.start_daemon(&config).await;
+    pair.catch_up_and_compare(&daemon, &["orders", "\"Line Items\""])
+        .await;
+}

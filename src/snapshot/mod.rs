@@ -335,6 +335,20 @@ async fn copy_round(
         .filter(|(_, t)| !records.get(&t.name).is_some_and(|r| r.finished))
         .collect();
 
+    // Before any slot exists: a first start before `sluice schema` would otherwise leave a
+    // slot retaining WAL behind a copy that cannot begin.
+    if !pending.is_empty() {
+        let target = tls::connect(&ctx.config.target.conn, "the target").await?;
+        let names: Vec<&TableName> = pending.iter().map(|(_, t)| &t.name).collect();
+        let missing = plan::missing_on_target(&target, &names).await?;
+        if !missing.is_empty() {
+            return Err(Error::definite(format!(
+                "{} selected table(s) do not exist on the target: {}. Create the schema first (`sluice schema`), or exclude them in [tables]",
+                missing.len(),
+                crate::source::abbreviate(&missing, 10)
+            )));
+        }
+    }
     let mut snapshot: Option<ExportedSnapshot> = None;
     // The caller's copy of the state is updated whenever the store is, so a failed round
     // never makes the next one forget the slot it created.

@@ -57,6 +57,24 @@ pub struct Leaf {
 
 /// Reads the source and target catalogs for `table`. Errors name the table and what the
 /// operator should fix on the target.
+/// The tables of `names` the target lacks, as `schema.table`.
+pub async fn missing_on_target(target: &Client, names: &[&TableName]) -> Result<Vec<String>> {
+    let quoted: Vec<String> = names.iter().map(|n| n.quoted()).collect();
+    let rows = target
+        .query(
+            "SELECT q FROM unnest($1::text[]) AS q WHERE to_regclass(q) IS NULL",
+            &[&quoted],
+        )
+        .await
+        .map_err(|e| error::pg("Looking for the selected tables on the target", e))?;
+    let absent: std::collections::HashSet<String> = rows.iter().map(|r| r.get(0)).collect();
+    Ok(names
+        .iter()
+        .filter(|n| absent.contains(&n.quoted()))
+        .map(|n| n.qualified())
+        .collect())
+}
+
 pub async fn table_layout(
     source: &Client,
     target: &Client,
