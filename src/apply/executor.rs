@@ -304,7 +304,13 @@ impl Executor {
         }
         // A column that is GENERATED ALWAYS AS IDENTITY on the target cannot be assigned:
         // it is matched instead (the row must already hold the new value).
-        let touch = plan.columns.iter().find(|c| !c.generated_always);
+        // The column a guarded-only update assigns to itself: never the Citus distribution
+        // column (Citus refuses it in a SET list), a key column only when nothing else is left.
+        let assignable = |i: &usize| !plan.columns[*i].generated_always && Some(*i) != distribution;
+        let touch = (0..plan.columns.len())
+            .filter(assignable)
+            .min_by_key(|i| key_indexes.contains(i))
+            .map(|i| &plan.columns[i]);
         for (shape, members) in shapes {
             let (guard_indexes, set_indexes): (Vec<usize>, Vec<usize>) = (0..shape.len())
                 .filter(|&i| shape[i])
