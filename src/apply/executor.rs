@@ -302,8 +302,6 @@ impl Executor {
                 .collect();
             shapes.entry(shape).or_default().push(at);
         }
-        // A column that is GENERATED ALWAYS AS IDENTITY on the target cannot be assigned:
-        // it is matched instead (the row must already hold the new value).
         // The column a guarded-only update assigns to itself: never the Citus distribution
         // column (Citus refuses it in a SET list), a key column only when nothing else is left.
         let assignable = |i: &usize| !plan.columns[*i].generated_always && Some(*i) != distribution;
@@ -312,6 +310,8 @@ impl Executor {
             .min_by_key(|i| key_indexes.contains(i))
             .map(|i| &plan.columns[i]);
         for (shape, members) in shapes {
+            // A column that is GENERATED ALWAYS AS IDENTITY on the target cannot be
+            // assigned: it is matched instead (the row must already hold the new value).
             let (guard_indexes, set_indexes): (Vec<usize>, Vec<usize>) = (0..shape.len())
                 .filter(|&i| shape[i])
                 .partition(|&i| plan.columns[i].generated_always);
