@@ -688,10 +688,20 @@ async fn a_table_selected_after_the_copy_is_copied_before_streaming_resumes() {
     pair.assert_same("late").await;
 }
 
-/// `sluice run` before `sluice schema`: refused at once, naming the tables, and before any
-/// slot exists, so a failed first start leaves nothing retaining WAL on the source.
+async fn slot_count(pair: &Pair) -> i64 {
+    pair.source_client()
+        .await
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// `sluice run` before `sluice schema`, or into tables that already hold rows: refused at
+/// once, naming the tables, and before any slot exists, so a failed first start leaves
+/// nothing retaining WAL on the source.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_first_start_before_the_schema_is_refused_before_a_slot_exists() {
+async fn a_start_that_cannot_copy_is_refused_before_a_slot_exists() {
     let pair = Pair::with_schema("").await;
     pair.source_client()
         .await
@@ -711,17 +721,32 @@ async fn a_first_start_before_the_schema_is_refused_before_a_slot_exists() {
         ) && stderr.contains("sluice schema"),
         "{stderr}"
     );
-    let slots: i64 = pair
-        .source_client()
-        .await
-        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(slots, 0, "a failed first start left a slot behind");
-    // With the schema in place, the same state dir copies and streams.
+    assert_eq!(
+        slot_count(&pair).await,
+        0,
+        "a failed first start left a slot behind"
+    );
+    // With the schema in place but rows already in a table: refused the same way.
     let (code, _, stderr) = sluice(&["schema", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 0, "{stderr}");
+    let target = pair.target_client().await;
+    target
+        .batch_execute("INSERT INTO orders VALUES (7, 'stale')")
+        .await
+        .unwrap();
+    let (code, _, stderr) = sluice(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("1 selected table(s) already hold rows on the target: public.orders"),
+        "{stderr}"
+    );
+    assert_eq!(
+        slot_count(&pair).await,
+        0,
+        "a refused start left a slot behind"
+    );
+    // Emptied, the same state dir copies and streams.
+    target.batch_execute("TRUNCATE orders").await.unwrap();
     let daemon = pair.start_daemon(&config).await;
     pair.catch_up_and_compare(&daemon, &["orders", "\"Line Items\""])
         .await;

@@ -335,8 +335,9 @@ async fn copy_round(
         .filter(|(_, t)| !records.get(&t.name).is_some_and(|r| r.finished))
         .collect();
 
-    // Before any slot exists: a first start before `sluice schema` would otherwise leave a
-    // slot retaining WAL behind a copy that cannot begin.
+    // Before any slot exists, so that a start that cannot copy leaves nothing retaining WAL
+    // on the source: every table to copy exists on the target, and the ones not begun yet
+    // are empty there (each is checked again as its copy begins).
     if !pending.is_empty() {
         let target = tls::connect(&ctx.config.target.conn, "the target").await?;
         let names: Vec<&TableName> = pending.iter().map(|(_, t)| &t.name).collect();
@@ -346,6 +347,18 @@ async fn copy_round(
                 "{} selected table(s) do not exist on the target: {}. Create the schema first (`sluice schema`), or exclude them in [tables]",
                 missing.len(),
                 crate::source::abbreviate(&missing, 10)
+            )));
+        }
+        let not_begun: Vec<&TableName> = names
+            .into_iter()
+            .filter(|name| !records.contains_key(*name))
+            .collect();
+        let occupied = plan::holding_rows_on_target(&target, &not_begun).await?;
+        if !occupied.is_empty() {
+            return Err(Error::definite(format!(
+                "{} selected table(s) already hold rows on the target: {}. The initial copy only writes into empty tables: empty them (TRUNCATE), exclude them in [tables], or set copy.enabled = false if the target already holds the data as of the slot's position",
+                occupied.len(),
+                crate::source::abbreviate(&occupied, 10)
             )));
         }
     }

@@ -75,6 +75,25 @@ pub async fn missing_on_target(target: &Client, names: &[&TableName]) -> Result<
         .collect())
 }
 
+/// The tables of `names` that hold at least one row on the target, as `schema.table`.
+pub async fn holding_rows_on_target(target: &Client, names: &[&TableName]) -> Result<Vec<String>> {
+    let mut holding = Vec::new();
+    for name in names {
+        let has_rows: bool = target
+            .query_one(
+                &format!("SELECT EXISTS (SELECT 1 FROM {})", name.quoted()),
+                &[],
+            )
+            .await
+            .map_err(|e| error::pg(format!("Checking that {name} is empty on the target"), e))?
+            .get(0);
+        if has_rows {
+            holding.push(name.qualified());
+        }
+    }
+    Ok(holding)
+}
+
 pub async fn table_layout(
     source: &Client,
     target: &Client,
