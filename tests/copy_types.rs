@@ -162,7 +162,7 @@ async fn a_target_table_that_already_holds_rows_is_refused() {
         .await;
     let error = initial_copy(&ctx).await.unwrap_err().to_string();
     assert!(
-        error.contains("public.t already holds rows on the target") && error.contains("TRUNCATE"),
+        error.contains("already hold rows on the target: public.t") && error.contains("TRUNCATE"),
         "{error}"
     );
     // Nothing of the operator's was touched.
