@@ -112,6 +112,20 @@ impl TablePlan {
     }
 }
 
+/// The name of a built-in type (an OID below PostgreSQL's first user OID, the same on every
+/// cluster) as the target spells it; `None` for types each cluster numbers itself.
+async fn builtin_type_name(catalog: &Client, type_oid: u32, type_modifier: i32) -> Option<String> {
+    const FIRST_NORMAL_OBJECT_ID: u32 = 16384;
+    if type_oid >= FIRST_NORMAL_OBJECT_ID {
+        return None;
+    }
+    catalog
+        .query_one("SELECT format_type($1, $2)", &[&type_oid, &type_modifier])
+        .await
+        .ok()
+        .map(|row| row.get(0))
+}
+
 /// Counters the supervisor reads after the applier stops.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -428,7 +442,17 @@ impl Applier {
         let table = target::load(&self.catalog, &name, layout.as_ref()).await?;
         let mut columns = Vec::with_capacity(relation.columns.len());
         for column in &relation.columns {
-            columns.push(table.require_column(&column.name)?.clone());
+            let source_type = match table.column(&column.name) {
+                Some(_) => None,
+                None => {
+                    builtin_type_name(&self.catalog, column.type_oid, column.type_modifier).await
+                }
+            };
+            columns.push(
+                table
+                    .require_column(&column.name, source_type.as_deref())?
+                    .clone(),
+            );
         }
         let index_of = |name: &str| relation.columns.iter().position(|c| c.name == name);
         let source_key: Vec<usize> = relation.key_columns().collect();

@@ -26,14 +26,23 @@ impl TargetTable {
         self.columns.get(name)
     }
 
-    /// The target column for a source column, or an apply error that names both.
-    pub fn require_column(&self, name: &str) -> Result<&SqlColumn> {
+    /// The target column for a source column, or an apply error that names both and, when
+    /// known, the type to add it with.
+    pub fn require_column(&self, name: &str, source_type: Option<&str>) -> Result<&SqlColumn> {
         self.columns.get(name).ok_or_else(|| {
+            let fix = match source_type {
+                Some(type_name) => format!(
+                    "ALTER TABLE {} ADD COLUMN {} {type_name}",
+                    self.quoted,
+                    crate::source::quote_ident(name)
+                ),
+                None => format!("ALTER TABLE {} ADD COLUMN ... with the source's type", self.quoted),
+            };
             Error::new(
                 ErrorKind::Apply,
                 format!(
-                    "Column {name:?} of {} does not exist on the target: add it (ALTER TABLE {} ADD COLUMN ...) with the source's type; sluice retries by itself",
-                    self.name, self.quoted
+                    "Column {name:?} of {} does not exist on the target: add it ({fix}); sluice retries by itself",
+                    self.name
                 ),
             )
         })
