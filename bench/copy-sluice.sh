@@ -6,7 +6,7 @@
 #   env: COPY_METHODS (default "stdout sluice pgcopydb"; add sluiceschema to time `sluice schema` +
 #        `sluice run` as an operator runs them, sluicerun for `sluice run` with pg_restore's schema), SHARED_BENCH (../shared/bench),
 #        SLUICE_COPY_BIN (the test binary; built with `cargo test --release --no-run` when unset),
-#        SLUICE_BENCH_JOBS (2), SLUICE_BENCH_SPLIT ("256MB").
+#        SLUICE_BENCH_JOBS (2), SLUICE_BENCH_SPLIT ("256MB"), SLUICE_BENCH_SPLIT_BY ("auto").
 #
 # The `sluice` method times the copy alone through the ignored test `copy_bench::copy_bench`,
 # which calls `sluice::snapshot::initial_copy` directly (no daemon start-up, no deferred DDL);
@@ -71,6 +71,7 @@ url = "$(tgt_uri "$db")"
 [copy]
 jobs = ${SLUICE_BENCH_JOBS:-2}
 split_tables_larger_than = "${SLUICE_BENCH_SPLIT:-256MB}"
+split_by = "${SLUICE_BENCH_SPLIT_BY:-auto}"
 [state]
 dir = "$dir/state"
 TOML

@@ -50,6 +50,18 @@ pub struct CopyConfig {
     pub enabled: bool,
     pub jobs: usize,
     pub split_tables_larger_than: u64,
+    pub split_by: SplitBy,
+}
+
+/// How a table above `copy.split_tables_larger_than` is cut into chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SplitBy {
+    /// Heap-block (ctid) ranges from PostgreSQL 14, primary-key ranges before it.
+    Auto,
+    /// Heap-block ranges; before PostgreSQL 14 (no TID range scans) tables are copied whole.
+    Ctid,
+    /// Ranges of a single-column integer primary key; tables without one as under `Auto`.
+    PrimaryKey,
 }
 
 #[derive(Debug, Clone)]
@@ -136,6 +148,7 @@ struct RawCopy {
     enabled: Option<bool>,
     jobs: Option<i64>,
     split_tables_larger_than: Option<SizeValue>,
+    split_by: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -257,6 +270,17 @@ impl Config {
             None => 10 * 1024 * 1024 * 1024,
         };
 
+        let split_by = match raw.copy.split_by.as_deref() {
+            None | Some("auto") => SplitBy::Auto,
+            Some("ctid") => SplitBy::Ctid,
+            Some("primary_key") => SplitBy::PrimaryKey,
+            Some(other) => {
+                return Err(Error::config(format!(
+                    "copy.split_by = {other:?}: use \"auto\", \"ctid\" or \"primary_key\""
+                )))
+            }
+        };
+
         let batch_max_rows = raw.apply.batch_max_rows.unwrap_or(10_000);
         if !(1..=10_000_000).contains(&batch_max_rows) {
             return Err(Error::config(format!(
@@ -311,6 +335,7 @@ impl Config {
                 enabled: raw.copy.enabled.unwrap_or(true),
                 jobs: jobs as usize,
                 split_tables_larger_than: split,
+                split_by,
             },
             apply: ApplyConfig {
                 batch_max_rows: batch_max_rows as usize,
@@ -480,6 +505,7 @@ mod tests {
         assert!(config.copy.enabled);
         assert_eq!(config.copy.jobs, 4);
         assert_eq!(config.copy.split_tables_larger_than, 10 << 30);
+        assert_eq!(config.copy.split_by, SplitBy::Auto);
         assert_eq!(config.apply.batch_max_rows, 10_000);
         assert_eq!(config.apply.batch_max_delay, Duration::from_millis(100));
         assert_eq!(config.state.dir, PathBuf::from("./sluice-state"));
@@ -535,6 +561,7 @@ mod tests {
                 "[copy]\nsplit_tables_larger_than = \"big\"",
                 "copy.split_tables_larger_than",
             ),
+            ("[copy]\nsplit_by = \"pk\"", "copy.split_by"),
             ("[copy]\njobs = 0", "copy.jobs"),
             ("[tables]\ninclude = [\"orders\"]", "tables.include"),
             (

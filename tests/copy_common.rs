@@ -52,8 +52,13 @@ impl Pair {
     }
 
     pub fn config(&self, jobs: usize, split: &str, state_dir: &Path) -> Config {
+        self.config_with(jobs, split, state_dir, "")
+    }
+
+    /// `config` with more `[copy]` lines.
+    pub fn config_with(&self, jobs: usize, split: &str, state_dir: &Path, copy: &str) -> Config {
         let text = format!(
-            "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[copy]\njobs = {jobs}\nsplit_tables_larger_than = \"{split}\"\n[state]\ndir = \"{}\"\n",
+            "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[copy]\njobs = {jobs}\nsplit_tables_larger_than = \"{split}\"\n{copy}\n[state]\ndir = \"{}\"\n",
             self.source.url(DB),
             self.target.url(DB),
             state_dir.display()

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use sluice::checkpoint::Store;
 use sluice::control::{DaemonState, TableState};
+use sluice::snapshot::state::ChunkRange;
 use sluice::snapshot::{copy_finished, initial_copy, plan, table_sync_positions};
 use sluice::source::slot::slot_info;
 
@@ -156,6 +157,114 @@ async fn copy_sees_the_snapshot_and_the_slot_holds_every_later_write_once() {
         streamed > 0 && copied_late > 0,
         "writes fell on both sides of the snapshot ({copied_late} in the copy, {streamed} streamed)"
     );
+}
+
+/// Splitting by primary-key ranges (what sources before PostgreSQL 14 get, forced here with
+/// `copy.split_by`): chunks follow the key's histogram, so skewed ids still give chunks of
+/// similar size; every key, negative, huge or written during the copy, lands exactly once;
+/// tables without a single-column integer key fall back to ctid ranges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn primary_key_chunks_cover_every_key_once_and_follow_its_distribution() {
+    let pair = start_pair().await;
+    pair.schema(
+        "CREATE TABLE skewed (id int8 PRIMARY KEY, payload text NOT NULL);
+         CREATE TABLE small (\"Key\" int2 PRIMARY KEY, payload text NOT NULL);
+         CREATE TABLE pair_key (a int4, b int4, payload text NOT NULL, PRIMARY KEY (a, b));",
+    )
+    .await;
+    pair.src
+        .batch_execute(
+            "INSERT INTO skewed SELECT g, repeat(md5(g::text), 4) FROM generate_series(-3000, 27000) g;
+             INSERT INTO skewed SELECT 1000000000000 + g, repeat(md5(g::text), 4) FROM generate_series(1, 30000) g;
+             INSERT INTO small SELECT g, repeat(md5(g::text), 8) FROM generate_series(-32768, 32767, 3) g;
+             INSERT INTO pair_key SELECT g % 7, g, repeat(md5(g::text), 4) FROM generate_series(1, 20000) g;
+             ANALYZE;
+             CREATE PUBLICATION sluice FOR ALL TABLES;",
+        )
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let client = pair.source.connect(DB).await;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                // Beyond both ends of what planning saw, and deletes inside the ranges.
+                client
+                    .execute(
+                        "INSERT INTO skewed VALUES ($1, 'late'), ($2, 'late')",
+                        &[&(-1_000_000 - n), &(2_000_000_000_000 + n)],
+                    )
+                    .await
+                    .unwrap();
+                client
+                    .execute("DELETE FROM skewed WHERE id = $1", &[&(n * 11)])
+                    .await
+                    .unwrap();
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let config = pair.config_with(2, "256kB", dir.path(), "split_by = \"primary_key\"");
+    let ctx = pair.context(config, &store).await;
+    let outcome = initial_copy(&ctx).await.expect("initial copy");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    assert!(written > 5, "the writer ran during the copy ({written})");
+
+    let records = sluice::snapshot::state::load_tables(&store).unwrap();
+    let record = |name: &str| records.iter().find(|r| r.name.name == name).unwrap();
+    let keyed = |name: &str| {
+        let chunks = &record(name).chunks;
+        assert!(chunks.len() > 3, "{name} is split: {chunks:?}");
+        chunks.iter().all(|c| matches!(c, ChunkRange::Keys { .. }))
+    };
+    assert!(keyed("skewed") && keyed("small"));
+    assert!(
+        record("pair_key")
+            .chunks
+            .iter()
+            .all(|c| matches!(c, ChunkRange::Blocks { .. })),
+        "a composite key falls back to ctid ranges: {:?}",
+        record("pair_key").chunks
+    );
+    // Half the ids sit a trillion away from the rest: cut evenly by value, nearly every
+    // chunk would be empty. Cut at the histogram's quantiles, none is, and none is huge.
+    let skewed = record("skewed");
+    let done = sluice::snapshot::state::done_chunks(&store, &skewed.name, 0).unwrap();
+    assert_eq!(done.len(), skewed.chunks.len());
+    let rows: Vec<u64> = done.iter().map(|(_, d)| d.rows).collect();
+    let largest = *rows.iter().max().unwrap();
+    assert!(
+        rows.iter().all(|&r| r > 0) && largest < 3 * 60_001 / rows.len() as u64,
+        "chunks follow the key's distribution: {rows:?}"
+    );
+    pair.assert_same("small", "\"Key\", payload").await;
+    pair.assert_same("pair_key", "a, b, payload").await;
+
+    // Copy + the slot's changes = the source, each change once.
+    let mut ids: BTreeSet<i64> = Pair::ids(&pair.dst, "skewed").await.into_iter().collect();
+    for change in peek_changes(&pair.src, "sluice", "sluice").await {
+        match change {
+            Change::Insert { table, id, commit } if table == "public.skewed" => {
+                assert!(commit >= outcome.consistent_point);
+                assert!(ids.insert(id), "insert of {id} is both copied and streamed");
+            }
+            Change::Delete { table, id, .. } if table == "public.skewed" => {
+                assert!(ids.remove(&id), "delete of {id}: the row was never copied");
+            }
+            _ => {}
+        }
+    }
+    let source: BTreeSet<i64> = Pair::ids(&pair.src, "skewed").await.into_iter().collect();
+    assert_eq!(ids, source, "copy + stream = source");
 }
 
 /// Creating the slot waits for transactions already running on the source; the copy then

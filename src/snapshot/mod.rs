@@ -513,7 +513,7 @@ async fn copy_tables(
     let mut round_progress = Vec::new();
     let mut jobs = Vec::new();
     for (index, table) in pending {
-        let layout = plan::table_layout(source, &target, table).await?;
+        let mut layout = plan::table_layout(source, &target, table).await?;
         let blocks: i64 = source
             .query_one(
                 "SELECT pg_relation_size($1::oid::regclass, 'main')
@@ -528,13 +528,33 @@ async fn copy_tables(
                 )
             })?
             .get(0);
+        let split = ctx.config.copy.split_tables_larger_than;
+        let count = plan::chunk_count(u64::try_from(table.size_bytes).unwrap_or(0), split);
+        let by_key = !table.is_partitioned
+            && count > 1
+            && plan::splits_by_key(ctx.config.copy.split_by, tid_range_scans);
+        let key_split = if by_key {
+            plan::key_split(source, table, count).await?
+        } else {
+            None
+        };
+        let cuts = key_split.as_ref().map(|(_, cuts)| cuts.as_slice());
         let chunks = plan::plan_chunks(
             table,
             u64::try_from(blocks).unwrap_or(0),
-            ctx.config.copy.split_tables_larger_than,
+            split,
             tid_range_scans,
             &layout.leaves,
+            cuts,
         );
+        let split_by = match chunks.first() {
+            Some(ChunkRange::Keys { .. }) => "primary key",
+            Some(ChunkRange::Blocks { .. }) => "ctid",
+            Some(ChunkRange::Leaf { .. }) => "partition",
+            _ if count > 1 && !tid_range_scans => "whole: no TID range scans before PostgreSQL 14, and no single-column integer primary key",
+            _ => "whole",
+        };
+        layout.split_key = key_split.map(|(column, _)| column);
         empty_target_table(ctx, &target, &layout, records.get(&table.name)).await?;
         let record = TableRecord {
             name: table.name.clone(),
@@ -565,6 +585,7 @@ async fn copy_tables(
             table = %table.name,
             chunks = chunks.len(),
             format = if layouts.last().is_some_and(|l| l.binary) { "binary" } else { "text" },
+            split_by,
             generation,
             "planned"
         );

@@ -1,13 +1,17 @@
 //! How one table is copied: its column list, the COPY format, and its chunks.
 //!
-//! **Chunks are ctid ranges by heap block** (`ctid >= '(N,0)' AND ctid < '(M,0)'`), not
-//! primary-key ranges. On PostgreSQL 14 and later such a predicate is a TID range scan that
-//! reads only blocks N to M-1, so chunks cost what their share of the table costs, whatever
-//! the key looks like (none, composite, skewed, text). Key ranges would need the key's
-//! distribution (a scan or histogram) and an index scan per chunk, which is slower than a
-//! sequential read on a cold table. Before 14 a ctid predicate scans the whole table, so
-//! there large tables are copied whole. The last chunk has no upper bound: rows that sit in
-//! blocks beyond the size seen at planning time are still copied. A partitioned table is
+//! **Chunks are ctid ranges by heap block** (`ctid >= '(N,0)' AND ctid < '(M,0)'`) from
+//! PostgreSQL 14: such a predicate is a TID range scan that reads only blocks N to M-1, so
+//! chunks cost what their share of the table costs, whatever the key looks like (none,
+//! composite, skewed, text), and each is a sequential read. The last chunk has no upper
+//! bound: rows that sit in blocks beyond the size seen at planning time are still copied.
+//!
+//! **Before 14 a ctid predicate scans the whole table**, so there a large table is split by
+//! its primary key when that is one integer column (`id >= a AND id < b`, read through the
+//! key's index): cut at the quantiles of the column's histogram in `pg_stats` (equal rows
+//! per chunk however the ids are spread), or evenly between its minimum and maximum when the
+//! table was never analyzed. The first and last chunks are open-ended. A table without
+//! such a key is copied whole there. `copy.split_by` overrides the choice per run. A partitioned table is
 //! copied partition by partition (each leaf a chunk, a large leaf split by its own blocks the
 //! same way), read from the leaf and written through the target's root, which routes the
 //! rows (the target may be partitioned differently, or not at all).
@@ -19,6 +23,7 @@
 
 use tokio_postgres::Client;
 
+use crate::config::SplitBy;
 use crate::error::{self, Error, Result};
 use crate::snapshot::state::ChunkRange;
 use crate::source::{quote_ident, quote_literal, SourceTable, TableName};
@@ -39,6 +44,8 @@ pub struct TableLayout {
     pub target_partitioned: bool,
     /// The leaf partitions of a partitioned source table, by OID (empty otherwise).
     pub leaves: Vec<Leaf>,
+    /// The quoted primary-key column that `ChunkRange::Keys` chunks are ranges of.
+    pub split_key: Option<String>,
 }
 
 /// One leaf partition of a partitioned source table.
@@ -172,6 +179,7 @@ pub async fn table_layout(
         source_partitioned: table.is_partitioned,
         target_partitioned: target_kind == "p",
         leaves,
+        split_key: None,
     })
 }
 
@@ -209,16 +217,21 @@ async fn leaves_of(source: &Client, table: &SourceTable) -> Result<Vec<Leaf>> {
         .collect())
 }
 
-/// Splits a table into chunks of about `chunk_bytes` each (by its heap blocks), or keeps it
-/// whole when it is small or the source is older than PostgreSQL 14. A partitioned table
-/// gets a chunk per leaf partition (`leaves`, from its layout), a large leaf several.
+/// Splits a table into chunks of about `chunk_bytes` each: at `key_cuts` when given (from
+/// [`key_split`]), else by its heap blocks, or keeps it whole when it is small or the source
+/// is older than PostgreSQL 14. A partitioned table gets a chunk per leaf partition
+/// (`leaves`, from its layout), a large leaf several.
 pub fn plan_chunks(
     table: &SourceTable,
     heap_blocks: u64,
     chunk_bytes: u64,
     tid_range_scans: bool,
     leaves: &[Leaf],
+    key_cuts: Option<&[i64]>,
 ) -> Vec<ChunkRange> {
+    if let Some(cuts) = key_cuts.filter(|c| !c.is_empty() && !table.is_partitioned) {
+        return key_ranges(cuts);
+    }
     if table.is_partitioned {
         // No partitions: nothing to read, but the table still needs its one chunk. A
         // partition the user may not read directly: through the root, whole.
@@ -268,11 +281,7 @@ pub fn plan_chunks(
 /// Block ranges `[first, end)` of about `chunk_bytes` each covering a relation of `size`
 /// bytes in `heap_blocks` blocks, the last one open; `None` when it is not worth splitting.
 fn block_ranges(size: u64, heap_blocks: u64, chunk_bytes: u64) -> Option<Vec<(u64, Option<u64>)>> {
-    if chunk_bytes == 0 || size <= chunk_bytes {
-        return None;
-    }
-    // Bounded so a tiny threshold on a huge table cannot plan millions of chunks.
-    let count = size.div_ceil(chunk_bytes).clamp(2, 10_000).min(heap_blocks);
+    let count = chunk_count(size, chunk_bytes).min(heap_blocks);
     if count < 2 {
         return None;
     }
@@ -285,6 +294,147 @@ fn block_ranges(size: u64, heap_blocks: u64, chunk_bytes: u64) -> Option<Vec<(u6
         first = end;
     }
     Some(ranges)
+}
+
+/// How many chunks a table of `size` bytes is cut into at `chunk_bytes` each; 1: whole.
+pub fn chunk_count(size: u64, chunk_bytes: u64) -> u64 {
+    if chunk_bytes == 0 || size <= chunk_bytes {
+        return 1;
+    }
+    // Bounded so a tiny threshold on a huge table cannot plan millions of chunks.
+    size.div_ceil(chunk_bytes).clamp(2, 10_000)
+}
+
+/// Whether a large table is split by its primary key (when it has a usable one) rather
+/// than by ctid: always when asked, by default only where ctid ranges cannot be read
+/// without a whole-table scan (before PostgreSQL 14).
+pub fn splits_by_key(split_by: SplitBy, tid_range_scans: bool) -> bool {
+    match split_by {
+        SplitBy::Auto => !tid_range_scans,
+        SplitBy::Ctid => false,
+        SplitBy::PrimaryKey => true,
+    }
+}
+
+/// Chunks `[.., c1), [c1, c2), .., [ck, ..)` for increasing cuts.
+fn key_ranges(cuts: &[i64]) -> Vec<ChunkRange> {
+    let mut chunks = Vec::with_capacity(cuts.len() + 1);
+    let mut lower = None;
+    for &cut in cuts {
+        chunks.push(ChunkRange::Keys {
+            lower,
+            upper: Some(cut),
+        });
+        lower = Some(cut);
+    }
+    chunks.push(ChunkRange::Keys { lower, upper: None });
+    chunks
+}
+
+/// The single-column integer primary key a table's chunks can be ranges of, and where to
+/// cut it into `count` chunks; `None` when the table has no such key, or is empty.
+pub async fn key_split(
+    source: &Client,
+    table: &SourceTable,
+    count: u64,
+) -> Result<Option<(String, Vec<i64>)>> {
+    let name = &table.name;
+    let key = source
+        .query_opt(
+            "SELECT a.attname::text
+             FROM pg_index i
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+             WHERE i.indrelid = $1 AND i.indisprimary AND i.indnatts = 1
+               AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)",
+            &[&table.oid],
+        )
+        .await
+        .map_err(|e| {
+            error::pg(
+                format!("Reading the primary key of {name} on the source"),
+                e,
+            )
+        })?;
+    let Some(key) = key else { return Ok(None) };
+    let column: String = key.get(0);
+    let quoted = quote_ident(&column);
+    // Both ends of the key's index: two index probes, not a scan.
+    let span = source
+        .query_one(
+            &format!(
+                "SELECT min({quoted})::int8, max({quoted})::int8 FROM ONLY {}",
+                name.quoted()
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            error::pg(
+                format!("Reading the range of {name}'s primary key {column} on the source"),
+                e,
+            )
+        })?;
+    let (Some(min), Some(max)) = (span.get::<_, Option<i64>>(0), span.get::<_, Option<i64>>(1))
+    else {
+        return Ok(None);
+    };
+    // Equal-depth bounds from the last ANALYZE; readable wherever the column is.
+    let histogram: Option<String> = source
+        .query_opt(
+            "SELECT histogram_bounds::text FROM pg_stats
+             WHERE schemaname = $1 AND tablename = $2 AND attname = $3 AND NOT inherited",
+            &[&name.schema, &name.name, &column],
+        )
+        .await
+        .map_err(|e| error::pg(format!("Reading the statistics of {name} on the source"), e))?
+        .and_then(|row| row.get(0));
+    let histogram = histogram
+        .map(|text| parse_int_array(&text))
+        .unwrap_or_default();
+    Ok(Some((quoted, key_cuts(min, max, &histogram, count))))
+}
+
+/// `{1,2,3}` as integers; empty when any element is not one.
+fn parse_int_array(text: &str) -> Vec<i64> {
+    let inner = text.trim().trim_start_matches('{').trim_end_matches('}');
+    inner
+        .split(',')
+        .map(|v| v.trim().parse::<i64>())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .unwrap_or_default()
+}
+
+/// Where to cut keys in `[min, max]` into `count` chunks of about equal rows: at the
+/// quantiles of `histogram` (sorted equal-depth bounds) when there is one, else evenly.
+/// Cuts are strictly increasing and inside `(min, max]`, so no chunk is empty by plan.
+fn key_cuts(min: i64, max: i64, histogram: &[i64], count: u64) -> Vec<i64> {
+    if count < 2 || min >= max {
+        return Vec::new();
+    }
+    let count = i128::from(count);
+    let mut cuts: Vec<i64> = Vec::new();
+    let sorted = histogram.len() >= 2 && histogram.windows(2).all(|w| w[0] <= w[1]);
+    for i in 1..count {
+        let cut = if sorted {
+            // Position i/count of the way through the bounds, interpolated between two.
+            let last = histogram.len() as i128 - 1;
+            let position = i * last;
+            let index = (position / count) as usize;
+            let fraction = position % count;
+            let low = i128::from(histogram[index]);
+            let high = i128::from(histogram[(index + 1).min(histogram.len() - 1)]);
+            low + (high - low) * fraction / count
+        } else {
+            i128::from(min) + (i128::from(max) - i128::from(min)) * i / count
+        };
+        let Ok(cut) = i64::try_from(cut) else {
+            continue;
+        };
+        if cut > min && cut <= max && cuts.last().is_none_or(|&last| cut > last) {
+            cuts.push(cut);
+        }
+    }
+    cuts
 }
 
 /// How much of the copy a chunk is (bytes, roughly), to start the big ones first.
@@ -330,6 +480,16 @@ fn ctid_range(first: u64, end: Option<u64>) -> String {
     format!("ctid >= {lower}::tid{upper}")
 }
 
+/// A key range predicate for `[lower, upper)`; both open is every row (never planned).
+fn key_range(key: &str, lower: Option<i64>, upper: Option<i64>) -> String {
+    match (lower, upper) {
+        (Some(lower), Some(upper)) => format!("{key} >= {lower} AND {key} < {upper}"),
+        (Some(lower), None) => format!("{key} >= {lower}"),
+        (None, Some(upper)) => format!("{key} < {upper}"),
+        (None, None) => "true".to_string(),
+    }
+}
+
 /// `COPY ... TO STDOUT` for one chunk of the source table.
 pub fn source_copy_sql(layout: &TableLayout, chunk: ChunkRange) -> Result<String> {
     // `SELECT FROM t` is valid and yields one empty row per row.
@@ -358,6 +518,15 @@ pub fn source_copy_sql(layout: &TableLayout, chunk: ChunkRange) -> Result<String
         }
         ChunkRange::Blocks { first, end } => {
             let range = ctid_range(first, end);
+            format!("COPY (SELECT {columns} FROM {only}{table} WHERE {range}) TO STDOUT{format}")
+        }
+        ChunkRange::Keys { lower, upper } => {
+            let key = layout.split_key.as_deref().ok_or_else(|| {
+                Error::definite(format!(
+                    "A copy chunk of {table} is a range of its primary key, but its plan has no key column: this is a bug in sluice; restart to plan the copy of this table again"
+                ))
+            })?;
+            let range = key_range(key, lower, upper);
             format!("COPY (SELECT {columns} FROM {only}{table} WHERE {range}) TO STDOUT{format}")
         }
         ChunkRange::Leaf { leaf, first, end } => {
@@ -430,6 +599,11 @@ pub fn describe(layout: &TableLayout, chunk: ChunkRange) -> String {
     match chunk {
         ChunkRange::Whole => name.to_string(),
         ChunkRange::Blocks { first, end } => format!("{name} ({})", blocks(first, end)),
+        ChunkRange::Keys { lower, upper } => {
+            let key = layout.split_key.as_deref().unwrap_or("key");
+            let bound = |b: Option<i64>| b.map_or_else(String::new, |b| b.to_string());
+            format!("{name} ({key} {}..{})", bound(lower), bound(upper))
+        }
         ChunkRange::Leaf { leaf, first, end } => {
             let partition = layout
                 .leaves
@@ -457,7 +631,7 @@ mod tests {
 
     #[test]
     fn chunks_cover_every_block_once_and_the_last_is_open() {
-        let chunks = plan_chunks(&table(1_000_000), 122, 100_000, true, &[]);
+        let chunks = plan_chunks(&table(1_000_000), 122, 100_000, true, &[], None);
         assert_eq!(chunks.len(), 10);
         let mut next = 0;
         for (i, chunk) in chunks.iter().enumerate() {
@@ -476,23 +650,23 @@ mod tests {
     #[test]
     fn small_partitioned_or_old_servers_copy_whole() {
         assert_eq!(
-            plan_chunks(&table(50), 1, 100, true, &[]),
+            plan_chunks(&table(50), 1, 100, true, &[], None),
             vec![ChunkRange::Whole]
         );
         assert_eq!(
-            plan_chunks(&table(1000), 10, 100, false, &[]),
+            plan_chunks(&table(1000), 10, 100, false, &[], None),
             vec![ChunkRange::Whole]
         );
         let mut partitioned = table(1000);
         partitioned.is_partitioned = true;
         assert_eq!(
-            plan_chunks(&partitioned, 0, 100, true, &[]),
+            plan_chunks(&partitioned, 0, 100, true, &[], None),
             vec![ChunkRange::Whole],
             "a partitioned table without partitions still has its one chunk"
         );
         // Big by TOAST but one heap block: nothing to split by ctid.
         assert_eq!(
-            plan_chunks(&table(1000), 1, 100, true, &[]),
+            plan_chunks(&table(1000), 1, 100, true, &[], None),
             vec![ChunkRange::Whole]
         );
     }
@@ -516,7 +690,7 @@ mod tests {
             leaf("p_big", 40, 400, true),
             leaf("p_remote", 0, 0, false),
         ];
-        let chunks = plan_chunks(&parts, 0, 100, true, &leaves);
+        let chunks = plan_chunks(&parts, 0, 100, true, &leaves, None);
         let whole = |leaf| ChunkRange::Leaf {
             leaf,
             first: 0,
@@ -543,14 +717,14 @@ mod tests {
         );
         // Before PostgreSQL 14 each partition is still a chunk of its own.
         assert_eq!(
-            plan_chunks(&parts, 0, 100, false, &leaves),
+            plan_chunks(&parts, 0, 100, false, &leaves, None),
             vec![whole(0), whole(1), whole(2)]
         );
         // A partition the user may read only through the root: the root, whole.
         let mut guarded = leaves.to_vec();
         guarded[1].readable = false;
         assert_eq!(
-            plan_chunks(&parts, 0, 100, true, &guarded),
+            plan_chunks(&parts, 0, 100, true, &guarded, None),
             vec![ChunkRange::Whole]
         );
 
@@ -561,6 +735,7 @@ mod tests {
             source_partitioned: true,
             target_partitioned: false,
             leaves: leaves.to_vec(),
+            split_key: None,
         };
         assert_eq!(
             source_copy_sql(&layout, whole(0)).unwrap(),
@@ -588,6 +763,7 @@ mod tests {
             source_partitioned: false,
             target_partitioned: false,
             leaves: Vec::new(),
+            split_key: None,
         };
         assert_eq!(
             source_copy_sql(&layout, ChunkRange::Whole).unwrap(),
@@ -597,6 +773,36 @@ mod tests {
             source_copy_sql(&layout, ChunkRange::Blocks { first: 5, end: Some(9) }).unwrap(),
             "COPY (SELECT \"b\", \"a\" FROM ONLY \"s\".\"we\"\"ird\" WHERE ctid >= '(5,0)'::tid AND ctid < '(9,0)'::tid) TO STDOUT"
         );
+        let keys = ChunkRange::Keys {
+            lower: Some(-5),
+            upper: Some(9),
+        };
+        // A key chunk without its key column in the plan is refused, not read whole.
+        assert!(source_copy_sql(&layout, keys).is_err());
+        let keyed = TableLayout {
+            split_key: Some(quote_ident("Id")),
+            ..layout.clone()
+        };
+        assert_eq!(
+            source_copy_sql(&keyed, keys).unwrap(),
+            "COPY (SELECT \"b\", \"a\" FROM ONLY \"s\".\"we\"\"ird\" WHERE \"Id\" >= -5 AND \"Id\" < 9) TO STDOUT"
+        );
+        let first = ChunkRange::Keys {
+            lower: None,
+            upper: Some(-5),
+        };
+        let last = ChunkRange::Keys {
+            lower: Some(9),
+            upper: None,
+        };
+        assert!(source_copy_sql(&keyed, first)
+            .unwrap()
+            .ends_with("WHERE \"Id\" < -5) TO STDOUT"));
+        assert!(source_copy_sql(&keyed, last)
+            .unwrap()
+            .ends_with("WHERE \"Id\" >= 9) TO STDOUT"));
+        assert_eq!(describe(&keyed, keys), "s.we\"ird (\"Id\" -5..9)");
+        assert_eq!(describe(&keyed, first), "s.we\"ird (\"Id\" ..-5)");
         let binary = TableLayout {
             binary: true,
             ..layout
@@ -605,5 +811,78 @@ mod tests {
             target_copy_sql(&binary),
             "COPY \"s\".\"we\"\"ird\" (\"b\", \"a\") FROM STDIN (FORMAT binary)"
         );
+    }
+
+    /// Every key in `[min, max]` (and beyond) falls in exactly one planned chunk.
+    fn chunk_of(chunks: &[ChunkRange], key: i64) -> usize {
+        let holding: Vec<usize> = chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| match c {
+                ChunkRange::Keys { lower, upper } => {
+                    lower.is_none_or(|l| key >= l) && upper.is_none_or(|u| key < u)
+                }
+                _ => false,
+            })
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(holding.len(), 1, "key {key} is in chunks {holding:?}");
+        holding[0]
+    }
+
+    #[test]
+    fn key_ranges_cover_every_key_once_and_follow_the_histogram() {
+        // Never analyzed: evenly between min and max.
+        let cuts = key_cuts(1, 1000, &[], 4);
+        assert_eq!(cuts, vec![250, 500, 750]);
+        let chunks = plan_chunks(&table(1_000_000), 100, 250_000, false, &[], Some(&cuts));
+        assert_eq!(chunks.len(), 4);
+        for key in [i64::MIN, -3, 1, 249, 250, 251, 999, 1000, 5000, i64::MAX] {
+            chunk_of(&chunks, key);
+        }
+        assert_eq!(chunk_of(&chunks, 249), 0);
+        assert_eq!(chunk_of(&chunks, 250), 1);
+        assert_eq!(chunk_of(&chunks, 1000), 3);
+
+        // Skewed ids: the histogram's equal-depth bounds, not the value range, decide.
+        let histogram = [1, 2, 3, 4, 5, 6, 7, 8, 1_000_000];
+        assert_eq!(key_cuts(1, 1_000_000, &histogram, 4), vec![3, 5, 7]);
+        // More chunks than buckets: cut between bounds too.
+        let cuts = key_cuts(0, 100, &[0, 100], 4);
+        assert_eq!(cuts, vec![25, 50, 75]);
+
+        // The extremes of int8 do not overflow.
+        let cuts = key_cuts(i64::MIN, i64::MAX, &[], 3);
+        assert_eq!(cuts.len(), 2);
+        assert!(cuts[0] < 0 && cuts[1] > 0);
+
+        // Nothing to cut: one key, a stale histogram outside the keys, a single chunk.
+        assert!(key_cuts(7, 7, &[], 4).is_empty());
+        assert!(key_cuts(1, 10, &[], 1).is_empty());
+        assert!(key_cuts(1, 10, &[100, 200, 300], 4).is_empty());
+        // Fewer distinct keys than chunks: no empty or repeated cut.
+        assert_eq!(key_cuts(1, 3, &[], 10), vec![2]);
+        // An unsorted "histogram" is not trusted.
+        assert_eq!(key_cuts(0, 100, &[50, 10, 90], 2), vec![50]);
+
+        // Key cuts never apply to a partitioned table.
+        let partitioned = SourceTable {
+            is_partitioned: true,
+            ..table(1_000_000)
+        };
+        assert_eq!(
+            plan_chunks(&partitioned, 0, 100, false, &[], Some(&[5])),
+            vec![ChunkRange::Whole]
+        );
+        // Before PostgreSQL 14 (no TID range scans) the default is the key.
+        assert!(splits_by_key(SplitBy::Auto, false));
+        assert!(!splits_by_key(SplitBy::Auto, true));
+        assert!(splits_by_key(SplitBy::PrimaryKey, true));
+        assert!(!splits_by_key(SplitBy::Ctid, false));
+        assert_eq!(parse_int_array("{-1,2, 30}"), vec![-1, 2, 30]);
+        assert!(parse_int_array("{a,2}").is_empty());
+        assert_eq!(chunk_count(100, 0), 1);
+        assert_eq!(chunk_count(100, 100), 1);
+        assert_eq!(chunk_count(101, 100), 2);
     }
 }

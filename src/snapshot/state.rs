@@ -37,9 +37,9 @@ pub struct CopyState {
     pub finished: bool,
 }
 
-/// A chunk of a table: the whole table, or a range of heap blocks `[first, end)`
-/// (`end = None`: to the end of the table, so rows in blocks added after planning are
-/// still covered).
+/// A chunk of a table: the whole table, a range of heap blocks `[first, end)` (`end =
+/// None`: to the end of the table, so rows in blocks added after planning are still
+/// covered), or a range of its primary key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChunkRange {
     Whole,
@@ -53,6 +53,13 @@ pub enum ChunkRange {
         leaf: u32,
         first: u64,
         end: Option<u64>,
+    },
+    /// Rows whose single-column integer primary key (`TableLayout::split_key`) is in
+    /// `[lower, upper)`; a missing bound is open, so the first and last chunks also cover
+    /// keys beyond what planning saw.
+    Keys {
+        lower: Option<i64>,
+        upper: Option<i64>,
     },
 }
 
