@@ -11,8 +11,9 @@ use std::fmt;
 use clap::Args;
 use tokio_postgres::Client;
 
-use crate::config::{format_size, Config};
+use crate::config::{format_size, Config, SplitBy};
 use crate::error::{self, Result};
+use crate::snapshot::plan;
 use crate::source::{
     abbreviate, selected_tables, unreplicated_tables, SourceTable, TableName, Unreplicated,
 };
@@ -176,6 +177,12 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
     }
     if let Some(text) = partition_maintenance_warning(&tables) {
         out.warn(text);
+    }
+    if let Err(error) = check_copy_split(&client, config, &tables, out).await {
+        out.fail(format!(
+            "source: cannot tell how large tables will be split for the copy ({})",
+            error.report()
+        ));
     }
     let publication = &config.source.publication;
     match crate::daemon::unpublished_tables(&client, publication, &tables).await {
@@ -411,6 +418,55 @@ async fn check_read_privilege(
 /// Partitions are published through their root (`publish_via_partition_root`), and
 /// PostgreSQL then sends nothing for a TRUNCATE of one partition; detaching or dropping one
 /// is DDL, never replicated either. Time-partitioned tables are pruned exactly that way.
+/// Before PostgreSQL 14 a large table is split for the copy by its primary key; one
+/// without a single-column integer key is copied whole, by one job. Worth knowing before a
+/// copy of hundreds of GB.
+async fn check_copy_split(
+    client: &Client,
+    config: &Config,
+    tables: &[SourceTable],
+    out: &mut Findings,
+) -> Result<()> {
+    if !config.copy.enabled {
+        return Ok(());
+    }
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await
+        .map_err(|e| error::pg("Reading the source's version", e))?
+        .get(0);
+    if version >= 140_000 {
+        return Ok(());
+    }
+    for table in tables {
+        let size = u64::try_from(table.size_bytes).unwrap_or(0);
+        if table.is_partitioned || plan::chunk_count(size, config.copy.split_tables_larger_than) < 2
+        {
+            continue;
+        }
+        let has_key = plan::integer_key(client, table).await?.is_some();
+        if let Some(why) = copied_whole_before_14(config.copy.split_by, has_key) {
+            out.warn(format!(
+                "table {}: {} will be copied whole by one job, not in chunks: the source is older than PostgreSQL 14 (no TID range scans) and {why}",
+                table.name,
+                format_size(size)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Why a large table of a source before PostgreSQL 14 would be copied whole, if it would.
+fn copied_whole_before_14(split_by: SplitBy, has_integer_key: bool) -> Option<&'static str> {
+    if !plan::splits_by_key(split_by, false) {
+        Some("copy.split_by = \"ctid\" (use \"auto\" to split by the primary key)")
+    } else if !has_integer_key {
+        Some("it has no single-column integer primary key to split by")
+    } else {
+        None
+    }
+}
+
 fn partition_maintenance_warning(tables: &[SourceTable]) -> Option<String> {
     let partitioned: Vec<String> = tables
         .iter()
@@ -832,6 +888,18 @@ mod tests {
         });
         assert_eq!(findings.len(), 1, "{findings:?}");
         assert!(findings[0].starts_with("public.items: distribution column customer_id"));
+    }
+
+    #[test]
+    fn large_tables_of_old_sources_without_an_integer_key_are_named() {
+        assert_eq!(copied_whole_before_14(SplitBy::Auto, true), None);
+        assert_eq!(copied_whole_before_14(SplitBy::PrimaryKey, true), None);
+        assert!(copied_whole_before_14(SplitBy::Auto, false)
+            .unwrap()
+            .contains("no single-column integer primary key"));
+        assert!(copied_whole_before_14(SplitBy::Ctid, true)
+            .unwrap()
+            .contains("split_by"));
     }
 
     #[test]

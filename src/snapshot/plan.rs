@@ -339,24 +339,9 @@ pub async fn key_split(
     count: u64,
 ) -> Result<Option<(String, Vec<i64>)>> {
     let name = &table.name;
-    let key = source
-        .query_opt(
-            "SELECT a.attname::text
-             FROM pg_index i
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-             WHERE i.indrelid = $1 AND i.indisprimary AND i.indnatts = 1
-               AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)",
-            &[&table.oid],
-        )
-        .await
-        .map_err(|e| {
-            error::pg(
-                format!("Reading the primary key of {name} on the source"),
-                e,
-            )
-        })?;
-    let Some(key) = key else { return Ok(None) };
-    let column: String = key.get(0);
+    let Some(column) = integer_key(source, table).await? else {
+        return Ok(None);
+    };
     let quoted = quote_ident(&column);
     // Both ends of the key's index: two index probes, not a scan.
     let span = source
@@ -392,6 +377,27 @@ pub async fn key_split(
         .map(|text| parse_int_array(&text))
         .unwrap_or_default();
     Ok(Some((quoted, key_cuts(min, max, &histogram, count))))
+}
+
+/// The table's primary key when it is one `smallint`, `integer` or `bigint` column.
+pub async fn integer_key(source: &Client, table: &SourceTable) -> Result<Option<String>> {
+    let key = source
+        .query_opt(
+            "SELECT a.attname::text
+             FROM pg_index i
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+             WHERE i.indrelid = $1 AND i.indisprimary AND i.indnatts = 1
+               AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)",
+            &[&table.oid],
+        )
+        .await
+        .map_err(|e| {
+            error::pg(
+                format!("Reading the primary key of {} on the source", table.name),
+                e,
+            )
+        })?;
+    Ok(key.map(|row| row.get(0)))
 }
 
 /// `{1,2,3}` as integers; empty when any element is not one.
