@@ -27,6 +27,7 @@ CREATE TABLE parts (id int, region text, v text, PRIMARY KEY (id, region)) PARTI
 CREATE TABLE parts_eu PARTITION OF parts FOR VALUES IN ('eu');
 CREATE TABLE parts_us PARTITION OF parts FOR VALUES IN ('us');
 CREATE TABLE nocolumns ();
+CREATE TABLE catalog_refs (id int PRIMARY KEY, rc regclass, rt regtype, rcs regclass[], rn regnamespace, acl aclitem[]);
 CREATE TABLE parent (id int PRIMARY KEY, v text);
 CREATE TABLE child (extra text) INHERITS (parent);
 "#;
@@ -58,6 +59,10 @@ INSERT INTO nopk VALUES (NULL, NULL), (NULL, NULL);
 INSERT INTO "Odd Schema"."Mixed ""Case""" VALUES (1, 'odd');
 INSERT INTO parts SELECT g, CASE WHEN g % 3 = 0 THEN 'eu' ELSE 'us' END, 'p' || g FROM generate_series(1, 3000) g;
 INSERT INTO nocolumns SELECT FROM generate_series(1, 7);
+INSERT INTO catalog_refs VALUES
+ (1, 'builtin', 'mood', '{builtin,usertypes,"\"Odd Schema\".\"Mixed \"\"Case\"\"\""}', '"Odd Schema"',
+  ARRAY[makeaclitem(0, (SELECT oid FROM pg_roles WHERE rolname = current_user), 'SELECT', false)]),
+ (2, NULL, NULL, NULL, NULL, NULL);
 INSERT INTO parent VALUES (1, 'parent row');
 INSERT INTO child VALUES (2, 'child row', 'extra');
 "#;
@@ -76,6 +81,11 @@ async fn every_type_family_arrives_value_for_value() {
             "CREATE TABLE usertypes (ca pair[], c pair, d posint, ma mood[], m mood, id int8 PRIMARY KEY);",
         )
         .replace("CREATE TABLE nopk (a int, b text);", "CREATE TABLE nopk (b text, a int);");
+    // Objects the source does not have, so every later object's OID differs from the
+    // source's: a reg* value copied as a raw OID would name something else, or nothing.
+    let target_schema = format!(
+        "CREATE TABLE oid_shift (a int); CREATE TYPE oid_shift_type AS (a int); {target_schema}"
+    );
     pair.dst.batch_execute(&target_schema).await.unwrap();
     pair.dst
         .batch_execute("ALTER DATABASE app SET timezone = 'Asia/Kolkata'")
@@ -99,6 +109,9 @@ async fn every_type_family_arrives_value_for_value() {
         ("public.builtin", true),
         ("public.usertypes", false),
         ("public.nopk", true),
+        // Built in, but reg* values are OIDs in binary (cluster-specific), and aclitem has
+        // no binary form at all.
+        ("public.catalog_refs", false),
     ] {
         let layout = plan::table_layout(&pair.src, &pair.dst, table(&ctx.tables, name))
             .await
@@ -106,7 +119,7 @@ async fn every_type_family_arrives_value_for_value() {
         assert_eq!(layout.binary, binary, "{name}");
     }
     let outcome = initial_copy(&ctx).await.expect("initial copy");
-    assert_eq!(outcome.tables_copied, 9);
+    assert_eq!(outcome.tables_copied, 10);
 
     pair.assert_same("builtin", BUILTIN_COLUMNS).await;
     pair.assert_same("usertypes", "id, m, ma, d, c, ca").await;
@@ -121,6 +134,11 @@ async fn every_type_family_arrives_value_for_value() {
     pair.assert_same("ONLY parent", "id, v").await;
     pair.assert_same("child", "id, v, extra").await;
     pair.assert_same("nocolumns", "1").await;
+    pair.assert_same(
+        "catalog_refs",
+        "id, rc::text, rt::text, rcs::text, rn::text, acl::text",
+    )
+    .await;
     // Spot checks that a digest of text forms could not hide.
     let row = pair
         .dst

@@ -19,7 +19,10 @@
 //! **Binary COPY** only when every column's type is built in (OID below 10000: the same OID
 //! in every cluster, also inside arrays) and the target column has the same type; a user
 //! type, a domain, or a type that differs on the target goes as text, which the target
-//! parses by name.
+//! parses by name. Two kinds of built-in types go as text too: the `reg*` types (`regclass`,
+//! `regtype`, ...), whose binary form is the referenced object's OID, which names something
+//! else (or nothing) in another cluster, while their text form is the name; and types
+//! without a binary form (`aclitem`), on which a binary COPY fails.
 
 use tokio_postgres::Client;
 
@@ -110,8 +113,14 @@ pub async fn table_layout(
     // Generated columns are computed by the target itself; COPY cannot write them.
     let source_columns = source
         .query(
-            "SELECT a.attname::text, a.atttypid
+            "SELECT a.attname::text, a.atttypid,
+                    t.typsend::oid <> 0 AND t.typreceive::oid <> 0
+                    AND (e.oid IS NULL OR (e.typsend::oid <> 0 AND e.typreceive::oid <> 0))
+                    AND COALESCE(e.oid, t.oid) NOT IN (24, 2202, 2203, 2204, 2205, 2206,
+                                                       3734, 3769, 4089, 4096, 4191)
              FROM pg_attribute a
+             JOIN pg_type t ON t.oid = a.atttypid
+             LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A'
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
                AND a.attgenerated = ''
              ORDER BY a.attnum",
@@ -164,7 +173,8 @@ pub async fn table_layout(
             )));
         }
         let target_type: u32 = on_target.get(1);
-        binary &= type_oid < FIRST_NON_BUILTIN_OID && target_type == type_oid;
+        let portable_binary: bool = row.get(2);
+        binary &= type_oid < FIRST_NON_BUILTIN_OID && target_type == type_oid && portable_binary;
         columns.push(quote_ident(&column));
     }
     let leaves = if table.is_partitioned {
