@@ -282,3 +282,89 @@ async fn identity_columns_generated_always_keep_the_source_values() {
     pair.catch_up_and_compare(&daemon, &tables).await;
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
+
+/// Databases with their own output settings, different on each side (legacy applications
+/// set `bytea_output = 'escape'`, a `DateStyle` or a time zone per database, which the
+/// walsender and every session inherit): rows matched by their whole old values (REPLICA
+/// IDENTITY FULL) are still found, because both the stream and the apply session pin how
+/// values are written.
+#[tokio::test(flavor = "multi_thread")]
+async fn full_identity_rows_are_matched_whatever_the_databases_output_settings() {
+    let pair = Pair::with_schema(
+        "CREATE TABLE legacy (b bytea, at timestamptz, d date, iv interval, f float8, n text);
+         ALTER TABLE legacy REPLICA IDENTITY FULL;",
+    )
+    .await;
+    // Different on each side, as two clusters set up years apart would be.
+    pair.source_client()
+        .await
+        .batch_execute(
+            "ALTER DATABASE app SET bytea_output = 'escape';
+             ALTER DATABASE app SET DateStyle = 'SQL, DMY';
+             ALTER DATABASE app SET IntervalStyle = 'sql_standard';
+             ALTER DATABASE app SET TimeZone = 'America/New_York';
+             ALTER DATABASE app SET extra_float_digits = 0;",
+        )
+        .await
+        .unwrap();
+    pair.target_client()
+        .await
+        .batch_execute(
+            "ALTER DATABASE app SET DateStyle = 'German';
+             ALTER DATABASE app SET IntervalStyle = 'iso_8601';
+             ALTER DATABASE app SET TimeZone = 'Asia/Kolkata';
+             ALTER DATABASE app SET extra_float_digits = 1;",
+        )
+        .await
+        .unwrap();
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute(
+            r#"INSERT INTO legacy VALUES
+                 ('\x00015c27ff'::bytea, '2026-11-21 23:30:00.25+00', '2026-01-02', '-1 day 02:03:04.5', 0.1, 'one'),
+                 ('\x41'::bytea, '2026-03-08 07:00:00+00', '1999-12-31', '1 year 2 mons', 1.0000000000000002, 'two'),
+                 (NULL, NULL, NULL, NULL, NULL, 'three');"#,
+        )
+        .await
+        .unwrap();
+    pinned_compare(&pair, &daemon).await;
+    source
+        .batch_execute(
+            "UPDATE legacy SET n = 'one updated' WHERE n = 'one';
+             UPDATE legacy SET n = 'two updated' WHERE n = 'two';
+             DELETE FROM legacy WHERE n = 'three';",
+        )
+        .await
+        .unwrap();
+    pinned_compare(&pair, &daemon).await;
+    let names: Vec<String> = pair
+        .target_client()
+        .await
+        .query("SELECT n FROM legacy ORDER BY n", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(names, ["one updated", "two updated"]);
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
+
+/// Catches up, then compares `legacy` under the same output settings on both sides (each
+/// database's own settings would make equal values read differently).
+async fn pinned_compare(pair: &Pair, daemon: &crate::support::sluice::Daemon) {
+    pair.wait_caught_up(daemon).await;
+    let pin = "SET bytea_output = 'hex'; SET DateStyle = ISO; SET IntervalStyle = postgres;
+               SET TimeZone = 'UTC'; SET extra_float_digits = 3;";
+    let source = pair.source_client().await;
+    let target = pair.target_client().await;
+    source.batch_execute(pin).await.unwrap();
+    target.batch_execute(pin).await.unwrap();
+    assert_eq!(
+        crate::support::sluice::digest(&source, "legacy").await,
+        crate::support::sluice::digest(&target, "legacy").await,
+        "legacy differs between source and target"
+    );
+}

@@ -84,7 +84,8 @@ impl Executor {
         client
             .batch_execute(
                 "SET datestyle = ISO; SET intervalstyle = postgres; SET extra_float_digits = 3;
-                 SET TimeZone = 'UTC'; SET statement_timeout = 0; SET lock_timeout = 0;
+                 SET TimeZone = 'UTC'; SET bytea_output = hex; SET lc_monetary = 'C';
+                 SET statement_timeout = 0; SET lock_timeout = 0;
                  SET idle_in_transaction_session_timeout = 0",
             )
             .await

@@ -23,7 +23,8 @@ use crate::tls;
 /// Text output and input must agree on how dates, intervals and floats are written; pin
 /// them on both sides the way PostgreSQL's own table sync does.
 const SESSION_SETTINGS: &str = "SET datestyle = ISO; SET intervalstyle = postgres; \
-     SET extra_float_digits = 3; SET statement_timeout = 0; \
+     SET extra_float_digits = 3; SET bytea_output = hex; SET lc_monetary = 'C'; \
+     SET statement_timeout = 0; \
      SET idle_in_transaction_session_timeout = 0";
 
 /// How much COPY data goes to the target in one CopyData message.

@@ -15,9 +15,12 @@ use crate::tls;
 
 /// Session settings that fix how the walsender renders values as text, the way PostgreSQL's
 /// own subscriber pins them: dates in ISO, intervals in postgres style, floats exact; and
-/// timestamps with time zone in UTC, so the same value always reads the same.
-pub const PINNED_OPTIONS: &str =
-    "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 -c TimeZone=UTC";
+/// timestamps with time zone in UTC, bytea in hex, money in the C locale, so the same value
+/// always reads the same. Startup options override what the database or role sets (a
+/// legacy `ALTER DATABASE ... SET bytea_output = 'escape'` would otherwise reach the
+/// stream, and rows matched by their old values would not be found on a hex target).
+pub const PINNED_OPTIONS: &str = "-c datestyle=ISO -c intervalstyle=postgres \
+     -c extra_float_digits=3 -c TimeZone=UTC -c bytea_output=hex -c lc_monetary=C";
 
 /// How long connecting, authenticating or a replication command may take.
 pub const REPLICATION_TIMEOUT: Duration = Duration::from_secs(30);
