@@ -54,7 +54,8 @@ const MAX_KEYS_SHOWN: usize = 10;
 
 /// Session settings that make `row::text` identical on both sides.
 const PIN_OUTPUT: &str = "SET datestyle = 'ISO, YMD'; SET intervalstyle = 'postgres';
-    SET timezone = 'UTC'; SET extra_float_digits = 3; SET bytea_output = 'hex';";
+    SET timezone = 'UTC'; SET extra_float_digits = 3; SET bytea_output = 'hex';
+    SET lc_monetary = 'C';";
 
 #[derive(Debug, Default)]
 pub struct VerifyReport {
