@@ -348,3 +348,48 @@ async fn a_snapshot_lost_in_the_middle_is_replaced_in_the_same_call() {
     pair.assert_same("big", "id, payload").await;
     assert!(slot_info(&pair.src, "sluice").await.unwrap().is_some());
 }
+
+/// A source database that ends sessions idle in a transaction (managed services and careful
+/// DBAs set `idle_in_transaction_session_timeout`): the session holding the exported
+/// snapshot sits idle in its transaction for the whole copy, and must not be ended by it,
+/// or every round of a long copy would lose its snapshot and start over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_transaction_timeout_on_the_source_does_not_end_the_snapshot() {
+    let pair = start_pair().await;
+    pair.schema(
+        "CREATE TABLE big (id int8 PRIMARY KEY, v text);
+         CREATE TABLE small (id int8 PRIMARY KEY, v text);",
+    )
+    .await;
+    pair.src
+        .batch_execute(
+            "INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g;
+             INSERT INTO small SELECT g, 'y' FROM generate_series(1, 10) g;
+             CREATE PUBLICATION sluice FOR ALL TABLES;
+             ALTER DATABASE app SET idle_in_transaction_session_timeout = '500ms';",
+        )
+        .await
+        .unwrap();
+    // `big` (copied first, one job) takes about 2 s on the target; `small` imports the
+    // snapshot after that.
+    slow_down(&pair.dst, "big").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let ctx = pair
+        .context(pair.config(1, "10GB", dir.path()), &store)
+        .await;
+    let started = Instant::now();
+    initial_copy(&ctx).await.expect("initial copy");
+    assert!(
+        started.elapsed() > Duration::from_secs(1),
+        "the copy outlasted the timeout ({:?})",
+        started.elapsed()
+    );
+    let copy_state = state::load_state(&store).unwrap().expect("copy state");
+    assert_eq!(
+        copy_state.generation, 0,
+        "the slot's own snapshot lasted the whole copy (no temporary slot was needed)"
+    );
+    pair.assert_same("big", "id, v").await;
+    pair.assert_same("small", "id, v").await;
+}

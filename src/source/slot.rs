@@ -74,6 +74,21 @@ pub async fn create_slot_exporting_snapshot(
         .and_then(|row| row.first().cloned().flatten())
         .and_then(|bytes| std::str::from_utf8(&bytes).ok()?.trim().parse::<u32>().ok())
         .unwrap_or(0);
+    // The exported snapshot is a transaction this session keeps open, idle, for the whole
+    // copy: a database's or role's `idle_in_transaction_session_timeout` (or, from 17,
+    // `transaction_timeout`) would end the session and the snapshot with it, and every
+    // round of the copy would start over. Off for this session only.
+    let mut no_timeouts = vec!["SET idle_in_transaction_session_timeout = 0"];
+    if version >= 170000 {
+        no_timeouts.push("SET transaction_timeout = 0");
+    }
+    for statement in no_timeouts {
+        with_timeout(
+            &format!("Preparing the snapshot's session ({statement})"),
+            session.simple_query(statement),
+        )
+        .await?;
+    }
     let temporary_word = if temporary { " TEMPORARY" } else { "" };
     let command = if version >= 150000 {
         format!(
