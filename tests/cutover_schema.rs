@@ -496,3 +496,53 @@ async fn odd_identifiers_survive_schema_sequences_and_verify() {
         show(&output)
     );
 }
+
+/// A target that cancels long statements (`statement_timeout` set for its database, as
+/// managed services often do) still gets its deferred keys and indexes: building them is
+/// the long statement by nature.
+#[tokio::test(flavor = "multi_thread")]
+async fn deferred_ddl_outlasts_the_targets_statement_timeout() {
+    let target = crate::support::PgCluster::start();
+    let admin = target.create_database("app").await;
+    admin
+        .batch_execute(
+            "CREATE TABLE t (id int);
+             INSERT INTO t SELECT generate_series(1, 600);
+             -- 1 ms a row: building the index takes longer than the timeout.
+             CREATE FUNCTION slow(int) RETURNS int IMMUTABLE LANGUAGE plpgsql AS
+                 $$ BEGIN PERFORM pg_sleep(0.001); RETURN $1; END $$;
+             CREATE SCHEMA sluice;
+             CREATE TABLE sluice.deferred_ddl (id serial PRIMARY KEY, statement text NOT NULL,
+                 applied_at timestamptz, table_name text);
+             INSERT INTO sluice.deferred_ddl (statement, table_name)
+                 VALUES ('CREATE INDEX t_slow ON public.t ((public.slow(id)))', '\"public\".\"t\"');
+             ALTER DATABASE app SET statement_timeout = '200ms';",
+        )
+        .await
+        .unwrap();
+    let client = target.connect("app").await;
+    let timeout: String = client
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(timeout, "200ms", "the session has the database's timeout");
+    let applied = sluice::cutover::schema::apply_deferred_ddl(&client, None)
+        .await
+        .expect("the index is built despite the timeout");
+    assert_eq!(applied, 1);
+    assert!(
+        exists(
+            &client,
+            "SELECT 1 FROM pg_indexes WHERE indexname = 't_slow'"
+        )
+        .await
+    );
+    // Only the build's own transaction was exempt.
+    let timeout: String = client
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(timeout, "200ms");
+}

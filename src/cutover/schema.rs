@@ -132,7 +132,12 @@ pub async fn apply_deferred_statement(
     tracing::info!(statement = %title, table = deferred.table.as_deref().unwrap_or("-"), "building deferred DDL");
     let started = std::time::Instant::now();
     let run = async {
-        target.batch_execute("BEGIN").await?;
+        // A key over a large table may build for hours: a statement_timeout or lock_timeout
+        // the target sets for its database or role would cancel it (pg_restore turns them
+        // off for the same reason). For this transaction only.
+        target
+            .batch_execute("BEGIN; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0")
+            .await?;
         target.batch_execute(&deferred.statement).await?;
         target.execute(MARK_APPLIED, &[&id]).await?;
         target.batch_execute("COMMIT").await
