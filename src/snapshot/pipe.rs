@@ -12,7 +12,7 @@ use std::pin::pin;
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::Client;
 
-use crate::conninfo::ConnInfo;
+use crate::conninfo::{ConnInfo, NO_TRANSACTION_TIMEOUT};
 use crate::error::{self, Error, ErrorKind, Result};
 use crate::snapshot::plan::{self, TableLayout};
 use crate::snapshot::progress::TableProgress;
@@ -22,9 +22,10 @@ use crate::tls;
 
 /// Text output and input must agree on how dates, intervals and floats are written; pin
 /// them on both sides the way PostgreSQL's own table sync does.
+/// A chunk may take hours: no timeout of the database or role may end it.
 const SESSION_SETTINGS: &str = "SET datestyle = ISO; SET intervalstyle = postgres; \
      SET extra_float_digits = 3; SET bytea_output = hex; SET lc_monetary = 'C'; \
-     SET statement_timeout = 0; \
+     SET statement_timeout = 0; SET lock_timeout = 0; \
      SET idle_in_transaction_session_timeout = 0";
 
 /// How much COPY data goes to the target in one CopyData message.
@@ -40,13 +41,13 @@ impl Worker {
         let source = tls::connect(source, "the source").await?;
         source
             .batch_execute(&format!(
-                "{SESSION_SETTINGS}; SET application_name = 'sluice copy'"
+                "{SESSION_SETTINGS}; {NO_TRANSACTION_TIMEOUT}; SET application_name = 'sluice copy'"
             ))
             .await
             .map_err(|e| error::pg("Preparing a copy session on the source", e))?;
         let target = tls::connect(target, "the target").await?;
         target
-            .batch_execute(SESSION_SETTINGS)
+            .batch_execute(&format!("{SESSION_SETTINGS}; {NO_TRANSACTION_TIMEOUT}"))
             .await
             .map_err(|e| error::pg("Preparing a copy session on the target", e))?;
         // `replica`: no triggers and no foreign-key checks while rows arrive, as PostgreSQL's
