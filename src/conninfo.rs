@@ -13,12 +13,6 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
-/// Turns off `transaction_timeout` (PostgreSQL 17) for the session where the server has it,
-/// and does nothing on older servers, where naming the setting would be an error. A copy
-/// chunk or a large applied transaction may rightly last longer than a database's limit.
-pub const NO_TRANSACTION_TIMEOUT: &str = "SELECT set_config('transaction_timeout', '0', false) \
-     WHERE current_setting('transaction_timeout', true) IS NOT NULL";
-
 /// A password that never prints.
 #[derive(Clone, PartialEq, Eq, Default)]
 pub struct Secret(String);

@@ -40,7 +40,7 @@ pub async fn connect(info: &ConnInfo, purpose: &str) -> Result<tokio_postgres::C
             tokio::spawn(async move {
                 let _ = connection.await;
             });
-            Ok(watch_for_disconnect(client).await)
+            Ok(prepare_session(client).await)
         } else {
             let tls = tokio_postgres_rustls::MakeRustlsConnect::new(client_config(info)?);
             let (client, connection) = config
@@ -50,7 +50,7 @@ pub async fn connect(info: &ConnInfo, purpose: &str) -> Result<tokio_postgres::C
             tokio::spawn(async move {
                 let _ = connection.await;
             });
-            Ok(watch_for_disconnect(client).await)
+            Ok(prepare_session(client).await)
         }
     };
     // tokio-postgres's connect_timeout covers the TCP connect only; a server that accepts
@@ -65,6 +65,16 @@ pub async fn connect(info: &ConnInfo, purpose: &str) -> Result<tokio_postgres::C
     }
 }
 
+/// sluice's connections live as long as the daemon and are idle whenever the source is
+/// (the apply session, the monitor's, a copy worker's between chunks); its transactions
+/// are a whole chunk or a whole source transaction. A database's or role's
+/// `idle_session_timeout` (14+) would close them every quiet minute, and `transaction_timeout`
+/// (17+) end a long chunk; both are off for sluice's sessions. `set_config` only where the
+/// server has the setting: naming it on an older server is an error.
+const NO_IDLE_OR_TRANSACTION_TIMEOUT: &str = "SELECT set_config(name, '0', false) \
+     FROM unnest(ARRAY['idle_session_timeout', 'transaction_timeout']) AS name \
+     WHERE current_setting(name, true) IS NOT NULL";
+
 /// How often the server checks, during a long statement, that sluice is still connected.
 const CLIENT_CHECK: &str = "SET client_connection_check_interval = 1000";
 
@@ -74,7 +84,10 @@ const CLIENT_CHECK: &str = "SET client_connection_check_interval = 1000";
 /// and the next start waits behind it; with it, the server ends that statement within a
 /// second. PostgreSQL 14 and later on Linux; older servers and other platforms refuse the
 /// setting, and keep the old behaviour.
-async fn watch_for_disconnect(client: tokio_postgres::Client) -> tokio_postgres::Client {
+async fn prepare_session(client: tokio_postgres::Client) -> tokio_postgres::Client {
+    if let Err(e) = client.batch_execute(NO_IDLE_OR_TRANSACTION_TIMEOUT).await {
+        tracing::debug!(error = %e, "could not turn off idle_session_timeout / transaction_timeout");
+    }
     if let Err(e) = client.batch_execute(CLIENT_CHECK).await {
         tracing::debug!(error = %e, "client_connection_check_interval not available");
     }

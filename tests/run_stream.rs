@@ -368,3 +368,50 @@ async fn pinned_compare(pair: &Pair, daemon: &crate::support::sluice::Daemon) {
         "legacy differs between source and target"
     );
 }
+
+/// Databases that close idle sessions (`idle_session_timeout`, set by managed services and
+/// careful DBAs): sluice's sessions are idle whenever the source is, and stay open through
+/// a quiet spell instead of failing and reconnecting.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_session_timeouts_do_not_close_sluices_sessions() {
+    let pair = Pair::with_schema("CREATE TABLE quiet (id int PRIMARY KEY, v text);").await;
+    for client in [pair.source_client().await, pair.target_client().await] {
+        client
+            .batch_execute("ALTER DATABASE app SET idle_session_timeout = '300ms'")
+            .await
+            .unwrap();
+    }
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute("INSERT INTO quiet VALUES (1, 'before')")
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    // A quiet spell several times the timeout.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // The test's own session was closed meanwhile: it is the database's setting at work.
+    assert!(source.batch_execute("SELECT 1").await.is_err());
+    let source = pair.source_client().await;
+    source
+        .batch_execute(
+            "SET idle_session_timeout = 0; INSERT INTO quiet VALUES (2, 'after the quiet spell')",
+        )
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    let target = pair.target_client().await;
+    let rows: i64 = target
+        .query_one("SELECT count(*) FROM quiet", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 2);
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(
+        !log.contains("connection closed") && !log.contains("WARN"),
+        "no session was closed under sluice: {log}"
+    );
+}

@@ -82,13 +82,12 @@ impl Executor {
         // Text values are cast by the target; parse them the way the source's walsender
         // was pinned to render them (see source::replication::PINNED_OPTIONS).
         client
-            .batch_execute(&format!(
+            .batch_execute(
                 "SET datestyle = ISO; SET intervalstyle = postgres; SET extra_float_digits = 3;
                  SET TimeZone = 'UTC'; SET bytea_output = hex; SET lc_monetary = 'C';
                  SET statement_timeout = 0; SET lock_timeout = 0;
-                 SET idle_in_transaction_session_timeout = 0; {}",
-                crate::conninfo::NO_TRANSACTION_TIMEOUT
-            ))
+                 SET idle_in_transaction_session_timeout = 0",
+            )
             .await
             .map_err(|e| crate::error::pg("Preparing the apply session on the target", e))?;
         let replica_role = match client

@@ -12,7 +12,7 @@ use std::pin::pin;
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::Client;
 
-use crate::conninfo::{ConnInfo, NO_TRANSACTION_TIMEOUT};
+use crate::conninfo::ConnInfo;
 use crate::error::{self, Error, ErrorKind, Result};
 use crate::snapshot::plan::{self, TableLayout};
 use crate::snapshot::progress::TableProgress;
@@ -41,13 +41,13 @@ impl Worker {
         let source = tls::connect(source, "the source").await?;
         source
             .batch_execute(&format!(
-                "{SESSION_SETTINGS}; {NO_TRANSACTION_TIMEOUT}; SET application_name = 'sluice copy'"
+                "{SESSION_SETTINGS}; SET application_name = 'sluice copy'"
             ))
             .await
             .map_err(|e| error::pg("Preparing a copy session on the source", e))?;
         let target = tls::connect(target, "the target").await?;
         target
-            .batch_execute(&format!("{SESSION_SETTINGS}; {NO_TRANSACTION_TIMEOUT}"))
+            .batch_execute(SESSION_SETTINGS)
             .await
             .map_err(|e| error::pg("Preparing a copy session on the target", e))?;
         // `replica`: no triggers and no foreign-key checks while rows arrive, as PostgreSQL's
