@@ -232,3 +232,72 @@ async fn a_value_the_target_refuses_stops_the_copy_naming_the_table() {
     assert_eq!(rows, 0, "the failed chunk left nothing behind");
     assert!(!sluice::snapshot::copy_finished(&store).unwrap());
 }
+
+/// Row-level security on the source filters what a COPY reads for a user that is not
+/// exempt, while the stream is not filtered: the target would lack the hidden rows for
+/// good. The copy refuses such a table instead, `check` says so first, and once the user
+/// may bypass the policies every row is copied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_level_security_never_hides_rows_from_the_copy() {
+    let pair = start_pair().await;
+    pair.schema("CREATE TABLE guarded (id int PRIMARY KEY, v text);")
+        .await;
+    pair.src
+        .batch_execute(
+            "CREATE ROLE reader LOGIN REPLICATION;
+             INSERT INTO guarded SELECT g, 'row ' || g FROM generate_series(1, 20) g;
+             ALTER TABLE guarded ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY only_some ON guarded USING (id < 10);
+             GRANT SELECT ON guarded TO reader;
+             CREATE PUBLICATION sluice FOR ALL TABLES;",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[source]\nurl = \"postgresql://reader@127.0.0.1:{}/app\"\n[target]\nurl = \"{}\"\n[state]\ndir = \"{}\"\n",
+        pair.source.port,
+        pair.target.url("app"),
+        dir.path().join("state").display()
+    );
+    let config_path = dir.path().join("sluice.toml");
+    std::fs::write(&config_path, &text).unwrap();
+
+    let (code, stdout, _) =
+        crate::support::sluice::sluice(&["check", "--config", config_path.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("FAIL")
+            && l.contains("public.guarded has row-level security that applies to reader")
+            && l.contains("ALTER ROLE \"reader\" BYPASSRLS")),
+        "{stdout}"
+    );
+
+    let config =
+        sluice::config::Config::parse(&text, "test", &sluice::config::Overrides::default())
+            .unwrap();
+    let store = Store::open(&config.state.dir).unwrap();
+    let ctx = pair.context(config.clone(), &store).await;
+    let error = initial_copy(&ctx).await.unwrap_err().report();
+    assert!(
+        error.contains("public.guarded") && error.contains("BYPASSRLS"),
+        "{error}"
+    );
+    let on_target: i64 = pair
+        .dst
+        .query_one("SELECT count(*) FROM guarded", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(on_target, 0, "no part of the table was copied");
+
+    pair.src
+        .batch_execute("ALTER ROLE reader BYPASSRLS")
+        .await
+        .unwrap();
+    let ctx = pair.context(config, &store).await;
+    initial_copy(&ctx)
+        .await
+        .expect("copy once the policies are bypassed");
+    pair.assert_same("guarded", "id, v").await;
+}

@@ -86,7 +86,7 @@ impl Executor {
                 "SET datestyle = ISO; SET intervalstyle = postgres; SET extra_float_digits = 3;
                  SET TimeZone = 'UTC'; SET bytea_output = hex; SET lc_monetary = 'C';
                  SET statement_timeout = 0; SET lock_timeout = 0;
-                 SET idle_in_transaction_session_timeout = 0",
+                 SET idle_in_transaction_session_timeout = 0; SET row_security = off",
             )
             .await
             .map_err(|e| crate::error::pg("Preparing the apply session on the target", e))?;

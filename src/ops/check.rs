@@ -166,7 +166,7 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
             error.report()
         )),
     }
-    if let Err(error) = check_read_privilege(&client, &tables, out).await {
+    if let Err(error) = check_read_privilege(&client, &tables, config.copy.enabled, out).await {
         out.fail(format!(
             "source: cannot check table privileges ({})",
             error.report()
@@ -388,6 +388,7 @@ async fn check_source_settings(client: &Client, config: &Config, out: &mut Findi
 async fn check_read_privilege(
     client: &Client,
     tables: &[SourceTable],
+    copy_enabled: bool,
     out: &mut Findings,
 ) -> Result<()> {
     let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
@@ -399,6 +400,32 @@ async fn check_read_privilege(
         .await
         .map_err(|e| error::pg("Checking SELECT privileges on the source", e))?;
     let denied: BTreeSet<u32> = rows.iter().map(|r| r.get::<_, u32>(0)).collect();
+    // Row-level security filters what this user's COPY reads (the stream is not filtered):
+    // the copy refuses such a table (row_security = off) rather than copy part of it.
+    let filtered = client
+        .query(
+            "SELECT c.oid, current_user::text FROM pg_class c
+             WHERE c.oid = ANY($1::oid[]) AND c.relrowsecurity
+               AND NOT (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r
+                        WHERE r.rolname = current_user)
+               AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| error::pg("Checking row-level security on the source", e))?;
+    for row in &filtered {
+        let oid: u32 = row.get(0);
+        let user: String = row.get(1);
+        if let Some(table) = tables.iter().find(|t| t.oid == oid) {
+            if copy_enabled {
+                out.fail(format!(
+                    "source: table {} has row-level security that applies to {user}: its policies would hide rows from the initial copy, which therefore refuses it; ALTER ROLE {} BYPASSRLS (as a superuser), connect as the table's owner, or exclude the table",
+                    table.name,
+                    crate::source::quote_ident(&user)
+                ));
+            }
+        }
+    }
     if denied.is_empty() {
         out.pass(format!(
             "source: the user may read all {} selected tables",

@@ -22,11 +22,14 @@ use crate::tls;
 
 /// Text output and input must agree on how dates, intervals and floats are written; pin
 /// them on both sides the way PostgreSQL's own table sync does.
-/// A chunk may take hours: no timeout of the database or role may end it.
+/// A chunk may take hours: no timeout of the database or role may end it. `row_security =
+/// off`: where row-level security policies would hide rows from the copy's user, the COPY
+/// fails instead of silently copying only the rows they show (streaming is not filtered by
+/// them, so the target would lack rows forever).
 const SESSION_SETTINGS: &str = "SET datestyle = ISO; SET intervalstyle = postgres; \
      SET extra_float_digits = 3; SET bytea_output = hex; SET lc_monetary = 'C'; \
      SET statement_timeout = 0; SET lock_timeout = 0; \
-     SET idle_in_transaction_session_timeout = 0";
+     SET idle_in_transaction_session_timeout = 0; SET row_security = off";
 
 /// How much COPY data goes to the target in one CopyData message.
 const COALESCE_BYTES: usize = 128 * 1024;
@@ -188,12 +191,27 @@ impl Worker {
 }
 
 fn source_error(what: &str, e: tokio_postgres::Error) -> Error {
-    error::pg(format!("Copying {what}: reading from the source"), e)
+    let hint = if is_row_security_refusal(&e) {
+        ": row-level security policies would hide rows from this user, so nothing is copied rather than a part; let the source user bypass them (ALTER ROLE ... BYPASSRLS, as a superuser), connect as the table's owner, or exclude the table in [tables]"
+    } else {
+        ""
+    };
+    error::pg(format!("Copying {what}: reading from the source{hint}"), e)
+}
+
+/// "query would be affected by row-level security policy" (42501 under `row_security = off`).
+fn is_row_security_refusal(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        db.code().code() == "42501" && db.message().contains("row-level security")
+    })
 }
 
 /// A refused row on the target (type mismatch, constraint) is the operator's to fix.
 fn target_error(what: &str, e: tokio_postgres::Error) -> Error {
     let hint = match e.code().map(|c| c.code()) {
+        _ if is_row_security_refusal(&e) => {
+            ": row-level security policies on the target table apply to this user; let it bypass them (ALTER ROLE ... BYPASSRLS) or connect as the table's owner"
+        }
         Some(code) if code.starts_with("23") => {
             ": the target refused a row (constraint); copy into empty tables without extra constraints, or fix the target table"
         }
