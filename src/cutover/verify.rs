@@ -109,6 +109,16 @@ struct TablePlan {
     key: Vec<Column>,
     row_hash: String,
     order_by: String,
+    /// The publication's row filter: only the rows it admits reach the target, so only
+    /// they are compared (read on the source side alone).
+    source_filter: Option<String>,
+}
+
+/// Which side a statement is for: the source's may carry the publication's row filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Source,
+    Target,
 }
 
 impl TablePlan {
@@ -128,7 +138,24 @@ impl TablePlan {
             key,
             row_hash: format!("md5(ROW({row})::text)"),
             order_by,
+            source_filter: None,
         }
+    }
+
+    /// `range`, with the row filter in front on the source side.
+    fn filtered(&self, side: Side, range: String) -> String {
+        match (side, &self.source_filter) {
+            (Side::Source, Some(filter)) => format!("({filter}) AND {range}"),
+            _ => range,
+        }
+    }
+
+    fn count_sql(&self, side: Side) -> String {
+        format!(
+            "SELECT count(*) FROM {} WHERE {}",
+            self.name.quoted(),
+            self.filtered(side, "true".to_string())
+        )
     }
 
     /// `WHERE` for `[lower, upper)`; parameters numbered from 1, lower bound first.
@@ -169,7 +196,7 @@ impl TablePlan {
     /// Every `chunk`-th key of the source (the starts of all ranges but the first).
     fn boundaries_sql(&self) -> String {
         format!(
-            "SELECT {keys} FROM (SELECT {keys_raw}, row_number() OVER (ORDER BY {order}) AS sluice_rn FROM {table}) s
+            "SELECT {keys} FROM (SELECT {keys_raw}, row_number() OVER (ORDER BY {order}) AS sluice_rn FROM {table} WHERE {filter}) s
              WHERE sluice_rn % $1 = 1 AND sluice_rn > 1 ORDER BY sluice_rn",
             keys = self
                 .key
@@ -185,13 +212,14 @@ impl TablePlan {
                 .join(", "),
             order = self.order_by,
             table = self.name.quoted(),
+            filter = self.filtered(Side::Source, "true".to_string()),
         )
     }
 
     /// Row count and the sum of the rows' md5 (as two 64-bit halves). A sum is independent
     /// of row order: no sort, no collation question, and on Citus it is computed on the
     /// shards (an ordered string_agg would pull every row to the coordinator).
-    fn checksum_sql(&self, lower: bool, upper: bool) -> String {
+    fn checksum_sql(&self, side: Side, lower: bool, upper: bool) -> String {
         format!(
             "SELECT count(*),
                     COALESCE(sum(('x' || substr(h, 1, 16))::bit(64)::bigint), 0)::text,
@@ -199,17 +227,17 @@ impl TablePlan {
              FROM (SELECT {hash} AS h FROM {table} WHERE {range}) s",
             hash = self.row_hash,
             table = self.name.quoted(),
-            range = self.range_predicate(lower, upper),
+            range = self.filtered(side, self.range_predicate(lower, upper)),
         )
     }
 
-    fn rows_sql(&self, lower: bool, upper: bool) -> String {
+    fn rows_sql(&self, side: Side, lower: bool, upper: bool) -> String {
         format!(
             "SELECT {keys}, {hash} FROM {table} WHERE {range} ORDER BY {order}",
             keys = self.key_text(),
             hash = self.row_hash,
             table = self.name.quoted(),
-            range = self.range_predicate(lower, upper),
+            range = self.filtered(side, self.range_predicate(lower, upper)),
             order = self.order_by,
         )
     }
@@ -271,6 +299,45 @@ async fn columns_of(source: &Client, table: &SourceTable) -> Result<(Vec<Column>
     Ok((columns, key_rows.iter().map(column).collect()))
 }
 
+/// What the publication carries of a table (PostgreSQL 15 and later): its column list and
+/// row filter, when it has them.
+#[derive(Debug, Default)]
+struct Published {
+    columns: Option<Vec<String>>,
+    row_filter: Option<String>,
+}
+
+async fn published_shape(
+    source: &Client,
+    publication: &str,
+    table: &SourceTable,
+) -> Result<Published> {
+    let name = &table.name;
+    let row = source
+        .query_opt(
+            "SELECT attnames::text[], rowfilter FROM pg_publication_tables
+             WHERE current_setting('server_version_num')::int >= 150000
+               AND pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[&publication, &name.schema, &name.name],
+        )
+        .await;
+    let row = match row {
+        Ok(row) => row,
+        // Before 15 the view has neither column: nothing is filtered there.
+        Err(e) if e.code().map(|c| c.code()) == Some("42703") => None,
+        Err(e) => {
+            return Err(error::pg(
+                format!("Reading what publication {publication} publishes of {name}"),
+                e,
+            ))
+        }
+    };
+    Ok(row.map_or_else(Published::default, |row| Published {
+        columns: row.get(0),
+        row_filter: row.get(1),
+    }))
+}
+
 async fn pinned(client: &Client, side: &str) -> Result<()> {
     client
         .batch_execute(PIN_OUTPUT)
@@ -298,8 +365,13 @@ async fn verify_table(
     let (source, target) = super::connect_both(config).await?;
     pinned(&source, "the source").await?;
     pinned(&target, "the target").await?;
-    let (columns, key) = columns_of(&source, table).await?;
-    let plan = TablePlan::new(table.name.clone(), &columns, key);
+    let (mut columns, key) = columns_of(&source, table).await?;
+    let published = published_shape(&source, &config.source.publication, table).await?;
+    if let Some(names) = &published.columns {
+        columns.retain(|c| names.contains(&c.name));
+    }
+    let mut plan = TablePlan::new(table.name.clone(), &columns, key);
+    plan.source_filter = published.row_filter;
     let name = &table.name;
     let mut lines = Vec::new();
 
@@ -347,13 +419,12 @@ async fn verify_table(
         });
     }
 
-    let count_sql = format!("SELECT count(*) FROM {}", name.quoted());
-    let source_rows: i64 = one(&source, &count_sql, &[], || {
+    let source_rows: i64 = one(&source, &plan.count_sql(Side::Source), &[], || {
         format!("Counting the rows of {name} on the source")
     })
     .await?
     .get(0);
-    let target_rows: i64 = one(&target, &count_sql, &[], || {
+    let target_rows: i64 = one(&target, &plan.count_sql(Side::Target), &[], || {
         format!("Counting the rows of {name} on the target")
     })
     .await?
@@ -373,7 +444,10 @@ async fn verify_table(
         rechecks,
     };
     if plan.key.is_empty() {
-        let sql = plan.checksum_sql(false, false);
+        let sql = (
+            plan.checksum_sql(Side::Source, false, false),
+            plan.checksum_sql(Side::Target, false, false),
+        );
         let matched = recheck.compare(&sql, &[], name).await?;
         let same = matched.same();
         if !same {
@@ -414,7 +488,10 @@ async fn verify_table(
             .chain(upper)
             .flat_map(|k| k.iter().cloned())
             .collect();
-        let sql = plan.checksum_sql(lower.is_some(), upper.is_some());
+        let sql = (
+            plan.checksum_sql(Side::Source, lower.is_some(), upper.is_some()),
+            plan.checksum_sql(Side::Target, lower.is_some(), upper.is_some()),
+        );
         let compared = recheck.compare(&sql, &bounds, name).await?;
         if compared.same() {
             if compared.rechecked {
@@ -425,7 +502,10 @@ async fn verify_table(
         let (on_source, on_target) = (compared.source, compared.target);
         differing_ranges += 1;
         // Narrow down: which keys differ in this range.
-        let rows_sql = plan.rows_sql(lower.is_some(), upper.is_some());
+        let rows_sql = (
+            plan.rows_sql(Side::Source, lower.is_some(), upper.is_some()),
+            plan.rows_sql(Side::Target, lower.is_some(), upper.is_some()),
+        );
         let keyed = |rows: Vec<tokio_postgres::Row>| {
             rows.iter()
                 .map(|r| {
@@ -435,13 +515,13 @@ async fn verify_table(
                 .collect::<Vec<_>>()
         };
         let source_list = keyed(
-            all(&source, &rows_sql, &bounds, || {
+            all(&source, &rows_sql.0, &bounds, || {
                 format!("Listing rows of {name} on the source")
             })
             .await?,
         );
         let target_list: BTreeMap<Vec<String>, String> = keyed(
-            all(&target, &rows_sql, &bounds, || {
+            all(&target, &rows_sql.1, &bounds, || {
                 format!("Listing rows of {name} on the target")
             })
             .await?,
@@ -560,7 +640,12 @@ struct Recheck<'a> {
 const RECHECK_WAIT: Duration = Duration::from_secs(30);
 
 impl Recheck<'_> {
-    async fn checksums(&self, sql: &str, bounds: &[String], name: &TableName) -> Result<Compared> {
+    async fn checksums(
+        &self,
+        sql: &(String, String),
+        bounds: &[String],
+        name: &TableName,
+    ) -> Result<Compared> {
         let read = |row: tokio_postgres::Row| {
             (
                 row.get::<_, i64>(0),
@@ -570,10 +655,10 @@ impl Recheck<'_> {
         };
         // Both sides at once: half the wall time, and the two reads closer in time.
         let (source, target) = tokio::try_join!(
-            one(self.source, sql, bounds, || format!(
+            one(self.source, &sql.0, bounds, || format!(
                 "Checksumming {name} on the source"
             )),
-            one(self.target, sql, bounds, || format!(
+            one(self.target, &sql.1, bounds, || format!(
                 "Checksumming {name} on the target"
             )),
         )?;
@@ -585,7 +670,12 @@ impl Recheck<'_> {
         })
     }
 
-    async fn compare(&self, sql: &str, bounds: &[String], name: &TableName) -> Result<Compared> {
+    async fn compare(
+        &self,
+        sql: &(String, String),
+        bounds: &[String],
+        name: &TableName,
+    ) -> Result<Compared> {
         let mut compared = self.checksums(sql, bounds, name).await?;
         for _ in 0..self.rechecks {
             if compared.same() || !self.wait_for_catch_up().await? {
@@ -751,8 +841,26 @@ mod tests {
             "(\"id\", \"Code\" COLLATE \"C\") < ($1::text::integer, $2::text::text COLLATE \"C\")"
         );
         assert!(plan
-            .checksum_sql(true, false)
+            .checksum_sql(Side::Target, true, false)
             .contains("md5(ROW(\"id\", \"Code\")::text)"));
+        // A publication's row filter narrows the source side only.
+        let filtered = TablePlan {
+            source_filter: Some("(id > 5)".to_string()),
+            ..plan
+        };
+        assert!(filtered
+            .checksum_sql(Side::Source, true, false)
+            .contains("WHERE ((id > 5)) AND (\"id\""));
+        assert!(!filtered
+            .checksum_sql(Side::Target, true, false)
+            .contains("id > 5"));
+        assert!(filtered
+            .boundaries_sql()
+            .contains("WHERE ((id > 5)) AND true"));
+        assert_eq!(
+            filtered.count_sql(Side::Target),
+            "SELECT count(*) FROM \"public\".\"t\" WHERE true"
+        );
     }
 
     #[test]

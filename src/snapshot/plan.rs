@@ -49,6 +49,8 @@ pub struct TableLayout {
     pub leaves: Vec<Leaf>,
     /// The quoted primary-key column that `ChunkRange::Keys` chunks are ranges of.
     pub split_key: Option<String>,
+    /// The publication's row filter for the table (PostgreSQL 15+), as SQL.
+    pub row_filter: Option<String>,
 }
 
 /// One leaf partition of a partitioned source table.
@@ -190,6 +192,7 @@ pub async fn table_layout(
         target_partitioned: target_kind == "p",
         leaves,
         split_key: None,
+        row_filter: None,
     })
 }
 
@@ -524,17 +527,22 @@ pub fn source_copy_sql(layout: &TableLayout, chunk: ChunkRange) -> Result<String
     } else {
         "ONLY "
     };
-    Ok(match chunk {
-        ChunkRange::Whole if !layout.source_partitioned => {
+    // The publication's row filter, as PostgreSQL's own table sync applies it: the stream
+    // only carries the rows it admits, so the copy must not bring others.
+    let mut conditions: Vec<String> = layout
+        .row_filter
+        .iter()
+        .map(|filter| format!("({filter})"))
+        .collect();
+    let from = match chunk {
+        ChunkRange::Whole if !layout.source_partitioned && conditions.is_empty() => {
             // `COPY table TO` skips the executor's projection; it never includes children.
-            format!("COPY {table}{column_list} TO STDOUT{format}")
+            return Ok(format!("COPY {table}{column_list} TO STDOUT{format}"));
         }
-        ChunkRange::Whole => {
-            format!("COPY (SELECT {columns} FROM {only}{table}) TO STDOUT{format}")
-        }
+        ChunkRange::Whole => format!("{only}{table}"),
         ChunkRange::Blocks { first, end } => {
-            let range = ctid_range(first, end);
-            format!("COPY (SELECT {columns} FROM {only}{table} WHERE {range}) TO STDOUT{format}")
+            conditions.push(ctid_range(first, end));
+            format!("{only}{table}")
         }
         ChunkRange::Keys { lower, upper } => {
             let key = layout.split_key.as_deref().ok_or_else(|| {
@@ -542,20 +550,57 @@ pub fn source_copy_sql(layout: &TableLayout, chunk: ChunkRange) -> Result<String
                     "A copy chunk of {table} is a range of its primary key, but its plan has no key column: this is a bug in sluice; restart to plan the copy of this table again"
                 ))
             })?;
-            let range = key_range(key, lower, upper);
-            format!("COPY (SELECT {columns} FROM {only}{table} WHERE {range}) TO STDOUT{format}")
+            conditions.push(key_range(key, lower, upper));
+            format!("{only}{table}")
         }
         ChunkRange::Leaf { leaf, first, end } => {
-            let leaf = leaf_of(layout, leaf)?.name.quoted();
             // A leaf has no partitions of its own; its blocks are its own.
-            if first == 0 && end.is_none() {
-                format!("COPY (SELECT {columns} FROM {leaf}) TO STDOUT{format}")
-            } else {
-                let range = ctid_range(first, end);
-                format!("COPY (SELECT {columns} FROM {leaf} WHERE {range}) TO STDOUT{format}")
+            if first != 0 || end.is_some() {
+                conditions.push(ctid_range(first, end));
             }
+            leaf_of(layout, leaf)?.name.quoted()
         }
-    })
+    };
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conditions.join(" AND "))
+    };
+    Ok(format!(
+        "COPY (SELECT {columns} FROM {from}{filter}) TO STDOUT{format}"
+    ))
+}
+
+/// Narrows `layout` to what `publication` publishes of its table (PostgreSQL 15 and later):
+/// the row filter, and the column list (columns outside it never reach the target by the
+/// stream either, so they are not copied: the target keeps its defaults there).
+pub async fn apply_publication_filters(
+    source: &Client,
+    publication: &str,
+    layout: &mut TableLayout,
+) -> Result<()> {
+    let name = &layout.name;
+    let row = source
+        .query_opt(
+            "SELECT attnames::text[], rowfilter FROM pg_publication_tables
+             WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[&publication, &name.schema, &name.name],
+        )
+        .await
+        .map_err(|e| {
+            error::pg(
+                format!("Reading publication {publication}'s row filter and columns for {name}"),
+                e,
+            )
+        })?;
+    let Some(row) = row else { return Ok(()) };
+    let published: Option<Vec<String>> = row.get(0);
+    layout.row_filter = row.get(1);
+    if let Some(published) = published {
+        let published: Vec<String> = published.iter().map(|c| quote_ident(c)).collect();
+        layout.columns.retain(|c| published.contains(c));
+    }
+    Ok(())
 }
 
 fn leaf_of(layout: &TableLayout, leaf: u32) -> Result<&Leaf> {
@@ -752,6 +797,7 @@ mod tests {
             target_partitioned: false,
             leaves: leaves.to_vec(),
             split_key: None,
+            row_filter: None,
         };
         assert_eq!(
             source_copy_sql(&layout, whole(0)).unwrap(),
@@ -780,6 +826,7 @@ mod tests {
             target_partitioned: false,
             leaves: Vec::new(),
             split_key: None,
+            row_filter: None,
         };
         assert_eq!(
             source_copy_sql(&layout, ChunkRange::Whole).unwrap(),
@@ -818,6 +865,19 @@ mod tests {
             .unwrap()
             .ends_with("WHERE \"Id\" >= 9) TO STDOUT"));
         assert_eq!(describe(&keyed, keys), "s.we\"ird (\"Id\" -5..9)");
+        // A publication's row filter joins every chunk's predicate, and turns a whole
+        // table's COPY into a SELECT.
+        let filtered = TableLayout {
+            row_filter: Some("(tenant = 7)".to_string()),
+            ..keyed.clone()
+        };
+        assert_eq!(
+            source_copy_sql(&filtered, ChunkRange::Whole).unwrap(),
+            "COPY (SELECT \"b\", \"a\" FROM ONLY \"s\".\"we\"\"ird\" WHERE ((tenant = 7))) TO STDOUT"
+        );
+        assert!(source_copy_sql(&filtered, keys)
+            .unwrap()
+            .contains("WHERE ((tenant = 7)) AND \"Id\" >= -5 AND \"Id\" < 9)"));
         assert_eq!(describe(&keyed, first), "s.we\"ird (\"Id\" ..-5)");
         let binary = TableLayout {
             binary: true,
