@@ -362,7 +362,6 @@ async fn a_publications_row_filter_and_column_list_shape_the_copy() {
         .get(0);
     assert_eq!(secrets, 0, "the unpublished column was not copied");
 
-    // `verify` compares what the publication carries: the filtered rows, the listed columns.
     let config_path = dir.path().join("sluice.toml");
     std::fs::write(
         &config_path,
@@ -374,6 +373,22 @@ async fn a_publications_row_filter_and_column_list_shape_the_copy() {
         ),
     )
     .unwrap();
+    // `check` says what the publication leaves out.
+    let (_, stdout, _) =
+        crate::support::sluice::sluice(&["check", "--config", config_path.to_str().unwrap()]);
+    assert!(
+        stdout.lines().any(|l| l.starts_with("PASS")
+            && l.contains("carries only rows where (tenant = 7) and only columns tenant, id, v of table public.tenants")),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l
+                .contains("only rows where (tenant = ANY (ARRAY[5, 6])) of table public.small")),
+        "{stdout}"
+    );
+    // `verify` compares what the publication carries: the filtered rows, the listed columns.
     let (code, stdout, stderr) =
         crate::support::sluice::sluice(&["verify", "--config", config_path.to_str().unwrap()]);
     assert_eq!(code, 0, "{stdout}{stderr}");

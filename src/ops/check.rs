@@ -199,9 +199,18 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
                 error.report()
             )),
         },
-        Ok(Some(missing)) if missing.is_empty() => out.pass(format!(
-            "source: publication {publication} publishes every selected table"
-        )),
+        Ok(Some(missing)) if missing.is_empty() => {
+            out.pass(format!(
+                "source: publication {publication} publishes every selected table"
+            ));
+            match filtered_publication(&client, publication, &tables).await {
+                Ok(lines) => lines.into_iter().for_each(|line| out.pass(line)),
+                Err(error) => out.fail(format!(
+                    "source: cannot read publication {publication}'s row filters ({})",
+                    error.report()
+                )),
+            }
+        }
         Ok(Some(missing)) => out.fail(format!(
             "source: {}",
             crate::daemon::unpublished_message(publication, &missing)
@@ -445,6 +454,58 @@ async fn check_read_privilege(
 /// Partitions are published through their root (`publish_via_partition_root`), and
 /// PostgreSQL then sends nothing for a TRUNCATE of one partition; detaching or dropping one
 /// is DDL, never replicated either. Time-partitioned tables are pruned exactly that way.
+/// The selected tables the publication narrows by a row filter or a column list
+/// (PostgreSQL 15): the copy and `verify` follow the same shape, but the operator should
+/// see that only part of each is migrated.
+async fn filtered_publication(
+    client: &Client,
+    publication: &str,
+    tables: &[SourceTable],
+) -> Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT p.schemaname::text, p.tablename::text, p.rowfilter,
+                    CASE WHEN cardinality(p.attnames) < (
+                        SELECT count(*) FROM pg_attribute a
+                        WHERE a.attrelid = format('%I.%I', p.schemaname, p.tablename)::regclass
+                          AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '')
+                    THEN array_to_string(p.attnames, ', ') END
+             FROM pg_publication_tables p
+             WHERE p.pubname = $1",
+            &[&publication],
+        )
+        .await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        // Before 15 the view has neither column, and publications filter nothing.
+        Err(e) if e.code().map(|c| c.code()) == Some("42703") => return Ok(Vec::new()),
+        Err(e) => return Err(error::pg("Reading the publication's row filters", e)),
+    };
+    let mut lines = Vec::new();
+    for row in rows {
+        let name = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+        if !tables.iter().any(|t| t.name == name) {
+            continue;
+        }
+        let filter: Option<String> = row.get(2);
+        let columns: Option<String> = row.get(3);
+        let mut parts = Vec::new();
+        if let Some(filter) = filter {
+            parts.push(format!("only rows where {filter}"));
+        }
+        if let Some(columns) = columns {
+            parts.push(format!("only columns {columns}"));
+        }
+        if !parts.is_empty() {
+            lines.push(format!(
+                "source: publication {publication} carries {} of table {name}; the copy and verify follow it",
+                parts.join(" and ")
+            ));
+        }
+    }
+    Ok(lines)
+}
+
 /// Before PostgreSQL 14 a large table is split for the copy by its primary key; one
 /// without a single-column integer key is copied whole, by one job. Worth knowing before a
 /// copy of hundreds of GB.
