@@ -240,7 +240,41 @@ pub async fn ensure_publication(
     if !missing.is_empty() {
         return Err(Error::definite(unpublished_message(publication, &missing)));
     }
+    if let Some(message) = unpublished_operations_message(source, publication).await? {
+        return Err(Error::definite(message));
+    }
     Ok(())
+}
+
+/// An existing publication that leaves out some operations (`WITH (publish = 'insert')`)
+/// would silently leave the target with rows the source deleted or emptied: named, with the
+/// fix. `None` when it publishes all four (or does not exist).
+pub async fn unpublished_operations_message(
+    source: &Client,
+    publication: &str,
+) -> Result<Option<String>> {
+    let row = source
+        .query_opt(
+            "SELECT pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| error::pg("Reading the publication's operations on the source", e))?;
+    let Some(row) = row else { return Ok(None) };
+    let left_out: Vec<&str> = ["insert", "update", "delete", "truncate"]
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !row.get::<_, bool>(*i))
+        .map(|(_, op)| op)
+        .collect();
+    if left_out.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "Publication {publication} does not publish {}: those changes would never reach the target, which would silently drift from the source. ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate') on the source",
+        left_out.join(", "),
+        quote_ident(publication)
+    )))
 }
 
 /// What to say about selected tables an existing publication does not publish.

@@ -482,3 +482,52 @@ async fn a_second_daemon_on_the_same_state_dir_is_refused_and_can_be_stopped_whi
     assert!(first.is_running(), "{}", first.log());
     assert!(first.terminate().success());
 }
+
+/// A publication made to leave out deletes or truncates (`WITH (publish = ...)`) would leave
+/// the target with rows the source no longer has, silently: `check` FAILs and `run` refuses
+/// to start, both with the fix; fixed, it streams.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publication_that_leaves_out_operations_is_refused() {
+    let pair = Pair::with_schema("CREATE TABLE t (id int PRIMARY KEY, v text);").await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute(
+            "INSERT INTO t VALUES (1, 'a');
+             CREATE PUBLICATION sluice FOR TABLE t WITH (publish = 'insert, update');",
+        )
+        .await
+        .unwrap();
+    let config = pair.config("");
+    let config_arg = config.to_str().unwrap();
+    let (code, stdout, _) = sluice(&["check", "--config", config_arg]);
+    assert_eq!(code, 1, "{stdout}");
+    let fix = "ALTER PUBLICATION \"sluice\" SET (publish = 'insert, update, delete, truncate')";
+    assert!(
+        stdout.lines().any(|l| l.starts_with("FAIL")
+            && l.contains("does not publish delete, truncate")
+            && l.contains(fix)),
+        "{stdout}"
+    );
+    let started = Instant::now();
+    let (code, _, stderr) = sluice(&["run", "--config", config_arg]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(
+        stderr.contains("does not publish delete, truncate") && stderr.contains(fix),
+        "{stderr}"
+    );
+
+    source
+        .batch_execute(
+            "ALTER PUBLICATION sluice SET (publish = 'insert, update, delete, truncate')",
+        )
+        .await
+        .unwrap();
+    let mut daemon = pair.start_daemon(&config).await;
+    source
+        .batch_execute("DELETE FROM t WHERE id = 1; INSERT INTO t VALUES (2, 'b');")
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["t"]).await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}

@@ -203,6 +203,14 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
             out.pass(format!(
                 "source: publication {publication} publishes every selected table"
             ));
+            match crate::daemon::unpublished_operations_message(&client, publication).await {
+                Ok(None) => {}
+                Ok(Some(message)) => out.fail(format!("source: {message}")),
+                Err(error) => out.fail(format!(
+                    "source: cannot read publication {publication}'s operations ({})",
+                    error.report()
+                )),
+            }
             match filtered_publication(&client, publication, &tables).await {
                 Ok(lines) => lines.into_iter().for_each(|line| out.pass(line)),
                 Err(error) => out.fail(format!(
