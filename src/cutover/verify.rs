@@ -299,45 +299,6 @@ async fn columns_of(source: &Client, table: &SourceTable) -> Result<(Vec<Column>
     Ok((columns, key_rows.iter().map(column).collect()))
 }
 
-/// What the publication carries of a table (PostgreSQL 15 and later): its column list and
-/// row filter, when it has them.
-#[derive(Debug, Default)]
-struct Published {
-    columns: Option<Vec<String>>,
-    row_filter: Option<String>,
-}
-
-async fn published_shape(
-    source: &Client,
-    publication: &str,
-    table: &SourceTable,
-) -> Result<Published> {
-    let name = &table.name;
-    let row = source
-        .query_opt(
-            "SELECT attnames::text[], rowfilter FROM pg_publication_tables
-             WHERE current_setting('server_version_num')::int >= 150000
-               AND pubname = $1 AND schemaname = $2 AND tablename = $3",
-            &[&publication, &name.schema, &name.name],
-        )
-        .await;
-    let row = match row {
-        Ok(row) => row,
-        // Before 15 the view has neither column: nothing is filtered there.
-        Err(e) if e.code().map(|c| c.code()) == Some("42703") => None,
-        Err(e) => {
-            return Err(error::pg(
-                format!("Reading what publication {publication} publishes of {name}"),
-                e,
-            ))
-        }
-    };
-    Ok(row.map_or_else(Published::default, |row| Published {
-        columns: row.get(0),
-        row_filter: row.get(1),
-    }))
-}
-
 async fn pinned(client: &Client, side: &str) -> Result<()> {
     client
         .batch_execute(PIN_OUTPUT)
@@ -366,7 +327,9 @@ async fn verify_table(
     pinned(&source, "the source").await?;
     pinned(&target, "the target").await?;
     let (mut columns, key) = columns_of(&source, table).await?;
-    let published = published_shape(&source, &config.source.publication, table).await?;
+    let published =
+        crate::snapshot::plan::published_shape(&source, &config.source.publication, &table.name)
+            .await?;
     if let Some(names) = &published.columns {
         columns.retain(|c| names.contains(&c.name));
     }

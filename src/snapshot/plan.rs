@@ -571,34 +571,57 @@ pub fn source_copy_sql(layout: &TableLayout, chunk: ChunkRange) -> Result<String
     ))
 }
 
-/// Narrows `layout` to what `publication` publishes of its table (PostgreSQL 15 and later):
-/// the row filter, and the column list (columns outside it never reach the target by the
-/// stream either, so they are not copied: the target keeps its defaults there).
-pub async fn apply_publication_filters(
+/// What a publication carries of a table (PostgreSQL 15 and later): its column list and
+/// row filter, when it has them.
+#[derive(Debug, Default)]
+pub struct Published {
+    pub columns: Option<Vec<String>>,
+    pub row_filter: Option<String>,
+}
+
+/// What `publication` publishes of `name`; nothing narrowed before 15 (the view has neither
+/// column there) or when the publication does not list the table.
+pub async fn published_shape(
     source: &Client,
     publication: &str,
-    layout: &mut TableLayout,
-) -> Result<()> {
-    let name = &layout.name;
+    name: &TableName,
+) -> Result<Published> {
     let row = source
         .query_opt(
             "SELECT attnames::text[], rowfilter FROM pg_publication_tables
              WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
             &[&publication, &name.schema, &name.name],
         )
-        .await
-        .map_err(|e| {
-            error::pg(
-                format!("Reading publication {publication}'s row filter and columns for {name}"),
+        .await;
+    let row = match row {
+        Ok(row) => row,
+        Err(e) if e.code().map(|c| c.code()) == Some("42703") => None,
+        Err(e) => {
+            return Err(error::pg(
+                format!("Reading what publication {publication} publishes of {name}"),
                 e,
-            )
-        })?;
-    let Some(row) = row else { return Ok(()) };
-    let published: Option<Vec<String>> = row.get(0);
-    layout.row_filter = row.get(1);
-    if let Some(published) = published {
-        let published: Vec<String> = published.iter().map(|c| quote_ident(c)).collect();
-        layout.columns.retain(|c| published.contains(c));
+            ))
+        }
+    };
+    Ok(row.map_or_else(Published::default, |row| Published {
+        columns: row.get(0),
+        row_filter: row.get(1),
+    }))
+}
+
+/// Narrows `layout` to what `publication` publishes of its table: the row filter, and the
+/// column list (columns outside it never reach the target by the stream either, so they
+/// are not copied: the target keeps its defaults there).
+pub async fn apply_publication_filters(
+    source: &Client,
+    publication: &str,
+    layout: &mut TableLayout,
+) -> Result<()> {
+    let published = published_shape(source, publication, &layout.name).await?;
+    layout.row_filter = published.row_filter;
+    if let Some(names) = published.columns {
+        let names: Vec<String> = names.iter().map(|c| quote_ident(c)).collect();
+        layout.columns.retain(|c| names.contains(c));
     }
     Ok(())
 }
