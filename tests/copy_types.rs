@@ -300,4 +300,30 @@ async fn row_level_security_never_hides_rows_from_the_copy() {
         .await
         .expect("copy once the policies are bypassed");
     pair.assert_same("guarded", "id, v").await;
+
+    // The same on the target side: policies that apply to the target user would stop the
+    // copy's COPY FROM and stall apply; `check` names the table and the fix.
+    pair.dst
+        .batch_execute(
+            "CREATE ROLE writer LOGIN;
+             ALTER TABLE guarded ENABLE ROW LEVEL SECURITY;
+             GRANT ALL ON guarded TO writer;",
+        )
+        .await
+        .unwrap();
+    let text = text.replace(
+        &pair.target.url("app"),
+        &format!("postgresql://writer@127.0.0.1:{}/app", pair.target.port),
+    );
+    std::fs::write(&config_path, &text).unwrap();
+    let (code, stdout, _) =
+        crate::support::sluice::sluice(&["check", "--config", config_path.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("FAIL")
+            && l.contains(
+                "target: table public.guarded has row-level security that applies to writer"
+            )),
+        "{stdout}"
+    );
 }

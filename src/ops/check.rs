@@ -419,20 +419,8 @@ async fn check_read_privilege(
     let denied: BTreeSet<u32> = rows.iter().map(|r| r.get::<_, u32>(0)).collect();
     // Row-level security filters what this user's COPY reads (the stream is not filtered):
     // the copy refuses such a table (row_security = off) rather than copy part of it.
-    let filtered = client
-        .query(
-            "SELECT c.oid, current_user::text FROM pg_class c
-             WHERE c.oid = ANY($1::oid[]) AND c.relrowsecurity
-               AND NOT (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r
-                        WHERE r.rolname = current_user)
-               AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))",
-            &[&oids],
-        )
-        .await
-        .map_err(|e| error::pg("Checking row-level security on the source", e))?;
-    for row in &filtered {
-        let oid: u32 = row.get(0);
-        let user: String = row.get(1);
+    let (filtered, user) = under_row_security(client, &oids, "the source").await?;
+    for oid in filtered {
         if let Some(table) = tables.iter().find(|t| t.oid == oid) {
             if copy_enabled {
                 out.fail(format!(
@@ -462,6 +450,32 @@ async fn check_read_privilege(
 /// Partitions are published through their root (`publish_via_partition_root`), and
 /// PostgreSQL then sends nothing for a TRUNCATE of one partition; detaching or dropping one
 /// is DDL, never replicated either. Time-partitioned tables are pruned exactly that way.
+/// The tables of `oids` whose row-level security policies apply to the connected user (not
+/// superuser, not BYPASSRLS, not the owner, or the owner under FORCE), and that user.
+async fn under_row_security(
+    client: &Client,
+    oids: &[u32],
+    side: &str,
+) -> Result<(Vec<u32>, String)> {
+    let rows = client
+        .query(
+            "SELECT c.oid FROM pg_class c
+             WHERE c.oid = ANY($1::oid[]) AND c.relrowsecurity
+               AND NOT (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r
+                        WHERE r.rolname = current_user)
+               AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| error::pg(format!("Checking row-level security on {side}"), e))?;
+    let user: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .map_err(|e| error::pg(format!("Reading the user on {side}"), e))?
+        .get(0);
+    Ok((rows.iter().map(|r| r.get(0)).collect(), user))
+}
+
 /// The selected tables the publication narrows by a row filter or a column list
 /// (PostgreSQL 15): the copy and `verify` follow the same shape, but the operator should
 /// see that only part of each is migrated.
@@ -756,6 +770,15 @@ async fn check_target_tables(
     }
     for warning in unindexed_matches(client, source, &on_target).await? {
         out.warn(warning);
+    }
+    // Apply runs with row_security = off: a table whose policies apply to the target user
+    // would stall every change to it (and refuse the copy's COPY FROM).
+    let (guarded, user) = under_row_security(client, &target_oids, "the target").await?;
+    for (name, _) in on_target.iter().filter(|(_, oid)| guarded.contains(oid)) {
+        out.fail(format!(
+            "target: table {name} has row-level security that applies to {user}: the copy and apply could not write every row; ALTER ROLE {} BYPASSRLS (as a superuser), or connect as the table's owner",
+            crate::source::quote_ident(&user)
+        ));
     }
 
     match citus {
