@@ -18,6 +18,7 @@ pub mod error;
 pub mod lsn;
 pub mod ops;
 pub mod pgoutput;
+pub mod session;
 pub mod snapshot;
 pub mod source;
 pub mod tls;

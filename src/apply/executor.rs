@@ -80,14 +80,13 @@ impl Executor {
         position: Position,
     ) -> Result<(Executor, bool)> {
         // Text values are cast by the target; parse them the way the source's walsender
-        // was pinned to render them (see source::replication::PINNED_OPTIONS).
+        // was pinned to render them (`session`).
         client
-            .batch_execute(
-                "SET datestyle = ISO; SET intervalstyle = postgres; SET extra_float_digits = 3;
-                 SET TimeZone = 'UTC'; SET bytea_output = hex; SET lc_monetary = 'C';
-                 SET statement_timeout = 0; SET lock_timeout = 0;
-                 SET idle_in_transaction_session_timeout = 0; SET row_security = off",
-            )
+            .batch_execute(&format!(
+                "{}; {}",
+                crate::session::rendering_sql(),
+                crate::session::LONG_WORK
+            ))
             .await
             .map_err(|e| crate::error::pg("Preparing the apply session on the target", e))?;
         let replica_role = match client

@@ -52,12 +52,11 @@ pub struct VerifyArgs {
 /// How many differing keys are named per range.
 const MAX_KEYS_SHOWN: usize = 10;
 
-/// Session settings that make `row::text` identical on both sides; no statement timeout of
-/// the database or role cancels a checksum of a large range (verify is run by hand); rows
-/// that row-level security would hide make it fail rather than compare a part.
-const PIN_OUTPUT: &str = "SET datestyle = 'ISO, YMD'; SET intervalstyle = 'postgres';
-    SET timezone = 'UTC'; SET extra_float_digits = 3; SET bytea_output = 'hex';
-    SET lc_monetary = 'C'; SET statement_timeout = 0; SET row_security = off;";
+/// Beside `session::rendering_sql` (so `row::text` is the same on both sides): no statement
+/// timeout of the database or role cancels a checksum of a large range (verify is run by
+/// hand), and rows that row-level security would hide make it fail rather than compare a
+/// part.
+const VERIFY_SETTINGS: &str = "SET statement_timeout = 0; SET row_security = off";
 
 #[derive(Debug, Default)]
 pub struct VerifyReport {
@@ -301,7 +300,10 @@ async fn columns_of(source: &Client, table: &SourceTable) -> Result<(Vec<Column>
 
 async fn pinned(client: &Client, side: &str) -> Result<()> {
     client
-        .batch_execute(PIN_OUTPUT)
+        .batch_execute(&format!(
+            "{}; {VERIFY_SETTINGS}",
+            crate::session::rendering_sql()
+        ))
         .await
         .map_err(|e| error::pg(format!("Setting output settings on {side}"), e))
 }

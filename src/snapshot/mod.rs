@@ -514,10 +514,8 @@ async fn copy_tables(
     let mut jobs = Vec::new();
     for (index, table) in pending {
         let mut layout = plan::table_layout(source, &target, table).await?;
-        if version >= 150_000 {
-            plan::apply_publication_filters(source, &ctx.config.source.publication, &mut layout)
-                .await?;
-        }
+        plan::apply_publication_filters(source, &ctx.config.source.publication, &mut layout)
+            .await?;
         let blocks: i64 = source
             .query_one(
                 "SELECT pg_relation_size($1::oid::regclass, 'main')

@@ -14,22 +14,18 @@ use tokio_postgres::Client;
 
 use crate::conninfo::ConnInfo;
 use crate::error::{self, Error, ErrorKind, Result};
+use crate::session;
 use crate::snapshot::plan::{self, TableLayout};
 use crate::snapshot::progress::TableProgress;
 use crate::snapshot::state::{ChunkDone, ChunkRange};
 use crate::source::quote_literal;
 use crate::tls;
 
-/// Text output and input must agree on how dates, intervals and floats are written; pin
-/// them on both sides the way PostgreSQL's own table sync does.
-/// A chunk may take hours: no timeout of the database or role may end it. `row_security =
-/// off`: where row-level security policies would hide rows from the copy's user, the COPY
-/// fails instead of silently copying only the rows they show (streaming is not filtered by
-/// them, so the target would lack rows forever).
-const SESSION_SETTINGS: &str = "SET datestyle = ISO; SET intervalstyle = postgres; \
-     SET extra_float_digits = 3; SET bytea_output = hex; SET lc_monetary = 'C'; \
-     SET statement_timeout = 0; SET lock_timeout = 0; \
-     SET idle_in_transaction_session_timeout = 0; SET row_security = off";
+/// Text output and input must agree on how values are written (`session::rendering_sql`),
+/// and a chunk may take hours (`session::LONG_WORK`): both sides pin both.
+fn session_settings() -> String {
+    format!("{}; {}", session::rendering_sql(), session::LONG_WORK)
+}
 
 /// How much COPY data goes to the target in one CopyData message.
 const COALESCE_BYTES: usize = 128 * 1024;
@@ -44,13 +40,14 @@ impl Worker {
         let source = tls::connect(source, "the source").await?;
         source
             .batch_execute(&format!(
-                "{SESSION_SETTINGS}; SET application_name = 'sluice copy'"
+                "{}; SET application_name = 'sluice copy'",
+                session_settings()
             ))
             .await
             .map_err(|e| error::pg("Preparing a copy session on the source", e))?;
         let target = tls::connect(target, "the target").await?;
         target
-            .batch_execute(SESSION_SETTINGS)
+            .batch_execute(&session_settings())
             .await
             .map_err(|e| error::pg("Preparing a copy session on the target", e))?;
         // `replica`: no triggers and no foreign-key checks while rows arrive, as PostgreSQL's

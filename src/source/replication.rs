@@ -13,15 +13,6 @@ use crate::conninfo::ConnInfo;
 use crate::error::{self, Error, Result};
 use crate::tls;
 
-/// Session settings that fix how the walsender renders values as text, the way PostgreSQL's
-/// own subscriber pins them: dates in ISO, intervals in postgres style, floats exact; and
-/// timestamps with time zone in UTC, bytea in hex, money in the C locale, so the same value
-/// always reads the same. Startup options override what the database or role sets (a
-/// legacy `ALTER DATABASE ... SET bytea_output = 'escape'` would otherwise reach the
-/// stream, and rows matched by their old values would not be found on a hex target).
-pub const PINNED_OPTIONS: &str = "-c datestyle=ISO -c intervalstyle=postgres \
-     -c extra_float_digits=3 -c TimeZone=UTC -c bytea_output=hex -c lc_monetary=C";
-
 /// How long connecting, authenticating or a replication command may take.
 pub const REPLICATION_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -37,8 +28,9 @@ pub fn replication_config(
         .map(|p| p.expose().to_string())
         .unwrap_or_default();
     let options = match &conn.options {
-        Some(extra) => format!("{PINNED_OPTIONS} {extra}"),
-        None => PINNED_OPTIONS.to_string(),
+        // The walsender renders values as text the way every other session reads them.
+        Some(extra) => format!("{} {extra}", crate::session::rendering_options()),
+        None => crate::session::rendering_options(),
     };
     let mut config = ReplicationConfig::new(
         conn.host.clone(),

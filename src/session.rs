@@ -1,0 +1,62 @@
+//! Settings sluice pins on its own sessions, whatever the database or role sets.
+//!
+//! Values cross from source to target as text (the stream, text COPY, apply's parameters)
+//! and are compared as text (rows matched by their old values, `verify`'s checksums), so
+//! every session that writes or reads them renders them the same way, the way PostgreSQL's
+//! own subscriber pins them. One list, used as SQL by the SQL sessions and as startup
+//! options by the walsender (startup options override `ALTER DATABASE/ROLE ... SET`).
+
+/// Dates in ISO, intervals in postgres style, floats exact, timestamps with time zone in
+/// UTC, bytea in hex (a legacy `bytea_output = 'escape'` made FULL-identity matches of bytea
+/// rows fail), money in the C locale.
+const RENDERING: [(&str, &str); 6] = [
+    ("datestyle", "ISO"),
+    ("intervalstyle", "postgres"),
+    ("extra_float_digits", "3"),
+    ("TimeZone", "UTC"),
+    ("bytea_output", "hex"),
+    ("lc_monetary", "C"),
+];
+
+/// `SET name = 'value'; ...` for a SQL session.
+pub fn rendering_sql() -> String {
+    RENDERING
+        .iter()
+        .map(|(name, value)| format!("SET {name} = '{value}'"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// `-c name=value ...` for a replication session's startup packet.
+pub fn rendering_options() -> String {
+    RENDERING
+        .iter()
+        .map(|(name, value)| format!("-c {name}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Sessions whose work is long by nature (a copy chunk, a large source transaction
+/// applied at once): no timeout of the database or role may end it. `row_security = off`:
+/// where row-level security would hide rows, the statement fails instead of silently
+/// reading or matching only the rows the policies show.
+pub const LONG_WORK: &str = "SET statement_timeout = 0; SET lock_timeout = 0; \
+     SET idle_in_transaction_session_timeout = 0; SET row_security = off";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_list_two_spellings() {
+        assert!(
+            rendering_sql().starts_with("SET datestyle = 'ISO'; SET intervalstyle = 'postgres'")
+        );
+        assert!(rendering_sql().ends_with("SET lc_monetary = 'C'"));
+        assert_eq!(
+            rendering_options(),
+            "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 -c TimeZone=UTC \
+             -c bytea_output=hex -c lc_monetary=C"
+        );
+    }
+}
