@@ -419,16 +419,14 @@ async fn check_read_privilege(
     let denied: BTreeSet<u32> = rows.iter().map(|r| r.get::<_, u32>(0)).collect();
     // Row-level security filters what this user's COPY reads (the stream is not filtered):
     // the copy refuses such a table (row_security = off) rather than copy part of it.
-    let (filtered, user) = under_row_security(client, &oids, "the source").await?;
-    for oid in filtered {
-        if let Some(table) = tables.iter().find(|t| t.oid == oid) {
-            if copy_enabled {
-                out.fail(format!(
-                    "source: table {} has row-level security that applies to {user}: its policies would hide rows from the initial copy, which therefore refuses it; ALTER ROLE {} BYPASSRLS (as a superuser), connect as the table's owner, or exclude the table",
-                    table.name,
-                    crate::source::quote_ident(&user)
-                ));
-            }
+    if copy_enabled {
+        let (filtered, user) = under_row_security(client, &oids, "the source").await?;
+        for table in tables.iter().filter(|t| filtered.contains(&t.oid)) {
+            out.fail(format!(
+                "source: table {} has row-level security that applies to {user}: its policies would hide rows from the initial copy, which therefore refuses it; ALTER ROLE {} BYPASSRLS (as a superuser), connect as the table's owner, or exclude the table",
+                table.name,
+                crate::source::quote_ident(&user)
+            ));
         }
     }
     if denied.is_empty() {
@@ -457,23 +455,19 @@ async fn under_row_security(
     oids: &[u32],
     side: &str,
 ) -> Result<(Vec<u32>, String)> {
-    let rows = client
-        .query(
-            "SELECT c.oid FROM pg_class c
-             WHERE c.oid = ANY($1::oid[]) AND c.relrowsecurity
-               AND NOT (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r
-                        WHERE r.rolname = current_user)
-               AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))",
+    let row = client
+        .query_one(
+            "SELECT current_user::text, ARRAY(
+                 SELECT c.oid FROM pg_class c
+                 WHERE c.oid = ANY($1::oid[]) AND c.relrowsecurity
+                   AND NOT (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r
+                            WHERE r.rolname = current_user)
+                   AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE')))",
             &[&oids],
         )
         .await
         .map_err(|e| error::pg(format!("Checking row-level security on {side}"), e))?;
-    let user: String = client
-        .query_one("SELECT current_user::text", &[])
-        .await
-        .map_err(|e| error::pg(format!("Reading the user on {side}"), e))?
-        .get(0);
-    Ok((rows.iter().map(|r| r.get(0)).collect(), user))
+    Ok((row.get(1), row.get(0)))
 }
 
 /// The selected tables the publication narrows by a row filter or a column list
