@@ -36,7 +36,7 @@ use crate::snapshot;
 use crate::source::replication::{self, with_timeout};
 use crate::source::slot::slot_info;
 use crate::source::stream::Reader;
-use crate::source::{quote_ident, selected_tables, SourceTable};
+use crate::source::{quote_ident, selected_tables, SourceTable, TableName};
 use crate::tls;
 
 #[derive(Debug, Clone, Default)]
@@ -470,6 +470,15 @@ async fn pipeline(
     let target = tls::connect(&config.target.conn, "the target").await?;
 
     let tables = selected_tables(&source, &config.tables).await?;
+    // Before anything is created on the source: a target whose triggers would rewrite the
+    // rows sluice writes is refused, not quietly made to differ.
+    let names: Vec<TableName> = tables.iter().map(|t| t.name.clone()).collect();
+    if let Some(problem) = crate::apply::target::replica_role(&target, &names)
+        .await?
+        .trigger_problem()
+    {
+        return Err(Error::definite(problem));
+    }
     ensure_publication(&source, &config.source.publication, &tables).await?;
 
     checkpoint::ensure_position_table(&target).await?;

@@ -29,4 +29,5 @@ mod ops_status;
 mod run_copy;
 mod run_failures;
 mod run_stream;
+mod run_target_role;
 mod run_tls;

@@ -113,3 +113,135 @@ pub async fn load(
         distribution_column,
     })
 }
+
+/// How the target's triggers would behave under sluice's writes, when they would behave
+/// differently from PostgreSQL's own replication.
+///
+/// Copy and apply run with `session_replication_role = replica`, as a subscription does: then
+/// ordinary (`ENABLE`) triggers stay quiet and `ENABLE REPLICA` ones fire. A target user who
+/// may not set that role writes as an application would, and the triggers do the opposite:
+/// an `updated_at` trigger rewrites every copied row, an audit trigger fills its log. The
+/// target would then differ from the source without any error, so this is checked first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaRole {
+    /// The target user may set `session_replication_role = replica`.
+    Allowed,
+    /// It may not; `triggers` lists the selected tables whose triggers would misbehave.
+    Refused {
+        user: String,
+        triggers: Vec<TriggersUnlikeReplica>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TriggersUnlikeReplica {
+    pub table: TableName,
+    /// Plain `ENABLE` triggers: they would fire on every copied and applied row.
+    pub would_fire: Vec<String>,
+    /// `ENABLE REPLICA` triggers: they would not fire.
+    pub would_not_fire: Vec<String>,
+}
+
+/// Whether the target user may act as a replica, and if not, which of `tables`' triggers
+/// (on the table or any of its partitions) would then behave unlike under replication.
+pub async fn replica_role(target: &Client, tables: &[TableName]) -> Result<ReplicaRole> {
+    let user: String = target
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .map_err(|e| error::pg("Reading the target user", e))?
+        .get(0);
+    // Tried inside a transaction that is rolled back, so the session is left as it was.
+    match target
+        .batch_execute("BEGIN; SET LOCAL session_replication_role = replica; ROLLBACK")
+        .await
+    {
+        Ok(()) => return Ok(ReplicaRole::Allowed),
+        Err(e) => {
+            let _ = target.batch_execute("ROLLBACK").await;
+            if e.code() != Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+                return Err(error::pg(
+                    "Trying session_replication_role = replica on the target",
+                    e,
+                ));
+            }
+        }
+    }
+    let schemas: Vec<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
+    let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+    let rows = target
+        .query(
+            "WITH selected AS (
+                 SELECT s, t, to_regclass(format('%I.%I', s, t)) AS oid
+                 FROM unnest($1::text[], $2::text[]) AS u(s, t))
+             SELECT s, t,
+                    COALESCE(array_agg(DISTINCT tr.tgname::text)
+                             FILTER (WHERE tr.tgenabled = 'O'), '{}'),
+                    COALESCE(array_agg(DISTINCT tr.tgname::text)
+                             FILTER (WHERE tr.tgenabled = 'R'), '{}')
+             FROM selected
+             JOIN pg_trigger tr
+               ON tr.tgrelid = selected.oid
+               -- a partitioned table's partitions (none listed for a plain table)
+               OR tr.tgrelid IN (SELECT relid FROM pg_partition_tree(selected.oid))
+             WHERE NOT tr.tgisinternal AND tr.tgenabled IN ('O', 'R')
+             GROUP BY s, t
+             ORDER BY s, t",
+            &[&schemas, &names],
+        )
+        .await
+        .map_err(|e| {
+            error::pg(
+                "Reading the triggers of the selected tables on the target",
+                e,
+            )
+        })?;
+    let triggers = rows
+        .iter()
+        .map(|row| TriggersUnlikeReplica {
+            table: TableName::new(row.get::<_, String>(0), row.get::<_, String>(1)),
+            would_fire: row.get(2),
+            would_not_fire: row.get(3),
+        })
+        .collect();
+    Ok(ReplicaRole::Refused { user, triggers })
+}
+
+impl ReplicaRole {
+    /// Why copy and apply must not start, when triggers would make the target differ.
+    pub fn trigger_problem(&self) -> Option<String> {
+        let ReplicaRole::Refused { user, triggers } = self else {
+            return None;
+        };
+        if triggers.is_empty() {
+            return None;
+        }
+        let mut tables = Vec::new();
+        let mut fixes = Vec::new();
+        for found in triggers {
+            let quoted = found.table.quoted();
+            let mut parts = Vec::new();
+            if !found.would_fire.is_empty() {
+                parts.push(format!("{} would fire", found.would_fire.join(", ")));
+            }
+            if !found.would_not_fire.is_empty() {
+                parts.push(format!(
+                    "{} (ENABLE REPLICA) would not fire",
+                    found.would_not_fire.join(", ")
+                ));
+            }
+            tables.push(format!("{}: {}", found.table, parts.join("; ")));
+            for trigger in found.would_fire.iter().chain(&found.would_not_fire) {
+                fixes.push(format!(
+                    "ALTER TABLE {quoted} DISABLE TRIGGER {}",
+                    crate::source::quote_ident(trigger)
+                ));
+            }
+        }
+        let user = crate::source::quote_ident(user);
+        Some(format!(
+            "The target user {user} may not SET session_replication_role = replica, so the copy and apply would write as an application does and the target's triggers would act unlike under PostgreSQL's own replication, changing rows without an error: {}. Connect to the target as a superuser, or GRANT SET ON PARAMETER session_replication_role TO {user} (PostgreSQL 15+, as a superuser); or settle each trigger: DISABLE it until cutover ({}), or ENABLE ALWAYS it if it should act on replicated rows too",
+            tables.join("; "),
+            fixes.join("; ")
+        ))
+    }
+}

@@ -11,6 +11,7 @@ use std::fmt;
 use clap::Args;
 use tokio_postgres::Client;
 
+use crate::apply::target::ReplicaRole;
 use crate::config::{format_size, Config, SplitBy};
 use crate::error::{self, Result};
 use crate::snapshot::plan;
@@ -773,6 +774,19 @@ async fn check_target_tables(
             "target: table {name} has row-level security that applies to {user}: the copy and apply could not write every row; ALTER ROLE {} BYPASSRLS (as a superuser), or connect as the table's owner",
             crate::source::quote_ident(&user)
         ));
+    }
+
+    let selected: Vec<TableName> = on_target.keys().cloned().collect();
+    let role = crate::apply::target::replica_role(client, &selected).await?;
+    if let Some(problem) = role.trigger_problem() {
+        out.fail(format!("target: {problem}"));
+    } else if let ReplicaRole::Refused { user, .. } = &role {
+        let user = crate::source::quote_ident(user);
+        out.warn(format!(
+            "target: {user} may not SET session_replication_role = replica: foreign keys are checked as rows arrive (a copied table whose rows refer to a table still being copied is loaded again once that one is done) and apply keeps every change in exact source order, which is slower; connect as a superuser, or GRANT SET ON PARAMETER session_replication_role TO {user} (PostgreSQL 15+)"
+        ));
+    } else {
+        out.pass("target: the user may SET session_replication_role = replica: the target's triggers and foreign keys stay quiet during copy and apply, as under PostgreSQL's own replication");
     }
 
     match citus {

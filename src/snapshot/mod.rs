@@ -467,6 +467,9 @@ struct Job {
     chunk: usize,
     range: ChunkRange,
     weight: u64,
+    /// Refused by a foreign key on the target (its rows refer to rows not copied yet): how
+    /// many chunks had finished then, and the refusal. It is tried again once one more has.
+    waits_for_references: Option<(usize, Error)>,
 }
 
 /// What the workers of one round share.
@@ -482,6 +485,11 @@ struct Round {
     remaining: Vec<AtomicUsize>,
     progress: Vec<Arc<TableProgress>>,
     queue: Mutex<VecDeque<Job>>,
+    /// Chunks finished in this round, chunks being copied right now, and a wake-up for
+    /// workers whose queued chunks all wait for rows a running chunk may provide.
+    chunks_finished: AtomicUsize,
+    chunks_running: AtomicUsize,
+    chunk_ended: tokio::sync::Notify,
     /// Tells the deferred-DDL builder a table is copied (its quoted name).
     copied: UnboundedSender<String>,
 }
@@ -577,6 +585,7 @@ async fn copy_tables(
                 chunk,
                 range: *range,
                 weight: plan::chunk_weight(&layout, table_bytes, &chunks, *range),
+                waits_for_references: None,
             });
         }
         remaining.push(AtomicUsize::new(chunks.len()));
@@ -608,6 +617,9 @@ async fn copy_tables(
         remaining,
         progress: round_progress,
         queue: Mutex::new(jobs.into()),
+        chunks_finished: AtomicUsize::new(0),
+        chunks_running: AtomicUsize::new(0),
+        chunk_ended: tokio::sync::Notify::new(),
         copied: copied.clone(),
     });
     let mut set = tokio::task::JoinSet::new();
@@ -674,12 +686,7 @@ async fn empty_target_table(
 /// same snapshot on fresh connections.
 async fn work(round: Arc<Round>) -> Result<()> {
     let mut worker: Option<Worker> = None;
-    loop {
-        let job = {
-            let mut queue = round.queue.lock().unwrap_or_else(|p| p.into_inner());
-            queue.pop_front()
-        };
-        let Some(job) = job else { return Ok(()) };
+    while let Some(mut job) = next_job(&round).await? {
         let layout = &round.layouts[job.table];
         let progress = &round.progress[job.table];
         if progress.rows() == 0 {
@@ -689,7 +696,7 @@ async fn work(round: Arc<Round>) -> Result<()> {
         }
         progress.mark_copying();
         let mut attempt = 1;
-        let done = loop {
+        let outcome = loop {
             let result = async {
                 let connected = match worker.as_mut() {
                     Some(connected) => connected,
@@ -702,16 +709,29 @@ async fn work(round: Arc<Round>) -> Result<()> {
             }
             .await;
             match result {
-                Ok(done) => break done,
+                Ok(done) => break Ok(Some(done)),
                 Err(e) => {
                     // A failed chunk leaves its connections mid-transaction: start afresh.
                     worker = None;
+                    // Without session_replication_role = replica the target checks foreign
+                    // keys as rows arrive, and chunks are copied in parallel in no order of
+                    // their references: a chunk whose rows refer to rows another chunk has
+                    // not committed yet waits for it, as a loader would order the tables.
+                    if e.sqlstate() == Some("23503") {
+                        let finished = round.chunks_finished.load(Ordering::Acquire);
+                        tracing::info!(
+                            chunk = %plan::describe(layout, job.range),
+                            "a foreign key on the target refused rows that refer to rows not copied yet; the chunk waits for another one to finish, then is copied again"
+                        );
+                        job.waits_for_references = Some((finished, e));
+                        break Ok(None);
+                    }
                     let snapshot_gone = e.sqlstate() == Some("22023");
                     if !e.is_transient() || snapshot_gone {
-                        return Err(e);
+                        break Err(e);
                     }
                     if attempt >= CHUNK_ATTEMPTS {
-                        return Err(e.context(format!(
+                        break Err(e.context(format!(
                             "Gave up after {attempt} attempts (check the connections to the source and the target; restarting sluice resumes the copy and keeps the tables already copied)"
                         )));
                     }
@@ -726,7 +746,67 @@ async fn work(round: Arc<Round>) -> Result<()> {
                 }
             }
         };
-        finish_chunk(&round, &job, done)?;
+        let outcome = match outcome {
+            Ok(Some(done)) => finish_chunk(&round, &job, done).map(|()| {
+                round.chunks_finished.fetch_add(1, Ordering::AcqRel);
+            }),
+            Ok(None) => {
+                round
+                    .queue
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_back(job);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        round.chunks_running.fetch_sub(1, Ordering::AcqRel);
+        round.chunk_ended.notify_waiters();
+        outcome?;
+    }
+    Ok(())
+}
+
+/// The next chunk to copy: the first queued one that is not waiting for references, or
+/// whose wait may be over (a chunk finished since it was refused). None when the queue is
+/// empty. When every queued chunk waits and none is being copied, nothing can supply the
+/// rows they refer to: the first refusal is the error.
+async fn next_job(round: &Round) -> Result<Option<Job>> {
+    loop {
+        // Registered before the queue is looked at, so a chunk ending in between still wakes us.
+        let ended = round.chunk_ended.notified();
+        {
+            let mut queue = round.queue.lock().unwrap_or_else(|p| p.into_inner());
+            let finished = round.chunks_finished.load(Ordering::Acquire);
+            let ready = queue.iter().position(|job| {
+                job.waits_for_references
+                    .as_ref()
+                    .is_none_or(|(since, _)| finished > *since)
+            });
+            if let Some(ready) = ready {
+                round.chunks_running.fetch_add(1, Ordering::AcqRel);
+                return Ok(queue.remove(ready));
+            }
+            if queue.is_empty() {
+                return Ok(None);
+            }
+            if round.chunks_running.load(Ordering::Acquire) == 0 {
+                // Every queued chunk waits (one that does not is always ready).
+                let Some(refusal) = queue
+                    .iter()
+                    .find_map(|job| Some(&job.waits_for_references.as_ref()?.1))
+                else {
+                    return Err(Error::definite(
+                        "The copy's queue holds chunks none of which may start: this is a bug in sluice; restart to resume the copy",
+                    ));
+                };
+                return Err(Error::definite(format!(
+                    "{}\nNo chunk still being copied can supply the rows it refers to: they are outside the copy, or the source breaks a foreign key the target has, or two tables refer to each other. The target user may not SET session_replication_role = replica, so the target checks foreign keys during the copy: connect as a superuser or GRANT SET ON PARAMETER session_replication_role to the target user (PostgreSQL 15+), or drop the foreign keys until the copy is done (`sluice schema` defers them)",
+                    refusal.report()
+                )));
+            }
+        }
+        ended.await;
     }
 }
 

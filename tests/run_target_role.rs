@@ -1,0 +1,228 @@
+//! A target user who may not `SET session_replication_role = replica` (managed services,
+//! least-privilege migration roles): the target's triggers and foreign keys then act on
+//! sluice's writes. Triggers would make the target differ without an error, so the start is
+//! refused; foreign keys only need the copy to load referenced rows first.
+
+use std::time::Duration;
+
+use crate::support::sluice::{sluice, Daemon, Pair};
+
+const SCHEMA: &str = "
+CREATE TABLE customers (id int PRIMARY KEY, name text);
+CREATE TABLE orders (id int PRIMARY KEY, customer_id int REFERENCES customers, note text,
+                     updated_at timestamptz);
+";
+
+/// Both clusters with SCHEMA and rows on the source; on the target the tables belong to
+/// `writer`, an ordinary role. `customers` is much larger than `orders`, whose rows refer to
+/// its last ids, so a parallel copy finishes `orders` first.
+async fn pair_with_a_plain_target_user() -> Pair {
+    let pair = Pair::with_schema(SCHEMA).await;
+    pair.source_client()
+        .await
+        .batch_execute(
+            "INSERT INTO customers SELECT g, 'customer ' || g FROM generate_series(1, 300000) g;
+             INSERT INTO orders SELECT g, 300000 - g, 'order ' || g, '2020-01-01 00:00+00'
+             FROM generate_series(1, 2000) g;",
+        )
+        .await
+        .unwrap();
+    pair.target_client()
+        .await
+        .batch_execute(
+            "CREATE ROLE writer LOGIN;
+             GRANT CREATE ON DATABASE app TO writer;
+             ALTER TABLE customers OWNER TO writer;
+             ALTER TABLE orders OWNER TO writer;",
+        )
+        .await
+        .unwrap();
+    pair
+}
+
+/// A config whose target user is `writer`; `name` keeps its slot, publication and state
+/// apart from other configs in the same pair.
+fn config_as_writer(pair: &Pair, name: &str, extra: &str) -> std::path::PathBuf {
+    let path = pair.dir.path().join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[source]\nurl = \"{}\"\nslot = \"{name}\"\npublication = \"{name}\"\n\
+             [target]\nurl = \"host=127.0.0.1 port={} user=writer dbname=app\"\n\
+             [state]\ndir = \"{}\"\n[copy]\njobs = 2\n{extra}\n",
+            pair.source.dsn("app"),
+            pair.target.port,
+            pair.dir.path().join(format!("{name}-state")).display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn source_objects(pair: &Pair) -> (i64, i64) {
+    let row = pair
+        .source_client()
+        .await
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_replication_slots),
+                    (SELECT count(*) FROM pg_publication)",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// An `updated_at` trigger would have stamped every copied row with the time of the copy:
+/// the target would differ from the source and nothing would say so. `check` fails and `run`
+/// refuses (before anything exists on the source), naming the trigger and the fixes; with
+/// the role granted, the copy leaves the rows as the source has them.
+#[tokio::test(flavor = "multi_thread")]
+async fn triggers_that_would_rewrite_copied_rows_refuse_the_start_until_the_role_is_granted() {
+    let pair = pair_with_a_plain_target_user().await;
+    let target = pair.target_client().await;
+    target
+        .batch_execute(
+            "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN NEW.updated_at := now(); RETURN NEW; END $$;
+             CREATE TRIGGER touch BEFORE INSERT OR UPDATE ON orders
+                 FOR EACH ROW EXECUTE FUNCTION touch();
+             CREATE FUNCTION nothing() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN RETURN NULL; END $$;
+             CREATE TRIGGER replica_only AFTER INSERT ON customers
+                 FOR EACH ROW EXECUTE FUNCTION nothing();
+             ALTER TABLE customers ENABLE REPLICA TRIGGER replica_only;",
+        )
+        .await
+        .unwrap();
+    let config = config_as_writer(&pair, "sluice", "");
+    let config = config.to_str().unwrap();
+
+    let (code, stdout, _) = sluice(&["check", "--config", config]);
+    assert_eq!(code, 1, "{stdout}");
+    let fail = stdout
+        .lines()
+        .find(|l| l.starts_with("FAIL") && l.contains("session_replication_role"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    for expected in [
+        "public.orders: touch would fire",
+        "public.customers: replica_only (ENABLE REPLICA) would not fire",
+        "GRANT SET ON PARAMETER session_replication_role TO \"writer\"",
+        "ALTER TABLE \"public\".\"orders\" DISABLE TRIGGER \"touch\"",
+    ] {
+        assert!(fail.contains(expected), "{expected}: {fail}");
+    }
+
+    // Spawned, not run to completion: a start that is not refused would run for ever.
+    let mut refused = Daemon::spawn(
+        std::path::Path::new(config),
+        &pair.dir.path().join("refused.log"),
+    );
+    let status = refused.wait(Duration::from_secs(30));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "run was not refused:\n{}",
+        refused.log()
+    );
+    assert!(
+        refused.log().contains("public.orders: touch would fire"),
+        "{}",
+        refused.log()
+    );
+    assert_eq!(
+        source_objects(&pair).await,
+        (0, 0),
+        "a refused start created a slot or a publication"
+    );
+
+    pair.target_client()
+        .await
+        .batch_execute("GRANT SET ON PARAMETER session_replication_role TO writer")
+        .await
+        .unwrap();
+    let (code, stdout, _) = sluice(&["check", "--config", config]);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("PASS")
+                && l.contains("may SET session_replication_role = replica")),
+        "{code} {stdout}"
+    );
+    let daemon = pair.start_daemon(std::path::Path::new(config)).await;
+    pair.source_client()
+        .await
+        .batch_execute("UPDATE orders SET note = 'changed' WHERE id = 7")
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["customers", "orders"])
+        .await;
+    let stamped: i64 = target
+        .query_one(
+            "SELECT count(*) FROM orders WHERE updated_at <> '2020-01-01 00:00+00'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stamped, 0, "the trigger fired on sluice's writes");
+}
+
+/// Without the role the target checks foreign keys as rows arrive, and the copy runs tables
+/// in parallel: `orders` finishes before the `customers` it refers to has committed. That
+/// chunk waits and is copied again once `customers` is in. Rows that refer to a table outside
+/// the copy can never be loaded: the copy stops naming the foreign key and the fixes.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_replica_role_a_chunk_refused_by_a_foreign_key_is_copied_after_what_it_refers_to(
+) {
+    let pair = pair_with_a_plain_target_user().await;
+
+    let outside = config_as_writer(
+        &pair,
+        "outside",
+        "[tables]\nexclude = [\"public.customers\"]",
+    );
+    let mut stopped = Daemon::spawn(&outside, &pair.dir.path().join("outside.log"));
+    let status = stopped.wait(Duration::from_secs(60));
+    let stderr = stopped.log();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{stderr}");
+    for expected in [
+        "violates foreign key constraint \"orders_customer_id_fkey\"",
+        "No chunk still being copied can supply the rows it refers to",
+        "GRANT SET ON PARAMETER session_replication_role",
+    ] {
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+    }
+    let source = pair.source_client().await;
+    source
+        .batch_execute("SELECT pg_drop_replication_slot('outside'); DROP PUBLICATION outside;")
+        .await
+        .unwrap();
+
+    let config = config_as_writer(&pair, "sluice", "");
+    let (code, stdout, _) = sluice(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("WARN")
+            && l.contains("\"writer\" may not SET session_replication_role = replica")),
+        "{stdout}"
+    );
+    let daemon = pair.start_daemon(&config).await;
+    daemon.wait_for_log("initial copy finished").await;
+    assert!(
+        daemon
+            .log()
+            .contains("a foreign key on the target refused rows that refer to rows not copied yet"),
+        "the copy of orders did not meet the foreign key (customers was not larger?):\n{}",
+        daemon.log()
+    );
+    source
+        .batch_execute(
+            "INSERT INTO customers VALUES (300001, 'new');
+             INSERT INTO orders VALUES (5000, 300001, 'new', '2020-01-01 00:00+00');",
+        )
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["customers", "orders"])
+        .await;
+}
