@@ -221,6 +221,28 @@ async fn check_passes_a_ready_source_and_target() {
     );
     line_with(&text, "PASS", &["free (sluice needs 1)", "max_wal_senders"]);
     line_with(&text, "PASS", &["publication sluice does not exist yet"]);
+    line_with(
+        &text,
+        "PASS",
+        &["may SET session_replication_role = replica"],
+    );
+    assert!(!text.contains("large objects"), "{text}");
+
+    // Large objects are in no table: neither the copy nor the stream carries them.
+    source
+        .batch_execute("SELECT lo_from_bytea(0, 'scan.pdf'), lo_from_bytea(0, 'logo.png')")
+        .await
+        .unwrap();
+    let text = check_exits(&config, 0).await;
+    line_with(
+        &text,
+        "WARN",
+        &[
+            "holds 2 large objects",
+            "do not carry them",
+            "--large-objects",
+        ],
+    );
 
     // A publication that misses a selected table blocks `run`: check says so first.
     source
