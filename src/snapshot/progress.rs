@@ -195,7 +195,8 @@ fn rate(amount: u64, elapsed: Duration) -> f64 {
     }
 }
 
-fn log_lines(tables: &[Arc<TableProgress>], elapsed: Duration, finished: bool) {
+/// `last`: the copy ended (every table copied, or it stopped on an error).
+fn log_lines(tables: &[Arc<TableProgress>], elapsed: Duration, last: bool) {
     for table in tables.iter().filter(|t| t.state() == COPYING) {
         let rows = table.rows();
         let row_rate = rate(rows, table.elapsed());
@@ -224,7 +225,8 @@ fn log_lines(tables: &[Arc<TableProgress>], elapsed: Duration, finished: bool) {
         rows,
         bytes,
         mb_per_second = format!("{:.1}", rate(bytes, elapsed) / 1e6),
-        finished,
+        // A copy that stopped on an error reports its last state too; it is not finished.
+        finished = last && copied == tables.len(),
         "initial copy progress"
     );
 }
