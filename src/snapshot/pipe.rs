@@ -51,8 +51,9 @@ impl Worker {
             .await
             .map_err(|e| error::pg("Preparing a copy session on the target", e))?;
         // `replica`: no triggers and no foreign-key checks while rows arrive, as PostgreSQL's
-        // own table sync does. It needs superuser (or, from 15, a granted SET privilege);
-        // without it the copy still works, only slower when the target has triggers or FKs.
+        // own table sync does. It needs superuser (or, from 15, a granted SET privilege).
+        // Without it, `run` has already refused targets whose triggers would act on the
+        // rows, and a chunk a foreign key refuses waits for the rows it refers to (mod.rs).
         if let Err(e) = target
             .batch_execute("SET session_replication_role = replica")
             .await
