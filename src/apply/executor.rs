@@ -333,7 +333,7 @@ impl Executor {
                 return Err(self.identity_changed(&what, &plan.target.quoted, &guards));
             }
             let text = sql::update_unnest(
-                &plan.target.quoted,
+                &plan.target.dml_name(),
                 &sql::UpdateColumns {
                     keys: &key_columns,
                     set: &set,
@@ -423,7 +423,7 @@ impl Executor {
             .and_then(|d| key_indexes.iter().position(|&k| k == d));
         let dist_column = dist_at.map(|at| key_columns[at].clone());
         let what = format!("{} delete(s) from {}", keys.len(), plan.target.name);
-        let text = sql::delete_unnest(&plan.target.quoted, &key_columns, dist_column.as_ref());
+        let text = sql::delete_unnest(&plan.target.dml_name(), &key_columns, dist_column.as_ref());
         let param_count = key_columns.len() + usize::from(dist_column.is_some());
         let statement = self
             .statement(&text, &vec![Type::TEXT_ARRAY; param_count], &what)
@@ -448,7 +448,7 @@ impl Executor {
     }
 
     async fn by_values(&mut self, plan: &TablePlan, change: ValueChange) -> Result<()> {
-        let table = &plan.target.quoted;
+        let table = &plan.target.dml_name();
         let columns = &plan.columns;
         let name = &plan.target.name;
         let (text, values, what) = match &change {

@@ -345,6 +345,17 @@ impl Applier {
                     .iter()
                     .map(|r| TableName::new(r.namespace.clone(), r.name.clone()).quoted())
                     .collect();
+                // The source names every table it truncated: a parent by inheritance is
+                // truncated ONLY, or its children's rows on the target would go with it
+                // (`TRUNCATE ONLY parent` on the source names the parent alone).
+                let parents = target::inheritance_parents(&self.catalog, &names).await?;
+                let names: Vec<String> = names
+                    .into_iter()
+                    .map(|name| match parents.contains(&name) {
+                        true => format!("ONLY {name}"),
+                        false => name,
+                    })
+                    .collect();
                 let work = Work::Sql {
                     what: format!("TRUNCATE of {}", names.join(", ")),
                     sql: sql::truncate(&names, cascade, restart_identity),

@@ -19,9 +19,23 @@ pub struct TargetTable {
     pub primary_key: Vec<String>,
     /// Citus distribution column of a hash-distributed table.
     pub distribution_column: Option<String>,
+    /// A plain table with inheritance children (legacy partitioning by inheritance):
+    /// UPDATE, DELETE and TRUNCATE on it would reach the children's rows as well.
+    pub has_inheritance_children: bool,
 }
 
 impl TargetTable {
+    /// The table as UPDATE and DELETE name it: `ONLY` when it has inheritance children, so
+    /// a change the source made to this table's row never reaches a child's row with the
+    /// same key (or the same ctid, for rows matched by all their values), as PostgreSQL's
+    /// own apply works on exactly one relation.
+    pub fn dml_name(&self) -> String {
+        match self.has_inheritance_children {
+            true => format!("ONLY {}", self.quoted),
+            false => self.quoted.clone(),
+        }
+    }
+
     pub fn column(&self, name: &str) -> Option<&SqlColumn> {
         self.columns.get(name)
     }
@@ -101,6 +115,9 @@ pub async fn load(
         columns.insert(column, sql_column);
     }
     key.sort();
+    let has_inheritance_children = !inheritance_parents(target, std::slice::from_ref(&quoted))
+        .await?
+        .is_empty();
     let distribution_column = citus
         .and_then(|layout| layout.table(name))
         .and_then(|table| table.distribution_column())
@@ -111,7 +128,25 @@ pub async fn load(
         columns,
         primary_key: key.into_iter().map(|(_, name)| name).collect(),
         distribution_column,
+        has_inheritance_children,
     })
+}
+
+/// Which of `quoted` (quoted table names) are plain tables with inheritance children on the
+/// target. Partitioned tables are not among them: their statements must recurse (`ONLY` on
+/// one changes nothing, or is refused).
+pub async fn inheritance_parents(target: &Client, quoted: &[String]) -> Result<Vec<String>> {
+    let rows = target
+        .query(
+            "SELECT n.name FROM unnest($1::text[]) AS n(name)
+             JOIN pg_class c ON c.oid = to_regclass(n.name)
+             WHERE c.relkind = 'r'
+               AND EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid)",
+            &[&quoted],
+        )
+        .await
+        .map_err(|e| error::pg("Looking for inheritance children on the target", e))?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
 /// How the target's triggers would behave under sluice's writes, when they would behave

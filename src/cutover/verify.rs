@@ -104,13 +104,15 @@ impl Column {
 /// The SQL for one table, built once from the source's catalog.
 #[derive(Debug, Clone)]
 struct TablePlan {
-    name: TableName,
     key: Vec<Column>,
     row_hash: String,
     order_by: String,
     /// The publication's row filter: only the rows it admits reach the target, so only
     /// they are compared (read on the source side alone).
     source_filter: Option<String>,
+    /// The table as the statements read it: `ONLY` for a parent by inheritance, whose
+    /// children are tables of their own (compared on their own when selected).
+    from: String,
 }
 
 /// Which side a statement is for: the source's may carry the publication's row filter.
@@ -133,11 +135,11 @@ impl TablePlan {
             .collect::<Vec<_>>()
             .join(", ");
         TablePlan {
-            name,
             key,
             row_hash: format!("md5(ROW({row})::text)"),
             order_by,
             source_filter: None,
+            from: name.quoted(),
         }
     }
 
@@ -152,7 +154,7 @@ impl TablePlan {
     fn count_sql(&self, side: Side) -> String {
         format!(
             "SELECT count(*) FROM {} WHERE {}",
-            self.name.quoted(),
+            self.from,
             self.filtered(side, "true".to_string())
         )
     }
@@ -210,7 +212,7 @@ impl TablePlan {
                 .collect::<Vec<_>>()
                 .join(", "),
             order = self.order_by,
-            table = self.name.quoted(),
+            table = self.from,
             filter = self.filtered(Side::Source, "true".to_string()),
         )
     }
@@ -225,7 +227,7 @@ impl TablePlan {
                     COALESCE(sum(('x' || substr(h, 17, 16))::bit(64)::bigint), 0)::text
              FROM (SELECT {hash} AS h FROM {table} WHERE {range}) s",
             hash = self.row_hash,
-            table = self.name.quoted(),
+            table = self.from,
             range = self.filtered(side, self.range_predicate(lower, upper)),
         )
     }
@@ -235,7 +237,7 @@ impl TablePlan {
             "SELECT {keys}, {hash} FROM {table} WHERE {range} ORDER BY {order}",
             keys = self.key_text(),
             hash = self.row_hash,
-            table = self.name.quoted(),
+            table = self.from,
             range = self.filtered(side, self.range_predicate(lower, upper)),
             order = self.order_by,
         )
@@ -337,6 +339,16 @@ async fn verify_table(
     }
     let mut plan = TablePlan::new(table.name.clone(), &columns, key);
     plan.source_filter = published.row_filter;
+    let quoted = [table.name.quoted()];
+    let inherited = !crate::apply::target::inheritance_parents(&source, &quoted)
+        .await?
+        .is_empty()
+        || !crate::apply::target::inheritance_parents(&target, &quoted)
+            .await?
+            .is_empty();
+    if inherited {
+        plan.from = format!("ONLY {}", plan.from);
+    }
     let name = &table.name;
     let mut lines = Vec::new();
 
