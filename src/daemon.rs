@@ -373,7 +373,16 @@ async fn create_publication(
 }
 
 fn create_publication_sql(publication: &str, tables: &[SourceTable]) -> String {
-    let list: Vec<String> = tables.iter().map(|t| t.name.quoted()).collect();
+    // ONLY: a table named without it brings its inheritance children into the publication,
+    // and a child excluded in [tables] would then stream changes nobody selected. (A
+    // partitioned table always brings its partitions, published through it.)
+    let list: Vec<String> = tables
+        .iter()
+        .map(|t| match t.is_partitioned {
+            true => t.name.quoted(),
+            false => format!("ONLY {}", t.name.quoted()),
+        })
+        .collect();
     format!(
         "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
         quote_ident(publication),

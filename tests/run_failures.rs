@@ -332,7 +332,7 @@ async fn definite_errors_at_start_up_exit_1_within_seconds() {
     assert!(
         stdout.lines().any(|l| l.starts_with("FAIL")
             && l.contains("may not create it")
-            && l.contains("CREATE PUBLICATION \"sluice\" FOR TABLE \"public\".\"accounts\"")),
+            && l.contains("CREATE PUBLICATION \"sluice\" FOR TABLE ONLY \"public\".\"accounts\"")),
         "{stdout}"
     );
     // A configuration error is exit 2 and names the key.
