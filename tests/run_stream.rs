@@ -495,3 +495,66 @@ async fn changes_to_a_parent_by_inheritance_never_reach_its_childrens_rows() {
         "{stdout}"
     );
 }
+
+/// A legacy source database in LATIN1 and a UTF8 target: the copy and the stream both
+/// carry characters, not bytes (both sessions run with client_encoding UTF8, so the
+/// source converts), and the target reads them back the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_latin1_source_arrives_intact_in_a_utf8_target() {
+    let table = "CREATE TABLE t (id int PRIMARY KEY, v text, c char(5));";
+    let pair = Pair::with_schema(table).await;
+    pair.source
+        .connect("postgres")
+        .await
+        .batch_execute(
+            "CREATE DATABASE legacy ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+        )
+        .await
+        .unwrap();
+    let legacy = pair.source.connect("legacy").await;
+    legacy
+        .batch_execute(&format!(
+            "{table} INSERT INTO t VALUES (1, 'café ñandú £ ü', 'äöü'), (2, repeat('é', 3000), 'ß');"
+        ))
+        .await
+        .unwrap();
+    let config = pair.dir.path().join("legacy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[state]\ndir = \"{}\"\n",
+            pair.source.dsn("legacy"),
+            pair.target.dsn("app"),
+            pair.state_dir().display()
+        ),
+    )
+    .unwrap();
+    let daemon = pair.start_daemon(&config).await;
+    daemon.wait_for_log("initial copy finished").await;
+    legacy
+        .batch_execute(
+            "INSERT INTO t VALUES (3, 'résumé ÿ ¿qué?', 'àé');
+             UPDATE t SET v = v || ' naïve' WHERE id = 1;",
+        )
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    let rows = |client: tokio_postgres::Client| async move {
+        client
+            .query("SELECT id, v, c FROM t ORDER BY id", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<_, i32>(0),
+                    r.get::<_, String>(1),
+                    r.get::<_, String>(2),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let on_source = rows(pair.source.connect("legacy").await).await;
+    assert_eq!(on_source[0].1, "café ñandú £ ü naïve");
+    assert_eq!(on_source, rows(pair.target_client().await).await);
+}
