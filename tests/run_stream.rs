@@ -1,7 +1,7 @@
 //! `sluice run` keeps a real target identical to a real source through every case SPEC.md
 //! lists under "What must be handled"; each scenario compares the tables row for row.
 
-use crate::support::sluice::Pair;
+use crate::support::sluice::{Daemon, Pair};
 
 const SCHEMA: &str = r#"
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
@@ -557,4 +557,46 @@ async fn a_latin1_source_arrives_intact_in_a_utf8_target() {
     let on_source = rows(pair.source.connect("legacy").await).await;
     assert_eq!(on_source[0].1, "café ñandú £ ü naïve");
     assert_eq!(on_source, rows(pair.target_client().await).await);
+
+    // The other way, a character the target's encoding has no room for: refused, named.
+    pair.source_client()
+        .await
+        .batch_execute("INSERT INTO t VALUES (1, 'price: 5 €', 'x')")
+        .await
+        .unwrap();
+    pair.target
+        .connect("postgres")
+        .await
+        .batch_execute(
+            "CREATE DATABASE narrow ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+        )
+        .await
+        .unwrap();
+    pair.target
+        .connect("narrow")
+        .await
+        .batch_execute(table)
+        .await
+        .unwrap();
+    let narrow = pair.dir.path().join("narrow.toml");
+    std::fs::write(
+        &narrow,
+        format!(
+            "[source]\nurl = \"{}\"\nslot = \"narrow\"\npublication = \"narrow\"\n[target]\nurl = \"{}\"\n[state]\ndir = \"{}\"\n",
+            pair.source.dsn("app"),
+            pair.target.dsn("narrow"),
+            pair.dir.path().join("narrow-state").display()
+        ),
+    )
+    .unwrap();
+    let mut refused = Daemon::spawn(&narrow, &pair.dir.path().join("narrow.log"));
+    let status = refused.wait(std::time::Duration::from_secs(60));
+    let log = refused.log();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{log}");
+    assert!(
+        log.contains("Copying public.t")
+            && log.contains("has no equivalent in encoding \"LATIN1\"")
+            && log.contains("create the target database in UTF8"),
+        "{log}"
+    );
 }

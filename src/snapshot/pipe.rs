@@ -210,6 +210,10 @@ fn target_error(what: &str, e: tokio_postgres::Error) -> Error {
         _ if is_row_security_refusal(&e) => {
             ": row-level security policies on the target table apply to this user; let it bypass them (ALTER ROLE ... BYPASSRLS) or connect as the table's owner"
         }
+        // untranslatable_character: a text value, not a column type.
+        Some("22P05") => {
+            ": the target database's encoding cannot hold a character the source has; create the target database in UTF8 (CREATE DATABASE ... ENCODING 'UTF8') and copy again"
+        }
         Some(code) if code.starts_with("23") => {
             ": the target refused a row (constraint); copy into empty tables without extra constraints, or fix the target table"
         }
