@@ -118,7 +118,7 @@ pub fn main() -> i32 {
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("Error: cannot start the async runtime: {error}");
+            crate::complain!("Error: cannot start the async runtime: {error}");
             return 1;
         }
     };
@@ -158,7 +158,7 @@ pub fn main() -> i32 {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("Error: {}", error.report());
+            crate::complain!("Error: {}", error.report());
             error.exit_code()
         }
     }

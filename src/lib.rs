@@ -17,6 +17,7 @@ pub mod daemon;
 pub mod error;
 pub mod lsn;
 pub mod ops;
+pub mod output;
 pub mod pgoutput;
 pub mod session;
 pub mod snapshot;

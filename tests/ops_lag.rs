@@ -271,3 +271,50 @@ async fn lag_until_below_with_the_daemon_down_follows_a_source_under_load() {
     // The source was writing, so not exactly zero is fine; at most the bound.
     assert!(lag_of(text.lines().last().unwrap()) <= 64 << 10, "{text}");
 }
+
+/// Output into a pipe whose reader has gone (`sluice status | head -1`, `sluice lag --follow
+/// | grep -m1 ...`) panicked on the first write after it closed. It is dropped now: `status`
+/// ends as it would, and `lag --follow`, which only prints, ends with exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_into_a_closed_pipe_ends_quietly() {
+    let pg = PgCluster::start();
+    let source = pg.create_database("app").await;
+    let target = pg.create_database("target").await;
+    source
+        .batch_execute("SELECT pg_create_logical_replication_slot('sluice', 'pgoutput')")
+        .await
+        .unwrap();
+    checkpoint::ensure_position_table(&target).await.unwrap();
+    let lsn: String = source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    crate::support::record_position(&target, "7300000000000000001", &lsn)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = write_config(dir.path(), &pg.url("app"), &pg.url("target"), &state, "");
+
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["lag", "--follow", "--interval", "100ms"],
+    ] {
+        let mut command = sluice(&config, args);
+        command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        // The reader goes away before sluice has anything to say.
+        drop(child.stdout.take());
+        let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("{args:?} went on after its reader had gone"))
+            .unwrap();
+        let errors = stderr(&output);
+        assert!(!errors.contains("panicked"), "{args:?}: {errors}");
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {errors}");
+    }
+}

@@ -119,7 +119,7 @@ async fn wait_for_zero_lag(
             )));
         }
         if last_report.elapsed() >= Duration::from_secs(5) {
-            println!(
+            crate::say!(
                 "  ... caught up to {caught_up}, {} bytes to go",
                 goal.bytes_since(caught_up)
             );
@@ -158,20 +158,23 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
         quote_ident(&database)
     );
     if args.dry_run {
-        println!("Dry run: nothing is changed.");
+        crate::say!("Dry run: nothing is changed.");
     }
 
     // 1. Freeze.
     if args.freeze_source {
         let sessions = other_sessions(&source, slot, own_name).await?;
-        println!(
+        crate::say!(
             "Step 1: {would}freeze the source database {database}: {freeze_sql}; then end {} other session(s):",
             sessions.len()
         );
         for s in &sessions {
-            println!(
+            crate::say!(
                 "  pid {} user {} application {:?} ({})",
-                s.pid, s.user, s.application, s.state
+                s.pid,
+                s.user,
+                s.application,
+                s.state
             );
         }
         if !args.dry_run {
@@ -184,7 +187,7 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
                 .batch_execute(&freeze_sql)
                 .await
                 .map_err(|e| error::pg(format!("Freezing the source ({freeze_sql}); this needs the database's owner or a superuser"), e))?;
-            println!("FROZEN {database}: new transactions are read-only");
+            crate::say!("FROZEN {database}: new transactions are read-only");
             // Sessions that started in between are ended too; a second and third sweep
             // catch sessions that were still starting up (and read the old setting) while
             // the previous one ran.
@@ -208,17 +211,19 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
                         .query_one("SELECT pg_terminate_backend($1)", &[&s.pid])
                         .await
                     {
-                        Ok(row) if row.get::<_, bool>(0) => println!(
+                        Ok(row) if row.get::<_, bool>(0) => crate::say!(
                             "ENDED session pid {} ({} {:?})",
-                            s.pid, s.user, s.application
+                            s.pid,
+                            s.user,
+                            s.application
                         ),
-                        Ok(_) => println!("GONE session pid {} had ended already", s.pid),
+                        Ok(_) => crate::say!("GONE session pid {} had ended already", s.pid),
                         Err(e) => {
                             let reason = e
                                 .as_db_error()
                                 .map(|d| d.message().to_string())
                                 .unwrap_or_else(|| e.to_string());
-                            println!(
+                            crate::say!(
                                 "WARNING could not end session pid {} ({}): {reason}; end it yourself: SELECT pg_terminate_backend({})",
                                 s.pid, s.user, s.pid
                             );
@@ -228,7 +233,7 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
             }
         }
     } else {
-        println!("Step 1: the source is not frozen (no --freeze-source): writes go on, so zero lag means caught up with the moment cutover started.");
+        crate::say!("Step 1: the source is not frozen (no --freeze-source): writes go on, so zero lag means caught up with the moment cutover started.");
     }
 
     // 2. Zero lag.
@@ -238,66 +243,70 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
             .await?
             .map(|p| p.caught_up_lsn);
         match caught_up {
-            Some(lsn) => println!(
+            Some(lsn) => crate::say!(
                 "Step 2: WOULD wait until the target's caught-up position (now {lsn}, {} bytes behind) reaches the source's {goal}",
                 goal.bytes_since(lsn)
             ),
-            None => println!(
+            None => crate::say!(
                 "Step 2: WOULD wait for the target to reach {goal}; the target has no position for slot {slot} yet (is sluice run running?)"
             ),
         }
     } else {
-        println!(
+        crate::say!(
             "Step 2: waiting until the target has caught up with the source's {goal} (at most {})",
             humantime::format_duration(timeout)
         );
         let reached = wait_for_zero_lag(&target, slot, goal, timeout).await?;
-        println!("CAUGHT UP to {reached}: lag is zero");
+        crate::say!("CAUGHT UP to {reached}: lag is zero");
     }
 
     // 3. Sequences.
-    println!("Step 3: {would}sync sequences (margin {})", args.margin);
+    crate::say!("Step 3: {would}sync sequences (margin {})", args.margin);
     let sequences =
         super::sequences::sync(config, &source, &target, args.margin, args.dry_run).await?;
 
     // 4. Verify.
     let verified = if args.dry_run {
-        println!(
+        crate::say!(
             "Step 4: WOULD verify every selected table (row counts, then checksums per key range)"
         );
         None
     } else {
-        println!("Step 4: verifying");
+        crate::say!("Step 4: verifying");
         Some(super::verify::verify(config, &[], args.jobs, 10_000, 2).await?)
     };
 
     // 5. Report.
     let mut ok = sequences.missing.is_empty();
-    println!();
+    crate::say!();
     if args.dry_run {
-        println!("Dry run done: nothing was changed.");
+        crate::say!("Dry run done: nothing was changed.");
     } else {
         let verified = verified.unwrap_or_default();
         ok &= verified.ok();
         if ok {
-            println!(
+            crate::say!(
                 "Cutover ready: target caught up, {} sequence(s) set, {} kept, {} table(s) match.",
-                sequences.set, sequences.kept, verified.tables
+                sequences.set,
+                sequences.kept,
+                verified.tables
             );
-            println!("Next:");
-            println!(
+            crate::say!("Next:");
+            crate::say!(
                 "  1. Point the application at the target {}.",
                 config.target.conn.redacted()
             );
-            println!("  2. Stop sluice run (SIGTERM) once the application writes to the target.");
-            println!("  3. sluice teardown: drops the slot (the source stops retaining WAL), the publication and the target's sluice schema.");
+            crate::say!(
+                "  2. Stop sluice run (SIGTERM) once the application writes to the target."
+            );
+            crate::say!("  3. sluice teardown: drops the slot (the source stops retaining WAL), the publication and the target's sluice schema.");
         } else {
-            println!("Cutover NOT ready:");
+            crate::say!("Cutover NOT ready:");
             if !sequences.missing.is_empty() {
-                println!("  - sequences missing on the target: create them (sluice schema), then sync-sequences");
+                crate::say!("  - sequences missing on the target: create them (sluice schema), then sync-sequences");
             }
             if !verified.ok() {
-                println!(
+                crate::say!(
                     "  - tables differ: {} (see DIFF lines above; fix or re-copy them, then sluice verify)",
                     verified.differing.join(", ")
                 );
@@ -305,7 +314,7 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
         }
     }
     if args.freeze_source {
-        println!(
+        crate::say!(
             "To undo the freeze (keep the source as the primary): {undo_sql} (sessions opened before the undo stay read-only until they reconnect)"
         );
     }

@@ -97,7 +97,7 @@ pub(crate) fn confirm(question: &str, yes: bool) -> Result<bool> {
     if !stdin.is_terminal() {
         return Ok(false);
     }
-    print!("{question} Type yes to continue: ");
+    crate::say_partial!("{question} Type yes to continue: ");
     let _ = std::io::stdout().flush();
     let mut answer = String::new();
     stdin

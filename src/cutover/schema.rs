@@ -816,7 +816,7 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
                 "[citus] distributes tables, but the target has no citus extension: run CREATE EXTENSION citus on the target (the coordinator), or remove [citus]",
             ))
         }
-        (Some(layout), _) => println!("Target is a Citus {} coordinator.", layout.version),
+        (Some(layout), _) => crate::say!("Target is a Citus {} coordinator.", layout.version),
         (None, false) => {}
     }
 
@@ -1069,19 +1069,19 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
     };
 
     for table in &dropped {
-        println!("DROPPED {} on the target (--drop-if-exists)", table);
+        crate::say!("DROPPED {} on the target (--drop-if-exists)", table);
     }
     for entry in &pre {
-        println!("CREATED {}", entry.title);
+        crate::say!("CREATED {}", entry.title);
     }
     for oid in &left_alone {
-        println!(
+        crate::say!(
             "LEFT ALONE {}: exists on the target (pass --drop-if-exists to recreate it)",
             needs.roots[oid]
         );
     }
     for entry in &post {
-        println!(
+        crate::say!(
             "DEFERRED {} (created by sluice run after the copy)",
             entry.title
         );
@@ -1089,18 +1089,18 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
     let mut listed = BTreeSet::new();
     for index in citus_unenforceable.values() {
         if listed.insert(index) {
-            println!(
+            crate::say!(
                 "NOT COPIED unique index {index}: it lacks the table's distribution column, and Citus cannot enforce uniqueness without it (the source keeps enforcing it until cutover; distribute by a column it contains if the application relies on it)"
             );
         }
     }
     for foreign_key in needs.dangling_fks.values() {
-        println!(
+        crate::say!(
             "NOT COPIED foreign key {foreign_key}, which is not selected: add that table to [tables], or create the key by hand once it exists on the target"
         );
     }
     for trigger in needs.triggers.values() {
-        println!(
+        crate::say!(
             "NOT COPIED trigger {trigger}: triggers would fire again for replicated changes; create it on the target at cutover if the application needs it"
         );
     }
@@ -1108,7 +1108,7 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
     if let Some(layout) = layout {
         distribute(config, &target, &layout).await?;
     }
-    println!(
+    crate::say!(
         "Schema done: {} object(s) created, {} table(s) left alone, {} statement(s) newly deferred to after the copy.",
         pre.len(),
         left_alone.len(),
@@ -1124,7 +1124,7 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
 async fn distribute(config: &Config, target: &Client, layout: &citus::CitusLayout) -> Result<()> {
     crate::checkpoint::ensure_position_table(target).await?;
     if citus::make_reference_table_if_citus(target, crate::checkpoint::POSITION_TABLE).await? {
-        println!(
+        crate::say!(
             "CITUS {} is now a reference table",
             crate::checkpoint::POSITION_TABLE
         );
@@ -1132,7 +1132,7 @@ async fn distribute(config: &Config, target: &Client, layout: &citus::CitusLayou
     for name in &config.citus.reference {
         let table = TableName::parse(name);
         match layout.table(&table).map(|t| &t.kind) {
-            Some(TableKind::Reference) => println!("CITUS {table} is a reference table already"),
+            Some(TableKind::Reference) => crate::say!("CITUS {table} is a reference table already"),
             Some(TableKind::Distributed { column }) => {
                 return Err(Error::definite(format!(
                     "{table} is distributed by {column} on the target, but [citus] wants a reference table: run SELECT undistribute_table('{table}') on the target or change [citus]"
@@ -1140,7 +1140,7 @@ async fn distribute(config: &Config, target: &Client, layout: &citus::CitusLayou
             }
             _ => {
                 run_citus(target, &citus::create_reference_table_sql(&table), &table).await?;
-                println!("CITUS {table}: reference table created");
+                crate::say!("CITUS {table}: reference table created");
             }
         }
     }
@@ -1152,7 +1152,7 @@ async fn distribute(config: &Config, target: &Client, layout: &citus::CitusLayou
         let table = TableName::parse(name);
         match layout.table(&table).map(|t| &t.kind) {
             Some(TableKind::Distributed { column: current }) if current == column => {
-                println!("CITUS {table} is distributed by {column} already");
+                crate::say!("CITUS {table} is distributed by {column} already");
             }
             Some(TableKind::Distributed { column: current }) => {
                 return Err(Error::definite(format!(
@@ -1168,7 +1168,7 @@ async fn distribute(config: &Config, target: &Client, layout: &citus::CitusLayou
                 let colocate = colocate_with.as_ref().filter(|c| **c != table);
                 let sql = citus::create_distributed_table_sql(&table, column, colocate);
                 run_citus(target, &sql, &table).await?;
-                println!("CITUS {table}: distributed by {column}");
+                crate::say!("CITUS {table}: distributed by {column}");
             }
         }
     }

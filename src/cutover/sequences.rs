@@ -243,7 +243,7 @@ pub async fn sync(
     let sequences = sequences_of(source, &oids).await?;
     let mut report = SyncReport::default();
     if sequences.is_empty() {
-        println!(
+        crate::say!(
             "No sequences: none of the {} selected tables uses one.",
             tables.len()
         );
@@ -255,7 +255,7 @@ pub async fn sync(
             continue;
         };
         let Some(target_state) = read_state(target, &sequence.name, "the target").await? else {
-            println!(
+            crate::say!(
                 "MISSING {} (used by {used_by}): not on the target; run `sluice schema` or create it, then sync again",
                 sequence.name
             );
@@ -278,7 +278,7 @@ pub async fn sync(
                             )
                         })?;
                 }
-                println!(
+                crate::say!(
                     "{} {} (used by {used_by}): next value {from_next} -> {next} (source last_value {}{}, margin {margin})",
                     if dry_run { "WOULD SET" } else { "SET" },
                     sequence.name,
@@ -291,7 +291,7 @@ pub async fn sync(
                 target_next,
                 wanted_next,
             } => {
-                println!(
+                crate::say!(
                     "KEPT {} (used by {used_by}): target's next value {target_next} is already at or past {wanted_next}; sequences never move backwards",
                     sequence.name
                 );
@@ -306,7 +306,7 @@ pub async fn sync(
 pub async fn command(config: &Config, args: &SyncSequencesArgs) -> Result<i32> {
     let (source, target) = super::connect_both(config).await?;
     let report = sync(config, &source, &target, args.margin, args.dry_run).await?;
-    println!(
+    crate::say!(
         "{} sequence(s) {}, {} kept, {} missing on the target.",
         report.set,
         if args.dry_run { "would be set" } else { "set" },

@@ -91,12 +91,12 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
         ));
     }
     if plan.is_empty() {
-        println!("Nothing to tear down: no slot {slot}, no publication {publication}, no schema sluice on the target.");
+        crate::say!("Nothing to tear down: no slot {slot}, no publication {publication}, no schema sluice on the target.");
         return Ok(0);
     }
-    println!("sluice teardown will drop:");
+    crate::say!("sluice teardown will drop:");
     for item in &plan {
-        println!("  - {item}");
+        crate::say!("  - {item}");
     }
     if !super::confirm("Drop these?", args.yes)? {
         return Err(Error::definite(
@@ -114,7 +114,7 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
                     e,
                 )
             })?;
-        println!("DROPPED replication slot {slot}");
+        crate::say!("DROPPED replication slot {slot}");
     }
     if publication_exists {
         source
@@ -129,7 +129,7 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
                     e,
                 )
             })?;
-        println!("DROPPED publication {publication}");
+        crate::say!("DROPPED publication {publication}");
     }
     if schema_exists {
         target
@@ -139,10 +139,10 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
             )
             .await
             .map_err(|e| error::pg("Dropping schema sluice on the target", e))?;
-        println!("DROPPED schema sluice on the target");
+        crate::say!("DROPPED schema sluice on the target");
     }
     if config.state.dir.exists() {
-        println!(
+        crate::say!(
             "The state dir {} holds this migration's checkpoint, now useless: delete it.",
             config.state.dir.display()
         );

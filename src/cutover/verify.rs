@@ -740,14 +740,14 @@ pub async fn verify(
         match verdict {
             Ok(verdict) => {
                 for line in &verdict.lines {
-                    println!("{line}");
+                    crate::say!("{line}");
                 }
                 if !verdict.same {
                     report.differing.push(verdict.name.qualified());
                 }
             }
             Err(e) => {
-                eprintln!("Error: {}", e.report());
+                crate::complain!("Error: {}", e.report());
                 failed.get_or_insert(e);
             }
         }
@@ -770,10 +770,10 @@ pub async fn command(config: &Config, args: &VerifyArgs) -> Result<i32> {
     )
     .await?;
     if report.ok() {
-        println!("Verify: all {} table(s) match.", report.tables);
+        crate::say!("Verify: all {} table(s) match.", report.tables);
         Ok(0)
     } else {
-        println!(
+        crate::say!(
             "Verify: {} of {} table(s) differ: {}",
             report.differing.len(),
             report.tables,

@@ -73,11 +73,11 @@ impl Findings {
 pub async fn run(config: &Config, _args: &CheckArgs) -> Result<i32> {
     let findings = findings(config).await;
     for finding in &findings {
-        println!("{finding}");
+        crate::say!("{finding}");
     }
     let count = |level| findings.iter().filter(|f| f.level == level).count();
     let (fails, warns, passes) = (count(Level::Fail), count(Level::Warn), count(Level::Pass));
-    println!("{fails} FAIL, {warns} WARN, {passes} PASS");
+    crate::say!("{fails} FAIL, {warns} WARN, {passes} PASS");
     Ok(if fails > 0 { 1 } else { 0 })
 }
 

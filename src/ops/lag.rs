@@ -94,14 +94,19 @@ pub async fn run(config: &Config, args: &LagArgs) -> Result<i32> {
             previous = Some(current);
             continue;
         }
-        println!("{}", line(previous.as_ref(), &current));
+        crate::say!("{}", line(previous.as_ref(), &current));
+        // `lag --follow | head`: nobody reads any more. (With --until-below the exit status
+        // is the answer, so the wait goes on.)
+        if args.follow && bound.is_none() && crate::output::stdout_closed() {
+            return Ok(0);
+        }
         if let Some(bound) = bound {
             if current.report.lag_bytes.is_some_and(|lag| lag <= bound) {
                 return Ok(0);
             }
             if let Some(deadline) = deadline {
                 if Instant::now() >= deadline {
-                    eprintln!(
+                    crate::complain!(
                         "Lag is still {} after {}, above --until-below {}: the target has not caught up; check `sluice status` for errors",
                         current
                             .report

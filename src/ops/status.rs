@@ -45,9 +45,9 @@ pub async fn run(config: &Config, args: &StatusArgs) -> Result<i32> {
         let text = serde_json::to_string_pretty(&report).map_err(|e| {
             Error::with_source(ErrorKind::Definite, "Encoding the status as JSON", e)
         })?;
-        println!("{text}");
+        crate::say!("{text}");
     } else {
-        print!("{}", human(&report, origin));
+        crate::say_partial!("{}", human(&report, origin));
     }
     Ok(0)
 }
