@@ -9,6 +9,7 @@
 //!
 //! Whatever cannot be reached is named in `last_error`; the rest is still printed.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use clap::Args;
@@ -299,18 +300,114 @@ pub fn human(report: &StatusReport, origin: Origin) -> String {
             ),
         );
     }
-    if !report.tables.is_empty() {
-        out.push_str("tables:\n");
-        for table in &report.tables {
-            let state = serde_json::to_value(table.state)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
-            out.push_str(&format!(
-                "  {:<40} {:<10} {} rows copied\n",
-                table.name, state, table.rows_copied
-            ));
-        }
+    out.push_str(&tables_section(&report.tables));
+    out
+}
+
+/// Above this many tables the human status lists only those still on their way (a
+/// thousand-table migration would otherwise bury the lines above under its table list);
+/// `--json` always has all of them.
+const TABLES_LISTED: usize = 50;
+
+fn tables_section(tables: &[TableStatus]) -> String {
+    let state_of = |table: &TableStatus| {
+        serde_json::to_value(table.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    let row = |table: &TableStatus| {
+        format!(
+            "  {:<40} {:<10} {} rows copied\n",
+            table.name,
+            state_of(table),
+            table.rows_copied
+        )
+    };
+    if tables.is_empty() {
+        return String::new();
+    }
+    if tables.len() <= TABLES_LISTED {
+        return std::iter::once("tables:\n".to_string())
+            .chain(tables.iter().map(row))
+            .collect();
+    }
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for table in tables {
+        *counts.entry(state_of(table)).or_default() += 1;
+    }
+    let counts: Vec<String> = counts
+        .iter()
+        .map(|(state, n)| format!("{state} {n}"))
+        .collect();
+    let mut out = format!(
+        "tables: {} ({}); each one: sluice status --json\n",
+        tables.len(),
+        counts.join(", ")
+    );
+    let on_their_way: Vec<&TableStatus> = tables
+        .iter()
+        .filter(|t| !matches!(t.state, TableState::Streaming | TableState::Copied))
+        .collect();
+    for table in on_their_way.iter().take(TABLES_LISTED) {
+        out.push_str(&row(table));
+    }
+    if on_their_way.len() > TABLES_LISTED {
+        out.push_str(&format!(
+            "  ... and {} more not copied yet\n",
+            on_their_way.len() - TABLES_LISTED
+        ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(n: usize, state: TableState) -> TableStatus {
+        TableStatus {
+            name: format!("public.t{n}"),
+            state,
+            rows_copied: 20,
+        }
+    }
+
+    #[test]
+    fn a_few_tables_are_all_listed() {
+        let tables: Vec<TableStatus> = (0..3).map(|n| table(n, TableState::Streaming)).collect();
+        let text = tables_section(&tables);
+        assert_eq!(text.lines().count(), 4, "{text}");
+        assert!(text.contains("public.t2"), "{text}");
+    }
+
+    #[test]
+    fn thousands_of_tables_are_counted_and_only_those_on_their_way_listed() {
+        let mut tables: Vec<TableStatus> =
+            (0..3000).map(|n| table(n, TableState::Streaming)).collect();
+        tables[7].state = TableState::Copying;
+        tables[8].state = TableState::Pending;
+        let text = tables_section(&tables);
+        assert!(
+            text.starts_with(
+                "tables: 3000 (copying 1, pending 1, streaming 2998); each one: sluice status --json\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 3, "{text}");
+        assert!(
+            text.contains("public.t7 ") && text.contains("public.t8 "),
+            "{text}"
+        );
+
+        for table in tables.iter_mut().take(200) {
+            table.state = TableState::Pending;
+        }
+        let text = tables_section(&tables);
+        assert_eq!(text.lines().count(), 1 + TABLES_LISTED + 1, "{text}");
+        assert!(
+            text.ends_with("  ... and 150 more not copied yet\n"),
+            "{text}"
+        );
+    }
 }
