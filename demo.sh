@@ -54,7 +54,9 @@ max_replication_slots = 10
 max_wal_senders = 10
 fsync = off
 CONF
-  as_owner "$BIN/pg_ctl" -D "$ROOT/$name" -l "$ROOT/$name.log" -w start >/dev/null
+  as_owner "$BIN/pg_ctl" -D "$ROOT/$name" -l "$ROOT/$name.log" -w start >/dev/null || {
+    # The log goes with the temp dir on exit: show why first (a port in use, most often).
+    echo "the $name cluster did not start; its log:" >&2; tail -n 20 "$ROOT/$name.log" >&2; exit 1; }
 done
 SRC="host=127.0.0.1 port=$SRC_PORT user=postgres dbname=app"
 TGT="host=127.0.0.1 port=$TGT_PORT user=postgres dbname=app"
