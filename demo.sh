@@ -14,8 +14,11 @@ source scripts/prereqs.sh
 SCALE=${DEMO_SCALE:-5}                 # pgbench scale: 100,000 accounts per unit
 LOAD_SECONDS=${DEMO_LOAD_SECONDS:-30}
 ROOT=$(mktemp -d "${TMPDIR:-/tmp}/sluice-demo.XXXXXX")
-SRC_PORT=${DEMO_SOURCE_PORT:-55501}
-TGT_PORT=${DEMO_TARGET_PORT:-55502}
+# The first ports from 55501 on that nothing listens on (a server left running elsewhere
+# must not stop the demo).
+free_port() { local p=$1; while (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do p=$((p + 1)); done; echo "$p"; }
+SRC_PORT=${DEMO_SOURCE_PORT:-$(free_port 55501)}
+TGT_PORT=${DEMO_TARGET_PORT:-$(free_port $((SRC_PORT + 1)))}
 BIN="$PG_BINDIR"
 SLUICE="$PWD/target/debug/sluice"
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
