@@ -41,7 +41,7 @@ async fn pair_with_a_plain_target_user() -> Pair {
 }
 
 /// A config whose target user is `writer`; `name` keeps its slot, publication and state
-/// apart from other configs in the same pair.
+/// apart from other configs in the same pair; `extra` goes under `[copy]`.
 fn config_as_writer(pair: &Pair, name: &str, extra: &str) -> std::path::PathBuf {
     let path = pair.dir.path().join(format!("{name}.toml"));
     std::fs::write(
@@ -49,7 +49,7 @@ fn config_as_writer(pair: &Pair, name: &str, extra: &str) -> std::path::PathBuf 
         format!(
             "[source]\nurl = \"{}\"\nslot = \"{name}\"\npublication = \"{name}\"\n\
              [target]\nurl = \"host=127.0.0.1 port={} user=writer dbname=app\"\n\
-             [state]\ndir = \"{}\"\n[copy]\njobs = 2\n{extra}\n",
+             [state]\ndir = \"{}\"\n[copy]\n{extra}\n",
             pair.source.dsn("app"),
             pair.target.port,
             pair.dir.path().join(format!("{name}-state")).display()
@@ -95,7 +95,7 @@ async fn triggers_that_would_rewrite_copied_rows_refuse_the_start_until_the_role
         )
         .await
         .unwrap();
-    let config = config_as_writer(&pair, "sluice", "");
+    let config = config_as_writer(&pair, "sluice", "jobs = 2");
     let config = config.to_str().unwrap();
 
     let (code, stdout, _) = sluice(&["check", "--config", config]);
@@ -169,18 +169,20 @@ async fn triggers_that_would_rewrite_copied_rows_refuse_the_start_until_the_role
 }
 
 /// Without the role the target checks foreign keys as rows arrive, and the copy runs tables
-/// in parallel: `orders` finishes before the `customers` it refers to has committed. That
-/// chunk waits and is copied again once `customers` is in. Rows that refer to a table outside
-/// the copy can never be loaded: the copy stops naming the foreign key and the fixes.
+/// in parallel: `orders`, smaller, would finish before the `customers` it refers to had
+/// committed. The copy reads the target's foreign keys and copies a table after those it
+/// refers to; a table that refers to itself is copied whole (its chunks would each wait for
+/// another's rows); two tables that refer to each other are tried one by one, and the one a
+/// foreign key refuses is copied again once the other is in. Rows that refer to a table
+/// outside the copy can never be loaded: the copy stops naming the foreign key and the fixes.
 #[tokio::test(flavor = "multi_thread")]
-async fn without_the_replica_role_a_chunk_refused_by_a_foreign_key_is_copied_after_what_it_refers_to(
-) {
+async fn without_the_replica_role_tables_are_copied_after_those_their_foreign_keys_refer_to() {
     let pair = pair_with_a_plain_target_user().await;
 
     let outside = config_as_writer(
         &pair,
         "outside",
-        "[tables]\nexclude = [\"public.customers\"]",
+        "jobs = 2\n[tables]\nexclude = [\"public.customers\"]",
     );
     let mut stopped = Daemon::spawn(&outside, &pair.dir.path().join("outside.log"));
     let status = stopped.wait(Duration::from_secs(60));
@@ -199,7 +201,41 @@ async fn without_the_replica_role_a_chunk_refused_by_a_foreign_key_is_copied_aft
         .await
         .unwrap();
 
-    let config = config_as_writer(&pair, "sluice", "");
+    // A tree whose rows refer to rows in every part of the table (no chunk can go first),
+    // and two tables that refer to each other, one of them with no references filled in.
+    let more = "CREATE TABLE nodes (id int PRIMARY KEY, parent int REFERENCES nodes, label text);
+                CREATE TABLE teams (id int PRIMARY KEY, lead int, name text);
+                CREATE TABLE people (id int PRIMARY KEY, team int REFERENCES teams, name text);
+                ALTER TABLE teams ADD FOREIGN KEY (lead) REFERENCES people;";
+    source.batch_execute(more).await.unwrap();
+    source
+        .batch_execute(
+            "INSERT INTO nodes SELECT g, (g + 50000) % 100000 + 1, repeat('n', 300)
+                 FROM generate_series(1, 100000) g;
+             INSERT INTO teams SELECT g, NULL, 'team ' || g FROM generate_series(1, 50) g;
+             INSERT INTO people SELECT g, g % 50 + 1, repeat('p', 40)
+                 FROM generate_series(1, 20000) g;
+             ANALYZE;",
+        )
+        .await
+        .unwrap();
+    let target = pair.target_client().await;
+    target.batch_execute(more).await.unwrap();
+    target
+        .batch_execute(
+            "ALTER TABLE nodes OWNER TO writer; ALTER TABLE teams OWNER TO writer;
+             ALTER TABLE people OWNER TO writer;",
+        )
+        .await
+        .unwrap();
+
+    // Four jobs: every table starts at once unless something holds it back; chunks of
+    // 20 MB: all but nodes are copied whole anyway.
+    let config = config_as_writer(
+        &pair,
+        "sluice",
+        "jobs = 4\nsplit_tables_larger_than = \"20MB\"",
+    );
     let (code, stdout, _) = sluice(&["check", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 0, "{stdout}");
     assert!(
@@ -209,20 +245,38 @@ async fn without_the_replica_role_a_chunk_refused_by_a_foreign_key_is_copied_aft
     );
     let daemon = pair.start_daemon(&config).await;
     daemon.wait_for_log("initial copy finished").await;
+    let log = daemon.log();
+    let copied_at = |table: &str| {
+        log.find(&format!("table copied table=public.{table} "))
+            .unwrap_or_else(|| panic!("{table} not copied:\n{log}"))
+    };
+    assert!(copied_at("customers") < copied_at("orders"), "{log}");
     assert!(
-        daemon
-            .log()
-            .contains("a foreign key on the target refused rows that refer to rows not copied yet"),
-        "the copy of orders did not meet the foreign key (customers was not larger?):\n{}",
-        daemon.log()
+        !log.lines()
+            .any(|l| l.contains("refused rows") && l.contains("chunk=public.orders")),
+        "orders was started before customers was copied:\n{log}"
+    );
+    assert!(
+        log.contains("whole: its rows refer to its own rows"),
+        "nodes was not copied whole:\n{log}"
+    );
+    // people (larger) was tried first and refused, then copied after teams.
+    assert!(
+        log.contains("a foreign key on the target refused rows that refer to rows not copied yet")
+            && copied_at("teams") < copied_at("people"),
+        "{log}"
     );
     source
         .batch_execute(
             "INSERT INTO customers VALUES (300001, 'new');
-             INSERT INTO orders VALUES (5000, 300001, 'new', '2020-01-01 00:00+00');",
+             INSERT INTO orders VALUES (5000, 300001, 'new', '2020-01-01 00:00+00');
+             UPDATE nodes SET parent = 1 WHERE id = 2;",
         )
         .await
         .unwrap();
-    pair.catch_up_and_compare(&daemon, &["customers", "orders"])
-        .await;
+    pair.catch_up_and_compare(
+        &daemon,
+        &["customers", "orders", "nodes", "teams", "people"],
+    )
+    .await;
 }

@@ -799,7 +799,7 @@ async fn check_target_tables(
     } else if let ReplicaRole::Refused { user, .. } = &role {
         let user = crate::source::quote_ident(user);
         out.warn(format!(
-            "target: {user} may not SET session_replication_role = replica: foreign keys are checked as rows arrive (a copied table whose rows refer to a table still being copied is loaded again once that one is done) and apply keeps every change in exact source order, which is slower; connect as a superuser, or GRANT SET ON PARAMETER session_replication_role TO {user} (PostgreSQL 15+)"
+            "target: {user} may not SET session_replication_role = replica: foreign keys are checked as rows arrive (the copy loads a table after those it refers to, and a table that refers to itself in one piece) and apply keeps every change in exact source order, which is slower; connect as a superuser, or GRANT SET ON PARAMETER session_replication_role TO {user} (PostgreSQL 15+)"
         ));
     } else {
         out.pass("target: the user may SET session_replication_role = replica: the target's triggers and foreign keys stay quiet during copy and apply, as under PostgreSQL's own replication");

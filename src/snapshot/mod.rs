@@ -485,6 +485,12 @@ struct Round {
     remaining: Vec<AtomicUsize>,
     progress: Vec<Arc<TableProgress>>,
     queue: Mutex<VecDeque<Job>>,
+    /// Per table: the other tables of this round its foreign keys on the target refer to.
+    /// A chunk a foreign key refused waits for them to be copied before it is tried again.
+    references: Vec<Vec<usize>>,
+    /// The target user may not set `session_replication_role = replica`: its foreign keys
+    /// are checked as rows arrive, so a table waits for those it refers to.
+    checks_foreign_keys: bool,
     /// Chunks finished in this round, chunks being copied right now, and a wake-up for
     /// workers whose queued chunks all wait for rows a running chunk may provide.
     chunks_finished: AtomicUsize,
@@ -515,12 +521,21 @@ async fn copy_tables(
     // TID range scans (PostgreSQL 14) make a ctid-bounded chunk read only its blocks.
     let tid_range_scans = version >= 140_000;
 
+    let checks_foreign_keys = !matches!(
+        crate::apply::target::replica_role(&target, &[]).await?,
+        crate::apply::target::ReplicaRole::Allowed
+    );
+    let names: Vec<&TableName> = pending.iter().map(|(_, table)| &table.name).collect();
+    let (references, self_referencing) = foreign_key_references(&target, &names).await?;
     let mut layouts = Vec::new();
     let mut round_records = Vec::new();
     let mut remaining = Vec::new();
     let mut round_progress = Vec::new();
     let mut jobs = Vec::new();
-    for (index, table) in pending {
+    for (position, (index, table)) in pending.iter().enumerate() {
+        // Checked as rows arrive, a table whose rows refer to its own other rows cannot be
+        // loaded in parallel chunks (each would wait for another's rows): whole, in one.
+        let whole_for_its_keys = checks_foreign_keys && self_referencing[position];
         let mut layout = plan::table_layout(source, &target, table).await?;
         plan::apply_publication_filters(source, &ctx.config.source.publication, &mut layout)
             .await?;
@@ -541,6 +556,7 @@ async fn copy_tables(
         let split = ctx.config.copy.split_tables_larger_than;
         let count = plan::chunk_count(u64::try_from(table.size_bytes).unwrap_or(0), split);
         let by_key = !table.is_partitioned
+            && !whole_for_its_keys
             && count > 1
             && plan::splits_by_key(ctx.config.copy.split_by, tid_range_scans);
         let key_split = if by_key {
@@ -549,18 +565,22 @@ async fn copy_tables(
             None
         };
         let cuts = key_split.as_ref().map(|(_, cuts)| cuts.as_slice());
-        let chunks = plan::plan_chunks(
-            table,
-            u64::try_from(blocks).unwrap_or(0),
-            split,
-            tid_range_scans,
-            &layout.leaves,
-            cuts,
-        );
+        let chunks = match whole_for_its_keys {
+            true => vec![ChunkRange::Whole],
+            false => plan::plan_chunks(
+                table,
+                u64::try_from(blocks).unwrap_or(0),
+                split,
+                tid_range_scans,
+                &layout.leaves,
+                cuts,
+            ),
+        };
         let split_by = match chunks.first() {
             Some(ChunkRange::Keys { .. }) => "primary key",
             Some(ChunkRange::Blocks { .. }) => "ctid",
             Some(ChunkRange::Leaf { .. }) => "partition",
+            _ if count > 1 && whole_for_its_keys => "whole: its rows refer to its own rows, and the target checks foreign keys as rows arrive",
             _ if count > 1 && !tid_range_scans => "whole: no TID range scans before PostgreSQL 14, and no single-column integer primary key",
             _ => "whole",
         };
@@ -617,6 +637,8 @@ async fn copy_tables(
         remaining,
         progress: round_progress,
         queue: Mutex::new(jobs.into()),
+        references,
+        checks_foreign_keys,
         chunks_finished: AtomicUsize::new(0),
         chunks_running: AtomicUsize::new(0),
         chunk_ended: tokio::sync::Notify::new(),
@@ -639,6 +661,53 @@ async fn copy_tables(
         }
     }
     Ok(())
+}
+
+/// For each table of the round: the other tables of the round its foreign keys on the target
+/// refer to, and whether one refers to the table itself (partitions counted as their
+/// partitioned table, as the round names them).
+async fn foreign_key_references(
+    target: &Client,
+    tables: &[&TableName],
+) -> Result<(Vec<Vec<usize>>, Vec<bool>)> {
+    let names: Vec<String> = tables.iter().map(|name| name.quoted()).collect();
+    let rows = target
+        .query(
+            "WITH round AS (
+                 SELECT n - 1 AS i, to_regclass(name) AS oid
+                 FROM unnest($1::text[]) WITH ORDINALITY AS u(name, n))
+             SELECT DISTINCT referencing.i::int4, referenced.i::int4
+             FROM pg_constraint c
+             JOIN round referencing
+               ON referencing.oid = COALESCE(pg_partition_root(c.conrelid), c.conrelid)
+             JOIN round referenced
+               ON referenced.oid = COALESCE(pg_partition_root(c.confrelid), c.confrelid)
+             WHERE c.contype = 'f'",
+            &[&names],
+        )
+        .await
+        .map_err(|e| {
+            error::pg(
+                "Reading the foreign keys between the copied tables on the target",
+                e,
+            )
+        })?;
+    let mut references = vec![Vec::new(); tables.len()];
+    let mut self_referencing = vec![false; tables.len()];
+    for row in rows {
+        let (from, to): (i32, i32) = (row.get(0), row.get(1));
+        let (Ok(from), Ok(to)) = (usize::try_from(from), usize::try_from(to)) else {
+            continue;
+        };
+        if from == to {
+            if let Some(flag) = self_referencing.get_mut(from) {
+                *flag = true;
+            }
+        } else if let Some(list) = references.get_mut(from) {
+            list.push(to);
+        }
+    }
+    Ok((references, self_referencing))
 }
 
 /// Before a table is copied under this round's snapshot its target table must be empty:
@@ -778,10 +847,30 @@ async fn next_job(round: &Round) -> Result<Option<Job>> {
         {
             let mut queue = round.queue.lock().unwrap_or_else(|p| p.into_inner());
             let finished = round.chunks_finished.load(Ordering::Acquire);
-            let ready = queue.iter().position(|job| {
-                job.waits_for_references
-                    .as_ref()
-                    .is_none_or(|(since, _)| finished > *since)
+            let referenced_copied = |job: &Job| {
+                round.references[job.table]
+                    .iter()
+                    .all(|&t| round.remaining[t].load(Ordering::Acquire) == 0)
+            };
+            let ready = queue
+                .iter()
+                .position(|job| match &job.waits_for_references {
+                    // Refused once: after the tables it refers to, when they are in this round;
+                    // else (rows outside the round, or in its own other chunks) after any end.
+                    Some((since, _)) => referenced_copied(job) && finished > *since,
+                    // Checked as rows arrive: the tables it refers to are copied first.
+                    None => !round.checks_foreign_keys || referenced_copied(job),
+                });
+            // Held back for tables that are all held back too (foreign keys in a cycle) and
+            // nothing running: try one; a refusal then says what is wrong.
+            let ready = ready.or_else(|| {
+                let idle = round.chunks_running.load(Ordering::Acquire) == 0;
+                idle.then(|| {
+                    queue
+                        .iter()
+                        .position(|job| job.waits_for_references.is_none())
+                })
+                .flatten()
             });
             if let Some(ready) = ready {
                 round.chunks_running.fetch_add(1, Ordering::AcqRel);
