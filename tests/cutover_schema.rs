@@ -42,6 +42,9 @@ const SOURCE_SCHEMA: &str = "
     CREATE TABLE public.audit (x int PRIMARY KEY);
     CREATE TABLE public.audited (id int PRIMARY KEY, x int REFERENCES public.audit (x));
     INSERT INTO public.customers (name) VALUES ('ann');
+    CREATE VIEW public.big_orders AS SELECT * FROM public.orders WHERE qty > 10;
+    CREATE MATERIALIZED VIEW public.order_counts AS
+        SELECT customer_id, count(*) FROM public.orders GROUP BY customer_id;
 ";
 
 async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
@@ -67,6 +70,16 @@ async fn schema_into_an_empty_target_defers_indexes_and_foreign_keys() {
         "{out}"
     );
     assert!(out.contains("NOT COPIED trigger orders_touch"), "{out}");
+    // Views are not tables and carry no rows of their own; the application may need them.
+    assert!(
+        out.contains("NOT COPIED view public.big_orders: it reads selected tables"),
+        "{out}"
+    );
+    assert!(
+        out.contains("NOT COPIED materialized view public.order_counts")
+            && out.contains("REFRESH MATERIALIZED VIEW"),
+        "{out}"
+    );
     assert!(
         out.contains("NOT COPIED foreign key audited_x_fkey on audited references audit, which is not selected"),
         "{out}"

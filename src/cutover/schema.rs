@@ -245,6 +245,9 @@ struct Needs {
     indexes: BTreeMap<u32, (u32, bool, TableName)>,
     /// pg_trigger OID → description (never copied, listed).
     triggers: BTreeMap<u32, String>,
+    /// Views and materialized views reading the selected tables → (name, materialized)
+    /// (never copied, listed: the application may need them after cutover).
+    views: BTreeMap<u32, (TableName, bool)>,
     /// Foreign keys to tables that are not selected → description (never copied, listed):
     /// the referenced table would not exist on the target.
     dangling_fks: BTreeMap<u32, String>,
@@ -408,6 +411,24 @@ async fn gather(source: &Client, roots: BTreeMap<u32, TableName>) -> Result<Need
             row.get(0),
             format!("{} on {}", row.get::<_, String>(1), row.get::<_, String>(2)),
         );
+    }
+    // A view's query is a rewrite rule that depends on the tables it reads.
+    for row in source
+        .query(
+            "SELECT DISTINCT v.oid, n.nspname::text, v.relname::text, v.relkind = 'm'
+             FROM pg_depend d
+             JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid
+             JOIN pg_class v ON v.oid = r.ev_class AND v.relkind IN ('v', 'm')
+             JOIN pg_namespace n ON n.oid = v.relnamespace
+             WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = ANY($1)
+               AND v.oid <> d.refobjid",
+            &[&oids],
+        )
+        .await
+        .map_err(pg("the views over the selected tables"))?
+    {
+        let name = TableName::new(row.get::<_, String>(1), row.get::<_, String>(2));
+        needs.views.insert(row.get(0), (name, row.get(3)));
     }
     Ok(needs)
 }
@@ -1103,6 +1124,18 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
         crate::say!(
             "NOT COPIED trigger {trigger}: triggers would fire again for replicated changes; create it on the target at cutover if the application needs it"
         );
+    }
+    for (view, materialized) in needs.views.values() {
+        match materialized {
+            true => crate::say!(
+                "NOT COPIED materialized view {view}: it reads selected tables, and its rows are not replicated; create it on the target at cutover (pg_dump --schema-only -t {} has its definition), then REFRESH MATERIALIZED VIEW",
+                view.quoted()
+            ),
+            false => crate::say!(
+                "NOT COPIED view {view}: it reads selected tables; create it on the target at cutover if the application needs it (pg_dump --schema-only -t {} has its definition)",
+                view.quoted()
+            ),
+        }
     }
 
     if let Some(layout) = layout {
