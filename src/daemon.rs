@@ -606,6 +606,18 @@ async fn pipeline(
             config.source.conn.dbname
         )));
     }
+    // Only one session can stream from a slot. Said before trying, with who holds it: the
+    // server's own refusal names a PID only, and another consumer (a second sluice with its
+    // own state dir, a forgotten pg_recvlogical) would keep this one retrying without end.
+    if slot_state.active_pid.is_some() {
+        if let Some(holder) =
+            crate::source::slot::holder_after(&source, slot, Duration::from_secs(3)).await?
+        {
+            return Err(Error::transient(format!(
+                "Replication slot {slot} is in use by another session ({holder}). A sluice that just stopped lets go within the source's wal_sender_timeout, and sluice retries until then; if it is another consumer, stop it (or SELECT pg_terminate_backend(pid) on the source), or give this sluice its own source.slot"
+            )));
+        }
+    }
     if slot_state.wal_status.as_deref() == Some("lost") {
         return Err(Error::definite(format!(
             "Replication slot {slot} was invalidated by the source (wal_status = lost: max_slot_wal_keep_size was exceeded). The WAL it needed is gone; a fresh copy is needed: `sluice teardown`, then `sluice run`"

@@ -531,3 +531,66 @@ async fn a_publication_that_leaves_out_operations_is_refused() {
     pair.catch_up_and_compare(&daemon, &["t"]).await;
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
+
+/// Another consumer holds the slot (here pg_recvlogical; as well a second sluice with its
+/// own state dir): sluice says who, keeps retrying, and streams once the slot is free.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_held_by_another_consumer_is_named_and_taken_once_free() {
+    let pair = Pair::with_schema("CREATE TABLE t (id int PRIMARY KEY, v text);").await;
+    let source = pair.source_client().await;
+    // Two statements: a slot cannot be created in a transaction that has written.
+    for sql in [
+        "CREATE PUBLICATION sluice FOR TABLE t",
+        "SELECT pg_create_logical_replication_slot('sluice', 'pgoutput')",
+    ] {
+        source.batch_execute(sql).await.unwrap();
+    }
+    let mut other = std::process::Command::new(
+        crate::support::cluster::postgres_bindir().join("pg_recvlogical"),
+    )
+    .args(["-d", &pair.source.dsn("app"), "--slot", "sluice", "--start"])
+    .args([
+        "-o",
+        "proto_version=1",
+        "-o",
+        "publication_names=sluice",
+        "-f",
+        "/dev/null",
+    ])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("start pg_recvlogical");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !crate::support::exists(
+        &source,
+        "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'sluice' AND active",
+    )
+    .await
+    {
+        assert!(
+            Instant::now() < deadline,
+            "pg_recvlogical did not take the slot"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let config = pair.config("");
+    let daemon = crate::support::sluice::Daemon::spawn(&config, &pair.dir.path().join("run.log"));
+    daemon
+        .wait_for_log("Replication slot sluice is in use by another session (PID")
+        .await;
+    assert!(
+        daemon.log().contains("application_name pg_recvlogical"),
+        "{}",
+        daemon.log()
+    );
+    other.kill().unwrap();
+    other.wait().unwrap();
+    source
+        .batch_execute("INSERT INTO t VALUES (1, 'after the other consumer left')")
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["t"]).await;
+}

@@ -245,6 +245,46 @@ pub async fn slot_info(source: &Client, slot: &str) -> Result<Option<SlotInfo>> 
     }))
 }
 
+/// The session holding `slot` (streaming from it), described for people, once it has held
+/// it for `patience` more: a session that is ending (a sluice that just stopped) lets go
+/// within moments, another consumer does not. `None` when the slot is free.
+pub async fn holder_after(
+    source: &Client,
+    slot: &str,
+    patience: std::time::Duration,
+) -> Result<Option<String>> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let row = source
+            .query_opt(
+                "SELECT s.active_pid, a.application_name::text, host(a.client_addr),
+                        to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS UTC')
+                 FROM pg_replication_slots s
+                 LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid
+                 WHERE s.slot_name = $1 AND s.active_pid IS NOT NULL",
+                &[&slot],
+            )
+            .await
+            .map_err(|e| error::pg(format!("Reading who holds replication slot {slot}"), e))?;
+        let Some(row) = row else { return Ok(None) };
+        if tokio::time::Instant::now() >= deadline {
+            let pid: i32 = row.get(0);
+            let mut parts = vec![format!("PID {pid}")];
+            if let Some(name) = row.get::<_, Option<String>>(1).filter(|n| !n.is_empty()) {
+                parts.push(format!("application_name {name}"));
+            }
+            if let Some(host) = row.get::<_, Option<String>>(2) {
+                parts.push(format!("from {host}"));
+            }
+            if let Some(since) = row.get::<_, Option<String>>(3) {
+                parts.push(format!("connected since {since}"));
+            }
+            return Ok(Some(parts.join(", ")));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
