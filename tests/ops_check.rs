@@ -336,3 +336,63 @@ async fn check_warns_when_the_target_cannot_find_rows_by_an_index() {
         .collect();
     assert_eq!(unindexed.len(), 2, "{text}");
 }
+
+/// A target user short of a privilege copy or apply needs would stop them at the first row
+/// it may not write, possibly hours into the copy: `check` names each gap and the GRANT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_what_the_target_user_may_not_do() {
+    let pg = PgCluster::start();
+    let source = pg.create_database("app").await;
+    let target = pg.create_database("target").await;
+    let schema = "CREATE TABLE orders (id int PRIMARY KEY, note text);
+                  CREATE TABLE events (id int PRIMARY KEY, at timestamptz);";
+    source.batch_execute(schema).await.unwrap();
+    target.batch_execute(schema).await.unwrap();
+    target
+        .batch_execute(
+            "CREATE ROLE limited LOGIN;
+             GRANT SELECT, INSERT ON orders TO limited;
+             GRANT ALL ON events TO limited;",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &pg.url("app"),
+        &format!("postgresql://limited@127.0.0.1:{}/target", pg.port),
+        &dir.path().join("state"),
+        "",
+    );
+    let text = check_exits(&config, 1).await;
+    line_with(
+        &text,
+        "FAIL",
+        &[
+            "\"limited\" lacks UPDATE, DELETE, TRUNCATE on 1 table(s): public.orders",
+            "GRANT UPDATE, DELETE, TRUNCATE ON",
+        ],
+    );
+    line_with(
+        &text,
+        "FAIL",
+        &[
+            "\"limited\" may not create sluice's schema",
+            "GRANT CREATE ON DATABASE",
+        ],
+    );
+    assert!(!text.contains("public.events"), "{text}");
+
+    target
+        .batch_execute(
+            "GRANT UPDATE, DELETE, TRUNCATE ON orders TO limited;
+             GRANT CREATE ON DATABASE target TO limited;",
+        )
+        .await
+        .unwrap();
+    let text = check_exits(&config, 0).await;
+    assert!(
+        !text.contains("lacks") && !text.contains("may not create"),
+        "{text}"
+    );
+}

@@ -792,6 +792,9 @@ async fn check_target_tables(
         ));
     }
 
+    for line in target_privilege_problems(client, &on_target).await? {
+        out.fail(line);
+    }
     let selected: Vec<TableName> = on_target.keys().cloned().collect();
     let role = crate::apply::target::replica_role(client, &selected).await?;
     if let Some(problem) = role.trigger_problem() {
@@ -848,6 +851,75 @@ async fn check_target_tables(
         }
     }
     Ok(())
+}
+
+/// What the target user may not do that copy and apply need: on each table SELECT (apply
+/// reads the key columns it matches on), INSERT, UPDATE, DELETE and TRUNCATE (the copy empties
+/// a table it copies again; the source's TRUNCATEs are applied); and its own `sluice` schema
+/// (the applied position), which it creates on the first start. Without them the copy or
+/// apply stops at the first row it may not write, possibly hours into the copy.
+async fn target_privilege_problems(
+    client: &Client,
+    on_target: &BTreeMap<TableName, u32>,
+) -> Result<Vec<String>> {
+    let oids: Vec<u32> = on_target.values().copied().collect();
+    let rows = client
+        .query(
+            "SELECT o, array_agg(p ORDER BY n)
+             FROM unnest($1::oid[]) AS o,
+                  unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE'])
+                      WITH ORDINALITY AS privileges(p, n)
+             WHERE NOT has_table_privilege(o, p)
+             GROUP BY o",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| error::pg("Reading the target user's table privileges", e))?;
+    let by_oid: BTreeMap<u32, &TableName> = on_target.iter().map(|(n, o)| (*o, n)).collect();
+    let user: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .map_err(|e| error::pg("Reading the target user", e))?
+        .get(0);
+    let user = crate::source::quote_ident(&user);
+    let mut lines = Vec::new();
+    // One line per set of missing privileges, so a thousand tables lacking the same do not
+    // make a thousand lines.
+    let mut lacking: BTreeMap<Vec<String>, Vec<String>> = BTreeMap::new();
+    for row in &rows {
+        if let Some(name) = by_oid.get(&row.get::<_, u32>(0)) {
+            lacking
+                .entry(row.get(1))
+                .or_default()
+                .push(name.to_string());
+        }
+    }
+    for (privileges, tables) in lacking {
+        lines.push(format!(
+            "target: {user} lacks {} on {} table(s): {}; copy and apply need them: GRANT {} ON ... TO {user} (or GRANT ... ON ALL TABLES IN SCHEMA ...), as the tables' owner",
+            privileges.join(", "),
+            tables.len(),
+            abbreviate(&tables, 10),
+            privileges.join(", ")
+        ));
+    }
+    let may_keep_position: bool = client
+        .query_one(
+            "SELECT CASE WHEN to_regnamespace('sluice') IS NULL
+                         THEN has_database_privilege(current_database(), 'CREATE')
+                         ELSE has_schema_privilege('sluice', 'USAGE')
+                              AND has_schema_privilege('sluice', 'CREATE') END",
+            &[],
+        )
+        .await
+        .map_err(|e| error::pg("Reading the target user's database privileges", e))?
+        .get(0);
+    if !may_keep_position {
+        lines.push(format!(
+            "target: {user} may not create sluice's schema (sluice.applied_position, written with every applied transaction): GRANT CREATE ON DATABASE ... TO {user}, or create schema sluice owned by {user}"
+        ));
+    }
+    Ok(lines)
 }
 
 /// Tables whose UPDATE and DELETE the target can only match by scanning the whole table:
