@@ -600,3 +600,64 @@ async fn a_latin1_source_arrives_intact_in_a_utf8_target() {
         "{log}"
     );
 }
+
+/// A plain source table into a target partitioned by time (re-partitioning during the
+/// migration): the copy fills the partitions through the root, and inserts, an update
+/// that moves a row to another partition, deletes and a TRUNCATE follow it there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_source_table_streams_into_a_partitioned_target() {
+    let pair = Pair::with_schema("").await;
+    pair.source_client()
+        .await
+        .batch_execute(
+            "CREATE TABLE events (id int PRIMARY KEY, at date NOT NULL, v text);
+             INSERT INTO events SELECT g, date '2025-01-01' + g % 700, 'v' || g
+                 FROM generate_series(1, 5000) g;",
+        )
+        .await
+        .unwrap();
+    pair.target_client()
+        .await
+        .batch_execute(
+            "CREATE TABLE events (id int, at date NOT NULL, v text, PRIMARY KEY (id, at))
+                 PARTITION BY RANGE (at);
+             CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+             CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');",
+        )
+        .await
+        .unwrap();
+    let config = pair.config("[copy]\nenabled = true\n");
+    let daemon = pair.start_daemon(&config).await;
+    daemon.wait_for_log("initial copy finished").await;
+    pair.source_client()
+        .await
+        .batch_execute(
+            "INSERT INTO events VALUES (6000, '2026-06-01', 'new');
+             UPDATE events SET at = '2026-02-02', v = 'moved' WHERE id = 10;
+             UPDATE events SET v = 'same partition' WHERE id = 11;
+             DELETE FROM events WHERE id = 12;",
+        )
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["events"]).await;
+    let moved: String = pair
+        .target_client()
+        .await
+        .query_one(
+            "SELECT tableoid::regclass::text FROM events WHERE id = 10",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(moved, "events_2026");
+    pair.source_client()
+        .await
+        .batch_execute("TRUNCATE events")
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["events"]).await;
+    let (code, stdout, stderr) =
+        crate::support::sluice::sluice(&["verify", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+}
