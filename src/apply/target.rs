@@ -273,10 +273,52 @@ impl ReplicaRole {
             }
         }
         let user = crate::source::quote_ident(user);
+        // A schema with a trigger on every table must not make a line of thousands.
+        let first = |items: &[String]| match items.len() {
+            n if n <= 10 => items.join("; "),
+            n => format!("{}; and {} more", items[..10].join("; "), n - 10),
+        };
         Some(format!(
             "The target user {user} may not SET session_replication_role = replica, so the copy and apply would write as an application does and the target's triggers would act unlike under PostgreSQL's own replication, changing rows without an error: {}. Connect to the target as a superuser, or GRANT SET ON PARAMETER session_replication_role TO {user} (PostgreSQL 15+, as a superuser); or settle each trigger: DISABLE it until cutover ({}), or ENABLE ALWAYS it if it should act on replicated rows too",
-            tables.join("; "),
-            fixes.join("; ")
+            first(&tables),
+            first(&fixes)
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(tables: usize) -> ReplicaRole {
+        ReplicaRole::Refused {
+            user: "writer".into(),
+            triggers: (0..tables)
+                .map(|n| TriggersUnlikeReplica {
+                    table: TableName::new("public", format!("t{n}")),
+                    would_fire: vec!["touch".into()],
+                    would_not_fire: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_trigger_problem_names_triggers_and_fixes_and_stays_one_readable_line() {
+        assert_eq!(ReplicaRole::Allowed.trigger_problem(), None);
+        assert_eq!(refused(0).trigger_problem(), None);
+        let one = refused(1).trigger_problem().unwrap();
+        assert!(one.contains("public.t0: touch would fire"), "{one}");
+        assert!(
+            one.contains("ALTER TABLE \"public\".\"t0\" DISABLE TRIGGER \"touch\""),
+            "{one}"
+        );
+        let many = refused(500).trigger_problem().unwrap();
+        assert!(
+            many.contains("public.t9: touch would fire; and 490 more"),
+            "{many}"
+        );
+        assert!(!many.contains("public.t10:"), "{many}");
+        assert!(many.len() < 2000, "{}", many.len());
     }
 }
