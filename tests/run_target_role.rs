@@ -73,7 +73,8 @@ async fn source_objects(pair: &Pair) -> (i64, i64) {
     (row.get(0), row.get(1))
 }
 
-/// An `updated_at` trigger would have stamped every copied row with the time of the copy:
+/// An `updated_at` trigger would have stamped every copied row with the time of the copy (and
+/// a rule `ON DELETE DO INSTEAD NOTHING` swallowed every delete):
 /// the target would differ from the source and nothing would say so. `check` fails and `run`
 /// refuses (before anything exists on the source), naming the trigger and the fixes; with
 /// the role granted, the copy leaves the rows as the source has them.
@@ -91,7 +92,8 @@ async fn triggers_that_would_rewrite_copied_rows_refuse_the_start_until_the_role
                  $$ BEGIN RETURN NULL; END $$;
              CREATE TRIGGER replica_only AFTER INSERT ON customers
                  FOR EACH ROW EXECUTE FUNCTION nothing();
-             ALTER TABLE customers ENABLE REPLICA TRIGGER replica_only;",
+             ALTER TABLE customers ENABLE REPLICA TRIGGER replica_only;
+             CREATE RULE keep AS ON DELETE TO customers DO INSTEAD NOTHING;",
         )
         .await
         .unwrap();
@@ -105,8 +107,9 @@ async fn triggers_that_would_rewrite_copied_rows_refuse_the_start_until_the_role
         .find(|l| l.starts_with("FAIL") && l.contains("session_replication_role"))
         .unwrap_or_else(|| panic!("{stdout}"));
     for expected in [
-        "public.orders: touch would fire",
-        "public.customers: replica_only (ENABLE REPLICA) would not fire",
+        "public.orders: trigger touch would fire",
+        "public.customers: rule keep would fire; trigger replica_only (ENABLE REPLICA) would not fire",
+        "ALTER TABLE \"public\".\"customers\" DISABLE RULE \"keep\"",
         "GRANT SET ON PARAMETER session_replication_role TO \"writer\"",
         "ALTER TABLE \"public\".\"orders\" DISABLE TRIGGER \"touch\"",
     ] {
@@ -126,7 +129,9 @@ async fn triggers_that_would_rewrite_copied_rows_refuse_the_start_until_the_role
         refused.log()
     );
     assert!(
-        refused.log().contains("public.orders: touch would fire"),
+        refused
+            .log()
+            .contains("public.orders: trigger touch would fire"),
         "{}",
         refused.log()
     );

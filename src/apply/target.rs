@@ -171,10 +171,25 @@ pub enum ReplicaRole {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TriggersUnlikeReplica {
     pub table: TableName,
-    /// Plain `ENABLE` triggers: they would fire on every copied and applied row.
-    pub would_fire: Vec<String>,
-    /// `ENABLE REPLICA` triggers: they would not fire.
-    pub would_not_fire: Vec<String>,
+    /// Plain `ENABLE` triggers and rules: they would fire on every copied and applied row.
+    pub would_fire: Vec<Hook>,
+    /// `ENABLE REPLICA` ones: they would not fire.
+    pub would_not_fire: Vec<Hook>,
+}
+
+/// A trigger, or a rule (`CREATE RULE ... ON INSERT/UPDATE/DELETE`): the replication role
+/// switches both the same way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hook {
+    /// `TRIGGER` or `RULE`, as `ALTER TABLE ... DISABLE` spells it.
+    pub kind: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.kind.to_lowercase(), self.name)
+    }
 }
 
 /// Whether the target user may act as a replica, and if not, which of `tables`' triggers
@@ -207,37 +222,53 @@ pub async fn replica_role(target: &Client, tables: &[TableName]) -> Result<Repli
         .query(
             "WITH selected AS (
                  SELECT s, t, to_regclass(format('%I.%I', s, t)) AS oid
-                 FROM unnest($1::text[], $2::text[]) AS u(s, t))
-             SELECT s, t,
-                    COALESCE(array_agg(DISTINCT tr.tgname::text)
-                             FILTER (WHERE tr.tgenabled = 'O'), '{}'),
-                    COALESCE(array_agg(DISTINCT tr.tgname::text)
-                             FILTER (WHERE tr.tgenabled = 'R'), '{}')
+                 FROM unnest($1::text[], $2::text[]) AS u(s, t)),
+             hooks AS (
+                 SELECT tgrelid AS rel, 'TRIGGER' AS kind, tgname::text AS name,
+                        tgenabled AS enabled
+                 FROM pg_trigger WHERE NOT tgisinternal
+                 UNION ALL
+                 -- rules on writes; a view's own SELECT rule is not one
+                 SELECT ev_class, 'RULE', rulename::text, ev_enabled
+                 FROM pg_rewrite WHERE ev_type <> '1')
+             SELECT DISTINCT s, t, h.kind, h.name, h.enabled = 'O'
              FROM selected
-             JOIN pg_trigger tr
-               ON tr.tgrelid = selected.oid
+             JOIN hooks h
+               ON h.rel = selected.oid
                -- a partitioned table's partitions (none listed for a plain table)
-               OR tr.tgrelid IN (SELECT relid FROM pg_partition_tree(selected.oid))
-             WHERE NOT tr.tgisinternal AND tr.tgenabled IN ('O', 'R')
-             GROUP BY s, t
-             ORDER BY s, t",
+               OR h.rel IN (SELECT relid FROM pg_partition_tree(selected.oid))
+             WHERE h.enabled IN ('O', 'R')
+             ORDER BY 1, 2, 3, 4",
             &[&schemas, &names],
         )
         .await
         .map_err(|e| {
             error::pg(
-                "Reading the triggers of the selected tables on the target",
+                "Reading the triggers and rules of the selected tables on the target",
                 e,
             )
         })?;
-    let triggers = rows
-        .iter()
-        .map(|row| TriggersUnlikeReplica {
-            table: TableName::new(row.get::<_, String>(0), row.get::<_, String>(1)),
-            would_fire: row.get(2),
-            would_not_fire: row.get(3),
-        })
-        .collect();
+    let mut triggers: Vec<TriggersUnlikeReplica> = Vec::new();
+    for row in rows {
+        let table = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+        if triggers.last().is_none_or(|last| last.table != table) {
+            triggers.push(TriggersUnlikeReplica {
+                table,
+                would_fire: Vec::new(),
+                would_not_fire: Vec::new(),
+            });
+        }
+        let hook = Hook {
+            kind: row.get(2),
+            name: row.get(3),
+        };
+        if let Some(entry) = triggers.last_mut() {
+            match row.get::<_, bool>(4) {
+                true => entry.would_fire.push(hook),
+                false => entry.would_not_fire.push(hook),
+            }
+        }
+    }
     Ok(ReplicaRole::Refused { user, triggers })
 }
 
@@ -255,20 +286,28 @@ impl ReplicaRole {
         for found in triggers {
             let quoted = found.table.quoted();
             let mut parts = Vec::new();
+            let list = |hooks: &[Hook]| {
+                hooks
+                    .iter()
+                    .map(Hook::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
             if !found.would_fire.is_empty() {
-                parts.push(format!("{} would fire", found.would_fire.join(", ")));
+                parts.push(format!("{} would fire", list(&found.would_fire)));
             }
             if !found.would_not_fire.is_empty() {
                 parts.push(format!(
                     "{} (ENABLE REPLICA) would not fire",
-                    found.would_not_fire.join(", ")
+                    list(&found.would_not_fire)
                 ));
             }
             tables.push(format!("{}: {}", found.table, parts.join("; ")));
-            for trigger in found.would_fire.iter().chain(&found.would_not_fire) {
+            for hook in found.would_fire.iter().chain(&found.would_not_fire) {
                 fixes.push(format!(
-                    "ALTER TABLE {quoted} DISABLE TRIGGER {}",
-                    crate::source::quote_ident(trigger)
+                    "ALTER TABLE {quoted} DISABLE {} {}",
+                    hook.kind,
+                    crate::source::quote_ident(&hook.name)
                 ));
             }
         }
@@ -296,7 +335,10 @@ mod tests {
             triggers: (0..tables)
                 .map(|n| TriggersUnlikeReplica {
                     table: TableName::new("public", format!("t{n}")),
-                    would_fire: vec!["touch".into()],
+                    would_fire: vec![Hook {
+                        kind: "TRIGGER".into(),
+                        name: "touch".into(),
+                    }],
                     would_not_fire: vec![],
                 })
                 .collect(),
@@ -308,14 +350,14 @@ mod tests {
         assert_eq!(ReplicaRole::Allowed.trigger_problem(), None);
         assert_eq!(refused(0).trigger_problem(), None);
         let one = refused(1).trigger_problem().unwrap();
-        assert!(one.contains("public.t0: touch would fire"), "{one}");
+        assert!(one.contains("public.t0: trigger touch would fire"), "{one}");
         assert!(
             one.contains("ALTER TABLE \"public\".\"t0\" DISABLE TRIGGER \"touch\""),
             "{one}"
         );
         let many = refused(500).trigger_problem().unwrap();
         assert!(
-            many.contains("public.t9: touch would fire; and 490 more"),
+            many.contains("public.t9: trigger touch would fire; and 490 more"),
             "{many}"
         );
         assert!(!many.contains("public.t10:"), "{many}");
