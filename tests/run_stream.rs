@@ -518,17 +518,12 @@ async fn a_latin1_source_arrives_intact_in_a_utf8_target() {
         ))
         .await
         .unwrap();
-    let config = pair.dir.path().join("legacy.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[source]\nurl = \"{}\"\n[target]\nurl = \"{}\"\n[state]\ndir = \"{}\"\n",
-            pair.source.dsn("legacy"),
-            pair.target.dsn("app"),
-            pair.state_dir().display()
-        ),
-    )
-    .unwrap();
+    let config = pair.config_named(
+        "sluice",
+        &pair.source.dsn("legacy"),
+        &pair.target.dsn("app"),
+        "",
+    );
     let daemon = pair.start_daemon(&config).await;
     daemon.wait_for_log("initial copy finished").await;
     legacy
@@ -578,17 +573,12 @@ async fn a_latin1_source_arrives_intact_in_a_utf8_target() {
         .batch_execute(table)
         .await
         .unwrap();
-    let narrow = pair.dir.path().join("narrow.toml");
-    std::fs::write(
-        &narrow,
-        format!(
-            "[source]\nurl = \"{}\"\nslot = \"narrow\"\npublication = \"narrow\"\n[target]\nurl = \"{}\"\n[state]\ndir = \"{}\"\n",
-            pair.source.dsn("app"),
-            pair.target.dsn("narrow"),
-            pair.dir.path().join("narrow-state").display()
-        ),
-    )
-    .unwrap();
+    let narrow = pair.config_named(
+        "narrow",
+        &pair.source.dsn("app"),
+        &pair.target.dsn("narrow"),
+        "",
+    );
     let mut refused = Daemon::spawn(&narrow, &pair.dir.path().join("narrow.log"));
     let status = refused.wait(std::time::Duration::from_secs(60));
     let log = refused.log();

@@ -43,20 +43,15 @@ async fn pair_with_a_plain_target_user() -> Pair {
 /// A config whose target user is `writer`; `name` keeps its slot, publication and state
 /// apart from other configs in the same pair; `extra` goes under `[copy]`.
 fn config_as_writer(pair: &Pair, name: &str, extra: &str) -> std::path::PathBuf {
-    let path = pair.dir.path().join(format!("{name}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "[source]\nurl = \"{}\"\nslot = \"{name}\"\npublication = \"{name}\"\n\
-             [target]\nurl = \"host=127.0.0.1 port={} user=writer dbname=app\"\n\
-             [state]\ndir = \"{}\"\n[copy]\n{extra}\n",
-            pair.source.dsn("app"),
-            pair.target.port,
-            pair.dir.path().join(format!("{name}-state")).display()
+    pair.config_named(
+        name,
+        &pair.source.dsn("app"),
+        &format!(
+            "host=127.0.0.1 port={} user=writer dbname=app",
+            pair.target.port
         ),
+        &format!("[copy]\n{extra}"),
     )
-    .unwrap();
-    path
 }
 
 async fn source_objects(pair: &Pair) -> (i64, i64) {

@@ -70,6 +70,23 @@ impl Pair {
         path
     }
 
+    /// Writes `NAME.toml` between any two connection strings, with its own slot and
+    /// publication (both `name`) and state dir, so several configs share one pair; `extra`
+    /// is appended (sections included). Returns its path.
+    pub fn config_named(&self, name: &str, source: &str, target: &str, extra: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[source]\nurl = \"{source}\"\nslot = \"{name}\"\npublication = \"{name}\"\n\
+                 [target]\nurl = \"{target}\"\n[state]\ndir = \"{}\"\n{extra}\n",
+                self.dir.path().join(format!("{name}-state")).display()
+            ),
+        )
+        .unwrap();
+        path
+    }
+
     /// Starts `sluice run` and waits until it streams (its slot is active).
     pub async fn start_daemon(&self, config: &Path) -> Daemon {
         let daemon = Daemon::spawn(config, &self.dir.path().join("sluice.log"));
