@@ -201,3 +201,78 @@ async fn cutover_refuses_to_freeze_without_confirmation() {
     assert!(show(&output).contains("--yes"), "{}", show(&output));
     assert!(!read_only(&setup).await);
 }
+
+/// A cutover run by the database's owner, not a superuser (as on managed services). It may
+/// freeze the database, but without pg_read_all_stats it cannot even see other users'
+/// sessions, and it can never end a superuser's: a session opened before the freeze can
+/// still write. The cutover must not say ready while that may be so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_is_not_ready_while_a_session_opened_before_the_freeze_may_survive_it() {
+    let setup = Setup::new("").await;
+    load(&setup).await;
+    setup
+        .source
+        .batch_execute(
+            "CREATE ROLE owner LOGIN;
+             ALTER DATABASE src OWNER TO owner;
+             GRANT SELECT ON ALL TABLES IN SCHEMA public TO owner;
+             GRANT SELECT ON ALL SEQUENCES IN SCHEMA public TO owner;",
+        )
+        .await
+        .unwrap();
+    let text = std::fs::read_to_string(&setup.config).unwrap().replace(
+        &setup.pg.url("src"),
+        &format!("postgresql://owner@127.0.0.1:{}/src", setup.pg.port),
+    );
+    std::fs::write(&setup.config, text).unwrap();
+    // A superuser's session (an administrator's psql), open before the freeze.
+    let admin = setup.pg.connect("src").await;
+    admin.batch_execute("SELECT 1").await.unwrap();
+    let stand_in = daemon_stand_in(&setup).await;
+    let cutover = || setup.sluice(&["cutover", "--freeze-source", "--yes", "--timeout", "30s"]);
+
+    // Blind: pg_stat_activity shows it no other user's session at all.
+    let output = cutover().await;
+    let out = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(out.contains("FROZEN src"), "{out}");
+    assert!(
+        out.contains("cannot see other users' sessions")
+            && out.contains("GRANT pg_read_all_stats, pg_signal_backend TO \"owner\""),
+        "{out}"
+    );
+    assert!(
+        !out.contains("Point the application at the target"),
+        "{out}"
+    );
+
+    // Seeing, but unable to end a superuser's session.
+    setup
+        .source
+        .batch_execute("GRANT pg_read_all_stats TO owner")
+        .await
+        .unwrap();
+    let output = cutover().await;
+    stand_in.abort();
+    let out = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(out.contains("WARNING could not end session pid"), "{out}");
+    assert!(
+        out.contains("opened before the freeze: it can still write"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Cutover NOT ready")
+            && out.contains("opened before the freeze could not be ended"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("Point the application at the target"),
+        "{out}"
+    );
+    // It could indeed still write.
+    admin
+        .batch_execute("INSERT INTO public.t (v) VALUES ('after the freeze')")
+        .await
+        .unwrap();
+}

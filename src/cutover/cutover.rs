@@ -62,7 +62,13 @@ struct Session {
 
 /// The source's other client sessions, but never sluice's own: those named `sluice*` (the
 /// default application name) or with the application name the config gives the source.
-async fn other_sessions(source: &Client, slot: &str, own_name: &str) -> Result<Vec<Session>> {
+/// With `started_before` (a timestamptz as text), only the sessions that began before it.
+async fn other_sessions(
+    source: &Client,
+    slot: &str,
+    own_name: &str,
+    started_before: Option<&str>,
+) -> Result<Vec<Session>> {
     let rows = source
         .query(
             "SELECT a.pid, COALESCE(a.usename::text, ''), COALESCE(a.application_name, ''),
@@ -75,8 +81,9 @@ async fn other_sessions(source: &Client, slot: &str, own_name: &str) -> Result<V
                AND COALESCE(a.application_name, '') <> $2
                AND a.pid NOT IN (SELECT active_pid FROM pg_replication_slots
                                  WHERE slot_name = $1 AND active_pid IS NOT NULL)
+               AND ($3::text IS NULL OR a.backend_start < $3::text::timestamptz)
              ORDER BY a.pid",
-            &[&slot, &own_name],
+            &[&slot, &own_name, &started_before],
         )
         .await
         .map_err(|e| error::pg("Listing the source's sessions (pg_stat_activity)", e))?;
@@ -161,9 +168,30 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
         crate::say!("Dry run: nothing is changed.");
     }
 
-    // 1. Freeze.
+    // 1. Freeze. Sessions opened before it stay read-write: any that outlives the sweeps
+    // could write after the position the target catches up to.
+    let mut still_writable: Vec<Session> = Vec::new();
+    let mut blind_to: Option<String> = None;
     if args.freeze_source {
-        let sessions = other_sessions(&source, slot, own_name).await?;
+        // Without superuser or pg_read_all_stats, pg_stat_activity hides other users'
+        // sessions entirely (no database, no user): "0 other sessions" would be a lie.
+        let (user, sees_all): (String, bool) = source
+            .query_one(
+                "SELECT current_user::text,
+                        rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')
+                 FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .map(|row| (row.get(0), row.get(1)))
+            .map_err(|e| error::pg("Reading the source user's roles", e))?;
+        if !sees_all {
+            crate::say!(
+                "WARNING the source user {user} cannot see other users' sessions (it is neither a superuser nor a member of pg_read_all_stats): sessions opened before the freeze, which can still write, can be neither found nor ended"
+            );
+            blind_to = Some(user);
+        }
+        let sessions = other_sessions(&source, slot, own_name, None).await?;
         crate::say!(
             "Step 1: {would}freeze the source database {database}: {freeze_sql}; then end {} other session(s):",
             sessions.len()
@@ -183,11 +211,18 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
                     "Cutover not confirmed: the source is unchanged. Answer yes on a terminal, or pass --yes",
                 ));
             }
+            // READ WRITE: a cutover run again (after "not ready") connects to a database
+            // that is frozen already, where every transaction is read-only by default.
             source
-                .batch_execute(&freeze_sql)
+                .batch_execute(&format!("BEGIN READ WRITE; {freeze_sql}; COMMIT"))
                 .await
                 .map_err(|e| error::pg(format!("Freezing the source ({freeze_sql}); this needs the database's owner or a superuser"), e))?;
             crate::say!("FROZEN {database}: new transactions are read-only");
+            let frozen_at: String = source
+                .query_one("SELECT clock_timestamp()::text", &[])
+                .await
+                .map_err(|e| error::pg("Reading the source's clock", e))?
+                .get(0);
             // Sessions that started in between are ended too; a second and third sweep
             // catch sessions that were still starting up (and read the old setting) while
             // the previous one ran.
@@ -197,7 +232,7 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
                 if sweep > 0 {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
-                let sessions: Vec<Session> = other_sessions(&source, slot, own_name)
+                let sessions: Vec<Session> = other_sessions(&source, slot, own_name, None)
                     .await?
                     .into_iter()
                     .filter(|s| !handled.contains(&s.pid))
@@ -230,6 +265,18 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
                         }
                     }
                 }
+            }
+            // Ended sessions take a moment to go; what is left then was not ended.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            still_writable =
+                other_sessions(&source, slot, own_name, Some(frozen_at.as_str())).await?;
+            for s in &still_writable {
+                crate::say!(
+                    "STILL OPEN session pid {} ({} {:?}), opened before the freeze: it can still write",
+                    s.pid,
+                    s.user,
+                    s.application
+                );
             }
         }
     } else {
@@ -277,7 +324,7 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
     };
 
     // 5. Report.
-    let mut ok = sequences.missing.is_empty();
+    let mut ok = sequences.missing.is_empty() && still_writable.is_empty() && blind_to.is_none();
     crate::say!();
     if args.dry_run {
         crate::say!("Dry run done: nothing was changed.");
@@ -302,6 +349,20 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
             crate::say!("  3. sluice teardown: drops the slot (the source stops retaining WAL), the publication and the target's sluice schema.");
         } else {
             crate::say!("Cutover NOT ready:");
+            if let Some(user) = &blind_to {
+                crate::say!(
+                    "  - other users' sessions cannot be seen, so the freeze cannot be made sure of: GRANT pg_read_all_stats, pg_signal_backend TO {} (as a superuser, or an administrator role of a managed service), then run cutover again",
+                    crate::source::quote_ident(user)
+                );
+            }
+            if !still_writable.is_empty() {
+                let pids: Vec<String> = still_writable.iter().map(|s| s.pid.to_string()).collect();
+                crate::say!(
+                    "  - {} session(s) opened before the freeze could not be ended and may still write (pid {}): end them (SELECT pg_terminate_backend(pid) as a superuser, or as a member of pg_signal_backend for non-superusers' sessions), then run cutover again",
+                    still_writable.len(),
+                    pids.join(", ")
+                );
+            }
             if !sequences.missing.is_empty() {
                 crate::say!("  - sequences missing on the target: create them (sluice schema), then sync-sequences");
             }
