@@ -18,7 +18,11 @@ pub struct Setup {
 impl Setup {
     /// A cluster with `src` and `dst`; `extra` is appended to the config file.
     pub async fn new(extra: &str) -> Setup {
-        let pg = PgCluster::start();
+        Setup::on(PgCluster::start(), extra).await
+    }
+
+    /// The same on a cluster started with settings of its own.
+    pub async fn on(pg: PgCluster, extra: &str) -> Setup {
         let source = pg.create_database("src").await;
         let target = pg.create_database("dst").await;
         let dir = tempfile::tempdir().unwrap();

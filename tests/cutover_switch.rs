@@ -276,3 +276,55 @@ async fn cutover_is_not_ready_while_a_session_opened_before_the_freeze_may_survi
         .await
         .unwrap();
 }
+
+/// A prepared (two-phase) transaction belongs to no session, so the freeze's sweeps cannot
+/// end it, and it may commit its writes at any time: not ready until it is settled. Run
+/// again on the already frozen source once it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_is_not_ready_while_a_prepared_transaction_is_pending() {
+    let setup = Setup::on(
+        crate::support::PgCluster::builder()
+            .setting("max_prepared_transactions", "5")
+            .start(),
+        "",
+    )
+    .await;
+    load(&setup).await;
+    setup
+        .pg
+        .connect("src")
+        .await
+        .batch_execute(
+            "BEGIN; INSERT INTO public.t (v) VALUES ('prepared'); PREPARE TRANSACTION 'pending-1';",
+        )
+        .await
+        .unwrap();
+    let stand_in = daemon_stand_in(&setup).await;
+    let cutover = || setup.sluice(&["cutover", "--freeze-source", "--yes", "--timeout", "30s"]);
+
+    let output = cutover().await;
+    let out = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        out.contains("PREPARED transaction \"pending-1\" is pending")
+            && out.contains("1 prepared transaction(s) pending on the source"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("Point the application at the target"),
+        "{out}"
+    );
+
+    // Settled, the cutover goes through on the source it froze the first time.
+    setup
+        .pg
+        .connect("src")
+        .await
+        .batch_execute("ROLLBACK PREPARED 'pending-1'")
+        .await
+        .unwrap();
+    let output = cutover().await;
+    stand_in.abort();
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    assert!(stdout(&output).contains("Point the application at the target"));
+}

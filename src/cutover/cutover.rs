@@ -172,6 +172,7 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
     // could write after the position the target catches up to.
     let mut still_writable: Vec<Session> = Vec::new();
     let mut blind_to: Option<String> = None;
+    let mut prepared: Vec<String> = Vec::new();
     if args.freeze_source {
         // Without superuser or pg_read_all_stats, pg_stat_activity hides other users'
         // sessions entirely (no database, no user): "0 other sessions" would be a lie.
@@ -266,6 +267,24 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
                     }
                 }
             }
+            // A prepared (two-phase) transaction belongs to no session: no sweep ends it,
+            // and it can commit its writes whenever its coordinator says so.
+            prepared = source
+                .query(
+                    "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()
+                     ORDER BY prepared",
+                    &[],
+                )
+                .await
+                .map_err(|e| error::pg("Listing the source's prepared transactions", e))?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            for gid in &prepared {
+                crate::say!(
+                    "PREPARED transaction {gid:?} is pending: it can still commit its writes"
+                );
+            }
             // Ended sessions take a moment to go; what is left then was not ended.
             tokio::time::sleep(Duration::from_millis(500)).await;
             still_writable =
@@ -324,7 +343,10 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
     };
 
     // 5. Report.
-    let mut ok = sequences.missing.is_empty() && still_writable.is_empty() && blind_to.is_none();
+    let mut ok = sequences.missing.is_empty()
+        && still_writable.is_empty()
+        && blind_to.is_none()
+        && prepared.is_empty();
     crate::say!();
     if args.dry_run {
         crate::say!("Dry run done: nothing was changed.");
@@ -353,6 +375,12 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
                 crate::say!(
                     "  - other users' sessions cannot be seen, so the freeze cannot be made sure of: GRANT pg_read_all_stats, pg_signal_backend TO {} (as a superuser, or an administrator role of a managed service), then run cutover again",
                     crate::source::quote_ident(user)
+                );
+            }
+            if !prepared.is_empty() {
+                crate::say!(
+                    "  - {} prepared transaction(s) pending on the source can still commit writes: COMMIT PREPARED or ROLLBACK PREPARED them (pg_prepared_xacts), then run cutover again",
+                    prepared.len()
                 );
             }
             if !still_writable.is_empty() {
