@@ -192,30 +192,39 @@ impl std::fmt::Display for Hook {
     }
 }
 
+/// Whether the target user may set `session_replication_role = replica` (superuser, or a
+/// granted SET privilege from 15). Tried in a transaction that is rolled back, so the
+/// session is left as it was.
+pub async fn may_act_as_replica(target: &Client) -> Result<bool> {
+    match target
+        .batch_execute("BEGIN; SET LOCAL session_replication_role = replica; ROLLBACK")
+        .await
+    {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            let _ = target.batch_execute("ROLLBACK").await;
+            match e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+                true => Ok(false),
+                false => Err(error::pg(
+                    "Trying session_replication_role = replica on the target",
+                    e,
+                )),
+            }
+        }
+    }
+}
+
 /// Whether the target user may act as a replica, and if not, which of `tables`' triggers
 /// (on the table or any of its partitions) would then behave unlike under replication.
 pub async fn replica_role(target: &Client, tables: &[TableName]) -> Result<ReplicaRole> {
+    if may_act_as_replica(target).await? {
+        return Ok(ReplicaRole::Allowed);
+    }
     let user: String = target
         .query_one("SELECT current_user::text", &[])
         .await
         .map_err(|e| error::pg("Reading the target user", e))?
         .get(0);
-    // Tried inside a transaction that is rolled back, so the session is left as it was.
-    match target
-        .batch_execute("BEGIN; SET LOCAL session_replication_role = replica; ROLLBACK")
-        .await
-    {
-        Ok(()) => return Ok(ReplicaRole::Allowed),
-        Err(e) => {
-            let _ = target.batch_execute("ROLLBACK").await;
-            if e.code() != Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
-                return Err(error::pg(
-                    "Trying session_replication_role = replica on the target",
-                    e,
-                ));
-            }
-        }
-    }
     let schemas: Vec<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
     let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
     let rows = target

@@ -792,7 +792,7 @@ async fn check_target_tables(
         ));
     }
 
-    for line in target_privilege_problems(client, &on_target).await? {
+    for line in target_privilege_problems(client, &on_target, &user).await? {
         out.fail(line);
     }
     let selected: Vec<TableName> = on_target.keys().cloned().collect();
@@ -861,6 +861,7 @@ async fn check_target_tables(
 async fn target_privilege_problems(
     client: &Client,
     on_target: &BTreeMap<TableName, u32>,
+    user: &str,
 ) -> Result<Vec<String>> {
     let oids: Vec<u32> = on_target.values().copied().collect();
     let rows = client
@@ -876,12 +877,7 @@ async fn target_privilege_problems(
         .await
         .map_err(|e| error::pg("Reading the target user's table privileges", e))?;
     let by_oid: BTreeMap<u32, &TableName> = on_target.iter().map(|(n, o)| (*o, n)).collect();
-    let user: String = client
-        .query_one("SELECT current_user::text", &[])
-        .await
-        .map_err(|e| error::pg("Reading the target user", e))?
-        .get(0);
-    let user = crate::source::quote_ident(&user);
+    let user = crate::source::quote_ident(user);
     let mut lines = Vec::new();
     // One line per set of missing privileges, so a thousand tables lacking the same do not
     // make a thousand lines.

@@ -521,10 +521,7 @@ async fn copy_tables(
     // TID range scans (PostgreSQL 14) make a ctid-bounded chunk read only its blocks.
     let tid_range_scans = version >= 140_000;
 
-    let checks_foreign_keys = !matches!(
-        crate::apply::target::replica_role(&target, &[]).await?,
-        crate::apply::target::ReplicaRole::Allowed
-    );
+    let checks_foreign_keys = !crate::apply::target::may_act_as_replica(&target).await?;
     let names: Vec<&TableName> = pending.iter().map(|(_, table)| &table.name).collect();
     let (references, self_referencing) = foreign_key_references(&target, &names).await?;
     let mut layouts = Vec::new();
