@@ -204,9 +204,20 @@ impl Config {
 
     pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // toml's own rendering quotes the offending line, which may hold a URL with its
+            // password: say where, and what, without the text.
+            let place = e
+                .span()
+                .map(|span| {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+                    format!(" at line {line}, column {column}")
+                })
+                .unwrap_or_default();
             Error::config(format!(
-                "Invalid configuration in {origin}: {}",
-                e.to_string().trim()
+                "Invalid configuration in {origin}{place}: {}",
+                e.message().trim()
             ))
         })?;
         Self::from_raw(raw, overrides)
@@ -214,11 +225,13 @@ impl Config {
 
     fn from_raw(raw: RawConfig, overrides: &Overrides) -> Result<Config> {
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        // Errors name where the URL came from, so the operator fixes the right one.
         let source_url = overrides
             .source_url
             .clone()
-            .or_else(|| env("SLUICE_SOURCE_URL"))
-            .or(raw.source.url)
+            .map(|url| (url, "--source"))
+            .or_else(|| env("SLUICE_SOURCE_URL").map(|url| (url, "SLUICE_SOURCE_URL")))
+            .or(raw.source.url.map(|url| (url, "source.url")))
             .ok_or_else(|| {
                 Error::config(
                     "source.url is missing: set it in the config, SLUICE_SOURCE_URL or --source",
@@ -227,19 +240,38 @@ impl Config {
         let target_url = overrides
             .target_url
             .clone()
-            .or_else(|| env("SLUICE_TARGET_URL"))
-            .or(raw.target.url)
+            .map(|url| (url, "--target"))
+            .or_else(|| env("SLUICE_TARGET_URL").map(|url| (url, "SLUICE_TARGET_URL")))
+            .or(raw.target.url.map(|url| (url, "target.url")))
             .ok_or_else(|| {
                 Error::config(
                     "target.url is missing: set it in the config, SLUICE_TARGET_URL or --target",
                 )
             })?;
-        let source_conn = ConnInfo::parse(&source_url, "source.url")?;
-        let target_conn = ConnInfo::parse(&target_url, "target.url")?;
+        let source_conn = ConnInfo::parse(&source_url.0, source_url.1)?;
+        let target_conn = ConnInfo::parse(&target_url.0, target_url.1)?;
         if source_conn.same_database(&target_conn) {
             return Err(Error::config(format!(
                 "source.url and target.url name the same database ({}): the target must be another database",
                 source_conn.redacted()
+            )));
+        }
+
+        let state_dir = raw
+            .state
+            .dir
+            .unwrap_or_else(|| PathBuf::from("./sluice-state"));
+        if state_dir.as_os_str().is_empty() {
+            // An empty path would put the checkpoint store in whatever directory sluice
+            // happens to start in.
+            return Err(Error::config(
+                "state.dir is empty: set it to the directory for sluice's checkpoint store and control socket (default ./sluice-state)",
+            ));
+        }
+        if state_dir.exists() && !state_dir.is_dir() {
+            return Err(Error::config(format!(
+                "state.dir {} exists and is not a directory: point state.dir at a directory (sluice creates it when missing)",
+                state_dir.display()
             )));
         }
 
@@ -341,12 +373,7 @@ impl Config {
                 batch_max_rows: batch_max_rows as usize,
                 batch_max_delay,
             },
-            state: StateConfig {
-                dir: raw
-                    .state
-                    .dir
-                    .unwrap_or_else(|| PathBuf::from("./sluice-state")),
-            },
+            state: StateConfig { dir: state_dir },
             citus,
             monitor,
         })
@@ -510,6 +537,43 @@ mod tests {
         assert_eq!(config.apply.batch_max_delay, Duration::from_millis(100));
         assert_eq!(config.state.dir, PathBuf::from("./sluice-state"));
         assert!(config.tables.selects("public.anything"));
+    }
+
+    #[test]
+    fn toml_errors_say_where_without_quoting_the_line() {
+        for (text, line) in [
+            (
+                "[source]\nurl = \"postgresql://u:hunter2@h/app\n[target]\nurl = \"host=t\"\n",
+                "line 2",
+            ),
+            ("[source]\nurl = postgresql://u:hunter2@h/app\n", "line 2"),
+            (
+                "[source]\nurl = \"host=s\"\npassword = \"hunter2\"\n[target]\nurl = \"host=t\"\n",
+                "line 3",
+            ),
+        ] {
+            let error = parse(text).unwrap_err();
+            let message = error.to_string();
+            assert_eq!(error.exit_code(), 2);
+            assert!(message.contains(line), "{message}");
+            assert!(!message.contains("hunter2"), "{message}");
+        }
+    }
+
+    #[test]
+    fn an_empty_or_file_state_dir_is_a_configuration_error() {
+        let error = parse(&format!("{MINIMAL}\n[state]\ndir = \"\"\n")).unwrap_err();
+        assert!(error.to_string().contains("state.dir is empty"), "{error}");
+        let file = std::env::temp_dir().join(format!("sluice-state-file-{}", std::process::id()));
+        std::fs::write(&file, "").unwrap();
+        let error = parse(&format!(
+            "{MINIMAL}\n[state]\ndir = {:?}\n",
+            file.display().to_string()
+        ))
+        .unwrap_err();
+        std::fs::remove_file(&file).unwrap();
+        assert!(error.to_string().contains("is not a directory"), "{error}");
+        assert_eq!(error.exit_code(), 2);
     }
 
     #[test]

@@ -114,16 +114,26 @@ impl ConnInfo {
     /// (`source.url`), which never contain the password.
     pub fn parse(text: &str, what: &str) -> Result<ConnInfo> {
         let text = text.trim();
-        let pairs = if text.starts_with("postgresql://") || text.starts_with("postgres://") {
-            parse_url(text).map_err(|e| Error::config(format!("{what}: {e}")))?
+        let parsed = if text.starts_with("postgresql://") || text.starts_with("postgres://") {
+            parse_url(text)
+        } else if let Some((scheme, _)) = text.split_once("://").filter(|(scheme, _)| {
+            !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        }) {
+            Err(format!(
+                "a URL must start with postgresql:// or postgres:// (lower case), not {scheme}://"
+            ))
         } else {
-            parse_key_values(text).map_err(|e| Error::config(format!("{what}: {e}")))?
+            parse_key_values(text)
         };
-        Self::from_pairs(pairs, what)
+        parsed
+            .and_then(Self::from_pairs)
+            .map_err(|message| Error::config(format!("{what}: {}", scrub(&message, text))))
     }
 
-    fn from_pairs(pairs: Vec<(String, String)>, what: &str) -> Result<ConnInfo> {
-        let bad = |message: String| Error::config(format!("{what}: {message}"));
+    fn from_pairs(pairs: Vec<(String, String)>) -> std::result::Result<ConnInfo, String> {
         let mut host = None;
         let mut port = None;
         let mut user = None;
@@ -138,15 +148,23 @@ impl ConnInfo {
             match key.as_str() {
                 "host" | "hostaddr" => {
                     if value.contains(',') {
-                        return Err(bad(format!(
+                        return Err(format!(
                             "several hosts ({value}) are not supported: name the primary"
-                        )));
+                        ));
                     }
                     host = Some(value)
                 }
                 "port" => {
                     port = Some(value.parse::<u16>().map_err(|_| {
-                        bad(format!("port {value:?} is not a TCP port number"))
+                        format!(
+                            "the port is not a TCP port number (1 to 65535){}",
+                            // Shown only when it cannot be a stray part of the password.
+                            if value.chars().all(|c| c.is_ascii_digit()) && value.len() < 8 {
+                                format!(": {value}")
+                            } else {
+                                String::new()
+                            }
+                        )
                     })?)
                 }
                 "user" => user = Some(value),
@@ -154,9 +172,9 @@ impl ConnInfo {
                 "dbname" => dbname = Some(value),
                 "sslmode" => {
                     sslmode = Some(SslMode::parse(&value).ok_or_else(|| {
-                        bad(format!(
+                        format!(
                             "sslmode {value:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
-                        ))
+                        )
                     })?)
                 }
                 "sslrootcert" => info_paths[0] = Some(PathBuf::from(value)),
@@ -165,16 +183,16 @@ impl ConnInfo {
                 "application_name" => application_name = Some(value),
                 "connect_timeout" => {
                     let seconds = value.parse::<u64>().map_err(|_| {
-                        bad(format!("connect_timeout {value:?} is not a number of seconds"))
+                        format!("connect_timeout {value:?} is not a number of seconds")
                     })?;
                     connect_timeout = Some(Duration::from_secs(seconds.max(2)))
                 }
                 "options" => options = Some(value),
                 other => {
-                    return Err(bad(format!(
+                    return Err(format!(
                         "unknown connection parameter {other:?} (known: {})",
                         KNOWN_KEYS.join(", ")
-                    )))
+                    ))
                 }
             }
         }
@@ -188,7 +206,7 @@ impl ConnInfo {
             None => match env("PGPORT") {
                 Some(text) => text
                     .parse()
-                    .map_err(|_| bad(format!("PGPORT {text:?} is not a TCP port number")))?,
+                    .map_err(|_| format!("PGPORT {text:?} is not a TCP port number"))?,
                 None => 5432,
             },
         };
@@ -205,7 +223,7 @@ impl ConnInfo {
             Some(mode) => mode,
             None => match env("PGSSLMODE") {
                 Some(text) => SslMode::parse(&text)
-                    .ok_or_else(|| bad(format!("PGSSLMODE {text:?} is not a valid sslmode")))?,
+                    .ok_or_else(|| format!("PGSSLMODE {text:?} is not a valid sslmode"))?,
                 None => SslMode::Prefer,
             },
         };
@@ -279,6 +297,47 @@ impl ConnInfo {
     pub fn same_database(&self, other: &ConnInfo) -> bool {
         self.host == other.host && self.port == other.port && self.dbname == other.dbname
     }
+}
+
+/// `message` with every password the connection string `text` may hold replaced by `***`:
+/// a URL's `user:password@` part, and `password=` values (URL parameter or key=value).
+/// Parse errors quote the values they reject, and a mistyped string can put a password
+/// where another value is expected.
+fn scrub(message: &str, text: &str) -> String {
+    let mut secrets: Vec<String> = Vec::new();
+    if let Some((_, rest)) = text.split_once("://") {
+        if let Some((credentials, _)) = rest.rsplit_once('@') {
+            if let Some((_, password)) = credentials.split_once(':') {
+                secrets.push(password.to_string());
+                secrets.extend(percent_decode(password).ok());
+            }
+        }
+    }
+    let mut search = text;
+    while let Some(at) = search.find("password") {
+        let after = search[at + "password".len()..].trim_start();
+        if let Some(value) = after.strip_prefix('=') {
+            let value = value.trim_start();
+            let value = match value.strip_prefix('\'') {
+                Some(quoted) => quoted.split('\'').next().unwrap_or(quoted),
+                None => value
+                    .split(|c: char| c.is_whitespace() || c == '&')
+                    .next()
+                    .unwrap_or(value),
+            };
+            secrets.push(value.to_string());
+            secrets.extend(percent_decode(value).ok());
+        }
+        search = &search[at + "password".len()..];
+    }
+    // Longest first, so a password that contains another is replaced whole.
+    secrets.retain(|secret| !secret.is_empty());
+    secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
+    let mut message = message.to_string();
+    for secret in secrets {
+        message = message.replace(&secret, "***");
+    }
+    message
 }
 
 fn percent_decode(text: &str) -> std::result::Result<String, String> {
@@ -390,8 +449,10 @@ fn parse_key_values(text: &str) -> std::result::Result<Vec<(String, String)>, St
             chars.next();
         }
         if chars.next() != Some('=') {
+            // The word itself is not shown: it may be (part of) a password.
             return Err(format!(
-                "expected key=value pairs or a postgresql:// URL, found {key:?} without '='"
+                "expected key=value pairs or a postgresql:// URL, but word {} has no '=' (quote a value with spaces: key='a b')",
+                pairs.len() + 1
             ));
         }
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
@@ -521,7 +582,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("source.url"), "{error}");
-        assert!(error.contains("notaport"), "{error}");
+        assert!(error.contains("port"), "{error}");
         assert!(!error.contains("hunter2"), "{error}");
 
         let error = ConnInfo::parse("host=h sslmode=sometimes password=hunter2", "target.url")
@@ -534,6 +595,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("bogus"), "{error}");
+
+        // Mistyped strings that put the password where the parser quotes what it rejects.
+        for (text, password) in [
+            ("mysql://u:hunter2@h:5432/d", "hunter2"),
+            ("POSTGRESQL://u:hunter2@h/d", "hunter2"),
+            ("postgresql:/u:hunter2@h/d", "hunter2"),
+            ("host=h password=hunter2 sslmode=hunter2", "hunter2"),
+            ("host=h password='hunter 2' port=hunter", "hunter"),
+            ("host=h password=two words", "words"),
+            ("postgresql://u:pa%2Fss@h:pa%2Fss/d", "pa/ss"),
+            (
+                "postgresql://u:secret@h/d?password=hunter2&sslmode=hunter2",
+                "hunter2",
+            ),
+        ] {
+            let error = ConnInfo::parse(text, "--source").unwrap_err().to_string();
+            assert!(error.starts_with("--source: "), "{error}");
+            assert!(!error.contains(password), "{text}: {error}");
+        }
+        let error = ConnInfo::parse("mysql://u@h/d", "x")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("not mysql://"), "{error}");
 
         assert!(ConnInfo::parse("just words", "x").is_err());
         assert!(ConnInfo::parse("host='open", "x").is_err());

@@ -181,12 +181,16 @@ pub fn pg(context: impl Into<String>, error: tokio_postgres::Error) -> Error {
 }
 
 fn is_tls_refusal(error: &tokio_postgres::Error) -> bool {
-    if error.to_string().contains("does not support TLS") {
-        return true;
-    }
-    let mut next = StdError::source(error);
+    // tokio-postgres's own Display says only "error performing TLS handshake"; what went
+    // wrong is in the causes.
+    let mut next: Option<&(dyn StdError + 'static)> = Some(error);
     while let Some(cause) = next {
-        if cause.downcast_ref::<rustls::Error>().is_some() {
+        if cause.to_string().contains("does not support TLS")
+            || cause.downcast_ref::<rustls::Error>().is_some()
+            || cause
+                .downcast_ref::<rustls::pki_types::InvalidDnsNameError>()
+                .is_some()
+        {
             return true;
         }
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {

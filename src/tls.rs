@@ -31,22 +31,28 @@ pub fn install_crypto_provider() {
 pub async fn connect(info: &ConnInfo, purpose: &str) -> Result<tokio_postgres::Client> {
     let config = info.tokio_config();
     let what = || format!("Connecting to {purpose} {}", info.redacted());
+    let failed = |e: tokio_postgres::Error| {
+        let hint = connect_hint(&e, info);
+        let error = error::pg(what(), e);
+        match hint {
+            Some(hint) => Error::new(error.kind(), format!("{}. {hint}", error.report())),
+            None => error,
+        }
+    };
     let connect = async {
-        if info.sslmode == SslMode::Disable {
+        // libpq never uses TLS on a Unix-domain socket, whatever sslmode says.
+        if info.sslmode == SslMode::Disable || info.is_unix_socket() {
             let (client, connection) = config
                 .connect(tokio_postgres::NoTls)
                 .await
-                .map_err(|e| error::pg(what(), e))?;
+                .map_err(failed)?;
             tokio::spawn(async move {
                 let _ = connection.await;
             });
             Ok(prepare_session(client).await)
         } else {
             let tls = tokio_postgres_rustls::MakeRustlsConnect::new(client_config(info)?);
-            let (client, connection) = config
-                .connect(tls)
-                .await
-                .map_err(|e| error::pg(what(), e))?;
+            let (client, connection) = config.connect(tls).await.map_err(failed)?;
             tokio::spawn(async move {
                 let _ = connection.await;
             });
@@ -63,6 +69,39 @@ pub async fn connect(info: &ConnInfo, purpose: &str) -> Result<tokio_postgres::C
             info.connect_timeout * 3
         ))),
     }
+}
+
+/// What to do about a connection that failed for a reason retrying cannot change.
+fn connect_hint(error: &tokio_postgres::Error, info: &ConnInfo) -> Option<String> {
+    let code = error.code().map(|c| c.code().to_string());
+    Some(match code.as_deref() {
+        Some("28P01") | Some("28000") => format!(
+            "Check the user {} and its password (in the URL, PGPASSWORD or ~/.pgpass) and the server's pg_hba.conf entry for this client",
+            info.user
+        ),
+        Some("3D000") => format!(
+            "The database {} does not exist on that server: check the database name in the URL",
+            info.dbname
+        ),
+        None if error_chain_mentions(error, "does not support TLS") => {
+            "The server does not offer TLS: turn on ssl in its postgresql.conf, or connect with sslmode=prefer or disable".to_string()
+        }
+        None if error_chain_mentions(error, "certificate") => {
+            "The server's certificate was not accepted: check sslrootcert, and for verify-full that the URL's host is a name the certificate holds".to_string()
+        }
+        _ => return None,
+    })
+}
+
+fn error_chain_mentions(error: &tokio_postgres::Error, needle: &str) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = next {
+        if cause.to_string().contains(needle) {
+            return true;
+        }
+        next = cause.source();
+    }
+    false
 }
 
 /// sluice's connections live as long as the daemon and are idle whenever the source is

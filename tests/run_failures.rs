@@ -295,14 +295,14 @@ async fn definite_errors_at_start_up_exit_1_within_seconds() {
                 "postgresql://migrator:wrong@127.0.0.1:{}/app",
                 pair.source.port
             ),
-            "password authentication failed",
+            "password authentication failed for user \"migrator\". Check the user migrator and its password",
         ),
         (
             format!(
                 "postgresql://postgres@127.0.0.1:{}/nosuchdb",
                 pair.source.port
             ),
-            "nosuchdb",
+            "The database nosuchdb does not exist on that server",
         ),
         // Streaming is allowed, but not creating the publication: say who must, and how.
         (

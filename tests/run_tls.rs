@@ -151,3 +151,50 @@ async fn sslmode_verify_full_streams_over_tls_and_a_wrong_ca_is_definite() {
     );
     assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
 }
+
+/// libpq never uses TLS on a Unix-domain socket, so the default `sslmode=prefer` connects
+/// there; and `sslmode=require` towards a server without TLS cannot work however often it
+/// is tried, so it is a definite error that says what to change.
+#[tokio::test(flavor = "multi_thread")]
+async fn unix_sockets_need_no_tls_and_a_server_without_tls_under_require_is_definite() {
+    let pair = Pair::with_schema("CREATE TABLE t (id int PRIMARY KEY, v text);").await;
+    let config = pair.config("");
+    let over_socket = |cluster: &crate::support::cluster::PgCluster| {
+        format!(
+            "host={} port={} user=postgres dbname=app",
+            cluster.socket_dir().display(),
+            cluster.port
+        )
+    };
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&pair.source.dsn("app"), &over_socket(&pair.source))
+        .replace(&pair.target.dsn("app"), &over_socket(&pair.target));
+    assert!(text.contains("host=/"), "{text}");
+    std::fs::write(&config, &text).unwrap();
+    let mut daemon = pair.start_daemon(&config).await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute("INSERT INTO t SELECT g, 'over a socket' FROM generate_series(1, 100) g")
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    pair.assert_same("t").await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+
+    let require = pair.dir.path().join("require.toml");
+    let text = text.replace(
+        &over_socket(&pair.source),
+        &format!("{} sslmode=require", pair.source.dsn("app")),
+    );
+    std::fs::write(&require, text).unwrap();
+    let started = Instant::now();
+    let (code, _, stderr) = sluice(&["run", "--config", require.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(stderr.contains("does not offer TLS"), "{stderr}");
+}

@@ -164,6 +164,11 @@ impl PgCluster {
         }
     }
 
+    /// The directory of the server's Unix-domain socket.
+    pub fn socket_dir(&self) -> &Path {
+        self.root.path()
+    }
+
     /// libpq key=value connection string for `dbname` as superuser `postgres`.
     pub fn dsn(&self, dbname: &str) -> String {
         format!(
