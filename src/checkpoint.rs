@@ -32,8 +32,62 @@ pub struct Identity {
     pub source_system_identifier: String,
     pub source_database: String,
     pub slot: String,
-    /// Target as `host:port/dbname` (no user, no password).
+    /// The target as `system <system_identifier> database <name>`, or as `host:port/dbname`
+    /// when the target user may not read `pg_control_system()` (and in state dirs written
+    /// before sluice recorded the system).
     pub target: String,
+}
+
+/// Which database a session is on, whatever host name or address reached it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerIdentity {
+    /// `pg_control_system()`'s `system_identifier`; `None` where the user may not call it.
+    pub system: Option<String>,
+    pub database: String,
+}
+
+impl ServerIdentity {
+    pub async fn read(client: &tokio_postgres::Client, what: &str) -> Result<ServerIdentity> {
+        let database: String = client
+            .query_one("SELECT current_database()::text", &[])
+            .await
+            .map_err(|e| error::pg(format!("Reading {what}'s database name"), e))?
+            .get(0);
+        // Executable by everyone by default; a managed service may revoke it.
+        let system = client
+            .query_one(
+                "SELECT system_identifier::text FROM pg_control_system()",
+                &[],
+            )
+            .await
+            .ok()
+            .map(|row| row.get::<_, String>(0));
+        Ok(ServerIdentity { system, database })
+    }
+
+    /// The same database as `other`, as far as both identities tell.
+    pub fn same_database(&self, other: &ServerIdentity) -> bool {
+        self.system.is_some() && self.system == other.system && self.database == other.database
+    }
+}
+
+/// How the state dir names the target: by its system identifier when known, so another host
+/// name or address for the same server is the same target.
+pub fn target_identity(
+    conn: &crate::conninfo::ConnInfo,
+    server: Option<&ServerIdentity>,
+) -> String {
+    match server {
+        Some(ServerIdentity {
+            system: Some(system),
+            database,
+        }) => format!("system {system} database {database}"),
+        _ => legacy_target_identity(conn),
+    }
+}
+
+fn legacy_target_identity(conn: &crate::conninfo::ConnInfo) -> String {
+    format!("{}:{}/{}", conn.host, conn.port, conn.dbname)
 }
 
 /// The locally cached position.
@@ -146,14 +200,30 @@ impl Store {
         self.get(IDENTITY_KEY)
     }
 
-    /// Records the identity on first use; afterwards refuses a different one.
-    pub fn claim(&self, identity: &Identity) -> Result<()> {
+    /// Records the identity on first use; afterwards refuses a different one. `target_conn`
+    /// lets a state dir that named its target by host and port (before the system
+    /// identifier was recorded) be recognised, and upgraded.
+    pub fn claim(
+        &self,
+        identity: &Identity,
+        target_conn: &crate::conninfo::ConnInfo,
+    ) -> Result<()> {
         match self.identity()? {
             None => {
                 self.put(IDENTITY_KEY, identity)?;
                 self.flush()
             }
             Some(existing) if existing == *identity => Ok(()),
+            Some(existing)
+                if existing.target == legacy_target_identity(target_conn)
+                    && Identity {
+                        target: identity.target.clone(),
+                        ..existing.clone()
+                    } == *identity =>
+            {
+                self.put(IDENTITY_KEY, identity)?;
+                self.flush()
+            }
             Some(existing) => {
                 let mut differences = Vec::new();
                 if existing.source_system_identifier != identity.source_system_identifier
@@ -369,8 +439,13 @@ mod tests {
             source_system_identifier: "7300000000000000001".into(),
             source_database: "app".into(),
             slot: "sluice".into(),
-            target: "coordinator:5432/app".into(),
+            target: "system 7300000000000000002 database app".into(),
         }
+    }
+
+    fn target_conn() -> crate::conninfo::ConnInfo {
+        crate::conninfo::ConnInfo::parse("host=coordinator port=5432 dbname=app user=u", "t")
+            .unwrap()
     }
 
     #[test]
@@ -378,7 +453,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path()).unwrap();
-            store.claim(&identity()).unwrap();
+            store.claim(&identity(), &target_conn()).unwrap();
             store
                 .save_position(&Position {
                     applied_lsn: Lsn(100),
@@ -389,20 +464,39 @@ mod tests {
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.position().unwrap().unwrap().caught_up_lsn, Lsn(120));
-        store.claim(&identity()).unwrap();
+        store.claim(&identity(), &target_conn()).unwrap();
     }
 
     #[test]
     fn a_state_dir_of_another_migration_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.claim(&identity()).unwrap();
+        store.claim(&identity(), &target_conn()).unwrap();
         let mut other = identity();
         other.slot = "other".into();
         other.target = "elsewhere:5432/app".into();
-        let error = store.claim(&other).unwrap_err().to_string();
+        let error = store.claim(&other, &target_conn()).unwrap_err().to_string();
         assert!(error.contains("slot (sluice, now other)"), "{error}");
         assert!(error.contains("target"), "{error}");
+    }
+
+    #[test]
+    fn a_target_named_by_host_and_port_is_recognised_and_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let legacy = Identity {
+            target: "coordinator:5432/app".into(),
+            ..identity()
+        };
+        store.claim(&legacy, &target_conn()).unwrap();
+        store.claim(&identity(), &target_conn()).unwrap();
+        assert_eq!(store.identity().unwrap(), Some(identity()));
+        // Another host's legacy name is another target.
+        let elsewhere = crate::conninfo::ConnInfo::parse("host=elsewhere dbname=app", "t").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.claim(&legacy, &elsewhere).unwrap();
+        assert!(store.claim(&identity(), &elsewhere).is_err());
     }
 
     #[tokio::test]

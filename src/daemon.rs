@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
 
 use crate::apply::{Applier, ApplyOptions, Progress, TargetClients};
-use crate::checkpoint::{self, Identity, Position, Store};
+use crate::checkpoint::{self, Identity, Position, ServerIdentity, Store};
 use crate::config::Config;
 use crate::control::{DaemonState, SharedStatus};
 use crate::error::{self, Error, ErrorKind, Result};
@@ -478,6 +478,31 @@ async fn pipeline(
     let source = tls::connect(&config.source.conn, "the source").await?;
     let target = tls::connect(&config.target.conn, "the target").await?;
 
+    // Whose state dir this is, before anything is created on either side: a state dir of
+    // another migration must not cost a slot or a publication first.
+    let source_server = ServerIdentity::read(&source, "the source").await?;
+    let target_server = ServerIdentity::read(&target, "the target").await?;
+    if source_server.same_database(&target_server) {
+        return Err(Error::definite(format!(
+            "source.url ({}) and target.url ({}) reach the same database {} of the same server (system {}): the target must be another database",
+            config.source.conn.redacted(),
+            config.target.conn.redacted(),
+            source_server.database,
+            source_server.system.as_deref().unwrap_or_default()
+        )));
+    }
+    let identity = |source_system: &str| Identity {
+        source_system_identifier: source_system.to_string(),
+        source_database: config.source.conn.dbname.clone(),
+        slot: slot.clone(),
+        target: checkpoint::target_identity(&config.target.conn, Some(&target_server)),
+    };
+    // Where the source user may not read pg_control_system(), the replication session's
+    // IDENTIFY_SYSTEM below claims it.
+    if let Some(system) = &source_server.system {
+        store.claim(&identity(system), &config.target.conn)?;
+    }
+
     let tables = selected_tables(&source, &config.tables).await?;
     // Before anything is created on the source: a target whose triggers would rewrite the
     // rows sluice writes is refused, not quietly made to differ.
@@ -659,15 +684,7 @@ async fn pipeline(
             )));
         }
     }
-    store.claim(&Identity {
-        source_system_identifier: system.system_id.clone(),
-        source_database: config.source.conn.dbname.clone(),
-        slot: slot.clone(),
-        target: format!(
-            "{}:{}/{}",
-            config.target.conn.host, config.target.conn.port, config.target.conn.dbname
-        ),
-    })?;
+    store.claim(&identity(&system.system_id), &config.target.conn)?;
     with_timeout("Starting replication", client.start()).await?;
     with_timeout("Starting replication", client.wait_started()).await?;
     tracing::info!(slot, from = %start_lsn, "streaming");

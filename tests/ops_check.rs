@@ -279,6 +279,32 @@ async fn check_passes_a_ready_source_and_target() {
         "PASS",
         &["publication sluice publishes every selected table"],
     );
+
+    // [citus] on a target without Citus: `schema` would refuse, so check says so first.
+    let citus = write_config(
+        dir.path(),
+        &pg.url("app"),
+        &pg.url("target"),
+        &dir.path().join("state"),
+        "[citus]\ndistribute = { \"public.orders\" = \"id\" }\n",
+    );
+    let text = check_exits(&citus, 1).await;
+    line_with(
+        &text,
+        "FAIL",
+        &["no citus extension", "CREATE EXTENSION citus"],
+    );
+
+    // The source itself by another host name is no target.
+    let itself = write_config(
+        dir.path(),
+        &pg.url("app"),
+        &pg.url("app").replace("127.0.0.1", "localhost"),
+        &dir.path().join("state"),
+        "",
+    );
+    let text = check_exits(&itself, 1).await;
+    line_with(&text, "FAIL", &["reaches the source database itself (app"]);
 }
 
 /// Apply finds rows by the replica identity's columns: a target without an index on them

@@ -433,6 +433,56 @@ async fn a_state_dir_of_another_slot_is_refused_and_an_idle_slot_still_advances(
     let (code, _, stderr) = sluice(&["run", "--config", other_config.to_str().unwrap()]);
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("belongs to another migration"), "{stderr}");
+    // Refused before anything was created for it on the source.
+    let slots: i64 = source
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'other'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "a slot was created for a refused state dir");
+
+    // The same target by another name is the same target; the source by another name as
+    // the target is refused before anything is written to it.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let renamed = pair.dir.path().join("renamed.toml");
+    std::fs::write(
+        &renamed,
+        text.replace(
+            &pair.target.dsn("app"),
+            &pair.target.dsn("app").replace("127.0.0.1", "localhost"),
+        ),
+    )
+    .unwrap();
+    let mut daemon = pair.start_daemon(&renamed).await;
+    pair.wait_caught_up(&daemon).await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+    let itself = pair.dir.path().join("itself.toml");
+    std::fs::write(
+        &itself,
+        text.replace(
+            &pair.target.dsn("app"),
+            &pair.source.dsn("app").replace("127.0.0.1", "localhost"),
+        ),
+    )
+    .unwrap();
+    let (code, _, stderr) = sluice(&["run", "--config", itself.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("reach the same database app"), "{stderr}");
+    let position_table: bool = source
+        .query_one(
+            "SELECT to_regclass('sluice.applied_position') IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !position_table,
+        "sluice wrote its position table into the source"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

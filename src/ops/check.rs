@@ -101,6 +101,8 @@ struct Column {
 
 /// What the target checks need from the source.
 struct SourceFacts {
+    /// Which server and database the source is, to tell a target that is the same one.
+    server: Option<crate::checkpoint::ServerIdentity>,
     tables: Vec<SourceTable>,
     columns: BTreeMap<u32, Vec<Column>>,
     /// The columns pgoutput sends for an old row: the primary key's (identity `d`) or the
@@ -266,7 +268,11 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
             return None;
         }
     };
+    let server = crate::checkpoint::ServerIdentity::read(&client, "the source")
+        .await
+        .ok();
     Some(SourceFacts {
+        server,
         tables,
         columns,
         identity_columns,
@@ -685,6 +691,21 @@ async fn check_target(config: &Config, source: Option<&SourceFacts>, out: &mut F
         }
     };
     out.pass(format!("target: connected to {}", conn.redacted()));
+    let source_server = source.and_then(|facts| facts.server.as_ref());
+    if let Some(source_server) = source_server {
+        match crate::checkpoint::ServerIdentity::read(&client, "the target").await {
+            Ok(target_server) if source_server.same_database(&target_server) => {
+                out.fail(format!(
+                    "target: target.url reaches the source database itself ({} of system {}) by another name: the target must be another database",
+                    target_server.database,
+                    target_server.system.as_deref().unwrap_or_default()
+                ));
+                return;
+            }
+            Ok(_) => {}
+            Err(error) => out.fail(format!("target: {}", error.report())),
+        }
+    }
     let citus = match client
         .query_opt(
             "SELECT extversion FROM pg_extension WHERE extname = 'citus'",
@@ -808,7 +829,11 @@ async fn check_target_tables(
         out.pass("target: the user may SET session_replication_role = replica: the target's triggers and foreign keys stay quiet during copy and apply, as under PostgreSQL's own replication");
     }
 
+    let citus_wanted = !config.citus.distribute.is_empty() || !config.citus.reference.is_empty();
     match citus {
+        None if citus_wanted => out.fail(
+            "target: [citus] lays tables out, but the target has no citus extension: run CREATE EXTENSION citus on the target (the coordinator), or remove [citus]; `sluice schema` refuses until then",
+        ),
         None => out.pass("target: plain PostgreSQL (no citus extension); tables stay local"),
         Some(version) => {
             let distributed: BTreeSet<u32> = client
@@ -1086,6 +1111,7 @@ mod tests {
         let mut local = table("public.plain", 'd', true);
         local.oid = 13;
         let facts = SourceFacts {
+            server: None,
             tables: vec![keyed, other_key, full, local],
             columns: BTreeMap::new(),
             identity_columns: BTreeMap::from([
