@@ -29,6 +29,7 @@ use tokio_postgres::Client;
 use crate::apply::{Applier, ApplyOptions, Progress, TargetClients};
 use crate::checkpoint::{self, Identity, Position, ServerIdentity, Store};
 use crate::config::Config;
+use crate::control::status::unix_now;
 use crate::control::{DaemonState, SharedStatus};
 use crate::error::{self, Error, ErrorKind, Result};
 use crate::lsn::Lsn;
@@ -195,7 +196,8 @@ async fn supervise(
                     );
                     status.update(|s| {
                         s.state = DaemonState::Stalled;
-                        s.stalled_seconds = Some(since.elapsed().as_secs_f64());
+                        // Counted from here on every report (`SharedStatus::snapshot`).
+                        s.stalled_since = Some(unix_now() - since.elapsed().as_secs_f64());
                     });
                     wait
                 }
@@ -697,11 +699,17 @@ async fn pipeline(
             s.state = DaemonState::Streaming;
         }
     });
+    // Rows copied by an earlier run of this daemon's state dir, as `status` shows them when
+    // the daemon is down.
+    let copied: std::collections::HashMap<String, u64> = snapshot::state::load_tables(store)?
+        .into_iter()
+        .filter(|record| record.finished)
+        .map(|record| (record.name.to_string(), record.rows))
+        .collect();
     for table in &tables {
-        status.set_table_state(
-            &table.name.to_string(),
-            crate::control::TableState::Streaming,
-        );
+        let name = table.name.to_string();
+        let rows = copied.get(&name).copied().unwrap_or(0);
+        status.set_table_state_or_copied(&name, crate::control::TableState::Streaming, rows);
     }
 
     // Batches of up to 256 items: at most 16 × 256 changes wait between reader and applier.

@@ -149,9 +149,11 @@ async fn the_copy_and_the_stream_meet_without_gap_or_overlap() {
         .find(|t| t["name"] == "public.orders")
         .unwrap_or_else(|| panic!("{out}"));
     assert_eq!(orders["state"], "streaming", "{out}");
-    assert!(orders["rows_copied"].as_u64().unwrap() >= 200_000, "{out}");
+    let rows_copied = orders["rows_copied"].as_u64().unwrap();
+    assert!(rows_copied >= 200_000, "{out}");
     // The copied tables get statistics (a manual ANALYZE, not autovacuum's).
     daemon.wait_for_log("analyzed the copied tables").await;
+    let mut daemon = daemon;
     let analyzed: i64 = pair
         .target_client()
         .await
@@ -163,6 +165,21 @@ async fn the_copy_and_the_stream_meet_without_gap_or_overlap() {
         .unwrap()
         .get(0);
     assert_eq!(analyzed, 3, "{}", daemon.log());
+
+    // After a restart the running daemon still shows what the copy copied.
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+    let _daemon = pair.start_daemon(&config).await;
+    let (code, out, err) = sluice(&["status", "--json", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(status["pid"].is_u64(), "not the daemon's answer: {out}");
+    let orders = status["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "public.orders")
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(orders["rows_copied"].as_u64(), Some(rows_copied), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -249,6 +249,34 @@ async fn a_rejected_change_stalls_and_resumes_once_the_target_is_fixed() {
         "names the column and the statement that adds it:\n{log}"
     );
     assert!(daemon.is_running(), "a stall keeps the daemon up");
+    // Status counts the stall and the data's age as they go on, not once per retry, and
+    // last_error says where the stream stands.
+    let status = || {
+        let (code, stdout, stderr) =
+            sluice(&["status", "--json", "--config", config.to_str().unwrap()]);
+        assert_eq!(code, 0, "{stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()
+    };
+    let first = status();
+    std::thread::sleep(Duration::from_millis(1500));
+    let second = status();
+    assert_eq!(second["state"], "stalled", "{second}");
+    let error = second["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("source transaction at") || error.contains("Source transaction at"),
+        "{error}"
+    );
+    assert!(error.contains("public.history"), "{error}");
+    for field in ["stalled_seconds", "lag_seconds"] {
+        let (before, after) = (
+            first[field].as_f64().unwrap(),
+            second[field].as_f64().unwrap(),
+        );
+        assert!(
+            after >= before + 1.0,
+            "{field} went from {before} to {after}"
+        );
+    }
     // Nothing of that transaction reached the target.
     let balance: i64 = target
         .query_one("SELECT balance FROM accounts WHERE id = 1", &[])

@@ -544,6 +544,7 @@ impl Executor {
         };
         self.checkpoint().await?;
         let position = self.position;
+        self.status.transactions_applied_through(end_lsn);
         self.status.update(|s| {
             s.applied_lsn = Some(position.applied_lsn);
             s.caught_up_lsn = Some(position.caught_up_lsn);
@@ -558,6 +559,7 @@ impl Executor {
             }
             s.last_error = None;
             s.stalled_seconds = None;
+            s.stalled_since = None;
         });
         Ok(())
     }

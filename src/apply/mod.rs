@@ -149,6 +149,8 @@ pub struct Applier {
     executor: Option<JoinHandle<Result<()>>>,
     options: ApplyOptions,
     progress: Arc<Progress>,
+    /// Told of every source transaction as it arrives, for `lag_seconds`.
+    status: SharedStatus,
     citus: bool,
     /// `session_replication_role = replica` is in effect: statements on different tables
     /// may be reordered.
@@ -182,10 +184,12 @@ impl Applier {
         progress: Arc<Progress>,
     ) -> Result<Applier> {
         let citus = crate::citus::detect(&target.catalog).await?.is_some();
+        // Nothing from an earlier session of the pipeline is still on its way.
+        status.forget_pending_transactions();
         let (executor, replica_role) = Executor::new(
             target.apply,
             store,
-            status,
+            status.clone(),
             acks,
             options.slot.clone(),
             options.system_identifier.clone(),
@@ -205,6 +209,7 @@ impl Applier {
             executor: Some(executor),
             options,
             progress,
+            status,
             citus,
             replica_role,
             plans: HashMap::new(),
@@ -260,7 +265,7 @@ impl Applier {
                     Some(batch) => {
                         for item in batch {
                             if let Err(error) = self.handle(item).await {
-                                break 'run Err(error);
+                                break 'run Err(self.located(error));
                             }
                         }
                         Ok(())
@@ -308,6 +313,7 @@ impl Applier {
                 self.progress
                     .seen_final_lsn
                     .fetch_max(final_lsn.0, Ordering::Relaxed);
+                self.status.transaction_seen(final_lsn, commit_time);
                 self.open_txn = Some((final_lsn, commit_time, strict));
             }
             StreamItem::Relation { relation, changed } => {
@@ -708,6 +714,20 @@ impl Applier {
         self.batch_rows_sent = 0;
         self.first_commit_waiting = None;
         Ok(())
+    }
+
+    /// An apply error found while planning (a missing column or table, a key the target
+    /// lacks) names the source transaction too, as the executor's errors do: status's
+    /// `last_error` then says where the stream stands.
+    fn located(&self, error: Error) -> Error {
+        let report = error.report();
+        if error.kind() != ErrorKind::Apply || report.contains("source transaction at") {
+            return error;
+        }
+        Error::new(
+            ErrorKind::Apply,
+            format!("Source transaction at {}: {report}", self.current_lsn()),
+        )
     }
 
     fn current_lsn(&self) -> Lsn {

@@ -2,12 +2,16 @@
 //! socket and `/metrics`. The daemon owns one [`SharedStatus`] and updates it as it works;
 //! readers take a [`StatusReport`] snapshot.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 use crate::lsn::Lsn;
+use crate::pgoutput::PgTimestamp;
+
+/// At most this many received, unapplied source transactions are remembered for `lag_seconds`.
+const PENDING_TRANSACTIONS_TRACKED: usize = 65_536;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -73,6 +77,9 @@ pub struct StatusReport {
     pub last_error: Option<String>,
     /// Seconds since the current stall began, when stalled.
     pub stalled_seconds: Option<f64>,
+    /// Unix time the current stall began; `stalled_seconds` is counted from it.
+    #[serde(skip)]
+    pub stalled_since: Option<f64>,
     pub warnings: Vec<String>,
     /// Errors seen since start, by kind (`transient`, `definite`, `apply`).
     pub errors_by_kind: BTreeMap<String, u64>,
@@ -94,6 +101,9 @@ pub struct SharedStatus {
     inner: Arc<Mutex<StatusReport>>,
     tables: Arc<Mutex<BTreeMap<String, TableStatus>>>,
     building: Arc<Mutex<BTreeMap<u64, BuildingStatus>>>,
+    /// Source transactions received and not applied yet, oldest first: (commit LSN, commit
+    /// time as Unix seconds). The oldest one's age is `lag_seconds` while apply is behind.
+    pending_transactions: Arc<Mutex<VecDeque<(Lsn, f64)>>>,
     next_build: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -144,15 +154,59 @@ impl SharedStatus {
 
     /// Moves a table to `state`, keeping its copied row count.
     pub fn set_table_state(&self, name: &str, state: TableState) {
+        self.set_table_state_or_copied(name, state, 0);
+    }
+
+    /// Moves a table to `state`; a table this process has not listed yet (the copy was
+    /// done by an earlier run) gets `rows_copied` as recorded then.
+    pub fn set_table_state_or_copied(&self, name: &str, state: TableState, rows_copied: u64) {
         let mut tables = self.tables.lock().unwrap_or_else(|p| p.into_inner());
         let entry = tables
             .entry(name.to_string())
             .or_insert_with(|| TableStatus {
                 name: name.to_string(),
                 state,
-                rows_copied: 0,
+                rows_copied,
             });
         entry.state = state;
+    }
+
+    /// A source transaction arrived (its Begin): committed on the source at `commit_time`.
+    pub fn transaction_seen(&self, final_lsn: Lsn, commit_time: PgTimestamp) {
+        let committed = commit_time
+            .to_system_time()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        let mut pending = self
+            .pending_transactions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Only the oldest matter; past the bound (a backlog of tiny transactions) later ones
+        // are left out, and the age shown once these are applied is the last commit's.
+        if pending.len() < PENDING_TRANSACTIONS_TRACKED {
+            pending.push_back((final_lsn, committed));
+        }
+    }
+
+    /// Apply committed on the target through `end_lsn`: every transaction whose commit
+    /// record starts before it is there.
+    pub fn transactions_applied_through(&self, end_lsn: Lsn) {
+        let mut pending = self
+            .pending_transactions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        while pending.front().is_some_and(|(lsn, _)| *lsn < end_lsn) {
+            pending.pop_front();
+        }
+    }
+
+    /// A new session of the pipeline starts: what the last one received is received again.
+    pub fn forget_pending_transactions(&self) {
+        self.pending_transactions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// Shows `statement` under `building` until the returned guard is dropped.
@@ -192,8 +246,23 @@ impl SharedStatus {
             .values()
             .cloned()
             .collect();
+        let now = unix_now();
+        // How old the data on the target is: while a committed source transaction waits
+        // (apply behind, blocked on a lock, stalled), the age of the oldest one, growing
+        // with every report; otherwise what the last commit or keepalive said.
+        if let Some((_, committed)) = self
+            .pending_transactions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .front()
+        {
+            report.lag_seconds = Some((now - committed).max(0.0));
+        }
+        if let Some(since) = report.stalled_since {
+            report.stalled_seconds = Some((now - since).max(0.0));
+        }
         report.refresh_lag();
-        report.reported_at = unix_now();
+        report.reported_at = now;
         report
     }
 }
