@@ -505,6 +505,21 @@ async fn pipeline(
         store.claim(&identity(system), &config.target.conn)?;
     }
 
+    // The slot is gone, but this state dir copied or streamed from it (after `sluice
+    // teardown`, or someone dropped the slot): a new slot would start from now, and the
+    // writes since the old one went would never arrive. Refused before anything is created.
+    if slot_info(&source, slot).await?.is_none()
+        && (snapshot::copy_finished(store)?
+            || store
+                .position()?
+                .is_some_and(|p| p.caught_up_lsn > Lsn::ZERO))
+    {
+        return Err(Error::definite(format!(
+            "Replication slot {slot} is gone from the source, but the state dir {} records a copy or changes streamed from it: a new slot would start from now and the changes since the old one went would be lost. To start over, delete the state dir and empty the target tables (or recreate them with `sluice schema`), then `sluice run` copies afresh",
+            store.dir().display()
+        )));
+    }
+
     let tables = selected_tables(&source, &config.tables).await?;
     // Before anything is created on the source: a target whose triggers would rewrite the
     // rows sluice writes is refused, not quietly made to differ.
@@ -606,6 +621,7 @@ async fn pipeline(
                 "Replication slot {slot} is gone from the source, but the target holds changes applied from it: the changes since then are lost. A fresh copy is needed: `sluice teardown`, then `sluice run` again"
             )))
         }
+
         None => {
             let row = source
                 .query_one(

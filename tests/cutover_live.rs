@@ -94,6 +94,31 @@ async fn schema_then_run_then_deferred_ddl_then_verify_then_teardown() {
         .unwrap()
         .get(0);
     assert_eq!(slots, 0);
+
+    // The state dir left behind streamed from the dropped slot: starting again on it would
+    // stream from a new slot's "now" and lose what is written in between. Refused, with
+    // nothing created.
+    source
+        .batch_execute("INSERT INTO orders (customer_id, note) VALUES (1, 'after teardown')")
+        .await
+        .unwrap();
+    let (code, out, err) = sluice_async(&["run", "--config", &config_arg]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("is gone from the source, but the state dir"),
+        "{out}{err}"
+    );
+    let (slots, publications): (i64, i64) = {
+        let row = source
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_replication_slots), (SELECT count(*) FROM pg_publication)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((slots, publications), (0, 0));
 }
 
 const SCHEMA: &str = "
