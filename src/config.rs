@@ -351,8 +351,12 @@ impl Config {
                 None => Duration::from_secs(1),
             },
         };
-        if monitor.interval.is_zero() {
-            return Err(Error::config("monitor.interval must be longer than 0"));
+        // Each look is a few catalog queries on the source: a nanosecond interval would
+        // make the monitor a load generator.
+        if monitor.interval < Duration::from_millis(100) {
+            return Err(Error::config(
+                "monitor.interval must be at least 100ms (it queries the source each time; the default is 1s)",
+            ));
         }
 
         Ok(Config {
@@ -403,7 +407,9 @@ fn validate_table_pattern(pattern: &str, key: &str) -> Result<()> {
             "{key}: {pattern:?} must be schema.table (globs allowed: \"public.*\")"
         )));
     };
-    if schema.is_empty() || table.is_empty() || table.contains('.') {
+    // The table part may hold dots: patterns match the name `schema.table` as written, so
+    // `public.dot.name` selects a table called "dot.name".
+    if schema.is_empty() || table.is_empty() {
         return Err(Error::config(format!(
             "{key}: {pattern:?} must be schema.table (globs allowed: \"public.*\")"
         )));
@@ -628,6 +634,7 @@ mod tests {
             ("[copy]\nsplit_by = \"pk\"", "copy.split_by"),
             ("[copy]\njobs = 0", "copy.jobs"),
             ("[tables]\ninclude = [\"orders\"]", "tables.include"),
+            ("[monitor]\ninterval = \"1ns\"", "monitor.interval"),
             (
                 "[monitor]\nretained_wal_warn = \"lots\"",
                 "monitor.retained_wal_warn",
@@ -643,6 +650,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.to_string().contains("source.slot"), "{error}");
+    }
+
+    #[test]
+    fn a_table_name_with_dots_can_be_selected() {
+        let config = parse(&format!(
+            "{MINIMAL}\n[tables]\ninclude = [\"public.dot.name\", \"public.v?.*\"]\n"
+        ))
+        .unwrap();
+        assert!(config.tables.selects("public.dot.name"));
+        assert!(config.tables.selects("public.v1.x"));
+        assert!(!config.tables.selects("public.dot"));
     }
 
     #[test]

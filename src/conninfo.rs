@@ -114,6 +114,13 @@ impl ConnInfo {
     /// (`source.url`), which never contain the password.
     pub fn parse(text: &str, what: &str) -> Result<ConnInfo> {
         let text = text.trim();
+        if text.is_empty() {
+            // libpq would connect to its defaults; a migration tool should not guess which
+            // database is meant.
+            return Err(Error::config(format!(
+                "{what} is empty: give a postgresql:// URL or a key=value string naming the database"
+            )));
+        }
         let parsed = if text.starts_with("postgresql://") || text.starts_with("postgres://") {
             parse_url(text)
         } else if let Some((scheme, _)) = text.split_once("://").filter(|(scheme, _)| {
@@ -620,6 +627,10 @@ mod tests {
         assert!(error.contains("not mysql://"), "{error}");
 
         assert!(ConnInfo::parse("just words", "x").is_err());
+        assert!(ConnInfo::parse("  ", "--source")
+            .unwrap_err()
+            .to_string()
+            .contains("--source is empty"));
         assert!(ConnInfo::parse("host='open", "x").is_err());
         assert!(ConnInfo::parse("postgresql://h/%zz", "x").is_err());
     }

@@ -270,6 +270,26 @@ async fn lag_until_below_with_the_daemon_down_follows_a_source_under_load() {
     );
     // The source was writing, so not exactly zero is fine; at most the bound.
     assert!(lag_of(text.lines().last().unwrap()) <= 64 << 10, "{text}");
+
+    // What waiting cannot mend (here a database that does not exist) ends the wait with
+    // exit 1 and the reason, even without --timeout.
+    let config = write_config(
+        dir.path(),
+        &pg.url("nosuchdb"),
+        &pg.url("target"),
+        &state,
+        "",
+    );
+    let output = run(
+        sluice(
+            &config,
+            &["lag", "--until-below", "64kB", "--interval", "200ms"],
+        ),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    assert!(stderr(&output).contains("nosuchdb"), "{}", stderr(&output));
 }
 
 /// Output into a pipe whose reader has gone (`sluice status | head -1`, `sluice lag --follow

@@ -81,7 +81,8 @@ pub struct StatusReport {
     #[serde(skip)]
     pub stalled_since: Option<f64>,
     pub warnings: Vec<String>,
-    /// Errors seen since start, by kind (`transient`, `definite`, `apply`).
+    /// Errors by kind (`transient`, `definite`, `apply`): since the daemon started, or, read
+    /// without a daemon, those of this reading.
     pub errors_by_kind: BTreeMap<String, u64>,
     pub tables: Vec<TableStatus>,
     /// Deferred indexes and constraints being built right now (a key over a large table

@@ -716,6 +716,9 @@ pub async fn verify(
     if chunk_rows < 1 {
         return Err(Error::config("--chunk-rows must be at least 1"));
     }
+    if jobs < 1 {
+        return Err(Error::config("--jobs must be at least 1"));
+    }
     let source = crate::tls::connect(&config.source.conn, "the source").await?;
     let tables: Vec<SourceTable> = selected_tables(&source, &config.tables)
         .await?
@@ -724,9 +727,10 @@ pub async fn verify(
         .collect();
     drop(source);
     if tables.is_empty() {
-        return Err(Error::config(
-            "No selected table matches --tables: check the names (schema.table globs) and [tables]",
-        ));
+        return Err(Error::config(match only.is_empty() {
+            true => "[tables] selects no table on the source: check include/exclude (schema.table globs)",
+            false => "No selected table matches --tables: check the names (schema.table globs) and [tables]",
+        }));
     }
     let mut report = VerifyReport {
         tables: tables.len(),

@@ -15,7 +15,7 @@ use clap::Args;
 
 use crate::config::{format_size, parse_duration, parse_size, Config};
 use crate::control::status::{unix_now, StatusReport};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::ops::status::{collect, Origin};
 
 #[derive(Debug, Clone, Args)]
@@ -69,23 +69,54 @@ pub async fn run(config: &Config, args: &LagArgs) -> Result<i32> {
 
     let mut previous: Option<Sample> = None;
     loop {
-        let sample = take_sample(config).await;
+        // A wedged daemon or a silent source must not hold the answer past --timeout.
+        let sample = match deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                tokio::time::timeout(left, take_sample(config))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Error::transient(
+                            "no answer from the daemon or the source before --timeout",
+                        ))
+                    })
+            }
+            None => take_sample(config).await,
+        };
         let (current, origin) = match sample {
+            // Read without a daemon: a wrong password or a missing database will not pass.
+            Ok((sample, origin))
+                if origin != Origin::Daemon
+                    && sample
+                        .report
+                        .errors_by_kind
+                        .contains_key(ErrorKind::Definite.as_str()) =>
+            {
+                return Err(Error::definite(
+                    sample.report.last_error.unwrap_or_default(),
+                ));
+            }
             Ok(pair) => pair,
-            // A daemon that cannot be asked (permissions, wedged): when following or waiting
-            // for a bound, print the reason and keep trying; a one-shot fails with it.
-            Err(error) if bound.is_some() || args.follow => (
-                Sample {
-                    at: Instant::now(),
-                    report: StatusReport {
-                        last_error: Some(error.report()),
-                        reported_at: unix_now(),
-                        ..Default::default()
+            // What may pass (a daemon restarting or wedged, a source restarting): when
+            // following or waiting for a bound, print the reason and keep trying. What will
+            // not (a wrong password, a missing database, a socket of another user) ends the
+            // wait, as it ends a one-shot.
+            Err(error)
+                if (bound.is_some() || args.follow) && error.kind() == ErrorKind::Transient =>
+            {
+                (
+                    Sample {
+                        at: Instant::now(),
+                        report: StatusReport {
+                            last_error: Some(error.report()),
+                            reported_at: unix_now(),
+                            ..Default::default()
+                        },
+                        origin: Origin::Unknown,
                     },
-                    origin: Origin::Unknown,
-                },
-                Origin::Unknown,
-            ),
+                    Origin::Unknown,
+                )
+            }
             Err(error) => return Err(error),
         };
         // One-shot against a daemon: take the second sample the rate needs.

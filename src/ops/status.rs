@@ -79,7 +79,15 @@ pub async fn direct_report(config: &Config, read_checkpoint: bool) -> StatusRepo
 
     if read_checkpoint {
         match read_local_checkpoint(&config.state.dir) {
-            Ok((position, tables)) => {
+            // A state dir of another slot says nothing about this one (`run` refuses it).
+            Ok((_, _, Some(other_slot))) if other_slot != config.source.slot => {
+                report.warnings.push(format!(
+                    "The state dir {} belongs to slot {other_slot}, not {}: its checkpoint is not shown (`sluice run` refuses it too); point state.dir at this migration's directory",
+                    config.state.dir.display(),
+                    config.source.slot
+                ));
+            }
+            Ok((position, tables, _)) => {
                 if let Some(position) = position {
                     report.applied_lsn = Some(position.applied_lsn);
                     report.caught_up_lsn = Some(position.caught_up_lsn);
@@ -95,7 +103,7 @@ pub async fn direct_report(config: &Config, read_checkpoint: bool) -> StatusRepo
                     config.state.dir.display()
                 ));
             }
-            Err(error) => problems.push(error.report()),
+            Err(error) => problem(&mut report, &mut problems, error),
         }
     }
 
@@ -124,7 +132,7 @@ pub async fn direct_report(config: &Config, read_checkpoint: bool) -> StatusRepo
                 )),
             }
         }
-        Err(error) => problems.push(error.report()),
+        Err(error) => problem(&mut report, &mut problems, error),
     }
     match target {
         // The target's row is the authority for what was applied; the checkpoint may only
@@ -137,7 +145,7 @@ pub async fn direct_report(config: &Config, read_checkpoint: bool) -> StatusRepo
                 .max(Some(position.applied_lsn));
         }
         Ok(None) => {}
-        Err(error) => problems.push(error.report()),
+        Err(error) => problem(&mut report, &mut problems, error),
     }
     if let Some(source_lsn) = report.source_lsn {
         // Nothing applied yet: the slot's confirmed position is how far the source knows
@@ -149,18 +157,26 @@ pub async fn direct_report(config: &Config, read_checkpoint: bool) -> StatusRepo
         report.lag_bytes = caught_up.map(|c| source_lsn.bytes_since(c));
     }
     if report.wal_status.as_deref() == Some("lost") {
-        problems.push(
-            crate::control::monitor::slot_lost_error(
-                &config.source.slot,
-                "was invalidated by the source (wal_status = lost)",
-            )
-            .report(),
+        let lost = crate::control::monitor::slot_lost_error(
+            &config.source.slot,
+            "was invalidated by the source (wal_status = lost)",
         );
+        problem(&mut report, &mut problems, lost);
     }
     if !problems.is_empty() {
         report.last_error = Some(problems.join("; "));
     }
     report
+}
+
+/// A reading that failed: its text for `last_error`, its kind counted in `errors_by_kind`
+/// (so `lag --until-below` can stop waiting on what waiting cannot mend).
+fn problem(report: &mut StatusReport, problems: &mut Vec<String>, error: crate::error::Error) {
+    *report
+        .errors_by_kind
+        .entry(error.kind().as_str().to_string())
+        .or_default() += 1;
+    problems.push(error.report());
 }
 
 async fn read_source(config: &Config) -> Result<crate::control::monitor::SlotSample> {
@@ -177,13 +193,19 @@ async fn read_target(config: &Config) -> Result<Option<checkpoint::TargetPositio
 /// them. Never creates the state dir. With the daemon down a table is `copied` once its
 /// copy finished (`streaming` once the whole copy did), else `pending`: an unfinished
 /// table is copied again from the start, so its rows so far do not count.
-fn read_local_checkpoint(
-    state_dir: &Path,
-) -> Result<(Option<checkpoint::Position>, Vec<TableStatus>)> {
+/// The position, the copy's tables, and the slot the state dir belongs to.
+type LocalCheckpoint = (
+    Option<checkpoint::Position>,
+    Vec<TableStatus>,
+    Option<String>,
+);
+
+fn read_local_checkpoint(state_dir: &Path) -> Result<LocalCheckpoint> {
     if !checkpoint::sled_path(state_dir).is_dir() {
-        return Ok((None, Vec::new()));
+        return Ok((None, Vec::new(), None));
     }
     let store = checkpoint::Store::open(state_dir)?;
+    let slot = store.identity()?.map(|identity| identity.slot);
     let copy_finished = crate::snapshot::copy_finished(&store)?;
     let mut tables: Vec<TableStatus> = crate::snapshot::state::load_tables(&store)?
         .into_iter()
@@ -198,7 +220,7 @@ fn read_local_checkpoint(
         })
         .collect();
     tables.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok((store.position()?, tables))
+    Ok((store.position()?, tables, slot))
 }
 
 fn lsn(value: Option<Lsn>) -> String {
