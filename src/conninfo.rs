@@ -255,15 +255,19 @@ impl ConnInfo {
     }
 
     /// The connection as it may be shown: no password.
+    /// Written as a libpq URL would be (percent-encoded where needed), so it can be pasted.
     pub fn redacted(&self) -> String {
-        let host = if self.host.contains(':') {
+        let host = if self.host.contains(':') && !self.is_unix_socket() {
             format!("[{}]", self.host)
         } else {
-            self.host.clone()
+            percent_encode(&self.host)
         };
         format!(
             "postgresql://{}@{}:{}/{}",
-            self.user, host, self.port, self.dbname
+            percent_encode(&self.user),
+            host,
+            self.port,
+            percent_encode(&self.dbname)
         )
     }
 
@@ -345,6 +349,20 @@ fn scrub(message: &str, text: &str) -> String {
         message = message.replace(&secret, "***");
     }
     message
+}
+
+/// Percent-encodes what a URL component may not hold as is.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(byte as char)
+            }
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
 }
 
 fn percent_decode(text: &str) -> std::result::Result<String, String> {
@@ -555,7 +573,7 @@ mod tests {
         assert_eq!(info.dbname, "app");
         assert_eq!(info.sslmode, SslMode::VerifyFull);
         assert_eq!(info.application_name.as_deref(), Some("x"));
-        assert_eq!(info.redacted(), "postgresql://mig@r@10.0.0.5:6432/app");
+        assert_eq!(info.redacted(), "postgresql://mig%40r@10.0.0.5:6432/app");
     }
 
     #[test]
@@ -633,6 +651,25 @@ mod tests {
             .contains("--source is empty"));
         assert!(ConnInfo::parse("host='open", "x").is_err());
         assert!(ConnInfo::parse("postgresql://h/%zz", "x").is_err());
+    }
+
+    #[test]
+    fn redacted_urls_are_urls_again() {
+        for text in [
+            "postgresql://us%40er:pw@h:5432/my%20db",
+            "host=/var/run/postgresql port=5433 user=u dbname=app",
+            "postgresql://u@[::1]:5432/d",
+        ] {
+            let info = ConnInfo::parse(text, "x").unwrap();
+            let shown = info.redacted();
+            assert!(!shown.contains("pw"), "{shown}");
+            let again = ConnInfo::parse(&shown, "x").unwrap();
+            assert_eq!(
+                (&again.user, &again.host, again.port, &again.dbname),
+                (&info.user, &info.host, info.port, &info.dbname),
+                "{shown}"
+            );
+        }
     }
 
     #[test]

@@ -472,7 +472,12 @@ async fn a_state_dir_of_another_slot_is_refused_and_an_idle_slot_still_advances(
         .get(0);
     assert_eq!(slots, 0, "a slot was created for a refused state dir");
     // status does not present that state dir's checkpoint as the other slot's.
-    let (code, out, err) = sluice(&["status", "--json", "--config", other_config.to_str().unwrap()]);
+    let (code, out, err) = sluice(&[
+        "status",
+        "--json",
+        "--config",
+        other_config.to_str().unwrap(),
+    ]);
     assert_eq!(code, 0, "{err}");
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(status["applied_lsn"].is_null(), "{out}");
