@@ -292,6 +292,52 @@ async fn a_rejected_change_stalls_and_resumes_once_the_target_is_fixed() {
     assert_all_same(&pair).await;
 }
 
+/// A target column narrower than the source's values (the runbook's "widen the target
+/// first" done the other way round) must stall, not keep a cut value: an explicit cast to
+/// varchar(n), char(n) or bit(n) truncates where storing into the column refuses.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_value_too_long_for_the_target_stalls_instead_of_being_cut() {
+    let pair = Pair::with_schema(
+        "CREATE TABLE v (id int PRIMARY KEY, vc varchar(5), ch char(2), bt bit(3));
+         INSERT INTO v SELECT g, 'ok', 'ok', B'101' FROM generate_series(1, 40) g;",
+    )
+    .await;
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute(
+            "ALTER TABLE v ALTER vc TYPE text, ALTER ch TYPE text, ALTER bt TYPE varbit;
+             UPDATE v SET vc = 'longer than five' WHERE id = 1;",
+        )
+        .await
+        .unwrap();
+    daemon.wait_for_log("apply stalled").await;
+    assert!(daemon.log().contains("22001"), "{}", daemon.log());
+    // A batch of inserts (COPY) and its one-by-one replay (SQL) refuse too.
+    source
+        .batch_execute(
+            "INSERT INTO v SELECT g, 'five', 'abc', B'10101' FROM generate_series(100, 140) g",
+        )
+        .await
+        .unwrap();
+    let target = pair.target_client().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cut: i64 = target
+        .query_one("SELECT count(*) FROM v WHERE vc <> 'ok' OR id >= 100", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(cut, 0, "values were applied cut to the target's length");
+    target
+        .batch_execute("ALTER TABLE v ALTER vc TYPE text, ALTER ch TYPE text, ALTER bt TYPE varbit")
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    pair.assert_same("v").await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn definite_errors_at_start_up_exit_1_within_seconds() {
     let pair = Pair::with_schema(SCHEMA).await;

@@ -3,7 +3,8 @@
 //! Every statement takes its rows as parallel `text[]` parameters, one array per column,
 //! and `unnest`s them, so a run of N changes is one statement with a fixed parameter count
 //! (prepared once, reused for any N). Values stay in the text form pgoutput sent them in
-//! and are cast to the target column's type (`format_type` from the target's catalog), so
+//! and are cast to the target column's type (`format_type` from the target's catalog, without
+//! its modifier: the column enforces that, with an error where a cast would truncate), so
 //! enums, domains, arrays and composites work without knowing their OIDs on either side.
 //!
 //! Citus: whenever the distribution column's value is known, UPDATE and DELETE also say
@@ -18,7 +19,8 @@ use crate::source::quote_ident;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SqlColumn {
     pub name: String,
-    /// `format_type(atttypid, atttypmod)` on the target.
+    /// `format_type(atttypid, -1)` on the target: the type without its length or precision,
+    /// which storing into the column then enforces (an explicit cast would truncate).
     pub type_name: String,
     /// `GENERATED ALWAYS AS IDENTITY` on the target: an INSERT must say `OVERRIDING SYSTEM
     /// VALUE` to write the source's value, and no UPDATE may set it (only to DEFAULT).

@@ -79,7 +79,11 @@ pub async fn load(
     let quoted = name.quoted();
     let rows = target
         .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+            // The type without its modifier (`character varying`, not `character
+            // varying(10)`; `bpchar` and `"bit"`, the unlimited forms): an explicit cast to
+            // varchar(n), char(n) or bit(n) silently truncates, while storing into the
+            // column checks the length and refuses a value too long (22001), as COPY does.
+            "SELECT a.attname::text, format_type(a.atttypid, -1),
                     COALESCE(a.attnum = ANY(i.indkey::int2[]), false),
                     array_position(i.indkey::int2[], a.attnum),
                     a.attidentity = 'a'
