@@ -187,6 +187,14 @@ async fn supervise(
                     strict_through = Some(seen);
                     Duration::ZERO
                 } else {
+                    // Apply committed since the last stall (which clears the status's
+                    // stall): this is a new stall, counted and backed off afresh.
+                    let mut cleared = false;
+                    status.update(|s| cleared = s.stalled_since.is_none());
+                    if cleared && stalled_since.is_some() {
+                        stalled_since = None;
+                        stall_retry.reset();
+                    }
                     let since = *stalled_since.get_or_insert_with(Instant::now);
                     let wait = stall_retry.step();
                     tracing::error!(

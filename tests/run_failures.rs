@@ -290,6 +290,31 @@ async fn a_rejected_change_stalls_and_resumes_once_the_target_is_fixed() {
         .unwrap();
     pair.wait_caught_up(&daemon).await;
     assert_all_same(&pair).await;
+
+    // A later stall is a new one: its duration starts at zero, not at the first stall.
+    std::thread::sleep(Duration::from_secs(4));
+    target
+        .batch_execute("ALTER TABLE history DROP COLUMN note")
+        .await
+        .unwrap();
+    source
+        .batch_execute("INSERT INTO history (account, delta, note) VALUES (2, 1, 'again')")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let again = loop {
+        let report = status();
+        if report["state"] == "stalled" {
+            break report;
+        }
+        assert!(Instant::now() < deadline, "no second stall: {report}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let seconds = again["stalled_seconds"].as_f64().unwrap();
+    assert!(
+        seconds < 3.0,
+        "the second stall counts from the first: {again}"
+    );
 }
 
 /// A target column narrower than the source's values (the runbook's "widen the target
