@@ -739,6 +739,15 @@ async fn pipeline(
     // Batches of up to 256 items: at most 16 × 256 changes wait between reader and applier.
     let (items_tx, items_rx) = mpsc::channel(16);
     let (acks_tx, acks_rx) = watch::channel(start_lsn);
+    let wal_sender_timeout: i64 = source
+        .query_one(
+            "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
+            &[],
+        )
+        .await
+        .map_err(|e| error::pg("Reading the source's wal_sender_timeout", e))?
+        .get(0);
+    let wal_sender_timeout = Duration::from_millis(wal_sender_timeout.max(0) as u64);
     let reader = Reader {
         client,
         items: items_tx,
@@ -746,6 +755,8 @@ async fn pipeline(
         resume_after: start_lsn,
         table_sync,
         status: status.clone(),
+        silence_limit: crate::source::stream::silence_limit(wal_sender_timeout),
+        liveness: (source, slot.clone()),
     };
     let catalog = tls::connect(&config.target.conn, "the target").await?;
     let applier = Applier::start(

@@ -363,6 +363,47 @@ async fn a_value_too_long_for_the_target_stalls_instead_of_being_cut() {
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
 
+/// An idle source sends nothing at all (its walsender pings only a client that stopped
+/// reporting, and sluice reports every second): a silent stream is not a lost one while a
+/// session still holds the slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_stream_from_an_idle_source_is_not_taken_for_a_lost_connection() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    // The question is asked a little after wal_sender_timeout (10 s here, at the least).
+    pair.source
+        .psql("app", "ALTER SYSTEM SET wal_sender_timeout = '5s'");
+    pair.source.reload();
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute("UPDATE accounts SET balance = 1 WHERE id = 1")
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    drop(source);
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let log = daemon.log();
+    assert!(!log.contains("retrying"), "{log}");
+    assert!(
+        log.contains("the source is idle") || !log.contains("silent"),
+        "{log}"
+    );
+    let (code, out, err) = sluice(&["status", "--json", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["errors_by_kind"], serde_json::json!({}), "{out}");
+    assert!(status["last_error"].is_null(), "{out}");
+    pair.source_client()
+        .await
+        .batch_execute("UPDATE accounts SET balance = 2 WHERE id = 2")
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    assert_all_same(&pair).await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn definite_errors_at_start_up_exit_1_within_seconds() {
     let pair = Pair::with_schema(SCHEMA).await;

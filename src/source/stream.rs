@@ -69,9 +69,21 @@ pub enum StreamItem {
     },
 }
 
-/// How long the stream may stay silent before the connection is presumed dead. The
-/// walsender sends a keepalive at least every `wal_sender_timeout / 2` (30 s by default).
-const SILENCE_LIMIT: Duration = Duration::from_secs(120);
+/// How long the stream may stay silent before sluice asks the source, on a SQL session,
+/// whether a walsender still holds the slot. Silence alone proves nothing: the walsender
+/// pings only a client that has not reported for `wal_sender_timeout / 2`, and ours
+/// reports every second, so a source with no WAL at all sends nothing for as long as it is
+/// idle. A connection lost without a word (a network cut) leaves the walsender without our
+/// reports; it ends after `wal_sender_timeout`, and then no session holds the slot. So the
+/// question is asked a little after that timeout (`silence_limit`).
+pub fn silence_limit(wal_sender_timeout: Duration) -> Duration {
+    if wal_sender_timeout.is_zero() {
+        // The source never ends a silent walsender: ask every minute all the same.
+        return Duration::from_secs(60);
+    }
+    (wal_sender_timeout + Duration::from_secs(5))
+        .clamp(Duration::from_secs(10), Duration::from_secs(300))
+}
 
 pub struct Reader {
     pub client: ReplicationClient,
@@ -84,6 +96,10 @@ pub struct Reader {
     /// Per table: skip changes of transactions committed before this LSN.
     pub table_sync: BTreeMap<TableName, Lsn>,
     pub status: SharedStatus,
+    /// A SQL session on the source and the slot's name, to tell a quiet stream from a dead
+    /// one, asked after `silence_limit` without a message.
+    pub liveness: (tokio_postgres::Client, String),
+    pub silence_limit: Duration,
 }
 
 /// Items per hand-over to the applier, at most: one channel operation and one wake-up per
@@ -102,6 +118,38 @@ struct ReadState {
 }
 
 impl Reader {
+    /// After a silence: fine while a walsender holds the slot (an idle source), an error to
+    /// reconnect on when none does or the source cannot be asked.
+    async fn check_still_streaming(&self) -> Result<()> {
+        let (source, slot) = &self.liveness;
+        let held: Option<bool> = source
+            .query_opt(
+                "SELECT active_pid IS NOT NULL FROM pg_replication_slots WHERE slot_name = $1",
+                &[slot],
+            )
+            .await
+            .map_err(|e| {
+                error::pg(
+                    format!(
+                        "The replication stream was silent for {:?} and the source could not be asked about slot {slot}",
+                        self.silence_limit
+                    ),
+                    e,
+                )
+            })?
+            .map(|row| row.get(0));
+        match held {
+            Some(true) => {
+                tracing::debug!(slot = %slot, "stream quiet, slot held: the source is idle");
+                Ok(())
+            }
+            _ => Err(Error::transient(format!(
+                "The replication stream was silent for {:?} and no session holds slot {slot} on the source: the connection is lost; reconnecting",
+                self.silence_limit
+            ))),
+        }
+    }
+
     /// Runs until the stream ends or fails. `Ok(())` means the applier went away (shutdown).
     pub async fn run(mut self) -> Result<()> {
         let mut state = ReadState {
@@ -120,12 +168,11 @@ impl Reader {
                     self.client.update_applied_lsn(lsn.into());
                     continue;
                 }
-                event = tokio::time::timeout(SILENCE_LIMIT, receive(&mut self.client)) => match event {
+                event = tokio::time::timeout(self.silence_limit, receive(&mut self.client)) => match event {
                     Ok(event) => event,
                     Err(_) => {
-                        return Err(Error::transient(format!(
-                            "The replication stream was silent for {SILENCE_LIMIT:?}: presuming the connection dead"
-                        )))
+                        self.check_still_streaming().await?;
+                        continue;
                     }
                 },
             };
