@@ -470,6 +470,9 @@ async fn unless_stopped<T>(
     }
 }
 
+/// What to do when the slot can no longer supply every change since the target's position.
+pub const FRESH_COPY: &str = "A fresh copy is needed: with sluice stopped, run `sluice teardown` (it drops the slot, the publication, sluice's schema on the target and the state dir's checkpoint), empty the target tables (or recreate them with `sluice schema`), then `sluice run` copies again";
+
 /// One run of the pipeline, from connecting to the first error (or shutdown).
 async fn pipeline(
     config: &Config,
@@ -523,7 +526,7 @@ async fn pipeline(
                 .is_some_and(|p| p.caught_up_lsn > Lsn::ZERO))
     {
         return Err(Error::definite(format!(
-            "Replication slot {slot} is gone from the source, but the state dir {} records a copy or changes streamed from it: a new slot would start from now and the changes since the old one went would be lost. To start over, delete the state dir and empty the target tables (or recreate them with `sluice schema`), then `sluice run` copies afresh",
+            "Replication slot {slot} is gone from the source, but the state dir {} records a copy or changes streamed from it: a new slot would start from now and the changes since the old one went would be lost. {FRESH_COPY}",
             store.dir().display()
         )));
     }
@@ -626,7 +629,7 @@ async fn pipeline(
         Some(state) => state,
         None if target_position.is_some() => {
             return Err(Error::definite(format!(
-                "Replication slot {slot} is gone from the source, but the target holds changes applied from it: the changes since then are lost. A fresh copy is needed: `sluice teardown`, then `sluice run` again"
+                "Replication slot {slot} is gone from the source, but the target holds changes applied from it: the changes since then are lost. {FRESH_COPY}"
             )))
         }
 
@@ -671,7 +674,7 @@ async fn pipeline(
     }
     if slot_state.wal_status.as_deref() == Some("lost") {
         return Err(Error::definite(format!(
-            "Replication slot {slot} was invalidated by the source (wal_status = lost: max_slot_wal_keep_size was exceeded). The WAL it needed is gone; a fresh copy is needed: `sluice teardown`, then `sluice run`"
+            "Replication slot {slot} was invalidated by the source (wal_status = lost: max_slot_wal_keep_size was exceeded). The WAL it needed is gone. {FRESH_COPY}"
         )));
     }
 
@@ -686,7 +689,7 @@ async fn pipeline(
     if let (Some(resume), Some(confirmed)) = (resume, slot_state.confirmed_flush_lsn) {
         if confirmed > resume.acked_lsn {
             return Err(Error::definite(format!(
-                "Replication slot {slot} has confirmed {confirmed}, beyond anything sluice acknowledged ({}): it was recreated or advanced by someone else, and the changes in between are gone. A fresh copy is needed: `sluice teardown`, then `sluice run`",
+                "Replication slot {slot} has confirmed {confirmed}, beyond anything sluice acknowledged ({}): it was recreated or advanced by someone else, and the changes in between are gone. {FRESH_COPY}",
                 resume.acked_lsn
             )));
         }

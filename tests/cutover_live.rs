@@ -86,20 +86,15 @@ async fn schema_then_run_then_deferred_ddl_then_verify_then_teardown() {
 
     let mut daemon = daemon;
     daemon.terminate();
-    let (code, out, err) = sluice_async(&["teardown", "--yes", "--config", &config_arg]).await;
-    assert_eq!(code, 0, "{out}{err}");
-    let slots: i64 = source
-        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(slots, 0);
 
-    // The state dir left behind streamed from the dropped slot: starting again on it would
-    // stream from a new slot's "now" and lose what is written in between. Refused, with
-    // nothing created.
+    // A slot dropped behind sluice's back: starting again on this state dir would stream
+    // from a new slot's "now" and lose what is written in between. Refused, with nothing
+    // created.
     source
-        .batch_execute("INSERT INTO orders (customer_id, note) VALUES (1, 'after teardown')")
+        .batch_execute(
+            "SELECT pg_drop_replication_slot('sluice');
+             INSERT INTO orders (customer_id, note) VALUES (1, 'after the slot went');",
+        )
         .await
         .unwrap();
     let (code, out, err) = sluice_async(&["run", "--config", &config_arg]).await;
@@ -108,17 +103,25 @@ async fn schema_then_run_then_deferred_ddl_then_verify_then_teardown() {
         err.contains("is gone from the source, but the state dir"),
         "{out}{err}"
     );
-    let (slots, publications): (i64, i64) = {
-        let row = source
-            .query_one(
-                "SELECT (SELECT count(*) FROM pg_replication_slots), (SELECT count(*) FROM pg_publication)",
-                &[],
-            )
-            .await
-            .unwrap();
-        (row.get(0), row.get(1))
-    };
-    assert_eq!((slots, publications), (0, 0));
+    let slots: i64 = source
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0);
+
+    // teardown drops what is left, the state dir's checkpoint included, so that a later
+    // `run` starts a new migration (with the copy, into emptied tables) instead of resuming.
+    let (code, out, err) = sluice_async(&["teardown", "--yes", "--config", &config_arg]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("DROPPED the checkpoint"), "{out}");
+    assert!(!pair.state_dir().join("checkpoint").exists());
+    let publications: i64 = source
+        .query_one("SELECT count(*) FROM pg_publication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(publications, 0);
 }
 
 const SCHEMA: &str = "

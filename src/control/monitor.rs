@@ -101,7 +101,8 @@ const UNRESERVED_PREFIX: &str = "The slot's WAL is no longer reserved";
 /// The error returned when the slot can no longer serve the changes sluice needs.
 pub fn slot_lost_error(slot: &str, why: &str) -> Error {
     Error::definite(format!(
-        "Replication slot {slot} {why}: the source no longer holds the WAL sluice still needs, so changes would be lost. A fresh copy is needed: drop the target tables' data (or recreate them with `sluice schema`), move state.dir away, and start `sluice run` again"
+        "Replication slot {slot} {why}: the source no longer holds the WAL sluice still needs, so changes would be lost. {}",
+        crate::daemon::FRESH_COPY
     ))
 }
 

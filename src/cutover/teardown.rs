@@ -74,6 +74,25 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
         .map_err(|e| error::pg("Looking for schema sluice on the target", e))?
         .get(0);
 
+    // The state dir's checkpoint would make a later `run` on it resume from a slot that no
+    // longer exists; it goes too, unless it belongs to another migration (another slot).
+    let checkpoint = checkpoint::sled_path(&config.state.dir);
+    let checkpoint_exists = checkpoint.is_dir()
+        && {
+            let store = checkpoint::Store::open(&config.state.dir)?;
+            match store.identity()? {
+                Some(identity) if identity.slot != *slot => {
+                    crate::say!(
+                    "The state dir {} belongs to slot {}, not {slot}: its checkpoint is left alone.",
+                    config.state.dir.display(),
+                    identity.slot
+                );
+                    false
+                }
+                _ => true,
+            }
+        };
+
     let mut plan = Vec::new();
     if slot_exists {
         plan.push(format!(
@@ -88,6 +107,12 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
         plan.push(format!(
             "schema sluice on the target {} (applied position, deferred DDL)",
             config.target.conn.redacted()
+        ));
+    }
+    if checkpoint_exists {
+        plan.push(format!(
+            "the checkpoint in the state dir {} (copy progress and position of this migration)",
+            config.state.dir.display()
         ));
     }
     if plan.is_empty() {
@@ -141,9 +166,19 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
             .map_err(|e| error::pg("Dropping schema sluice on the target", e))?;
         crate::say!("DROPPED schema sluice on the target");
     }
-    if config.state.dir.exists() {
+    if checkpoint_exists {
+        std::fs::remove_dir_all(&checkpoint).map_err(|e| {
+            Error::definite(format!(
+                "Removing the checkpoint {}: {e}; delete it by hand before the next `sluice run`",
+                checkpoint.display()
+            ))
+        })?;
+        // A socket left by a daemon that was killed; then the directory, if nothing of
+        // anyone else's is in it.
+        let _ = std::fs::remove_file(crate::control::socket::socket_path(&config.state.dir));
+        let _ = std::fs::remove_dir(&config.state.dir);
         crate::say!(
-            "The state dir {} holds this migration's checkpoint, now useless: delete it.",
+            "DROPPED the checkpoint in the state dir {}",
             config.state.dir.display()
         );
     }
