@@ -75,7 +75,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
     // error: the slot was invalidated or dropped under us.
     let result = tokio::select! {
         result = supervise(&config, &store, &status, shutdown) => result,
-        result = crate::control::monitor::run(&config, status.clone()) => result,
+        result = crate::control::monitor::run(&config, status.clone(), store.clone()) => result,
     };
     if let Some(metrics) = metrics {
         metrics.abort();

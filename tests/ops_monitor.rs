@@ -38,9 +38,11 @@ async fn the_monitor_tracks_the_slot_warns_survives_a_restart_and_stops_when_the
     let config = config(&pg, "1MB");
     let status = SharedStatus::new("sluice");
     status.update(|s| s.caught_up_lsn = Some(sluice::Lsn(1)));
+    let state = tempfile::tempdir().unwrap();
+    let store = sluice::checkpoint::Store::open(state.path()).unwrap();
     let task = {
         let status = status.clone();
-        tokio::spawn(async move { monitor::run(&config, status).await })
+        tokio::spawn(async move { monitor::run(&config, status, store).await })
     };
 
     wait_for("a first sample", Duration::from_secs(10), || {
@@ -163,9 +165,11 @@ async fn a_slot_the_source_invalidated_is_a_definite_error_asking_for_a_fresh_co
     assert!(lost, "the source did not invalidate the slot");
 
     let status = SharedStatus::new("sluice");
+    let state = tempfile::tempdir().unwrap();
+    let store = sluice::checkpoint::Store::open(state.path()).unwrap();
     let error = tokio::time::timeout(
         Duration::from_secs(10),
-        monitor::run(&config(&pg, "10GB"), status.clone()),
+        monitor::run(&config(&pg, "10GB"), status.clone(), store),
     )
     .await
     .expect("the monitor stops on a lost slot")

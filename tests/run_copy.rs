@@ -768,3 +768,75 @@ async fn a_start_that_cannot_copy_is_refused_before_a_slot_exists() {
     pair.catch_up_and_compare(&daemon, &["orders", "\"Line Items\""])
         .await;
 }
+
+/// The publication altered on the source while sluice streams: the source just stops
+/// sending those changes, so sluice stops and says how to get the rows back; the next start
+/// copies the table again. A dropped publication cannot be mended: a fresh copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_dropped_from_the_publication_stops_the_daemon_and_is_copied_again() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    seed(&pair).await;
+    let config = pair.config("[copy]\nenabled = true\njobs = 2\n");
+    let mut daemon = pair.start_daemon(&config).await;
+    daemon.wait_for_log("initial copy finished").await;
+    pair.wait_caught_up(&daemon).await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute("ALTER PUBLICATION sluice DROP TABLE tags")
+        .await
+        .unwrap();
+    let status = daemon.wait(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "{status:?}\n{}",
+        daemon.log()
+    );
+    let log = daemon.log();
+    assert!(log.contains("no longer publishes public.tags"), "{log}");
+    assert!(
+        log.contains(r#"ALTER PUBLICATION "sluice" ADD TABLE "public"."tags""#),
+        "{log}"
+    );
+    // Changes made while it was out of the publication never reach the stream.
+    source
+        .batch_execute(
+            "DELETE FROM tags WHERE weight < 100;
+             INSERT INTO tags VALUES ('late', 5000);
+             UPDATE orders SET note = 'meanwhile' WHERE id <= 10;",
+        )
+        .await
+        .unwrap();
+    source
+        .batch_execute("ALTER PUBLICATION sluice ADD TABLE tags")
+        .await
+        .unwrap();
+    let target = pair.target_client().await;
+    target.batch_execute("TRUNCATE tags").await.unwrap();
+    let mut daemon = pair.start_daemon(&config).await;
+    daemon
+        .wait_for_log("selected since the copy finished")
+        .await;
+    pair.wait_caught_up(&daemon).await;
+    assert_all_same(&pair).await;
+
+    // A dropped publication: the source can never send the changes in between.
+    source
+        .batch_execute("DROP PUBLICATION sluice")
+        .await
+        .unwrap();
+    source
+        .batch_execute("UPDATE orders SET note = 'lost' WHERE id = 11")
+        .await
+        .unwrap();
+    let status = daemon.wait(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "{status:?}\n{}",
+        daemon.log()
+    );
+    assert!(
+        daemon.log().contains("A fresh copy is needed"),
+        "{}",
+        daemon.log()
+    );
+}

@@ -109,7 +109,11 @@ pub fn slot_lost_error(slot: &str, why: &str) -> Error {
 /// Samples every `config.monitor.interval` until the slot is lost (returns the definite
 /// error). Transient source trouble is logged and retried; never returns `Ok` on its own, so
 /// the daemon runs it beside the stream and stops it on shutdown.
-pub async fn run(config: &Config, status: SharedStatus) -> Result<()> {
+pub async fn run(
+    config: &Config,
+    status: SharedStatus,
+    store: crate::checkpoint::Store,
+) -> Result<()> {
     let slot = config.source.slot.as_str();
     let interval = config.monitor.interval;
     let mut monitor = Monitor::new(slot, config.monitor.retained_wal_warn);
@@ -134,6 +138,7 @@ pub async fn run(config: &Config, status: SharedStatus) -> Result<()> {
             Ok(sample) => {
                 failures = 0;
                 monitor.apply(&sample, &status)?;
+                check_publication(source, config, &status, &store).await?;
             }
             Err(error) => {
                 failures += 1;
@@ -151,6 +156,94 @@ pub async fn run(config: &Config, status: SharedStatus) -> Result<()> {
         };
         tokio::time::sleep(next).await;
     }
+}
+
+/// The publication must go on publishing every table being streamed. Altered on the source
+/// while sluice runs (`ALTER PUBLICATION ... DROP TABLE`, `DROP PUBLICATION`), the source
+/// just stops sending those changes: nothing in the stream says so. Stopping is the only way
+/// not to be silent about it.
+async fn check_publication(
+    source: &Client,
+    config: &Config,
+    status: &SharedStatus,
+    store: &crate::checkpoint::Store,
+) -> Result<()> {
+    let report = status.snapshot();
+    let streaming: Vec<String> = report
+        .tables
+        .iter()
+        .filter(|t| t.state == crate::control::TableState::Streaming)
+        .map(|t| t.name.clone())
+        .collect();
+    if report.state != crate::control::DaemonState::Streaming || streaming.is_empty() {
+        return Ok(());
+    }
+    let publication = &config.source.publication;
+    let rows = source
+        .query(
+            "SELECT p.pubname IS NOT NULL, t.schemaname || '.' || t.tablename
+             FROM (SELECT 1) one
+             LEFT JOIN pg_publication p ON p.pubname = $1
+             LEFT JOIN pg_publication_tables t ON t.pubname = p.pubname",
+            &[publication],
+        )
+        .await
+        .map_err(|e| error::pg("Reading the publication's tables on the source", e))?;
+    // The transient trouble of one look is the next look's; only a clear answer counts.
+    let exists = rows.first().is_some_and(|row| row.get::<_, bool>(0));
+    if !exists {
+        return Err(Error::definite(format!(
+            "Publication {publication} was dropped on the source while sluice streamed: the source stopped sending changes, and logical decoding reads a publication as of each change's position, so creating it again does not bring back the changes in between. {}",
+            crate::daemon::FRESH_COPY
+        )));
+    }
+    let published: std::collections::HashSet<String> = rows
+        .iter()
+        .filter_map(|row| row.get::<_, Option<String>>(1))
+        .collect();
+    let missing: Vec<String> = streaming
+        .into_iter()
+        .filter(|name| !published.contains(name))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // Their rows must come again: with the copy on, forgetting their copy makes the next
+    // start copy them under a fresh snapshot and skip the stream's changes that snapshot
+    // holds, as for a table selected after the copy.
+    let copy_again = config.copy.enabled && crate::snapshot::copy_finished(store)?;
+    if copy_again {
+        for name in &missing {
+            if let Some((schema, table)) = name.split_once('.') {
+                let table = crate::source::TableName::new(schema.to_string(), table.to_string());
+                crate::snapshot::state::forget_table(store, &table)?;
+            }
+        }
+    }
+    let add_back = format!(
+        "ALTER PUBLICATION {} ADD TABLE {}",
+        crate::source::quote_ident(publication),
+        missing
+            .iter()
+            .map(|name| match name.split_once('.') {
+                Some((schema, table)) => format!(
+                    "{}.{}",
+                    crate::source::quote_ident(schema),
+                    crate::source::quote_ident(table)
+                ),
+                None => name.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let then = match copy_again {
+        true => "then empty them on the target (TRUNCATE) and start `sluice run` again: it copies them afresh before streaming resumes, and skips the changes that copy already holds",
+        false => "then bring their rows on the target up to date yourself (`sluice verify` shows what differs; the copy is off) and start `sluice run` again",
+    };
+    Err(Error::definite(format!(
+        "Publication {publication} no longer publishes {} (altered on the source while sluice streamed): their changes since then were not sent, so sluice stopped rather than go on without them. Put them back ({add_back}), {then}",
+        missing.join(", ")
+    )))
 }
 
 /// Logs a failed sample: the first at warn, repeats at debug so a long outage does not flood

@@ -148,6 +148,12 @@ pub fn save_chunk(
     store.flush()
 }
 
+/// Forgets that `table` was copied (its record and chunks): the next start copies it again.
+pub fn forget_table(store: &Store, table: &TableName) -> Result<()> {
+    store.remove(&table_key(table))?;
+    clear_chunks(store, table)
+}
+
 /// Forgets every finished chunk of `table` (of any generation).
 pub fn clear_chunks(store: &Store, table: &TableName) -> Result<()> {
     for (key, _) in store.scan::<ChunkDone>(&chunk_prefix(table))? {

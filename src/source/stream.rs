@@ -415,6 +415,16 @@ fn received(
                 "The replication connection ended and its error was lost ({message}); reconnecting"
             )))
         }
+        // The walsender decodes with the catalog as of each change: a publication dropped
+        // (even if created again since) is missing there for good.
+        Err(pgwire_replication::PgWireError::Server(message))
+            if message.contains("publication") && message.contains("does not exist") =>
+        {
+            Err(Error::definite(format!(
+                "Reading the replication stream: {message}. The publication was dropped on the source while the slot still had changes to send; logical decoding reads publications as of each change's position, so creating it again does not bring back the changes in between. {}",
+                crate::daemon::FRESH_COPY
+            )))
+        }
         Err(e) => Err(error::replication("Reading the replication stream", e)),
     }
 }
