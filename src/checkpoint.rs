@@ -104,6 +104,8 @@ pub struct Position {
 
 const IDENTITY_KEY: &str = "identity";
 const POSITION_KEY: &str = "position";
+/// The error the daemon last stopped on, for `status` while it is down.
+const STOPPED_ON_KEY: &str = "daemon/stopped_on";
 
 /// The sled store in `state.dir`. Only one process can hold it: the running daemon.
 #[derive(Clone)]
@@ -253,6 +255,19 @@ impl Store {
                 )))
             }
         }
+    }
+
+    /// Records why the daemon stopped (`None`: it stopped as asked, or is starting).
+    pub fn save_stopped_on(&self, error: Option<&str>) -> Result<()> {
+        match error {
+            Some(error) => self.put(STOPPED_ON_KEY, &error.to_string())?,
+            None => self.remove(STOPPED_ON_KEY)?,
+        }
+        self.flush()
+    }
+
+    pub fn stopped_on(&self) -> Result<Option<String>> {
+        self.get(STOPPED_ON_KEY)
     }
 
     pub fn position(&self) -> Result<Option<Position>> {

@@ -65,6 +65,8 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
     else {
         return Ok(());
     };
+    // A stop reason from an earlier run no longer holds.
+    store.save_stopped_on(None)?;
     // Held for the daemon's lifetime: dropping it stops the server and removes the socket.
     let _socket = crate::control::socket::serve(&config.state.dir, status.clone())?;
     let metrics = match options.metrics_addr {
@@ -86,6 +88,12 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
             s.last_error = Some(error.report());
         }
     });
+    // `status` with the daemon down shows why it stopped.
+    if let Err(error) = &result {
+        if let Err(e) = store.save_stopped_on(Some(&error.report())) {
+            tracing::warn!(error = %e.report(), "could not record the stop reason in the state dir");
+        }
+    }
     result
 }
 

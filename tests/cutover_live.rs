@@ -109,6 +109,15 @@ async fn schema_then_run_then_deferred_ddl_then_verify_then_teardown() {
         .unwrap()
         .get(0);
     assert_eq!(slots, 0);
+    // With the daemon down, status says why it stopped.
+    let (code, out, err) = sluice_async(&["status", "--json", "--config", &config_arg]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let last_error = status["last_error"].as_str().unwrap_or_default();
+    assert!(
+        last_error.contains("sluice run stopped on: Replication slot sluice is gone"),
+        "{out}"
+    );
 
     // teardown drops what is left, the state dir's checkpoint included, so that a later
     // `run` starts a new migration (with the copy, into emptied tables) instead of resuming.

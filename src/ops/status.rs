@@ -80,14 +80,17 @@ pub async fn direct_report(config: &Config, read_checkpoint: bool) -> StatusRepo
     if read_checkpoint {
         match read_local_checkpoint(&config.state.dir) {
             // A state dir of another slot says nothing about this one (`run` refuses it).
-            Ok((_, _, Some(other_slot))) if other_slot != config.source.slot => {
+            Ok((_, _, Some(other_slot), _)) if other_slot != config.source.slot => {
                 report.warnings.push(format!(
                     "The state dir {} belongs to slot {other_slot}, not {}: its checkpoint is not shown (`sluice run` refuses it too); point state.dir at this migration's directory",
                     config.state.dir.display(),
                     config.source.slot
                 ));
             }
-            Ok((position, tables, _)) => {
+            Ok((position, tables, _, stopped_on)) => {
+                if let Some(error) = stopped_on {
+                    problems.push(format!("sluice run stopped on: {error}"));
+                }
                 if let Some(position) = position {
                     report.applied_lsn = Some(position.applied_lsn);
                     report.caught_up_lsn = Some(position.caught_up_lsn);
@@ -189,20 +192,22 @@ async fn read_target(config: &Config) -> Result<Option<checkpoint::TargetPositio
     checkpoint::read_target_position(&client, &config.source.slot).await
 }
 
-/// The sled checkpoint and what the copy recorded per table, when the state dir holds
-/// them. Never creates the state dir. With the daemon down a table is `copied` once its
-/// copy finished (`streaming` once the whole copy did), else `pending`: an unfinished
-/// table is copied again from the start, so its rows so far do not count.
-/// The position, the copy's tables, and the slot the state dir belongs to.
+/// The position, the copy's tables, the slot the state dir belongs to, and why the daemon
+/// last stopped (when it stopped on an error).
 type LocalCheckpoint = (
     Option<checkpoint::Position>,
     Vec<TableStatus>,
     Option<String>,
+    Option<String>,
 );
 
+/// The sled checkpoint and what the copy recorded per table, when the state dir holds
+/// them. Never creates the state dir. With the daemon down a table is `copied` once its
+/// copy finished (`streaming` once the whole copy did), else `pending`: an unfinished
+/// table is copied again from the start, so its rows so far do not count.
 fn read_local_checkpoint(state_dir: &Path) -> Result<LocalCheckpoint> {
     if !checkpoint::sled_path(state_dir).is_dir() {
-        return Ok((None, Vec::new(), None));
+        return Ok((None, Vec::new(), None, None));
     }
     let store = checkpoint::Store::open(state_dir)?;
     let slot = store.identity()?.map(|identity| identity.slot);
@@ -220,7 +225,7 @@ fn read_local_checkpoint(state_dir: &Path) -> Result<LocalCheckpoint> {
         })
         .collect();
     tables.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok((store.position()?, tables, slot))
+    Ok((store.position()?, tables, slot, store.stopped_on()?))
 }
 
 fn lsn(value: Option<Lsn>) -> String {
