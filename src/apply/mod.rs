@@ -458,6 +458,7 @@ impl Applier {
         };
         let table = target::load(&self.catalog, &name, layout.as_ref()).await?;
         let mut columns = Vec::with_capacity(relation.columns.len());
+        let source_columns: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
         for column in &relation.columns {
             let source_type = match table.column(&column.name) {
                 Some(_) => None,
@@ -467,7 +468,7 @@ impl Applier {
             };
             columns.push(
                 table
-                    .require_column(&column.name, source_type.as_deref())?
+                    .require_column(&column.name, source_type.as_deref(), &source_columns)?
                     .clone(),
             );
         }

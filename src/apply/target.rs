@@ -41,21 +41,45 @@ impl TargetTable {
     }
 
     /// The target column for a source column, or an apply error that names both and, when
-    /// known, the type to add it with.
-    pub fn require_column(&self, name: &str, source_type: Option<&str>) -> Result<&SqlColumn> {
+    /// known, the type to add it with. `source_columns` are all the source's columns: a
+    /// target column that is not among them may be this one under its old name (a RENAME
+    /// on the source only), which adding a column would not mend.
+    pub fn require_column(
+        &self,
+        name: &str,
+        source_type: Option<&str>,
+        source_columns: &[&str],
+    ) -> Result<&SqlColumn> {
         self.columns.get(name).ok_or_else(|| {
+            let column = crate::source::quote_ident(name);
             let fix = match source_type {
-                Some(type_name) => format!(
-                    "ALTER TABLE {} ADD COLUMN {} {type_name}",
+                Some(type_name) => format!("ALTER TABLE {} ADD COLUMN {column} {type_name}", self.quoted),
+                None => format!("ALTER TABLE {} ADD COLUMN {column} ... with the source's type", self.quoted),
+            };
+            let mut renamed: Vec<&str> = self
+                .columns
+                .keys()
+                .map(String::as_str)
+                .filter(|target| !source_columns.contains(target))
+                .collect();
+            renamed.sort_unstable();
+            let rename = match renamed.as_slice() {
+                [] => String::new(),
+                [old] => format!(
+                    "; or, if the source renamed {old:?} to {name:?}: ALTER TABLE {} RENAME COLUMN {} TO {column}",
                     self.quoted,
-                    crate::source::quote_ident(name)
+                    crate::source::quote_ident(old)
                 ),
-                None => format!("ALTER TABLE {} ADD COLUMN ... with the source's type", self.quoted),
+                several => format!(
+                    "; or, if the source renamed one of {} to {name:?}: ALTER TABLE {} RENAME COLUMN ... TO {column}",
+                    several.join(", "),
+                    self.quoted
+                ),
             };
             Error::new(
                 ErrorKind::Apply,
                 format!(
-                    "Column {name:?} of {} does not exist on the target: add it ({fix}); sluice retries by itself",
+                    "Column {name:?} of {} does not exist on the target: add it ({fix}, with the source column's DEFAULT and NOT NULL too, or the target's existing rows differ from the source's){rename}; sluice retries by itself",
                     self.name
                 ),
             )
@@ -341,6 +365,40 @@ impl ReplicaRole {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_column_suggests_adding_it_or_renaming_the_old_one() {
+        let table = TargetTable {
+            name: TableName::new("public", "t"),
+            quoted: "\"public\".\"t\"".into(),
+            columns: ["id", "old_name"]
+                .into_iter()
+                .map(|c| (c.to_string(), SqlColumn::new(c, "integer")))
+                .collect(),
+            primary_key: vec!["id".into()],
+            distribution_column: None,
+            has_inheritance_children: false,
+        };
+        let error = table
+            .require_column("new_name", Some("integer"), &["id", "new_name"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(r#"ADD COLUMN "new_name" integer"#),
+            "{error}"
+        );
+        assert!(error.contains("DEFAULT and NOT NULL"), "{error}");
+        assert!(
+            error.contains(r#"RENAME COLUMN "old_name" TO "new_name""#),
+            "{error}"
+        );
+        // Every target column is still on the source: nothing to rename.
+        let error = table
+            .require_column("extra", None, &["id", "old_name", "extra"])
+            .unwrap_err()
+            .to_string();
+        assert!(!error.contains("RENAME"), "{error}");
+    }
 
     fn refused(tables: usize) -> ReplicaRole {
         ReplicaRole::Refused {
