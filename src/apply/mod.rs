@@ -184,8 +184,6 @@ impl Applier {
         progress: Arc<Progress>,
     ) -> Result<Applier> {
         let citus = crate::citus::detect(&target.catalog).await?.is_some();
-        // Nothing from an earlier session of the pipeline is still on its way.
-        status.forget_pending_transactions();
         let (executor, replica_role) = Executor::new(
             target.apply,
             store,

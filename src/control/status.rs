@@ -183,9 +183,12 @@ impl SharedStatus {
             .pending_transactions
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        // Only the oldest matter; past the bound (a backlog of tiny transactions) later ones
-        // are left out, and the age shown once these are applied is the last commit's.
-        if pending.len() < PENDING_TRANSACTIONS_TRACKED {
+        // A restarted stream sends again what was not applied: known already, and it must
+        // keep its place, so the age does not drop while a stall is retried. Only the oldest
+        // matter; past the bound (a backlog of tiny transactions) later ones are left out,
+        // and the age shown once these are applied is the last commit's.
+        let known = pending.back().is_some_and(|(lsn, _)| *lsn >= final_lsn);
+        if !known && pending.len() < PENDING_TRANSACTIONS_TRACKED {
             pending.push_back((final_lsn, committed));
         }
     }
@@ -200,14 +203,6 @@ impl SharedStatus {
         while pending.front().is_some_and(|(lsn, _)| *lsn < end_lsn) {
             pending.pop_front();
         }
-    }
-
-    /// A new session of the pipeline starts: what the last one received is received again.
-    pub fn forget_pending_transactions(&self) {
-        self.pending_transactions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
     }
 
     /// Shows `statement` under `building` until the returned guard is dropped.
