@@ -34,6 +34,11 @@ async fn load(setup: &Setup) {
 /// Keeps `caught_up_lsn` at the source's WAL end, like the daemon on keepalives. Its
 /// application name starts with `sluice`, so the freeze does not end its session.
 async fn daemon_stand_in(setup: &Setup) -> tokio::task::JoinHandle<()> {
+    // It answers on the control socket as a streaming daemon would (cutover asks first).
+    let state = setup.dir.path().join("state");
+    let status = sluice::control::SharedStatus::new("sluice");
+    status.update(|s| s.state = sluice::control::DaemonState::Streaming);
+    let socket = sluice::control::socket::serve(&state, status).unwrap();
     let connect = |db: &str| {
         let dsn = format!("{} application_name=sluice-stand-in", setup.pg.dsn(db));
         async move {
@@ -50,6 +55,7 @@ async fn daemon_stand_in(setup: &Setup) -> tokio::task::JoinHandle<()> {
         .await
         .unwrap();
     tokio::spawn(async move {
+        let _socket = socket;
         loop {
             let Ok(row) = source
                 .query_one("SELECT pg_current_wal_lsn()::text", &[])
@@ -141,9 +147,31 @@ async fn cutover_dry_run_changes_nothing_and_without_progress_it_stops() {
     let app = setup.pg.connect("src").await;
     let before = target_next_id(&setup).await;
 
+    // Without a daemon the cutover cannot succeed: said before anything changes, by the
+    // dry run too, and the source is not frozen.
+    for args in [
+        &["cutover", "--freeze-source", "--dry-run"][..],
+        &["cutover", "--freeze-source", "--yes"][..],
+    ] {
+        let output = setup.sluice(args).await;
+        assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+        let out = stdout(&output);
+        assert!(
+            out.contains("Cutover NOT ready (nothing was changed)"),
+            "{out}"
+        );
+        assert!(out.contains("no applied position for slot sluice"), "{out}");
+        assert!(out.contains("sluice run is not running"), "{out}");
+        assert!(!out.contains("FROZEN"), "{out}");
+        assert!(!read_only(&setup).await);
+    }
+
+    let stand_in = daemon_stand_in(&setup).await;
     let output = setup
         .sluice(&["cutover", "--freeze-source", "--dry-run"])
         .await;
+    stand_in.abort();
+    let _ = stand_in.await;
     assert_eq!(output.status.code(), Some(0), "{}", show(&output));
     let out = stdout(&output);
     assert!(
@@ -158,18 +186,11 @@ async fn cutover_dry_run_changes_nothing_and_without_progress_it_stops() {
     assert!(!read_only(&setup).await);
     assert_eq!(target_next_id(&setup).await, before);
 
-    // Without a daemon: no position at all is a clear error at once, exit 1 ...
-    let output = setup.sluice(&["cutover", "--timeout", "1m"]).await;
-    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
-    assert!(
-        show(&output).contains("no applied position for slot sluice"),
-        "{}",
-        show(&output)
-    );
-    // ... and a position that does not move ends with the timeout.
-    sluice::checkpoint::ensure_position_table(&setup.target)
-        .await
-        .unwrap();
+    // A daemon that says it streams but whose position does not move: the timeout.
+    let status = sluice::control::SharedStatus::new("sluice");
+    status.update(|s| s.state = sluice::control::DaemonState::Streaming);
+    let socket =
+        sluice::control::socket::serve(&setup.dir.path().join("state"), status.clone()).unwrap();
     crate::support::record_position(&setup.target, "0", "0/0")
         .await
         .unwrap();
@@ -181,10 +202,24 @@ async fn cutover_dry_run_changes_nothing_and_without_progress_it_stops() {
         show(&output)
     );
     assert!(
-        show(&output).contains("is sluice run running?"),
+        !show(&output).contains("the freeze stays in place"),
+        "no freeze was asked for: {}",
+        show(&output)
+    );
+    // A stalled daemon: said at once, with its error, before any freeze.
+    status.update(|s| {
+        s.state = sluice::control::DaemonState::Stalled;
+        s.last_error = Some("Applying to public.t: SQLSTATE 23505".into());
+    });
+    let output = setup.sluice(&["cutover", "--freeze-source", "--yes"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        stdout(&output).contains("sluice run is stalled: Applying to public.t: SQLSTATE 23505"),
         "{}",
         show(&output)
     );
+    assert!(!read_only(&setup).await);
+    drop(socket);
     assert_eq!(
         target_next_id(&setup).await,
         before,
@@ -196,7 +231,9 @@ async fn cutover_dry_run_changes_nothing_and_without_progress_it_stops() {
 async fn cutover_refuses_to_freeze_without_confirmation() {
     let setup = Setup::new("").await;
     load(&setup).await;
+    let stand_in = daemon_stand_in(&setup).await;
     let output = setup.sluice(&["cutover", "--freeze-source"]).await;
+    stand_in.abort();
     assert_eq!(output.status.code(), Some(1), "{}", show(&output));
     assert!(show(&output).contains("--yes"), "{}", show(&output));
     assert!(!read_only(&setup).await);
@@ -321,6 +358,35 @@ async fn cutover_is_not_ready_while_a_prepared_transaction_is_pending() {
         .connect("src")
         .await
         .batch_execute("ROLLBACK PREPARED 'pending-1'")
+        .await
+        .unwrap();
+    // A role that turns the freeze off for itself (its setting wins over the database's)
+    // could still write from a new session.
+    setup
+        .pg
+        .connect("src")
+        .await
+        .batch_execute(
+            "BEGIN READ WRITE;
+             CREATE ROLE app LOGIN;
+             ALTER ROLE app IN DATABASE src SET default_transaction_read_only = off;
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    let output = cutover().await;
+    let out = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        out.contains("ROLE app sets default_transaction_read_only = off")
+            && out.contains("role(s) app turn the freeze off"),
+        "{out}"
+    );
+    setup
+        .pg
+        .connect("src")
+        .await
+        .batch_execute("BEGIN READ WRITE; ALTER ROLE app IN DATABASE src RESET default_transaction_read_only; COMMIT")
         .await
         .unwrap();
     let output = cutover().await;

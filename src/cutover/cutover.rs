@@ -25,6 +25,7 @@ use tokio_postgres::Client;
 
 use crate::checkpoint;
 use crate::config::{parse_duration, Config};
+use crate::control::DaemonState;
 use crate::error::{self, Error, Result};
 use crate::lsn::Lsn;
 use crate::source::quote_ident;
@@ -98,12 +99,64 @@ async fn other_sessions(
         .collect())
 }
 
+/// What would make the cutover fail or wait in vain, found before anything is changed: no
+/// applied position on the target, or no `sluice run` streaming (stopped, stalled, still
+/// copying). A freeze that then fails leaves the application unable to write for nothing.
+async fn preflight(config: &Config, source: &Client, target: &Client) -> Result<Vec<String>> {
+    let slot = &config.source.slot;
+    let mut problems = Vec::new();
+    if checkpoint::read_target_position(target, slot)
+        .await?
+        .is_none()
+    {
+        problems.push(format!(
+            "the target has no applied position for slot {slot} (sluice.applied_position): `sluice run` has not applied anything with this slot yet; start it (check source.slot), let the copy finish, then run cutover again"
+        ));
+    }
+    match crate::control::client::request_status(&config.state.dir).await {
+        Ok(Some(report)) => match report.state {
+            DaemonState::Streaming => {}
+            DaemonState::Stalled => problems.push(format!(
+                "sluice run is stalled: {}; fix that first (sluice status), the target cannot catch up until then",
+                report.last_error.unwrap_or_default()
+            )),
+            other => problems.push(format!(
+                "sluice run is {}: wait until `sluice status` says streaming",
+                serde_json::to_value(other)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            )),
+        },
+        // No daemon on this state dir: one on another machine streams from the slot.
+        Ok(None) => {
+            let active: Option<bool> = source
+                .query_opt(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                    &[slot],
+                )
+                .await
+                .map_err(|e| error::pg("Reading the slot on the source", e))?
+                .map(|row| row.get(0));
+            if active != Some(true) {
+                problems.push(format!(
+                    "sluice run is not running: nothing answers on the control socket in {} and no session streams from slot {slot}; start it, then run cutover again",
+                    config.state.dir.display()
+                ));
+            }
+        }
+        Err(e) => problems.push(format!("cannot ask sluice run for its state: {}", e.report())),
+    }
+    Ok(problems)
+}
+
 /// Waits until the target's caught-up position for `slot` reaches `goal`.
 async fn wait_for_zero_lag(
     target: &Client,
     slot: &str,
     goal: Lsn,
     timeout: Duration,
+    frozen: bool,
 ) -> Result<Lsn> {
     let started = Instant::now();
     let mut last_report = Instant::now();
@@ -120,9 +173,10 @@ async fn wait_for_zero_lag(
         }
         if started.elapsed() >= timeout {
             return Err(Error::definite(format!(
-                "The target did not catch up with the source's position {goal} within {} (caught up to {caught_up}, {} bytes behind): is sluice run running? Check sluice status, then run cutover again (the freeze stays in place)",
+                "The target did not catch up with the source's position {goal} within {} (caught up to {caught_up}, {} bytes behind): check sluice status, then run cutover again{}",
                 humantime::format_duration(timeout),
-                goal.bytes_since(caught_up)
+                goal.bytes_since(caught_up),
+                if frozen { " (the freeze stays in place)" } else { "" }
             )));
         }
         if last_report.elapsed() >= Duration::from_secs(5) {
@@ -146,14 +200,6 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
         .await
         .map_err(|e| error::pg("Reading the source's database name", e))?
         .get(0);
-    let slot = &config.source.slot;
-    let own_name = config
-        .source
-        .conn
-        .application_name
-        .as_deref()
-        .unwrap_or("sluice");
-    let would = if args.dry_run { "WOULD " } else { "" };
     let freeze_sql = format!(
         "ALTER DATABASE {} SET default_transaction_read_only = on",
         quote_ident(&database)
@@ -167,12 +213,58 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
     if args.dry_run {
         crate::say!("Dry run: nothing is changed.");
     }
+    let problems = preflight(config, &source, &target).await?;
+    if !problems.is_empty() {
+        crate::say!("Cutover NOT ready (nothing was changed):");
+        for problem in &problems {
+            crate::say!("  - {problem}");
+        }
+        return Ok(1);
+    }
+    let outcome = freeze_and_switch(
+        config,
+        args,
+        &source,
+        &target,
+        &database,
+        &freeze_sql,
+        timeout,
+    )
+    .await;
+    // Frozen or not, the way back is said whatever happened after the freeze.
+    if args.freeze_source {
+        crate::say!(
+            "To undo the freeze (keep the source as the primary): {undo_sql} (sessions opened before the undo stay read-only until they reconnect)"
+        );
+    }
+    outcome
+}
+
+/// Steps 1 to 5, after the preflight.
+async fn freeze_and_switch(
+    config: &Config,
+    args: &CutoverArgs,
+    source: &Client,
+    target: &Client,
+    database: &str,
+    freeze_sql: &str,
+    timeout: Duration,
+) -> Result<i32> {
+    let slot = &config.source.slot;
+    let own_name = config
+        .source
+        .conn
+        .application_name
+        .as_deref()
+        .unwrap_or("sluice");
+    let would = if args.dry_run { "WOULD " } else { "" };
 
     // 1. Freeze. Sessions opened before it stay read-write: any that outlives the sweeps
     // could write after the position the target catches up to.
     let mut still_writable: Vec<Session> = Vec::new();
     let mut blind_to: Option<String> = None;
     let mut prepared: Vec<String> = Vec::new();
+    let mut overriding_roles: Vec<String> = Vec::new();
     if args.freeze_source {
         // Without superuser or pg_read_all_stats, pg_stat_activity hides other users'
         // sessions entirely (no database, no user): "0 other sessions" would be a lie.
@@ -285,6 +377,32 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
                     "PREPARED transaction {gid:?} is pending: it can still commit its writes"
                 );
             }
+            // A role's own setting (ALTER ROLE ... [IN DATABASE ...] SET
+            // default_transaction_read_only = off) wins over the database's: its new
+            // sessions could write after the freeze.
+            overriding_roles = source
+                .query(
+                    "SELECT DISTINCT r.rolname::text
+                     FROM pg_db_role_setting s
+                     JOIN pg_roles r ON r.oid = s.setrole
+                     CROSS JOIN LATERAL unnest(s.setconfig) AS c(setting)
+                     WHERE s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+                       AND lower(split_part(c.setting, '=', 1)) = 'default_transaction_read_only'
+                       AND lower(split_part(c.setting, '=', 2)) IN ('off', 'false', 'no', '0', 'f', 'n')
+                       AND r.rolcanlogin
+                     ORDER BY 1",
+                    &[],
+                )
+                .await
+                .map_err(|e| error::pg("Reading the source's per-role settings (pg_db_role_setting)", e))?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            for role in &overriding_roles {
+                crate::say!(
+                    "ROLE {role} sets default_transaction_read_only = off for itself: its new sessions can still write"
+                );
+            }
             // Ended sessions take a moment to go; what is left then was not ended.
             tokio::time::sleep(Duration::from_millis(500)).await;
             still_writable =
@@ -322,7 +440,7 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
             "Step 2: waiting until the target has caught up with the source's {goal} (at most {})",
             humantime::format_duration(timeout)
         );
-        let reached = wait_for_zero_lag(&target, slot, goal, timeout).await?;
+        let reached = wait_for_zero_lag(&target, slot, goal, timeout, args.freeze_source).await?;
         crate::say!("CAUGHT UP to {reached}: lag is zero");
     }
 
@@ -346,7 +464,8 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
     let mut ok = sequences.missing.is_empty()
         && still_writable.is_empty()
         && blind_to.is_none()
-        && prepared.is_empty();
+        && prepared.is_empty()
+        && overriding_roles.is_empty();
     crate::say!();
     if args.dry_run {
         crate::say!("Dry run done: nothing was changed.");
@@ -383,6 +502,12 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
                     prepared.len()
                 );
             }
+            if !overriding_roles.is_empty() {
+                crate::say!(
+                    "  - role(s) {} turn the freeze off for their own sessions: ALTER ROLE ... RESET default_transaction_read_only (and ALTER ROLE ... IN DATABASE ... RESET default_transaction_read_only) for each, then run cutover again",
+                    overriding_roles.join(", ")
+                );
+            }
             if !still_writable.is_empty() {
                 let pids: Vec<String> = still_writable.iter().map(|s| s.pid.to_string()).collect();
                 crate::say!(
@@ -401,11 +526,6 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
                 );
             }
         }
-    }
-    if args.freeze_source {
-        crate::say!(
-            "To undo the freeze (keep the source as the primary): {undo_sql} (sessions opened before the undo stay read-only until they reconnect)"
-        );
     }
     Ok(if ok { 0 } else { 1 })
 }
