@@ -284,7 +284,7 @@ async fn freeze_and_switch(
             );
             blind_to = Some(user);
         }
-        let sessions = other_sessions(&source, slot, own_name, None).await?;
+        let sessions = other_sessions(source, slot, own_name, None).await?;
         crate::say!(
             "Step 1: {would}freeze the source database {database}: {freeze_sql}; then end {} other session(s):",
             sessions.len()
@@ -325,7 +325,7 @@ async fn freeze_and_switch(
                 if sweep > 0 {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
-                let sessions: Vec<Session> = other_sessions(&source, slot, own_name, None)
+                let sessions: Vec<Session> = other_sessions(source, slot, own_name, None)
                     .await?
                     .into_iter()
                     .filter(|s| !handled.contains(&s.pid))
@@ -406,7 +406,7 @@ async fn freeze_and_switch(
             // Ended sessions take a moment to go; what is left then was not ended.
             tokio::time::sleep(Duration::from_millis(500)).await;
             still_writable =
-                other_sessions(&source, slot, own_name, Some(frozen_at.as_str())).await?;
+                other_sessions(source, slot, own_name, Some(frozen_at.as_str())).await?;
             for s in &still_writable {
                 crate::say!(
                     "STILL OPEN session pid {} ({} {:?}), opened before the freeze: it can still write",
@@ -421,9 +421,9 @@ async fn freeze_and_switch(
     }
 
     // 2. Zero lag.
-    let goal = super::current_lsn(&source).await?;
+    let goal = super::current_lsn(source).await?;
     if args.dry_run {
-        let caught_up = checkpoint::read_target_position(&target, slot)
+        let caught_up = checkpoint::read_target_position(target, slot)
             .await?
             .map(|p| p.caught_up_lsn);
         match caught_up {
@@ -440,14 +440,14 @@ async fn freeze_and_switch(
             "Step 2: waiting until the target has caught up with the source's {goal} (at most {})",
             humantime::format_duration(timeout)
         );
-        let reached = wait_for_zero_lag(&target, slot, goal, timeout, args.freeze_source).await?;
+        let reached = wait_for_zero_lag(target, slot, goal, timeout, args.freeze_source).await?;
         crate::say!("CAUGHT UP to {reached}: lag is zero");
     }
 
     // 3. Sequences.
     crate::say!("Step 3: {would}sync sequences (margin {})", args.margin);
     let sequences =
-        super::sequences::sync(config, &source, &target, args.margin, args.dry_run).await?;
+        super::sequences::sync(config, source, target, args.margin, args.dry_run).await?;
 
     // 4. Verify.
     let verified = if args.dry_run {
