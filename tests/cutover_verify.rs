@@ -144,8 +144,12 @@ async fn verify_rechecks_a_range_that_was_still_in_flight() {
         .batch_execute("UPDATE public.t SET v = 'new' WHERE id = 50")
         .await
         .unwrap();
-    // The daemon's stand-in: applies the change a second later, then keeps its position
-    // at the source's WAL end.
+    // The daemon's stand-in: answers on the control socket as streaming, applies the change
+    // a second later, then keeps its position at the source's WAL end.
+    let status = sluice::control::SharedStatus::new("sluice");
+    status.update(|s| s.state = sluice::control::DaemonState::Streaming);
+    let _socket =
+        sluice::control::socket::serve(&setup.dir.path().join("state"), status.clone()).unwrap();
     let source = setup.pg.connect("src").await;
     let target = setup.pg.connect("dst").await;
     let stand_in = tokio::spawn(async move {
@@ -187,5 +191,33 @@ async fn verify_rechecks_a_range_that_was_still_in_flight() {
         stdout(&output).contains("id=60 (changed)"),
         "{}",
         show(&output)
+    );
+
+    // A stalled daemon cannot bring the target up: no range waits for it (each waited 30 s).
+    status.update(|s| {
+        s.state = sluice::control::DaemonState::Stalled;
+        s.last_error = Some("Applying to public.t: SQLSTATE 23514".into());
+    });
+    setup
+        .source
+        .batch_execute("UPDATE public.t SET v = 'stuck' WHERE id IN (10, 90)")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let output = setup.sluice(&["verify", "--chunk-rows", "20"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let out = stdout(&output);
+    assert!(
+        out.contains("NOTE sluice run is stalled (Applying to public.t"),
+        "{out}"
+    );
+    assert!(
+        out.contains("id=10 (changed)") && out.contains("id=90 (changed)"),
+        "{out}"
     );
 }

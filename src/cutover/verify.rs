@@ -21,6 +21,7 @@
 //! otherwise re-run it and look for differences that persist.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, StreamExt};
@@ -326,6 +327,7 @@ async fn verify_table(
     table: &SourceTable,
     chunk_rows: i64,
     rechecks: u32,
+    stuck: &AtomicBool,
 ) -> Result<TableVerdict> {
     let (source, target) = super::connect_both(config).await?;
     pinned(&source, "the source").await?;
@@ -419,6 +421,8 @@ async fn verify_table(
         target: &target,
         slot: &config.source.slot,
         rechecks,
+        stuck,
+        state_dir: &config.state.dir,
     };
     if plan.key.is_empty() {
         let sql = (
@@ -611,6 +615,10 @@ struct Recheck<'a> {
     target: &'a Client,
     slot: &'a str,
     rechecks: u32,
+    /// Shared by every table: once the target is found not to move (sluice run stopped or
+    /// stalled), no range waits for it again.
+    stuck: &'a AtomicBool,
+    state_dir: &'a std::path::Path,
 }
 
 /// How long a re-check waits for the target to reach the source's position.
@@ -668,15 +676,72 @@ impl Recheck<'_> {
     /// change committed before now is then applied. False when there is no position to
     /// wait for (no daemon ever ran) or it did not get there in time.
     async fn wait_for_catch_up(&self) -> Result<bool> {
+        if self.stuck.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        if let Some(why) = self.not_streaming().await {
+            if !self.stuck.swap(true, Ordering::Relaxed) {
+                crate::say!(
+                    "NOTE {why}: the target cannot catch up, so differences are reported without waiting for it"
+                );
+            }
+            return Ok(false);
+        }
         let goal = super::current_lsn(self.source).await?;
         let started = Instant::now();
         loop {
-            match checkpoint::read_target_position(self.target, self.slot).await? {
-                None => return Ok(false),
-                Some(position) if position.caught_up_lsn >= goal => return Ok(true),
-                Some(_) if started.elapsed() >= RECHECK_WAIT => return Ok(false),
-                Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            let Some(position) = checkpoint::read_target_position(self.target, self.slot).await?
+            else {
+                return Ok(false);
+            };
+            let caught_up = position.caught_up_lsn;
+            if caught_up >= goal {
+                return Ok(true);
             }
+            if started.elapsed() >= RECHECK_WAIT {
+                if !self.stuck.swap(true, Ordering::Relaxed) {
+                    crate::say!(
+                        "NOTE the target did not catch up within {RECHECK_WAIT:?} (at {caught_up}, the source at {goal}): differences are reported without waiting again"
+                    );
+                }
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Why no `sluice run` moves the target now (stopped, stalled, still copying), when
+    /// that can be told: its control socket, or, with no daemon on this state dir, whether
+    /// a session streams from the slot.
+    async fn not_streaming(&self) -> Option<String> {
+        use crate::control::DaemonState;
+        match crate::control::client::request_status(self.state_dir).await {
+            Ok(Some(report)) => match report.state {
+                DaemonState::Stalled => Some(format!(
+                    "sluice run is stalled ({})",
+                    report.last_error.unwrap_or_default()
+                )),
+                DaemonState::Stopped => Some("sluice run is stopping".to_string()),
+                _ => None,
+            },
+            Ok(None) => {
+                let active: Option<bool> = self
+                    .source
+                    .query_opt(
+                        "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&self.slot],
+                    )
+                    .await
+                    .ok()?
+                    .map(|row| row.get(0));
+                (active != Some(true)).then(|| {
+                    format!(
+                        "sluice run is not running (no session streams from slot {})",
+                        self.slot
+                    )
+                })
+            }
+            Err(_) => None,
         }
     }
 }
@@ -736,8 +801,9 @@ pub async fn verify(
         tables: tables.len(),
         ..VerifyReport::default()
     };
+    let stuck = AtomicBool::new(false);
     let mut verdicts = stream::iter(tables.iter())
-        .map(|table| verify_table(config, table, chunk_rows, rechecks))
+        .map(|table| verify_table(config, table, chunk_rows, rechecks, &stuck))
         .buffer_unordered(jobs.max(1));
     let mut failed: Option<Error> = None;
     while let Some(verdict) = verdicts.next().await {
