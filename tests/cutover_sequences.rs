@@ -14,6 +14,13 @@ const DDL: &str = "
     CREATE SEQUENCE public.part_seq;
     CREATE TABLE public.p (k int NOT NULL, code bigint, PRIMARY KEY (k, code)) PARTITION BY LIST (k);
     CREATE TABLE public.p1 PARTITION OF public.p (code DEFAULT nextval('public.part_seq')) FOR VALUES IN (1);
+    CREATE SEQUENCE public.cyc INCREMENT 3 MINVALUE 10 MAXVALUE 40 CYCLE;
+    CREATE TABLE public.cy (id serial PRIMARY KEY, c int DEFAULT nextval('public.cyc'));
+    CREATE SEQUENCE public.dom_seq;
+    CREATE DOMAIN public.auto_id AS bigint DEFAULT nextval('public.dom_seq');
+    CREATE TABLE public.dt (id public.auto_id PRIMARY KEY);
+    CREATE SEQUENCE public.txt_seq;
+    CREATE TABLE public.ft (id bigint PRIMARY KEY DEFAULT nextval('public.txt_seq'::text));
 ";
 
 /// The value the next nextval() returns, without consuming it.
@@ -41,7 +48,10 @@ async fn sequences_follow_the_source_and_never_go_back() {
              INSERT INTO public.b DEFAULT VALUES; INSERT INTO public.b DEFAULT VALUES;
              INSERT INTO public.c SELECT FROM generate_series(1, 5);
              INSERT INTO public.ahead DEFAULT VALUES;
-             INSERT INTO public.p1 (k) SELECT 1 FROM generate_series(1, 7);",
+             INSERT INTO public.p1 (k) SELECT 1 FROM generate_series(1, 7);
+             SELECT setval('public.cyc', 40, true);
+             INSERT INTO public.dt SELECT FROM generate_series(1, 25);
+             INSERT INTO public.ft SELECT FROM generate_series(1, 9);",
         )
         .await
         .unwrap();
@@ -74,6 +84,20 @@ async fn sequences_follow_the_source_and_never_go_back() {
     assert_eq!(next_value(t, "public.unused_id_seq", 1).await, 1);
     // A default that only a partition has.
     assert_eq!(next_value(t, "public.part_seq", 1).await, 8);
+    // Called through a domain's default, and by the old nextval('name'::text).
+    assert_eq!(next_value(t, "public.dom_seq", 1).await, 26);
+    assert_eq!(next_value(t, "public.txt_seq", 1).await, 10);
+    // A cycling sequence at its end: the target takes the source's state and wraps too.
+    let wrapped: i64 = t
+        .query_one("SELECT nextval('public.cyc')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(wrapped, 10, "{out}");
+    assert!(out.contains("(it cycles"), "{out}");
+    t.batch_execute("SELECT setval('public.cyc', 40, true)")
+        .await
+        .unwrap();
     // The target hands out the next key after the source's.
     let id: i64 = t
         .query_one("INSERT INTO public.c DEFAULT VALUES RETURNING id", &[])

@@ -462,6 +462,7 @@ async fn freeze_and_switch(
 
     // 5. Report.
     let mut ok = sequences.missing.is_empty()
+        && sequences.failed.is_empty()
         && still_writable.is_empty()
         && blind_to.is_none()
         && prepared.is_empty()
@@ -518,6 +519,9 @@ async fn freeze_and_switch(
             }
             if !sequences.missing.is_empty() {
                 crate::say!("  - sequences missing on the target: create them (sluice schema), then sync-sequences");
+            }
+            if !sequences.failed.is_empty() {
+                crate::say!("  - sequences that could not be read or set (see FAILED lines above): grant what they say, then sync-sequences");
             }
             if !verified.ok() {
                 crate::say!(

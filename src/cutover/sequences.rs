@@ -45,6 +45,8 @@ pub struct SequenceRef {
     /// The table that owns it (serial or identity), if any: `schema` creates the ownership
     /// only when that table is created too.
     pub owner: Option<u32>,
+    /// `CYCLE`: past its end it starts again at the other.
+    pub cycle: bool,
 }
 
 /// A sequence's position: what `SELECT last_value, is_called FROM seq` returns.
@@ -72,6 +74,11 @@ pub enum SeqAction {
     Set { from_next: i64, next: i64 },
     /// The target is at or beyond the wanted position already.
     Keep { target_next: i64, wanted_next: i64 },
+    /// The source's position plus the margin is outside the sequence's range (a CYCLE
+    /// sequence about to wrap, one used up, or a margin too wide for a small range): the
+    /// target takes the source's exact state, `setval(seq, last_value, is_called)`, so its
+    /// next `nextval` does what the source's would (wrap, or fail).
+    Mirror { state: SeqState },
 }
 
 /// Decides the target's new position (pure, so the rules are unit-tested).
@@ -81,21 +88,26 @@ pub fn plan(
     target: SeqState,
     margin: u64,
 ) -> Result<SeqAction> {
-    let overflow = || {
-        Error::definite(format!(
-            "Sequence {}: the source's position plus a margin of {margin} leaves the sequence's range [{}, {}]: use a smaller --margin",
-            sequence.name, sequence.min, sequence.max
-        ))
+    let wanted_next = source
+        .next_value(sequence.increment)
+        .and_then(|source_next| {
+            let step = i64::try_from(margin)
+                .ok()
+                .and_then(|m| m.checked_mul(sequence.increment))?;
+            source_next
+                .checked_add(step)
+                .filter(|next| (sequence.min..=sequence.max).contains(next))
+        });
+    let Some(wanted_next) = wanted_next else {
+        return Ok(if target == source {
+            SeqAction::Keep {
+                target_next: target.last_value,
+                wanted_next: source.last_value,
+            }
+        } else {
+            SeqAction::Mirror { state: source }
+        });
     };
-    let source_next = source.next_value(sequence.increment).ok_or_else(overflow)?;
-    let step = i64::try_from(margin)
-        .ok()
-        .and_then(|m| m.checked_mul(sequence.increment))
-        .ok_or_else(overflow)?;
-    let wanted_next = source_next.checked_add(step).ok_or_else(overflow)?;
-    if wanted_next > sequence.max || wanted_next < sequence.min {
-        return Err(overflow());
-    }
     // A target sequence at its very end (is_called at max) cannot hand out more anyway.
     let target_next = target
         .next_value(sequence.increment)
@@ -142,6 +154,24 @@ pub async fn sequences_of(source: &Client, table_oids: &[u32]) -> Result<Vec<Seq
                  JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
                       AND d.refclassid = 'pg_class'::regclass
                  WHERE ad.adrelid IN (SELECT oid FROM tables)
+                 UNION
+                 -- called by the default of a domain a column has
+                 SELECT d.refobjid, a.attrelid, a.attnum
+                 FROM pg_attribute a
+                 JOIN pg_type ty ON ty.oid = a.atttypid AND ty.typtype = 'd'
+                 JOIN pg_depend d ON d.classid = 'pg_type'::regclass AND d.objid = ty.oid
+                      AND d.refclassid = 'pg_class'::regclass
+                 WHERE a.attrelid IN (SELECT oid FROM tables) AND a.attnum > 0
+                   AND NOT a.attisdropped
+                 UNION
+                 -- nextval('name'::text), the pre-8.1 form, shown as
+                 -- nextval(('name'::text)::regclass): late-bound, so no dependency is
+                 -- recorded; the name is resolved as the default would resolve it
+                 SELECT to_regclass(m[1])::oid, ad.adrelid, ad.adnum
+                 FROM pg_attrdef ad
+                 CROSS JOIN LATERAL regexp_matches(pg_get_expr(ad.adbin, ad.adrelid),
+                                                   'nextval\\(\\(''([^'']+)''::text\\)::regclass\\)', 'g') AS m
+                 WHERE ad.adrelid IN (SELECT oid FROM tables) AND to_regclass(m[1]) IS NOT NULL
              )
              SELECT s.oid, n.nspname::text, s.relname::text,
                     q.seqincrement, q.seqmin, q.seqmax,
@@ -149,7 +179,8 @@ pub async fn sequences_of(source: &Client, table_oids: &[u32]) -> Result<Vec<Seq
                     (SELECT d.refobjid FROM pg_depend d
                      WHERE d.classid = 'pg_class'::regclass AND d.objid = s.oid
                        AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
-                     LIMIT 1)
+                     LIMIT 1),
+                    q.seqcycle
              FROM uses u
              JOIN pg_class s ON s.oid = u.seq AND s.relkind = 'S'
              JOIN pg_namespace n ON n.oid = s.relnamespace
@@ -157,7 +188,7 @@ pub async fn sequences_of(source: &Client, table_oids: &[u32]) -> Result<Vec<Seq
              JOIN pg_class t ON t.oid = u.tab
              JOIN pg_namespace tn ON tn.oid = t.relnamespace
              JOIN pg_attribute a ON a.attrelid = u.tab AND a.attnum = u.col
-             GROUP BY 1, 2, 3, 4, 5, 6
+             GROUP BY 1, 2, 3, 4, 5, 6, q.seqcycle
              ORDER BY 2, 3",
             &[&table_oids],
         )
@@ -178,6 +209,7 @@ pub async fn sequences_of(source: &Client, table_oids: &[u32]) -> Result<Vec<Seq
             max: row.get(5),
             used_by: row.get(6),
             owner: row.get(7),
+            cycle: row.get(8),
         })
         .collect())
 }
@@ -212,6 +244,8 @@ pub struct SyncReport {
     pub kept: usize,
     /// Sequences that exist on the source but not on the target.
     pub missing: Vec<TableName>,
+    /// Sequences that could not be read or set (permissions).
+    pub failed: Vec<TableName>,
 }
 
 /// Moves every target sequence of the selected tables past the source's position and
@@ -250,11 +284,32 @@ pub async fn sync(
     }
     for sequence in &sequences {
         let used_by = sequence.used_by.join(", ");
-        let Some(source_state) = read_state(source, &sequence.name, "the source").await? else {
+        let states = tokio::try_join!(
+            read_state(source, &sequence.name, "the source"),
+            read_state(target, &sequence.name, "the target"),
+        );
+        let (source_state, target_state) = match states {
+            Ok(states) => states,
+            Err(error) => {
+                crate::say!(
+                    "FAILED {} (used by {used_by}): {}{}",
+                    sequence.name,
+                    error.report(),
+                    if error.report().contains("permission denied") {
+                        " (sync-sequences needs SELECT on the sequence on both sides: GRANT SELECT ON SEQUENCE ... TO <user>)"
+                    } else {
+                        ""
+                    }
+                );
+                report.failed.push(sequence.name.clone());
+                continue;
+            }
+        };
+        let Some(source_state) = source_state else {
             // Dropped between listing and reading: nothing to carry over.
             continue;
         };
-        let Some(target_state) = read_state(target, &sequence.name, "the target").await? else {
+        let Some(target_state) = target_state else {
             crate::say!(
                 "MISSING {} (used by {used_by}): not on the target; run `sluice schema` or create it, then sync again",
                 sequence.name
@@ -262,21 +317,60 @@ pub async fn sync(
             report.missing.push(sequence.name.clone());
             continue;
         };
+        let set = |value: i64, is_called: bool| async move {
+            if dry_run {
+                return Ok(());
+            }
+            target
+                .execute(
+                    "SELECT pg_catalog.setval($1::text::regclass, $2, $3)",
+                    &[&sequence.name.quoted(), &value, &is_called],
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    error::pg(
+                        format!("Setting sequence {} on the target", sequence.name),
+                        e,
+                    )
+                })
+        };
+        // One sequence that cannot be set does not hold up the others: each is reported.
+        let failed = |report: &mut SyncReport, error: Error| {
+            crate::say!(
+                "FAILED {} (used by {used_by}): {}{}",
+                sequence.name,
+                error.report(),
+                if error.report().contains("permission denied") {
+                    " (the target user needs UPDATE on the sequence: GRANT UPDATE ON SEQUENCE ... TO <user>)"
+                } else {
+                    ""
+                }
+            );
+            report.failed.push(sequence.name.clone());
+        };
         match plan(sequence, source_state, target_state, margin)? {
+            SeqAction::Mirror { state } => {
+                if let Err(error) = set(state.last_value, state.is_called).await {
+                    failed(&mut report, error);
+                    continue;
+                }
+                crate::say!(
+                    "{} {} (used by {used_by}): to the source's exact position (last_value {}{}): its next value plus a margin of {margin} is outside the sequence's range [{}, {}]{}",
+                    if dry_run { "WOULD SET" } else { "SET" },
+                    sequence.name,
+                    state.last_value,
+                    if state.is_called { "" } else { ", never used" },
+                    sequence.min,
+                    sequence.max,
+                    if sequence.cycle { " (it cycles: the next value wraps, as on the source)" } else { "" }
+                );
+                report.set += 1;
+            }
             SeqAction::Set { from_next, next } => {
-                if !dry_run {
-                    target
-                        .execute(
-                            "SELECT pg_catalog.setval($1::text::regclass, $2, false)",
-                            &[&sequence.name.quoted(), &next],
-                        )
-                        .await
-                        .map_err(|e| {
-                            error::pg(
-                                format!("Setting sequence {} on the target", sequence.name),
-                                e,
-                            )
-                        })?;
+                if let Err(error) = set(next, false).await {
+                    failed(&mut report, error);
+                    continue;
                 }
                 crate::say!(
                     "{} {} (used by {used_by}): next value {from_next} -> {next} (source last_value {}{}, margin {margin})",
@@ -307,13 +401,18 @@ pub async fn command(config: &Config, args: &SyncSequencesArgs) -> Result<i32> {
     let (source, target) = super::connect_both(config).await?;
     let report = sync(config, &source, &target, args.margin, args.dry_run).await?;
     crate::say!(
-        "{} sequence(s) {}, {} kept, {} missing on the target.",
+        "{} sequence(s) {}, {} kept, {} missing on the target, {} failed.",
         report.set,
         if args.dry_run { "would be set" } else { "set" },
         report.kept,
-        report.missing.len()
+        report.missing.len(),
+        report.failed.len()
     );
-    Ok(if report.missing.is_empty() { 0 } else { 1 })
+    Ok(if report.missing.is_empty() && report.failed.is_empty() {
+        0
+    } else {
+        1
+    })
 }
 
 #[cfg(test)]
@@ -329,6 +428,7 @@ mod tests {
             max: if increment > 0 { i64::MAX } else { -1 },
             used_by: vec![],
             owner: None,
+            cycle: false,
         }
     }
 
@@ -396,8 +496,27 @@ mod tests {
     }
 
     #[test]
-    fn a_margin_past_the_range_is_an_error_not_a_wrap() {
-        let error = plan(&seq(1), state(i64::MAX - 1, true), state(1, false), 5).unwrap_err();
-        assert!(error.to_string().contains("--margin"), "{error}");
+    fn past_the_range_the_target_takes_the_sources_exact_state() {
+        // A margin too wide for what is left of the range.
+        let action = plan(&seq(1), state(i64::MAX - 1, true), state(1, false), 5).unwrap();
+        assert_eq!(
+            action,
+            SeqAction::Mirror {
+                state: state(i64::MAX - 1, true)
+            }
+        );
+        // A cycling sequence at its end: its next value wraps on both sides.
+        let mut cycling = seq(3);
+        (cycling.min, cycling.max, cycling.cycle) = (10, 40, true);
+        let action = plan(&cycling, state(40, true), state(10, false), 0).unwrap();
+        assert_eq!(
+            action,
+            SeqAction::Mirror {
+                state: state(40, true)
+            }
+        );
+        // Run again: the same state is kept.
+        let action = plan(&cycling, state(40, true), state(40, true), 0).unwrap();
+        assert!(matches!(action, SeqAction::Keep { .. }), "{action:?}");
     }
 }
