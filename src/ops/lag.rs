@@ -67,19 +67,28 @@ pub async fn run(config: &Config, args: &LagArgs) -> Result<i32> {
     // A timeout too long to represent is no timeout.
     let deadline = timeout.and_then(|t| started.checked_add(t));
 
+    let timed_out = |lag: Option<u64>| {
+        crate::complain!(
+            "Lag is still {} after {}, above --until-below {}: the target has not caught up; check `sluice status` for errors",
+            lag.map(format_size).unwrap_or_else(|| "unknown".into()),
+            humantime::format_duration(timeout.unwrap_or_default()),
+            format_size(bound.unwrap_or_default())
+        );
+        Ok(1)
+    };
     let mut previous: Option<Sample> = None;
     loop {
-        // A wedged daemon or a silent source must not hold the answer past --timeout.
+        // A wedged daemon or a silent source must not hold the answer past --timeout: the
+        // last lag seen is the answer then.
         let sample = match deadline {
             Some(deadline) => {
                 let left = deadline.saturating_duration_since(Instant::now());
-                tokio::time::timeout(left, take_sample(config))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(Error::transient(
-                            "no answer from the daemon or the source before --timeout",
-                        ))
-                    })
+                match tokio::time::timeout(left, take_sample(config)).await {
+                    Ok(sample) => sample,
+                    Err(_) => {
+                        return timed_out(previous.and_then(|p| p.report.lag_bytes));
+                    }
+                }
             }
             None => take_sample(config).await,
         };
@@ -137,17 +146,7 @@ pub async fn run(config: &Config, args: &LagArgs) -> Result<i32> {
             }
             if let Some(deadline) = deadline {
                 if Instant::now() >= deadline {
-                    crate::complain!(
-                        "Lag is still {} after {}, above --until-below {}: the target has not caught up; check `sluice status` for errors",
-                        current
-                            .report
-                            .lag_bytes
-                            .map(format_size)
-                            .unwrap_or_else(|| "unknown".into()),
-                        humantime::format_duration(timeout.unwrap_or_default()),
-                        format_size(bound)
-                    );
-                    return Ok(1);
+                    return timed_out(current.report.lag_bytes);
                 }
             }
         } else if !args.follow {
