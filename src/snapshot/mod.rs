@@ -512,6 +512,7 @@ async fn copy_tables(
     sync_lsn: Option<Lsn>,
     copied: &UnboundedSender<String>,
 ) -> Result<()> {
+    let names: Vec<&TableName> = pending.iter().map(|(_, table)| &table.name).collect();
     let target = tls::connect(&ctx.config.target.conn, "the target").await?;
     let version: i32 = source
         .query_one("SELECT current_setting('server_version_num')::int4", &[])
@@ -522,7 +523,6 @@ async fn copy_tables(
     let tid_range_scans = version >= 140_000;
 
     let checks_foreign_keys = !crate::apply::target::may_act_as_replica(&target).await?;
-    let names: Vec<&TableName> = pending.iter().map(|(_, table)| &table.name).collect();
     let (references, self_referencing) = foreign_key_references(&target, &names).await?;
     let mut layouts = Vec::new();
     let mut round_records = Vec::new();
@@ -534,6 +534,21 @@ async fn copy_tables(
         // loaded in parallel chunks (each would wait for another's rows): whole, in one.
         let whole_for_its_keys = checks_foreign_keys && self_referencing[position];
         let mut layout = plan::table_layout(source, &target, table).await?;
+        // Block ranges hold only while the table keeps this file: a rewrite (VACUUM FULL,
+        // CLUSTER, ALTER TABLE ... TYPE) moves rows between ranges copied and not yet copied.
+        layout.filenode = source
+            .query_one(
+                "SELECT pg_relation_filenode($1::oid::regclass)::int8",
+                &[&table.oid],
+            )
+            .await
+            .map_err(|e| {
+                error::pg(
+                    format!("Reading the file of {} on the source", table.name),
+                    e,
+                )
+            })?
+            .get(0);
         plan::apply_publication_filters(source, &ctx.config.source.publication, &mut layout)
             .await?;
         let blocks: i64 = source
@@ -792,8 +807,11 @@ async fn work(round: Arc<Round>) -> Result<()> {
                         job.waits_for_references = Some((finished, e));
                         break Ok(None);
                     }
+                    // Both need a round under a fresh snapshot, which copies the table
+                    // again from the start; retrying under this one cannot help.
                     let snapshot_gone = e.sqlstate() == Some("22023");
-                    if !e.is_transient() || snapshot_gone {
+                    let rewritten = e.report().contains(pipe::REWRITTEN);
+                    if !e.is_transient() || snapshot_gone || rewritten {
                         break Err(e);
                     }
                     if attempt >= CHUNK_ATTEMPTS {

@@ -19,6 +19,9 @@ use crate::snapshot::plan::{self, TableLayout};
 use crate::snapshot::progress::TableProgress;
 use crate::snapshot::state::{ChunkDone, ChunkRange};
 use crate::source::quote_literal;
+
+/// Marks the error of a chunk whose table was rewritten since its chunks were planned.
+pub const REWRITTEN: &str = "The table was rewritten on the source";
 use crate::tls;
 
 /// Text output and input must agree on how values are written (`session::rendering_sql`),
@@ -112,6 +115,33 @@ impl Worker {
                 format!("Copying {what}: importing snapshot {snapshot} on the source"),
                 e,
             ));
+        }
+        if let (ChunkRange::Blocks { .. }, Some(planned)) = (chunk, layout.filenode) {
+            // The lock (COPY would take it anyway) keeps the file from changing until this
+            // chunk's transaction ends, so the file checked is the file read.
+            self.source
+                .batch_execute(&format!(
+                    "LOCK TABLE {} IN ACCESS SHARE MODE",
+                    layout.name.quoted()
+                ))
+                .await
+                .map_err(|e| source_error(&what, e))?;
+            let file: Option<i64> = self
+                .source
+                .query_one(
+                    "SELECT pg_relation_filenode($1::text::regclass)::int8",
+                    &[&layout.name.quoted()],
+                )
+                .await
+                .map_err(|e| source_error(&what, e))?
+                .get(0);
+            if file != Some(planned) {
+                return Err(Error::transient(format!(
+                    "{REWRITTEN}: {} (file {planned}, now {}) while its chunks were being copied (VACUUM FULL, CLUSTER, ALTER TABLE ... TYPE, pg_repack); its rows moved between block ranges, so it is copied again from the start under a fresh snapshot",
+                    layout.name,
+                    file.map(|f| f.to_string()).unwrap_or_else(|| "none".into())
+                )));
+            }
         }
         self.target
             .batch_execute("BEGIN")
