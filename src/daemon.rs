@@ -539,6 +539,28 @@ async fn pipeline(
         )));
     }
 
+    // A copy this state dir began and did not finish: streaming without it would leave its
+    // tables partly copied for good (a later start with the copy on finds the target's
+    // position and never resumes it).
+    if !config.copy.enabled {
+        if let Some(copy) = snapshot::state::load_state(store)?.filter(|c| !c.finished) {
+            let partial: Vec<String> = snapshot::state::load_tables(store)?
+                .into_iter()
+                .filter(|record| !record.finished)
+                .map(|record| record.name.to_string())
+                .collect();
+            return Err(Error::definite(format!(
+                "The state dir {} records an initial copy from slot {} that has not finished{}: with copy.enabled = false sluice would stream into tables missing rows. Set copy.enabled = true to finish it (tables already copied are kept), or start over ({FRESH_COPY})",
+                store.dir().display(),
+                copy.slot,
+                match partial.is_empty() {
+                    true => String::new(),
+                    false => format!(" ({} not finished)", crate::source::abbreviate(&partial, 10)),
+                }
+            )));
+        }
+    }
+
     let tables = selected_tables(&source, &config.tables).await?;
     // Before anything is created on the source: a target whose triggers would rewrite the
     // rows sluice writes is refused, not quietly made to differ.

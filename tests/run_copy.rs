@@ -242,6 +242,23 @@ async fn sigterm_during_the_copy_stops_promptly_and_the_next_start_finishes_it()
     );
     assert_nothing_left_waiting(&target).await;
     blocker.batch_execute("COMMIT").await.unwrap();
+    // Started with the copy turned off, it would stream into tables missing rows (and a
+    // later start with the copy on would never resume it): refused, naming them.
+    let off = pair.dir.path().join("copy-off.toml");
+    std::fs::write(
+        &off,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("enabled = true", "enabled = false"),
+    )
+    .unwrap();
+    let (code, _, stderr) = sluice(&["run", "--config", off.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("records an initial copy from slot sluice that has not finished")
+            && stderr.contains("public.events"),
+        "{stderr}"
+    );
     let daemon = pair.start_daemon(&config).await;
     daemon.wait_for_log("initial copy finished").await;
     pair.wait_caught_up(&daemon).await;
