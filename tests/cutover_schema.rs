@@ -208,11 +208,23 @@ async fn schema_into_an_empty_target_defers_indexes_and_foreign_keys() {
         "index, 2 partition indexes + attach, unique, FK, 6 primary keys + attach: {deferred}"
     );
 
-    // The copy would run here; then sluice run creates the deferred objects.
+    // The copy would run here; then sluice run creates the deferred objects. One primary key
+    // the operator added by hand, under another name, counts as there.
+    t.batch_execute("ALTER TABLE public.items ADD CONSTRAINT items_by_hand PRIMARY KEY (id)")
+        .await
+        .unwrap();
     let applied = sluice::cutover::schema::apply_deferred_ddl(t, None)
         .await
         .unwrap();
-    assert_eq!(applied as i64, deferred);
+    assert_eq!(applied as i64, deferred - 1);
+    assert_eq!(
+        count(
+            t,
+            "SELECT count(*) FROM sluice.deferred_ddl WHERE applied_at IS NULL",
+        )
+        .await,
+        0
+    );
     assert!(
         exists(
             t,

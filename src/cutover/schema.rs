@@ -119,7 +119,8 @@ const MARK_APPLIED: &str = "UPDATE sluice.deferred_ddl SET applied_at = now() WH
 /// Runs one deferred statement in its own transaction together with marking its row
 /// applied, so a crash in between never runs it twice (call it outside a transaction, on a
 /// client not used concurrently). `Ok(false)` when its object existed already (SQLSTATE
-/// 42P07/42710: the operator created it): the row is marked applied all the same.
+/// 42P07/42710, or 42P16 for a primary key added under another name: the operator created
+/// it): the row is marked applied all the same.
 pub async fn apply_deferred_statement(
     target: &Client,
     deferred: &DeferredStatement,
@@ -154,7 +155,13 @@ pub async fn apply_deferred_statement(
         Err(e) => {
             let _ = target.batch_execute("ROLLBACK").await;
             let code = e.code().map(|c| c.code().to_string());
-            if matches!(code.as_deref(), Some("42P07") | Some("42710")) {
+            // A primary key the operator added under another name is refused as a second
+            // one (42P16), not as a duplicate name: it is there all the same.
+            let key_present = code.as_deref() == Some("42P16")
+                && deferred.statement.contains("PRIMARY KEY")
+                && e.as_db_error()
+                    .is_some_and(|db| db.message().contains("multiple primary keys"));
+            if matches!(code.as_deref(), Some("42P07") | Some("42710")) || key_present {
                 target
                     .execute(MARK_APPLIED, &[&id])
                     .await
