@@ -284,6 +284,20 @@ pub async fn sync(
     }
     for sequence in &sequences {
         let used_by = sequence.used_by.join(", ");
+        // One sequence that cannot be read or set does not hold up the others: each is
+        // reported, with the grant it lacks.
+        let failed = |report: &mut SyncReport, error: Error, grant: &str| {
+            let text = error.report();
+            let hint = match text.contains("permission denied") {
+                true => format!(
+                    " (GRANT {grant} ON SEQUENCE {} TO <user>)",
+                    sequence.name.quoted()
+                ),
+                false => String::new(),
+            };
+            crate::say!("FAILED {} (used by {used_by}): {text}{hint}", sequence.name);
+            report.failed.push(sequence.name.clone());
+        };
         let states = tokio::try_join!(
             read_state(source, &sequence.name, "the source"),
             read_state(target, &sequence.name, "the target"),
@@ -291,17 +305,7 @@ pub async fn sync(
         let (source_state, target_state) = match states {
             Ok(states) => states,
             Err(error) => {
-                crate::say!(
-                    "FAILED {} (used by {used_by}): {}{}",
-                    sequence.name,
-                    error.report(),
-                    if error.report().contains("permission denied") {
-                        " (sync-sequences needs SELECT on the sequence on both sides: GRANT SELECT ON SEQUENCE ... TO <user>)"
-                    } else {
-                        ""
-                    }
-                );
-                report.failed.push(sequence.name.clone());
+                failed(&mut report, error, "SELECT");
                 continue;
             }
         };
@@ -335,24 +339,10 @@ pub async fn sync(
                     )
                 })
         };
-        // One sequence that cannot be set does not hold up the others: each is reported.
-        let failed = |report: &mut SyncReport, error: Error| {
-            crate::say!(
-                "FAILED {} (used by {used_by}): {}{}",
-                sequence.name,
-                error.report(),
-                if error.report().contains("permission denied") {
-                    " (the target user needs UPDATE on the sequence: GRANT UPDATE ON SEQUENCE ... TO <user>)"
-                } else {
-                    ""
-                }
-            );
-            report.failed.push(sequence.name.clone());
-        };
         match plan(sequence, source_state, target_state, margin)? {
             SeqAction::Mirror { state } => {
                 if let Err(error) = set(state.last_value, state.is_called).await {
-                    failed(&mut report, error);
+                    failed(&mut report, error, "UPDATE");
                     continue;
                 }
                 crate::say!(
@@ -369,7 +359,7 @@ pub async fn sync(
             }
             SeqAction::Set { from_next, next } => {
                 if let Err(error) = set(next, false).await {
-                    failed(&mut report, error);
+                    failed(&mut report, error, "UPDATE");
                     continue;
                 }
                 crate::say!(
