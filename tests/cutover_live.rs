@@ -119,12 +119,21 @@ async fn schema_then_run_then_deferred_ddl_then_verify_then_teardown() {
         "{out}"
     );
 
+    // Recreating the migrated tables empty would leave the state dir resuming into them.
+    let (code, out, err) =
+        sluice_async(&["schema", "--drop-if-exists", "--config", &config_arg]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("records a migration into"), "{out}{err}");
+
     // teardown drops what is left, the state dir's checkpoint included, so that a later
     // `run` starts a new migration (with the copy, into emptied tables) instead of resuming.
     let (code, out, err) = sluice_async(&["teardown", "--yes", "--config", &config_arg]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("DROPPED the checkpoint"), "{out}");
     assert!(!pair.state_dir().join("checkpoint").exists());
+    let (code, out, err) =
+        sluice_async(&["schema", "--drop-if-exists", "--config", &config_arg]).await;
+    assert_eq!(code, 0, "{out}{err}");
     let publications: i64 = source
         .query_one("SELECT count(*) FROM pg_publication", &[])
         .await

@@ -116,6 +116,41 @@ pub async fn apply_deferred_ddl(target: &Client, status: Option<&SharedStatus>) 
 
 const MARK_APPLIED: &str = "UPDATE sluice.deferred_ddl SET applied_at = now() WHERE id = $1";
 
+/// `--drop-if-exists` on tables whose rows the state dir says this migration copied (or
+/// streams into) is refused: the migration would go on without them.
+fn refuse_dropping_migrated_tables(config: &Config, dropped: &[&TableName]) -> Result<()> {
+    let state_dir = &config.state.dir;
+    if !crate::checkpoint::sled_path(state_dir).is_dir() {
+        return Ok(());
+    }
+    let start_over = "To start over, stop sluice run and run `sluice teardown` first (it also removes the state dir's checkpoint), then `sluice schema --drop-if-exists`";
+    if crate::checkpoint::daemon_holds(state_dir) {
+        return Err(Error::definite(format!(
+            "sluice run is running on the state dir {}: --drop-if-exists would recreate, empty, tables it streams into. {start_over}",
+            state_dir.display()
+        )));
+    }
+    let store = crate::checkpoint::Store::open(state_dir)?;
+    let copied: BTreeSet<TableName> = crate::snapshot::state::load_tables(&store)?
+        .into_iter()
+        .map(|record| record.name)
+        .collect();
+    let streamed = store.position()?.is_some();
+    let migrated: Vec<String> = dropped
+        .iter()
+        .filter(|name| streamed || copied.contains(**name))
+        .map(|name| name.to_string())
+        .collect();
+    if migrated.is_empty() {
+        return Ok(());
+    }
+    Err(Error::definite(format!(
+        "The state dir {} records a migration into {}: --drop-if-exists would recreate them empty, and the next `sluice run` would resume as if their rows were there. {start_over}",
+        state_dir.display(),
+        crate::source::abbreviate(&migrated, 10)
+    )))
+}
+
 /// Runs one deferred statement in its own transaction together with marking its row
 /// applied, so a crash in between never runs it twice (call it outside a transaction, on a
 /// client not used concurrently). `Ok(false)` when its object existed already (SQLSTATE
@@ -901,6 +936,12 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
                 left_alone.insert(*oid);
             }
         }
+    }
+
+    // Tables this migration already copied or streams into: recreated empty, `run` would
+    // resume streaming into them as if their rows were there.
+    if !dropped.is_empty() {
+        refuse_dropping_migrated_tables(config, &dropped)?;
     }
 
     // With the copy on, primary keys are built after the data too (loading a table with its
