@@ -130,15 +130,10 @@ async fn preflight(config: &Config, source: &Client, target: &Client) -> Result<
         },
         // No daemon on this state dir: one on another machine streams from the slot.
         Ok(None) => {
-            let active: Option<bool> = source
-                .query_opt(
-                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-                    &[slot],
-                )
-                .await
-                .map_err(|e| error::pg("Reading the slot on the source", e))?
-                .map(|row| row.get(0));
-            if active != Some(true) {
+            let active = crate::source::slot::slot_info(source, slot)
+                .await?
+                .is_some_and(|info| info.active);
+            if !active {
                 problems.push(format!(
                     "sluice run is not running: nothing answers on the control socket in {} and no session streams from slot {slot}; start it, then run cutover again",
                     config.state.dir.display()

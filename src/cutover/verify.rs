@@ -725,16 +725,11 @@ impl Recheck<'_> {
                 _ => None,
             },
             Ok(None) => {
-                let active: Option<bool> = self
-                    .source
-                    .query_opt(
-                        "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-                        &[&self.slot],
-                    )
+                let active = crate::source::slot::slot_info(self.source, self.slot)
                     .await
                     .ok()?
-                    .map(|row| row.get(0));
-                (active != Some(true)).then(|| {
+                    .is_some_and(|info| info.active);
+                (!active).then(|| {
                     format!(
                         "sluice run is not running (no session streams from slot {})",
                         self.slot

@@ -122,22 +122,15 @@ impl Reader {
     /// reconnect on when none does or the source cannot be asked.
     async fn check_still_streaming(&self) -> Result<()> {
         let (source, slot) = &self.liveness;
-        let held: Option<bool> = source
-            .query_opt(
-                "SELECT active_pid IS NOT NULL FROM pg_replication_slots WHERE slot_name = $1",
-                &[slot],
-            )
+        let held = crate::source::slot::slot_info(source, slot)
             .await
             .map_err(|e| {
-                error::pg(
-                    format!(
-                        "The replication stream was silent for {:?} and the source could not be asked about slot {slot}",
-                        self.silence_limit
-                    ),
-                    e,
-                )
+                e.context(format!(
+                    "The replication stream was silent for {:?} and the source could not be asked about slot {slot}",
+                    self.silence_limit
+                ))
             })?
-            .map(|row| row.get(0));
+            .map(|info| info.active_pid.is_some());
         match held {
             Some(true) => {
                 tracing::debug!(slot = %slot, "stream quiet, slot held: the source is idle");
