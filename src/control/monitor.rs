@@ -138,7 +138,18 @@ pub async fn run(
             Ok(sample) => {
                 failures = 0;
                 monitor.apply(&sample, &status)?;
-                check_publication(source, config, &status, &store).await?;
+                // A look that fails (connection lost, or the catalog changing under the
+                // query: `DROP PUBLICATION` racing it says "publication does not exist") is
+                // the next look's; only the check's own verdict stops the daemon.
+                if let Err(error) = check_publication(source, config, &status, &store).await {
+                    if !error.is_transient() {
+                        return Err(error);
+                    }
+                    failures += 1;
+                    note_failure(failures, &error);
+                    tokio::time::sleep(backoff(interval, failures)).await;
+                    continue;
+                }
             }
             Err(error) => {
                 failures += 1;
@@ -188,8 +199,13 @@ async fn check_publication(
             &[publication],
         )
         .await
-        .map_err(|e| error::pg("Reading the publication's tables on the source", e))?;
-    // The transient trouble of one look is the next look's; only a clear answer counts.
+        .map_err(|e| {
+            Error::with_source(
+                ErrorKind::Transient,
+                "Reading the publication's tables on the source",
+                e,
+            )
+        })?;
     let exists = rows.first().is_some_and(|row| row.get::<_, bool>(0));
     if !exists {
         return Err(Error::definite(format!(
