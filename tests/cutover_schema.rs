@@ -350,14 +350,18 @@ async fn schema_stops_before_any_change_when_the_target_lacks_what_pg_dump_canno
         .source
         .batch_execute(
             "CREATE EXTENSION citext;
-             CREATE TABLE public.users (id int PRIMARY KEY, email citext);",
+             CREATE EXTENSION hstore;
+             CREATE TABLE public.users (id int PRIMARY KEY, email citext, attrs hstore);",
         )
         .await
         .unwrap();
     let output = setup.sluice(&["schema"]).await;
     assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    // Every missing extension at once, not one per attempt.
     assert!(
-        show(&output).contains("run CREATE EXTENSION \"citext\" on the target"),
+        show(&output).contains(
+            "run CREATE EXTENSION \"citext\"; CREATE EXTENSION \"hstore\"; on the target"
+        ),
         "{}",
         show(&output)
     );
@@ -372,7 +376,7 @@ async fn schema_stops_before_any_change_when_the_target_lacks_what_pg_dump_canno
     // With the extension there, it goes through.
     setup
         .target
-        .batch_execute("CREATE EXTENSION citext")
+        .batch_execute("CREATE EXTENSION citext; CREATE EXTENSION hstore")
         .await
         .unwrap();
     let output = setup.sluice(&["schema"]).await;

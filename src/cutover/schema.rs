@@ -899,24 +899,44 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    for (extension, type_name) in &needs.extensions {
-        if !present.contains(extension) {
-            return Err(Error::definite(format!(
-                "The selected tables use type {type_name} of extension {extension}, which the target lacks: run CREATE EXTENSION {} on the target, then sluice schema again",
-                quote_ident(extension)
-            )));
-        }
+    // Everything missing is named at once: one round of fixing, not one per run.
+    let missing_extensions: Vec<(&String, &String)> = needs
+        .extensions
+        .iter()
+        .filter(|(extension, _)| !present.contains(*extension))
+        .collect();
+    if !missing_extensions.is_empty() {
+        let uses = missing_extensions
+            .iter()
+            .map(|(extension, type_name)| format!("type {type_name} of extension {extension}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let creates = missing_extensions
+            .iter()
+            .map(|(extension, _)| format!("CREATE EXTENSION {};", quote_ident(extension)))
+            .collect::<Vec<_>>()
+            .join(" ");
+        return Err(Error::definite(format!(
+            "The selected tables use {uses}, which the target lacks: run {creates} on the target, then sluice schema again"
+        )));
     }
     let foreign: Vec<String> = needs.foreign_types.iter().map(|t| t.quoted()).collect();
     let foreign_present = existing(&target, &foreign, "to_regtype").await?;
     let created_tables: BTreeSet<&TableName> = needs.tables.values().map(|(t, _)| t).collect();
-    for name in &needs.foreign_types {
-        // A selected table's row type comes with that table.
-        if !foreign_present.contains(&name.quoted()) && !created_tables.contains(name) {
-            return Err(Error::definite(format!(
-                "The selected tables use type {name}, which sluice schema cannot copy (a base type or a table's row type): create it on the target first, then sluice schema again"
-            )));
-        }
+    // A selected table's row type comes with that table.
+    let missing_types: Vec<String> = needs
+        .foreign_types
+        .iter()
+        .filter(|name| !foreign_present.contains(&name.quoted()) && !created_tables.contains(name))
+        .map(|name| name.to_string())
+        .collect();
+    if !missing_types.is_empty() {
+        return Err(Error::definite(format!(
+            "The selected tables use {} {}, which sluice schema cannot copy (a base type or a table's row type): create {} on the target first, then sluice schema again",
+            if missing_types.len() == 1 { "type" } else { "types" },
+            missing_types.join(", "),
+            if missing_types.len() == 1 { "it" } else { "them" },
+        )));
     }
 
     // What exists on the target already.
