@@ -575,3 +575,76 @@ async fn deferred_ddl_outlasts_the_targets_statement_timeout() {
         .get(0);
     assert_eq!(timeout, "200ms");
 }
+
+/// A user-defined collation (a column's, a domain's, an index's) is not a type: pg_dump of
+/// the tables alone names it without creating it, and the table cannot be created.
+#[tokio::test]
+async fn user_defined_collations_come_with_the_tables_that_use_them() {
+    let setup = Setup::new("").await;
+    setup
+        .source
+        .batch_execute(
+            "CREATE SCHEMA coll;
+             CREATE COLLATION coll.bytewise FROM \"C\";
+             CREATE COLLATION public.posix2 (locale = 'POSIX');
+             CREATE COLLATION public.unused FROM \"C\";
+             CREATE DOMAIN public.code AS text COLLATE public.posix2;
+             CREATE TABLE public.users (
+                 id int PRIMARY KEY,
+                 email text COLLATE coll.bytewise,
+                 c public.code
+             );
+             CREATE INDEX users_email_idx ON public.users (email COLLATE public.posix2);",
+        )
+        .await
+        .unwrap();
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    let collation_of = |column: &'static str| {
+        format!(
+            "SELECT count(*) FROM pg_attribute a JOIN pg_collation c ON c.oid = a.attcollation
+             WHERE a.attrelid = 'public.users'::regclass AND a.attname = '{column}'
+               AND c.collname = 'bytewise' AND c.collnamespace = 'coll'::regnamespace"
+        )
+    };
+    assert_eq!(count(&setup.target, &collation_of("email")).await, 1);
+    assert!(
+        exists(
+            &setup.target,
+            "SELECT 1 FROM pg_type WHERE typname = 'code' AND typcollation = 'public.posix2'::regcollation"
+        )
+        .await
+    );
+    assert!(
+        !exists(
+            &setup.target,
+            "SELECT 1 FROM pg_collation WHERE collname = 'unused'"
+        )
+        .await,
+        "a collation no selected table uses stays behind"
+    );
+    // The index using one is deferred, and builds with it.
+    let built = sluice::cutover::schema::apply_deferred_ddl(&setup.target, None)
+        .await
+        .unwrap();
+    assert!(built >= 1, "{built}");
+    assert!(
+        exists(
+            &setup.target,
+            "SELECT 1 FROM pg_indexes WHERE indexname = 'users_email_idx' AND indexdef LIKE '%COLLATE %posix2%'"
+        )
+        .await
+    );
+
+    // Present on the target already (a second database's schema run): reused.
+    setup
+        .target
+        .batch_execute(
+            "DROP TABLE public.users; DROP DOMAIN public.code; DELETE FROM sluice.deferred_ddl",
+        )
+        .await
+        .unwrap();
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    assert_eq!(count(&setup.target, &collation_of("email")).await, 1);
+}

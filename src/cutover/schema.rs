@@ -9,6 +9,7 @@
 //!
 //! - types the columns use, recursively (enums, domains and their base types, composite
 //!   and range types, array element types);
+//! - the user-defined collations of the columns, those types and the indexes;
 //! - sequences the tables own (serial, identity) or call in a DEFAULT (shared sequences);
 //! - the tables, their partitions, their column defaults;
 //! - primary keys (pre-data: apply needs them to find rows), other constraints, indexes and
@@ -297,6 +298,9 @@ struct Needs {
     extensions: BTreeMap<String, String>,
     /// Types that are neither built in nor dumpable (base types of no extension).
     foreign_types: BTreeSet<TableName>,
+    /// pg_collation OID → name: user-defined collations of columns, types and indexes
+    /// (`COLLATE public.ci`); without them the tables cannot be created.
+    collations: BTreeMap<u32, TableName>,
 }
 
 impl Needs {
@@ -306,6 +310,7 @@ impl Needs {
             .map(|(t, _)| t.schema.clone())
             .chain(self.types.values().map(|t| t.schema.clone()))
             .chain(self.sequences.values().map(|(s, _)| s.schema.clone()))
+            .chain(self.collations.values().map(|c| c.schema.clone()))
             .collect()
     }
 }
@@ -382,6 +387,33 @@ async fn gather(source: &Client, roots: BTreeMap<u32, TableName>) -> Result<Need
         } else {
             needs.foreign_types.insert(name);
         }
+    }
+
+    // The initdb and ICU collations of pg_catalog are the target's own; only user-defined
+    // ones (CREATE COLLATION) must come along.
+    let type_oids: Vec<u32> = needs.types.keys().copied().collect();
+    for row in source
+        .query(
+            "SELECT c.oid, n.nspname::text, c.collname::text
+             FROM pg_collation c JOIN pg_namespace n ON n.oid = c.collnamespace
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+               AND c.oid IN (
+                 SELECT a.attcollation FROM pg_attribute a
+                 WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped
+                 UNION SELECT unnest(i.indcollation::oid[]) FROM pg_index i
+                 WHERE i.indrelid = ANY($1)
+                 UNION SELECT t.typcollation FROM pg_type t WHERE t.oid = ANY($2)
+                 UNION SELECT r.rngcollation FROM pg_range r WHERE r.rngtypid = ANY($2)
+                 UNION SELECT a.attcollation FROM pg_type t
+                 JOIN pg_attribute a ON a.attrelid = t.typrelid
+                 WHERE t.oid = ANY($2) AND a.attnum > 0 AND NOT a.attisdropped)",
+            &[&oids, &type_oids],
+        )
+        .await
+        .map_err(pg("the collations of the selected tables"))?
+    {
+        let name = TableName::new(row.get::<_, String>(1), row.get::<_, String>(2));
+        needs.collations.insert(row.get(0), name);
     }
 
     for sequence in super::sequences::sequences_of(source, &oids).await? {
@@ -507,6 +539,7 @@ const PG_TYPE: u32 = 1247;
 const PG_CLASS: u32 = 1259;
 const PG_ATTRDEF: u32 = 2604;
 const PG_CONSTRAINT: u32 = 2606;
+const PG_COLLATION: u32 = 3456;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Placement {
@@ -527,6 +560,7 @@ fn place(
     let root_of = |table: u32| needs.tables.get(&table).map(|(_, root)| *root);
     match (entry.catalog, entry.oid) {
         (PG_TYPE, oid) if needs.types.contains_key(&oid) => Some((Pre, None, oid)),
+        (PG_COLLATION, oid) if needs.collations.contains_key(&oid) => Some((Pre, None, oid)),
         (PG_CLASS, oid) if needs.tables.contains_key(&oid) => {
             Some((Pre, root_of(oid), oid)).filter(|_| entry.rest.starts_with("TABLE "))
         }
@@ -946,6 +980,8 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
     let existing_types = existing(&target, &type_names, "to_regtype").await?;
     let seq_names: Vec<String> = needs.sequences.values().map(|(s, _)| s.quoted()).collect();
     let existing_seqs = existing(&target, &seq_names, "to_regclass").await?;
+    let collation_names: Vec<String> = needs.collations.values().map(|c| c.quoted()).collect();
+    let existing_collations = existing(&target, &collation_names, "to_regcollation").await?;
     let mut dropped: Vec<&TableName> = Vec::new();
     let mut left_alone: BTreeSet<u32> = BTreeSet::new();
     for (oid, name) in &needs.roots {
@@ -1031,13 +1067,18 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
         if root.is_some_and(|r| left_alone.contains(&r)) {
             continue;
         }
-        // Shared objects (types; sequences no created table owns) are reused when present.
+        // Shared objects (types, collations; sequences no created table owns) are reused
+        // when present.
         if root.is_none() {
             let skip = match entry.catalog {
                 PG_TYPE => needs
                     .types
                     .get(&oid)
                     .is_some_and(|t| existing_types.contains(&t.quoted())),
+                PG_COLLATION => needs
+                    .collations
+                    .get(&oid)
+                    .is_some_and(|c| existing_collations.contains(&c.quoted())),
                 _ => needs
                     .sequences
                     .get(&oid)
