@@ -290,6 +290,47 @@ async fn lag_until_below_with_the_daemon_down_follows_a_source_under_load() {
     .await;
     assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
     assert!(stderr(&output).contains("nosuchdb"), "{}", stderr(&output));
+
+    // No slot yet (`run` not started): the wait goes on, and each line says why the lag
+    // is unknown.
+    source
+        .batch_execute("SELECT pg_drop_replication_slot('sluice')")
+        .await
+        .unwrap();
+    pg.create_database("fresh").await;
+    pg.create_database("fresh_target").await;
+    let config = write_config(
+        dir.path(),
+        &pg.url("fresh"),
+        &pg.url("fresh_target"),
+        &dir.path().join("fresh-state"),
+        "",
+    );
+    let output = run(
+        sluice(
+            &config,
+            &[
+                "lag",
+                "--until-below",
+                "64kB",
+                "--interval",
+                "200ms",
+                "--timeout",
+                "1s",
+            ],
+        ),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    let text = stdout(&output);
+    assert!(
+        text.lines()
+            .next()
+            .is_some_and(|line| line.contains(" lag - ")
+                && line.contains("note: Slot sluice does not exist on the source")),
+        "{text}"
+    );
 }
 
 /// Output into a pipe whose reader has gone (`sluice status | head -1`, `sluice lag --follow

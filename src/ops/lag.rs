@@ -230,5 +230,13 @@ fn line(previous: Option<&Sample>, current: &Sample) -> String {
         text.push_str(" error: ");
         text.push_str(error);
     }
+    // A lag that cannot be told says why (the slot not created yet, say); otherwise the
+    // warnings are `status`'s to show, not every line's.
+    if report.lag_bytes.is_none() && report.last_error.is_none() {
+        for warning in &report.warnings {
+            text.push_str(" note: ");
+            text.push_str(warning);
+        }
+    }
     text
 }
