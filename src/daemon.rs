@@ -189,7 +189,7 @@ async fn supervise(
                 let seen = Lsn(progress.seen_final_lsn.load(Ordering::Relaxed));
                 if strict_through.is_none_or(|through| through < seen) {
                     tracing::warn!(
-                        "{}; replaying source transactions through {seen} one by one, in source order",
+                        "{}; the failed target transaction may have grouped several source transactions (the LSN above may be a later one than that of the change at fault): replaying those through {seen} one by one, in source order, to name it",
                         error.report()
                     );
                     strict_through = Some(seen);
