@@ -648,3 +648,54 @@ async fn user_defined_collations_come_with_the_tables_that_use_them() {
     assert_eq!(output.status.code(), Some(0), "{}", show(&output));
     assert_eq!(count(&setup.target, &collation_of("email")).await, 1);
 }
+
+/// An enum already on the target is reused; one missing labels would fail only in the copy.
+#[tokio::test]
+async fn an_enum_on_the_target_missing_labels_is_refused_before_any_change() {
+    let setup = Setup::new("").await;
+    setup
+        .source
+        .batch_execute(
+            "CREATE TYPE public.mood AS ENUM ('sad', 'ok', 'it''s fine', 'happy');
+             CREATE TABLE public.people (id int PRIMARY KEY, m public.mood);",
+        )
+        .await
+        .unwrap();
+    setup
+        .target
+        .batch_execute("CREATE TYPE public.mood AS ENUM ('sad', 'ok')")
+        .await
+        .unwrap();
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let text = show(&output);
+    assert!(
+        text.contains(
+            r#"run ALTER TYPE "public"."mood" ADD VALUE 'it''s fine'; ALTER TYPE "public"."mood" ADD VALUE 'happy'; on the target"#
+        ),
+        "{text}"
+    );
+    assert!(
+        !exists(
+            &setup.target,
+            "SELECT 1 FROM pg_class WHERE relname = 'people'"
+        )
+        .await
+    );
+    setup
+        .target
+        .batch_execute(
+            "ALTER TYPE public.mood ADD VALUE 'it''s fine'; ALTER TYPE public.mood ADD VALUE 'happy'",
+        )
+        .await
+        .unwrap();
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    assert!(
+        exists(
+            &setup.target,
+            "SELECT 1 FROM pg_class WHERE relname = 'people'"
+        )
+        .await
+    );
+}

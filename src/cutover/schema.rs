@@ -869,6 +869,55 @@ async fn restore(pg_restore: &Path, args: &[&str]) -> Result<String> {
 }
 
 /// Names (quoted) that exist on the target, out of `names`.
+/// A type already on the target is reused as it is. For an enum that lacks some of the
+/// source's labels, the rows holding them would fail only in the copy, hours later: say so
+/// now, with the statements that add them.
+async fn refuse_enums_missing_labels(
+    source: &Client,
+    target: &Client,
+    existing_types: &BTreeSet<String>,
+) -> Result<()> {
+    let names: Vec<String> = existing_types.iter().cloned().collect();
+    let on_source = enum_labels(source, &names, "source").await?;
+    let on_target = enum_labels(target, &names, "target").await?;
+    let mut fixes = Vec::new();
+    for (name, labels) in &on_source {
+        let present: BTreeSet<&String> = on_target.get(name).into_iter().flatten().collect();
+        for label in labels.iter().filter(|l| !present.contains(l)) {
+            fixes.push(format!(
+                "ALTER TYPE {name} ADD VALUE {};",
+                crate::source::quote_literal(label)
+            ));
+        }
+    }
+    if fixes.is_empty() {
+        return Ok(());
+    }
+    Err(Error::definite(format!(
+        "The target's enum types lack labels the source has, so rows holding them would fail in the copy (nothing was changed): run {} on the target, then sluice schema again",
+        fixes.join(" ")
+    )))
+}
+
+/// Enum type name (as given) → its labels in order, for the names that are enums.
+async fn enum_labels(
+    client: &Client,
+    names: &[String],
+    side: &str,
+) -> Result<BTreeMap<String, Vec<String>>> {
+    let rows = client
+        .query(
+            "SELECT n.name, array_agg(e.enumlabel::text ORDER BY e.enumsortorder)
+             FROM unnest($1::text[]) AS n(name)
+             JOIN pg_enum e ON e.enumtypid = to_regtype(n.name)
+             GROUP BY n.name",
+            &[&names],
+        )
+        .await
+        .map_err(|e| error::pg(format!("Reading the enum labels on the {side}"), e))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 async fn existing(target: &Client, names: &[String], function: &str) -> Result<BTreeSet<String>> {
     let rows = target
         .query(
@@ -978,6 +1027,7 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
     let existing_roots = existing(&target, &root_names, "to_regclass").await?;
     let type_names: Vec<String> = needs.types.values().map(|t| t.quoted()).collect();
     let existing_types = existing(&target, &type_names, "to_regtype").await?;
+    refuse_enums_missing_labels(&source, &target, &existing_types).await?;
     let seq_names: Vec<String> = needs.sequences.values().map(|(s, _)| s.quoted()).collect();
     let existing_seqs = existing(&target, &seq_names, "to_regclass").await?;
     let collation_names: Vec<String> = needs.collations.values().map(|c| c.quoted()).collect();
