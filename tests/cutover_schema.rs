@@ -699,3 +699,28 @@ async fn an_enum_on_the_target_missing_labels_is_refused_before_any_change() {
         .await
     );
 }
+
+/// A multirange column: the multirange type cannot be created on its own; its range type
+/// brings it.
+#[tokio::test]
+async fn a_multirange_column_brings_its_range_type() {
+    let setup = Setup::new("").await;
+    setup
+        .source
+        .batch_execute(
+            "CREATE TYPE public.floatrange AS RANGE (subtype = float8);
+             CREATE TABLE public.slots (id int PRIMARY KEY, free public.floatmultirange);",
+        )
+        .await
+        .unwrap();
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    assert!(
+        exists(
+            &setup.target,
+            "SELECT 1 FROM pg_attribute WHERE attrelid = 'public.slots'::regclass
+               AND attname = 'free' AND atttypid = 'public.floatmultirange'::regtype"
+        )
+        .await
+    );
+}

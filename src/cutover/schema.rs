@@ -353,6 +353,10 @@ async fn gather(source: &Client, roots: BTreeMap<u32, TableName>) -> Result<Need
                      SELECT t.typelem WHERE t.typelem <> 0
                      UNION ALL SELECT t.typbasetype WHERE t.typbasetype <> 0
                      UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = t.oid
+                     UNION ALL SELECT d.refobjid FROM pg_depend d
+                               WHERE t.typtype = 'm' AND d.classid = 'pg_type'::regclass
+                                 AND d.objid = t.oid AND d.refclassid = 'pg_type'::regclass
+                                 AND d.deptype = 'i'
                      UNION ALL SELECT a.atttypid FROM pg_attribute a
                                WHERE t.typtype = 'c' AND a.attrelid = t.typrelid
                                  AND a.attnum > 0 AND NOT a.attisdropped
@@ -384,6 +388,9 @@ async fn gather(source: &Client, roots: BTreeMap<u32, TableName>) -> Result<Need
             needs.foreign_types.insert(name);
         } else if matches!(typtype.as_str(), "e" | "d" | "c" | "r") {
             needs.types.insert(row.get(0), name);
+        } else if typtype == "m" {
+            // A multirange cannot be created on its own: its range type brings it, and the
+            // walk above added that range type.
         } else {
             needs.foreign_types.insert(name);
         }
