@@ -790,6 +790,8 @@ async fn pipeline(
         status: status.clone(),
         silence_limit: crate::source::stream::silence_limit(wal_sender_timeout),
         liveness: (source, slot.clone()),
+        selection: config.tables.clone(),
+        publication: config.source.publication.clone(),
     };
     let catalog = tls::connect(&config.target.conn, "the target").await?;
     let applier = Applier::start(

@@ -8,15 +8,27 @@
 
 /// Dates in ISO, intervals in postgres style, floats exact, timestamps with time zone in
 /// UTC, bytea in hex (a legacy `bytea_output = 'escape'` made FULL-identity matches of bytea
-/// rows fail), money in the C locale.
-const RENDERING: [(&str, &str); 6] = [
+/// rows fail), money in the C locale; XML read as content (fragments are valid values; a
+/// database's `xmloption = document` refused them), and `NULL` in an array's text read as
+/// a NULL element (a legacy `array_nulls = off` made it the string "NULL"), as pg_dump sets.
+const RENDERING: [(&str, &str); 8] = [
     ("datestyle", "ISO"),
     ("intervalstyle", "postgres"),
     ("extra_float_digits", "3"),
     ("TimeZone", "UTC"),
     ("bytea_output", "hex"),
     ("lc_monetary", "C"),
+    ("xmloption", "content"),
+    ("array_nulls", "on"),
 ];
+
+/// Every session sluice opens runs with an empty `search_path`, as PostgreSQL's own
+/// logical replication does on both sides: the text of regclass, regtype, regproc and
+/// regconfig values names the object relative to the search_path (`x` for `app1.x` where
+/// `app1` is on the path), so an unpinned path made such values point at another object
+/// on the other side. With it empty they are written schema-qualified (pg_catalog is
+/// always searched), and so are the type names sluice reads with `format_type`.
+pub const SCHEMA_SAFE: &str = "SELECT pg_catalog.set_config('search_path', '', false)";
 
 /// `SET name = 'value'; ...` for a SQL session.
 pub fn rendering_sql() -> String {
@@ -27,10 +39,12 @@ pub fn rendering_sql() -> String {
         .join("; ")
 }
 
-/// `-c name=value ...` for a replication session's startup packet.
+/// `-c name=value ...` for a replication session's startup packet, with the empty
+/// `search_path` of [`SCHEMA_SAFE`].
 pub fn rendering_options() -> String {
     RENDERING
         .iter()
+        .chain(&[("search_path", "")])
         .map(|(name, value)| format!("-c {name}={value}"))
         .collect::<Vec<_>>()
         .join(" ")
@@ -52,11 +66,12 @@ mod tests {
         assert!(
             rendering_sql().starts_with("SET datestyle = 'ISO'; SET intervalstyle = 'postgres'")
         );
-        assert!(rendering_sql().ends_with("SET lc_monetary = 'C'"));
+        assert!(rendering_sql().ends_with("SET array_nulls = 'on'"));
         assert_eq!(
             rendering_options(),
             "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3 -c TimeZone=UTC \
-             -c bytea_output=hex -c lc_monetary=C"
+             -c bytea_output=hex -c lc_monetary=C -c xmloption=content -c array_nulls=on \
+             -c search_path="
         );
     }
 }

@@ -130,6 +130,9 @@ async fn prepare_session(client: tokio_postgres::Client) -> tokio_postgres::Clie
     if let Err(e) = client.batch_execute(CLIENT_CHECK).await {
         tracing::debug!(error = %e, "client_connection_check_interval not available");
     }
+    if let Err(e) = client.batch_execute(crate::session::SCHEMA_SAFE).await {
+        tracing::debug!(error = %e, "could not empty search_path");
+    }
     client
 }
 

@@ -81,7 +81,7 @@ async fn schema_into_an_empty_target_defers_indexes_and_foreign_keys() {
         "{out}"
     );
     assert!(
-        out.contains("NOT COPIED foreign key audited_x_fkey on audited references audit, which is not selected"),
+        out.contains("NOT COPIED foreign key audited_x_fkey on public.audited references public.audit, which is not selected"),
         "{out}"
     );
 

@@ -796,3 +796,66 @@ async fn a_slot_held_by_another_consumer_is_named_and_taken_once_free() {
         .unwrap();
     pair.catch_up_and_compare(&daemon, &["t"]).await;
 }
+
+/// The source widened a column while sluice streamed (numeric(10,2) to numeric(12,4),
+/// timestamp(0) to timestamp): the target's column would round every value without an
+/// error, so apply stalls naming both types, and goes on once the target holds them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_column_that_would_round_the_sources_values_stalls() {
+    let pair = Pair::with_schema(
+        "CREATE TABLE prices (id int PRIMARY KEY, price numeric(10,2), at timestamp(0));",
+    )
+    .await;
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute("INSERT INTO prices VALUES (1, 1.25, '2020-01-01 10:00:00')")
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["prices"]).await;
+    source
+        .batch_execute(
+            "ALTER TABLE prices ALTER COLUMN price TYPE numeric(12,4);
+             INSERT INTO prices VALUES (2, 1.2345, '2020-01-01 10:00:00');",
+        )
+        .await
+        .unwrap();
+    daemon.wait_for_log("apply stalled").await;
+    let log = daemon.log();
+    assert!(
+        log.contains("is numeric(12,4) on the source but numeric(10,2) on the target")
+            && log.contains(
+                r#"ALTER TABLE "public"."prices" ALTER COLUMN "price" TYPE numeric(12,4)"#
+            ),
+        "{log}"
+    );
+    let target = pair.target_client().await;
+    let rows: i64 = target
+        .query_one("SELECT count(*) FROM prices", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1, "nothing rounded reached the target");
+    target
+        .batch_execute("ALTER TABLE prices ALTER COLUMN price TYPE numeric(12,4)")
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["prices"]).await;
+
+    // The same for fractional seconds.
+    source
+        .batch_execute(
+            "ALTER TABLE prices ALTER COLUMN at TYPE timestamp;
+             INSERT INTO prices VALUES (3, 1, '2020-01-01 10:00:00.789');",
+        )
+        .await
+        .unwrap();
+    daemon.wait_for_log("timestamp without time zone on the source but timestamp(0) without time zone on the target").await;
+    target
+        .batch_execute("ALTER TABLE prices ALTER COLUMN at TYPE timestamp")
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["prices"]).await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}

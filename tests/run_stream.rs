@@ -290,8 +290,16 @@ async fn identity_columns_generated_always_keep_the_source_values() {
 /// values are written.
 #[tokio::test(flavor = "multi_thread")]
 async fn full_identity_rows_are_matched_whatever_the_databases_output_settings() {
+    // boolean, inet and char(n) have a cast to text that is not their output function
+    // (`true` for `t`, `/32` added, blanks trimmed): rows holding them must still match.
+    // regclass values are written relative to the search_path.
     let pair = Pair::with_schema(
-        "CREATE TABLE legacy (b bytea, at timestamptz, d date, iv interval, f float8, n text);
+        "CREATE SCHEMA app1;
+         CREATE TABLE app1.x (id int PRIMARY KEY);
+         CREATE TABLE public.x (id int PRIMARY KEY);
+         CREATE TABLE legacy (b bytea, at timestamptz, d date, iv interval, f float8,
+                              ok bool, ip inet, code char(5), doc xml, tags text[],
+                              r regclass, n text);
          ALTER TABLE legacy REPLICA IDENTITY FULL;",
     )
     .await;
@@ -303,7 +311,8 @@ async fn full_identity_rows_are_matched_whatever_the_databases_output_settings()
              ALTER DATABASE app SET DateStyle = 'SQL, DMY';
              ALTER DATABASE app SET IntervalStyle = 'sql_standard';
              ALTER DATABASE app SET TimeZone = 'America/New_York';
-             ALTER DATABASE app SET extra_float_digits = 0;",
+             ALTER DATABASE app SET extra_float_digits = 0;
+             ALTER DATABASE app SET search_path = app1, public;",
         )
         .await
         .unwrap();
@@ -313,28 +322,44 @@ async fn full_identity_rows_are_matched_whatever_the_databases_output_settings()
             "ALTER DATABASE app SET DateStyle = 'German';
              ALTER DATABASE app SET IntervalStyle = 'iso_8601';
              ALTER DATABASE app SET TimeZone = 'Asia/Kolkata';
-             ALTER DATABASE app SET extra_float_digits = 1;",
+             ALTER DATABASE app SET extra_float_digits = 1;
+             ALTER DATABASE app SET xmloption = document;
+             ALTER DATABASE app SET array_nulls = off;",
         )
         .await
         .unwrap();
-    let config = pair.config("");
-    let mut daemon = pair.start_daemon(&config).await;
     let source = pair.source_client().await;
+    // One row through the copy.
     source
         .batch_execute(
-            r#"INSERT INTO legacy VALUES
-                 ('\x00015c27ff'::bytea, '2026-11-21 23:30:00.25+00', '2026-01-02', '-1 day 02:03:04.5', 0.1, 'one'),
-                 ('\x41'::bytea, '2026-03-08 07:00:00+00', '1999-12-31', '1 year 2 mons', 1.0000000000000002, 'two'),
-                 (NULL, NULL, NULL, NULL, NULL, 'three');"#,
+            r#"INSERT INTO public.legacy VALUES
+                 ('\x00'::bytea, '2026-11-21 23:30:00+00', '2026-01-01', '1 day', 2.5, true,
+                  '10.9.9.9', 'C', 'fragment <i>copied</i>', '{z,NULL}', 'app1.x', 'copied');"#,
+        )
+        .await
+        .unwrap();
+    let config = pair.config("[copy]\nenabled = true\n");
+    let mut daemon = pair.start_daemon(&config).await;
+    source
+        .batch_execute(
+            r#"INSERT INTO public.legacy VALUES
+                 ('\x00015c27ff'::bytea, '2026-11-21 23:30:00.25+00', '2026-01-02', '-1 day 02:03:04.5', 0.1,
+                  true, '10.1.2.3', 'AB', 'hello <b>world</b>', '{a,NULL}', 'app1.x', 'one'),
+                 ('\x41'::bytea, '2026-03-08 07:00:00+00', '1999-12-31', '1 year 2 mons', 1.0000000000000002,
+                  false, '10.0.0.0/8', 'abcde', NULL, '{}', 'public.x', 'two'),
+                 (NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'three'),
+                 (NULL, NULL, NULL, NULL, NULL, false, '192.168.0.1', 'Z', NULL, NULL, NULL, 'four');"#,
         )
         .await
         .unwrap();
     pinned_compare(&pair, &daemon).await;
     source
         .batch_execute(
-            "UPDATE legacy SET n = 'one updated' WHERE n = 'one';
-             UPDATE legacy SET n = 'two updated' WHERE n = 'two';
-             DELETE FROM legacy WHERE n = 'three';",
+            "UPDATE public.legacy SET n = 'one updated' WHERE n = 'one';
+             UPDATE public.legacy SET n = 'two updated' WHERE n = 'two';
+             UPDATE public.legacy SET n = 'copied updated' WHERE n = 'copied';
+             DELETE FROM public.legacy WHERE n = 'three';
+             DELETE FROM public.legacy WHERE n = 'four';",
         )
         .await
         .unwrap();
@@ -342,13 +367,26 @@ async fn full_identity_rows_are_matched_whatever_the_databases_output_settings()
     let names: Vec<String> = pair
         .target_client()
         .await
-        .query("SELECT n FROM legacy ORDER BY n", &[])
+        .query("SELECT n FROM public.legacy ORDER BY n", &[])
         .await
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(names, ["one updated", "two updated"]);
+    assert_eq!(names, ["copied updated", "one updated", "two updated"]);
+    // Each regclass names the table it named on the source, and NULL elements stayed NULL.
+    let target = pair.target_client().await;
+    let row = target
+        .query_one(
+            "SELECT r::oid = 'app1.x'::regclass::oid, tags[2] IS NULL
+             FROM public.legacy WHERE n = 'one updated'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0) && row.get::<_, bool>(1));
+    let log = daemon.log();
+    assert!(!log.contains("WARN"), "{log}");
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
 
@@ -357,14 +395,14 @@ async fn full_identity_rows_are_matched_whatever_the_databases_output_settings()
 async fn pinned_compare(pair: &Pair, daemon: &crate::support::sluice::Daemon) {
     pair.wait_caught_up(daemon).await;
     let pin = "SET bytea_output = 'hex'; SET DateStyle = ISO; SET IntervalStyle = postgres;
-               SET TimeZone = 'UTC'; SET extra_float_digits = 3;";
+               SET TimeZone = 'UTC'; SET extra_float_digits = 3; SET search_path = '';";
     let source = pair.source_client().await;
     let target = pair.target_client().await;
     source.batch_execute(pin).await.unwrap();
     target.batch_execute(pin).await.unwrap();
     assert_eq!(
-        crate::support::sluice::digest(&source, "legacy").await,
-        crate::support::sluice::digest(&target, "legacy").await,
+        crate::support::sluice::digest(&source, "public.legacy").await,
+        crate::support::sluice::digest(&target, "public.legacy").await,
         "legacy differs between source and target"
     );
 }
@@ -650,4 +688,99 @@ async fn a_plain_source_table_streams_into_a_partitioned_target() {
     let (code, stdout, stderr) =
         crate::support::sluice::sluice(&["verify", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 0, "{stdout}{stderr}");
+}
+
+/// A publication made by the owner `FOR ALL TABLES` publishes more than `[tables]` selects:
+/// the rest is not applied (the target's own table of that name keeps its rows), while the
+/// partitions of a selected table are. A source `TRUNCATE ... CASCADE` empties on the target
+/// only what the source names: a target-only table that refers to one of them stalls apply
+/// instead of being emptied.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_selected_tables_are_applied_and_truncate_never_cascades_further() {
+    let pair = Pair::with_schema(
+        "CREATE TABLE orders (id int PRIMARY KEY, note text);
+         CREATE TABLE audit_logs (id int PRIMARY KEY, what text);
+         CREATE TABLE events (id int, k int, PRIMARY KEY (id, k)) PARTITION BY RANGE (k);
+         CREATE TABLE events_1 PARTITION OF events FOR VALUES FROM (0) TO (100);",
+    )
+    .await;
+    let source = pair.source_client().await;
+    let target = pair.target_client().await;
+    source
+        .batch_execute(
+            "CREATE PUBLICATION sluice FOR ALL TABLES WITH (publish_via_partition_root = true)",
+        )
+        .await
+        .unwrap();
+    target
+        .batch_execute("INSERT INTO audit_logs VALUES (1, 'the target''s own')")
+        .await
+        .unwrap();
+    let config = pair.config(
+        "[tables]\ninclude = [\"public.orders\", \"public.events\"]\nexclude = [\"public.audit_logs\"]\n",
+    );
+    let mut daemon = pair.start_daemon(&config).await;
+    source
+        .batch_execute(
+            "INSERT INTO orders VALUES (1, 'a'), (2, 'b'), (3, 'c');
+             INSERT INTO audit_logs VALUES (1, 'source'), (2, 'source');
+             UPDATE audit_logs SET what = 'changed' WHERE id = 1;
+             INSERT INTO events VALUES (1, 5), (2, 50);
+             TRUNCATE orders, audit_logs;
+             INSERT INTO orders VALUES (10, 'after');
+             INSERT INTO audit_logs VALUES (3, 'source');
+             DELETE FROM events WHERE id = 2;",
+        )
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["orders", "events"])
+        .await;
+    let audit: Vec<String> = target
+        .query("SELECT id || ':' || what FROM audit_logs ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(audit, ["1:the target's own"]);
+    let log = daemon.log();
+    assert!(
+        log.contains("the publication publishes a table [tables] does not select")
+            && log.contains("public.audit_logs"),
+        "{log}"
+    );
+    assert!(!log.contains("table=public.events_1"), "{log}");
+
+    // A table only the target has, referring to orders.
+    target
+        .batch_execute(
+            "CREATE TABLE notes (id int PRIMARY KEY, order_id int REFERENCES orders (id));
+             INSERT INTO notes VALUES (1, 10);",
+        )
+        .await
+        .unwrap();
+    source
+        .batch_execute("TRUNCATE orders CASCADE; INSERT INTO orders VALUES (20, 'later');")
+        .await
+        .unwrap();
+    daemon.wait_for_log("apply stalled").await;
+    let notes: i64 = target
+        .query_one("SELECT count(*) FROM notes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(notes, 1, "the target-only table kept its row");
+    target
+        .batch_execute("ALTER TABLE notes DROP CONSTRAINT notes_order_id_fkey")
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["orders", "events"])
+        .await;
+    let notes: i64 = target
+        .query_one("SELECT count(*) FROM notes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(notes, 1);
+    assert!(daemon.terminate().success(), "{}", daemon.log());
 }

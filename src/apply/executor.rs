@@ -506,14 +506,21 @@ impl Executor {
             values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
         let result = self.client.execute(&statement, &params).await;
         let changed = result.map_err(|e| self.apply_error(&what, e))?;
-        if changed == 0 && matches!(change, ValueChange::Update { .. }) {
-            return Err(Error::new(
-                ErrorKind::Apply,
-                format!(
-                    "{what}: no target row has the old values (source transaction at {}). Repair the target (`sluice verify` finds the difference); sluice retries by itself",
-                    self.lsn
-                ),
-            ));
+        if changed == 0 {
+            if matches!(change, ValueChange::Update { .. }) {
+                return Err(Error::new(
+                    ErrorKind::Apply,
+                    format!(
+                        "{what}: no target row has the old values (source transaction at {}). Repair the target (`sluice verify` finds the difference); sluice retries by itself",
+                        self.lsn
+                    ),
+                ));
+            }
+            // As for key deletes: the end state is the source's either way, but say so.
+            tracing::warn!(
+                "{what}: no target row had the old values, it was already gone on the target (source transaction at {})",
+                self.lsn
+            );
         }
         Ok(())
     }

@@ -341,8 +341,8 @@ impl Applier {
             }
             StreamItem::Truncate {
                 relations,
-                cascade,
                 restart_identity,
+                ..
             } => {
                 self.flush().await?;
                 let names: Vec<String> = relations
@@ -362,7 +362,7 @@ impl Applier {
                     .collect();
                 let work = Work::Sql {
                     what: format!("TRUNCATE of {}", names.join(", ")),
-                    sql: sql::truncate(&names, cascade, restart_identity),
+                    sql: sql::truncate(&names, restart_identity),
                     lsn: self.current_lsn(),
                 };
                 self.send(work).await?;
@@ -470,6 +470,14 @@ impl Applier {
                     .clone(),
             );
         }
+        for column in &relation.columns {
+            let source = (column.type_oid, column.type_modifier);
+            if let Some(target) = table.lossy_column(&column.name, source) {
+                return Err(self
+                    .lossy_column_error(&name, &column.name, source, target)
+                    .await);
+            }
+        }
         let index_of = |name: &str| relation.columns.iter().position(|c| c.name == name);
         let source_key: Vec<usize> = relation.key_columns().collect();
         let target_key: Option<Vec<usize>> = (!table.primary_key.is_empty())
@@ -507,6 +515,38 @@ impl Applier {
         });
         self.plans.insert(relation.oid, plan.clone());
         Ok(plan)
+    }
+
+    /// A target column that would round the source's values (`TargetTable::lossy_column`):
+    /// named with both types and the statement that makes the target hold them.
+    async fn lossy_column_error(
+        &self,
+        table: &TableName,
+        column: &str,
+        source: (u32, i32),
+        target: (u32, i32),
+    ) -> Error {
+        // Built-in types only, so their OIDs and names are the same on both sides.
+        let names = self
+            .catalog
+            .query_one(
+                "SELECT pg_catalog.format_type($1, $2), pg_catalog.format_type($3, $4)",
+                &[&source.0, &source.1, &target.0, &target.1],
+            )
+            .await
+            .map(|row| (row.get::<_, String>(0), row.get::<_, String>(1)))
+            .unwrap_or_else(|_| (format!("type {}", source.0), format!("type {}", target.0)));
+        Error::new(
+            ErrorKind::Apply,
+            format!(
+                "Column {column:?} of {table} is {} on the source but {} on the target, which would round or cut its values without an error (the source's column was changed, or the target's made narrower): ALTER TABLE {} ALTER COLUMN {} TYPE {} on the target; sluice retries by itself",
+                names.0,
+                names.1,
+                table.quoted(),
+                crate::source::quote_ident(column),
+                names.0
+            ),
+        )
     }
 
     fn push_insert(&mut self, relation: &Relation, new: &Tuple) -> Result<()> {

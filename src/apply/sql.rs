@@ -190,16 +190,21 @@ pub fn delete_unnest(table: &str, keys: &[SqlColumn], dist: Option<&SqlColumn>) 
 
 /// Matching one row by all its old values (REPLICA IDENTITY FULL without a usable key on
 /// the target): compared as text, since some types (json, point, xml) have no equality
-/// operator, and `IS NOT DISTINCT FROM` so NULLs match. `LIMIT 1` through ctid changes
-/// exactly one row even when identical rows exist, as the source did.
+/// operator, and `IS NOT DISTINCT FROM` so NULLs match. The text is the type's output
+/// function, what pgoutput sends: `format('%s', ...)`, not a `::text` cast, which for
+/// boolean (`true`, not `t`), inet (`/32` added) and char(n) (blanks trimmed) is another
+/// function and matched no row. `num_nulls` asks whether the value itself is NULL (`IS
+/// NULL` is also true of a composite whose fields are all NULL). `LIMIT 1` through ctid
+/// changes exactly one row even when identical rows exist, as the source did.
 fn one_row_by_values(table: &str, columns: &[SqlColumn], first_param: usize) -> String {
     let conditions: Vec<String> = columns
         .iter()
         .enumerate()
         .map(|(i, c)| {
+            let column = format!("o.{}", quote_ident(&c.name));
             format!(
-                "o.{}::text IS NOT DISTINCT FROM ${}::text",
-                quote_ident(&c.name),
+                "CASE WHEN num_nulls({column}) = 0 THEN format('%s', {column}) END \
+                 IS NOT DISTINCT FROM ${}::text",
                 first_param + i
             )
         })
@@ -239,14 +244,16 @@ pub fn delete_by_values(table: &str, old: &[SqlColumn]) -> String {
     )
 }
 
-/// TRUNCATE as the source did it.
-pub fn truncate(tables: &[String], cascade: bool, restart_identity: bool) -> String {
+/// TRUNCATE of the tables the source names, with its RESTART IDENTITY, and never CASCADE:
+/// a source `TRUNCATE ... CASCADE` already names every published table it reached, and on
+/// the target CASCADE would also empty tables the source never touched (a target-only
+/// table referring to one of them). As PostgreSQL's own apply worker does: a target table
+/// outside the list that refers to one in it makes the TRUNCATE fail (apply stalls, named),
+/// rather than lose its rows.
+pub fn truncate(tables: &[String], restart_identity: bool) -> String {
     let mut sql = format!("TRUNCATE TABLE {}", tables.join(", "));
     if restart_identity {
         sql.push_str(" RESTART IDENTITY");
-    }
-    if cascade {
-        sql.push_str(" CASCADE");
     }
     sql
 }
@@ -400,19 +407,20 @@ mod tests {
         assert_eq!(
             sql,
             "UPDATE t AS t SET \"note\" = $1::text::text WHERE t.ctid = (SELECT o.ctid FROM t AS o \
-             WHERE o.\"id\"::text IS NOT DISTINCT FROM $2::text AND o.\"note\"::text IS NOT \
-             DISTINCT FROM $3::text LIMIT 1)"
+             WHERE CASE WHEN num_nulls(o.\"id\") = 0 THEN format('%s', o.\"id\") END IS NOT \
+             DISTINCT FROM $2::text AND CASE WHEN num_nulls(o.\"note\") = 0 THEN format('%s', \
+             o.\"note\") END IS NOT DISTINCT FROM $3::text LIMIT 1)"
         );
         assert!(delete_by_values("t", &[id()]).ends_with("LIMIT 1)"));
     }
 
     #[test]
-    fn truncate_keeps_the_source_options() {
+    fn truncate_keeps_restart_identity_and_never_cascades() {
         assert_eq!(
-            truncate(&["a".into(), "b".into()], true, true),
-            "TRUNCATE TABLE a, b RESTART IDENTITY CASCADE"
+            truncate(&["a".into(), "b".into()], true),
+            "TRUNCATE TABLE a, b RESTART IDENTITY"
         );
-        assert_eq!(truncate(&["a".into()], false, false), "TRUNCATE TABLE a");
+        assert_eq!(truncate(&["a".into()], false), "TRUNCATE TABLE a");
     }
 
     #[test]

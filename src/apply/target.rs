@@ -15,6 +15,8 @@ pub struct TargetTable {
     pub name: TableName,
     pub quoted: String,
     columns: HashMap<String, SqlColumn>,
+    /// Column name → (type OID, type modifier) on the target.
+    column_types: HashMap<String, (u32, i32)>,
     /// Primary-key column names, in key order (empty when the table has none).
     pub primary_key: Vec<String>,
     /// Citus distribution column of a hash-distributed table.
@@ -86,10 +88,64 @@ impl TargetTable {
         })
     }
 
+    /// The target column's type when storing the source's values into it would change them
+    /// without an error: rounding to a smaller scale or precision (numeric, timestamps,
+    /// times, intervals), or a float of fewer digits. Such a column passes every value, so
+    /// apply must stop on it instead (the source widened a column while sluice streamed, or
+    /// the target was made narrower): `Some((target type OID, target modifier))`.
+    /// Length-limited types (varchar(n), char(n), bit(n)) refuse a value too long
+    /// themselves; user types have other OIDs on each side and are not compared.
+    pub fn lossy_column(&self, name: &str, source: (u32, i32)) -> Option<(u32, i32)> {
+        let target = *self.column_types.get(name)?;
+        would_alter_values(source, target).then_some(target)
+    }
+
     pub fn distribution(&self) -> Option<&SqlColumn> {
         self.distribution_column
             .as_deref()
             .and_then(|name| self.columns.get(name))
+    }
+}
+
+const INT2: u32 = 21;
+const INT4: u32 = 23;
+const INT8: u32 = 20;
+const FLOAT4: u32 = 700;
+const FLOAT8: u32 = 701;
+const NUMERIC: u32 = 1700;
+const TIME: u32 = 1083;
+const TIMETZ: u32 = 1266;
+const TIMESTAMP: u32 = 1114;
+const TIMESTAMPTZ: u32 = 1184;
+const INTERVAL: u32 = 1186;
+
+/// Whether values of the source type (OID, modifier) change, without an error, when stored
+/// into a target column of the target type. See [`TargetTable::lossy_column`].
+pub fn would_alter_values(source: (u32, i32), target: (u32, i32)) -> bool {
+    let (source_type, source_mod) = source;
+    let (target_type, target_mod) = target;
+    // numeric's modifier is ((precision << 16) | scale) + 4; its scale may be negative (15+).
+    let numeric_scale = |modifier: i32| -> Option<i32> {
+        (modifier >= 4).then(|| (((modifier - 4) & 0x7ff) ^ 1024) - 1024)
+    };
+    // Fractional-second digits: the modifier, or 6 without one.
+    let precision = |modifier: i32| if modifier < 0 { 6 } else { modifier & 0xffff };
+    match (source_type, target_type) {
+        (NUMERIC, NUMERIC) => match (numeric_scale(source_mod), numeric_scale(target_mod)) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(source), Some(target)) => source > target,
+        },
+        (INT2 | INT4 | INT8, NUMERIC) => numeric_scale(target_mod).is_some_and(|s| s < 0),
+        (FLOAT4 | FLOAT8, NUMERIC) => numeric_scale(target_mod).is_some(),
+        (TIME, TIME) | (TIMETZ, TIMETZ) | (TIMESTAMP, TIMESTAMP) | (TIMESTAMPTZ, TIMESTAMPTZ) => {
+            precision(target_mod) < precision(source_mod)
+        }
+        // A modifier also limits an interval's fields (YEAR TO MONTH drops the days).
+        (INTERVAL, INTERVAL) => target_mod >= 0 && target_mod != source_mod,
+        (FLOAT8 | NUMERIC | INT4 | INT8, FLOAT4) => true,
+        (NUMERIC | INT8, FLOAT8) => true,
+        _ => false,
     }
 }
 
@@ -110,7 +166,7 @@ pub async fn load(
             "SELECT a.attname::text, format_type(a.atttypid, -1),
                     COALESCE(a.attnum = ANY(i.indkey::int2[]), false),
                     array_position(i.indkey::int2[], a.attnum),
-                    a.attidentity = 'a'
+                    a.attidentity = 'a', a.atttypid, a.atttypmod
              FROM pg_attribute a
              LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
@@ -129,9 +185,11 @@ pub async fn load(
         ));
     }
     let mut columns = HashMap::new();
+    let mut column_types = HashMap::new();
     let mut key: Vec<(i32, String)> = Vec::new();
     for row in rows {
         let column: String = row.get(0);
+        column_types.insert(column.clone(), (row.get::<_, u32>(5), row.get::<_, i32>(6)));
         let type_name: String = row.get(1);
         if row.get::<_, bool>(2) {
             key.push((row.get::<_, Option<i32>>(3).unwrap_or(0), column.clone()));
@@ -154,6 +212,7 @@ pub async fn load(
         name: name.clone(),
         quoted,
         columns,
+        column_types,
         primary_key: key.into_iter().map(|(_, name)| name).collect(),
         distribution_column,
         has_inheritance_children,
@@ -363,6 +422,44 @@ impl ReplicaRole {
 }
 
 #[cfg(test)]
+mod lossy_tests {
+    use super::*;
+
+    fn numeric(precision: i32, scale: i32) -> (u32, i32) {
+        (NUMERIC, ((precision << 16) | (scale & 0x7ff)) + 4)
+    }
+
+    #[test]
+    fn rounding_and_fewer_digits_are_lossy_widening_is_not() {
+        assert!(would_alter_values(numeric(12, 4), numeric(10, 2)));
+        assert!(would_alter_values((NUMERIC, -1), numeric(10, 2)));
+        assert!(!would_alter_values(numeric(10, 2), numeric(12, 4)));
+        assert!(!would_alter_values(numeric(10, 2), (NUMERIC, -1)));
+        assert!(
+            !would_alter_values(numeric(14, 2), numeric(10, 2)),
+            "overflow is an error"
+        );
+        assert!(would_alter_values((INT4, -1), numeric(5, -2)));
+        assert!(!would_alter_values((INT4, -1), (INT8, -1)));
+        assert!(would_alter_values((TIMESTAMP, 6), (TIMESTAMP, 0)));
+        assert!(would_alter_values((TIMESTAMPTZ, -1), (TIMESTAMPTZ, 3)));
+        assert!(!would_alter_values((TIMESTAMP, 0), (TIMESTAMP, -1)));
+        assert!(would_alter_values((FLOAT8, -1), (FLOAT4, -1)));
+        assert!(!would_alter_values((FLOAT4, -1), (FLOAT8, -1)));
+        assert!(would_alter_values((NUMERIC, -1), (FLOAT8, -1)));
+        assert!(would_alter_values(
+            (INTERVAL, -1),
+            (INTERVAL, 0x7fff0000 | 6)
+        ));
+        assert!(!would_alter_values((INTERVAL, 5), (INTERVAL, 5)));
+        assert!(
+            !would_alter_values((25, -1), (1043, 14)),
+            "length limits refuse by themselves"
+        );
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -375,6 +472,7 @@ mod tests {
                 .into_iter()
                 .map(|c| (c.to_string(), SqlColumn::new(c, "integer")))
                 .collect(),
+            column_types: HashMap::new(),
             primary_key: vec!["id".into()],
             distribution_column: None,
             has_inheritance_children: false,

@@ -1239,9 +1239,8 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
                 .await
                 .map_err(|e| error::pg("Storing deferred DDL in sluice.deferred_ddl", e))?;
         }
-        // pg_dump's preamble empties the search_path for this session; undo it.
         target
-            .batch_execute("COMMIT; RESET search_path")
+            .batch_execute("COMMIT")
             .await
             .map_err(|e| error::pg("Committing the schema on the target", e))?;
         Ok::<u64, Error>(deferred)

@@ -11,7 +11,8 @@
 //! Keepalives are forwarded only between transactions: acknowledging a keepalive position
 //! while a transaction is half received would let the slot skip it after a restart.
 
-use std::collections::BTreeMap;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,6 +101,11 @@ pub struct Reader {
     /// one, asked after `silence_limit` without a message.
     pub liveness: (tokio_postgres::Client, String),
     pub silence_limit: Duration,
+    /// `[tables]`: a publication may publish more than sluice selected (one made by the
+    /// owner `FOR ALL TABLES`, or shared with another migration); what it does not select
+    /// is not applied.
+    pub selection: crate::config::TablesConfig,
+    pub publication: String,
 }
 
 /// Items per hand-over to the applier, at most: one channel operation and one wake-up per
@@ -115,6 +121,9 @@ struct ReadState {
     relations: RelationCache,
     /// The open transaction: whether to drop it, and its commit LSN for per-table skips.
     open: Option<(bool, Lsn)>,
+    /// Relation OID → whether `[tables]` selects it (itself, or as a partition of a
+    /// selected table), decided at its first description on this connection.
+    selected: HashMap<u32, bool>,
 }
 
 impl Reader {
@@ -143,12 +152,65 @@ impl Reader {
         }
     }
 
+    /// Whether `[tables]` selects a published relation: by its own name, or, for a partition
+    /// (changes come per partition unless the publication publishes via the root), by the
+    /// name of a partitioned table above it. A relation the source no longer knows (dropped
+    /// since the change) is applied, as before: a missing target table stalls, never
+    /// silently.
+    async fn is_selected(&self, relation: &Relation) -> Result<bool> {
+        if self.selection.selects(&relation.qualified_name()) {
+            return Ok(true);
+        }
+        let (source, _) = &self.liveness;
+        let rows = source
+            .query(
+                "WITH RECURSIVE up(oid, depth) AS (
+                     SELECT $1::oid, 0
+                   UNION ALL
+                     SELECT i.inhparent, up.depth + 1 FROM up
+                     JOIN pg_catalog.pg_class c ON c.oid = up.oid AND c.relispartition
+                     JOIN pg_catalog.pg_inherits i ON i.inhrelid = up.oid
+                 )
+                 SELECT n.nspname::text, c.relname::text
+                 FROM up JOIN pg_catalog.pg_class c ON c.oid = up.oid
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                 ORDER BY up.depth",
+                &[&relation.oid],
+            )
+            .await
+            .map_err(|e| {
+                crate::error::pg(
+                    format!(
+                        "Looking up whether [tables] selects {} on the source",
+                        relation.qualified_name()
+                    ),
+                    e,
+                )
+            })?;
+        if rows.is_empty() {
+            return Ok(true);
+        }
+        let selected = rows.iter().any(|row| {
+            let name = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+            self.selection.selects(&name.qualified())
+        });
+        if !selected {
+            tracing::warn!(
+                table = %relation.qualified_name(),
+                publication = %self.publication,
+                "the publication publishes a table [tables] does not select: its changes are not applied"
+            );
+        }
+        Ok(selected)
+    }
+
     /// Runs until the stream ends or fails. `Ok(())` means the applier went away (shutdown).
     pub async fn run(mut self) -> Result<()> {
         let mut state = ReadState {
             decoder: Decoder::new(1),
             relations: RelationCache::new(),
             open: None,
+            selected: HashMap::new(),
         };
         loop {
             // Wait for the next event (or an acknowledgement to pass on) ...
@@ -174,6 +236,13 @@ impl Reader {
             let mut next = Some(first);
             while let Some(event) = next.take() {
                 if let Some(item) = self.on_event(received(event)?, &mut state)? {
+                    // A description precedes every change of its relation: decided here,
+                    // before the next event is decoded.
+                    if let StreamItem::Relation { relation, .. } = &item {
+                        if let Entry::Vacant(entry) = state.selected.entry(relation.oid) {
+                            entry.insert(self.is_selected(relation).await?);
+                        }
+                    }
                     batch.push(item);
                 }
                 if batch.len() < BATCH {
@@ -273,7 +342,8 @@ impl Reader {
                     Some((skip, lsn)) => (skip, Some(lsn)),
                     None => (false, None),
                 };
-                let item = self.to_item(message, &mut state.relations, final_lsn)?;
+                let item =
+                    self.to_item(message, &mut state.relations, &state.selected, final_lsn)?;
                 if skip_txn && !matches!(item, Some(StreamItem::Relation { .. })) {
                     // Only relation descriptions of an already applied transaction matter.
                     return Ok(None);
@@ -288,6 +358,7 @@ impl Reader {
         &self,
         message: LogicalMessage,
         relations: &mut RelationCache,
+        selected: &HashMap<u32, bool>,
         txn_final_lsn: Option<Lsn>,
     ) -> Result<Option<StreamItem>> {
         let resolve = |relations: &RelationCache, oid: u32| -> Result<Arc<Relation>> {
@@ -299,8 +370,12 @@ impl Reader {
                 )
             })
         };
-        // A table copied under a later snapshot already holds this transaction's changes.
+        // A table copied under a later snapshot already holds this transaction's changes;
+        // one `[tables]` does not select is not sluice's.
         let synced = |relation: &Relation| -> bool {
+            if selected.get(&relation.oid) == Some(&false) {
+                return true;
+            }
             let Some(final_lsn) = txn_final_lsn else {
                 return false;
             };
