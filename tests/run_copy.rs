@@ -786,6 +786,92 @@ async fn a_start_that_cannot_copy_is_refused_before_a_slot_exists() {
         .await;
 }
 
+/// The publication's options, a table's entry in it, or the table behind a name changed on
+/// the source while sluice streams: the source sends fewer changes, or another table's,
+/// and nothing in the stream says so. sluice stops, and the next start copies what it must.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publication_narrowed_or_a_table_swapped_while_streaming_stops_and_is_copied_again() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    seed(&pair).await;
+    let config = pair.config("[copy]\nenabled = true\njobs = 2\n");
+    let mut daemon = pair.start_daemon(&config).await;
+    daemon.wait_for_log("initial copy finished").await;
+    pair.wait_caught_up(&daemon).await;
+    let source = pair.source_client().await;
+    let target = pair.target_client().await;
+
+    // Deletes no longer published.
+    source
+        .batch_execute("ALTER PUBLICATION sluice SET (publish = 'insert, update')")
+        .await
+        .unwrap();
+    let status = daemon.wait(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "{status:?}\n{}",
+        daemon.log()
+    );
+    let log = daemon.log();
+    assert!(log.contains("its options changed"), "{log}");
+    assert!(
+        log.contains("SET (publish = 'insert, update, delete, truncate'"),
+        "{log}"
+    );
+    source
+        .batch_execute(
+            "DELETE FROM orders WHERE id <= 100;
+             ALTER PUBLICATION sluice SET (publish = 'insert, update, delete, truncate');",
+        )
+        .await
+        .unwrap();
+    target
+        .batch_execute("TRUNCATE orders, events, tags")
+        .await
+        .unwrap();
+    let mut daemon = pair.start_daemon(&config).await;
+    daemon
+        .wait_for_log("selected since the copy finished")
+        .await;
+    pair.wait_caught_up(&daemon).await;
+    assert_all_same(&pair).await;
+
+    // Another table under the same name, in one transaction.
+    source
+        .batch_execute(
+            "CREATE TABLE tags_new (name text, weight int);
+             ALTER TABLE tags_new REPLICA IDENTITY FULL;
+             INSERT INTO tags_new SELECT 'new' || g, g FROM generate_series(1, 30) g;
+             BEGIN;
+             ALTER TABLE tags RENAME TO tags_old;
+             ALTER TABLE tags_new RENAME TO tags;
+             DROP TABLE tags_old;
+             ALTER PUBLICATION sluice ADD TABLE tags;
+             COMMIT;
+             INSERT INTO tags VALUES ('after the swap', 1);",
+        )
+        .await
+        .unwrap();
+    let status = daemon.wait(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "{status:?}\n{}",
+        daemon.log()
+    );
+    assert!(
+        daemon.log().contains("public.tags is another table now"),
+        "{}",
+        daemon.log()
+    );
+    target.batch_execute("TRUNCATE tags").await.unwrap();
+    let mut daemon = pair.start_daemon(&config).await;
+    daemon
+        .wait_for_log("selected since the copy finished")
+        .await;
+    pair.wait_caught_up(&daemon).await;
+    assert_all_same(&pair).await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
+
 /// The publication altered on the source while sluice streams: the source just stops
 /// sending those changes, so sluice stops and says how to get the rows back; the next start
 /// copies the table again. A dropped publication cannot be mended: a fresh copy.

@@ -11,6 +11,7 @@
 //! Connection trouble with the source is never fatal here: the stream itself notices a dead
 //! source and decides; the monitor logs, reconnects on its next tick and carries on.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio_postgres::Client;
@@ -119,6 +120,7 @@ pub async fn run(
     let mut monitor = Monitor::new(slot, config.monitor.retained_wal_warn);
     let mut client: Option<Client> = None;
     let mut failures: u32 = 0;
+    let mut publication: Option<PublicationShape> = None;
     loop {
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             match crate::tls::connect(&config.source.conn, "the source").await {
@@ -141,7 +143,9 @@ pub async fn run(
                 // A look that fails (connection lost, or the catalog changing under the
                 // query: `DROP PUBLICATION` racing it says "publication does not exist") is
                 // the next look's; only the check's own verdict stops the daemon.
-                if let Err(error) = check_publication(source, config, &status, &store).await {
+                if let Err(error) =
+                    check_publication(source, config, &status, &store, &mut publication).await
+                {
                     if !error.is_transient() {
                         return Err(error);
                     }
@@ -169,15 +173,46 @@ pub async fn run(
     }
 }
 
-/// The publication must go on publishing every table being streamed. Altered on the source
-/// while sluice runs (`ALTER PUBLICATION ... DROP TABLE`, `DROP PUBLICATION`), the source
-/// just stops sending those changes: nothing in the stream says so. Stopping is the only way
-/// not to be silent about it.
+/// What the publication looked like at the first look while streaming: its options, and per
+/// streamed table the relation it publishes and how (row filter, column list).
+#[derive(Debug, Clone, PartialEq)]
+struct PublicationShape {
+    /// insert, update, delete, truncate, publish_via_partition_root.
+    options: [bool; 5],
+    /// `schema.table` → (relation OID, the publication's entry for it: its OID, row filter
+    /// and column list; `None` for a publication of all tables or of a schema).
+    tables: HashMap<String, (u32, Option<String>)>,
+}
+
+impl PublicationShape {
+    fn restore_options(&self, publication: &str) -> String {
+        let operations: Vec<&str> = ["insert", "update", "delete", "truncate"]
+            .iter()
+            .zip(&self.options)
+            .filter(|(_, on)| **on)
+            .map(|(name, _)| *name)
+            .collect();
+        format!(
+            "ALTER PUBLICATION {} SET (publish = '{}', publish_via_partition_root = {})",
+            crate::source::quote_ident(publication),
+            operations.join(", "),
+            self.options[4]
+        )
+    }
+}
+
+/// The publication must go on publishing every table being streamed, as it did. Altered on
+/// the source while sluice runs (`ALTER PUBLICATION ... DROP TABLE` or `SET (publish =
+/// ...)`, a row filter or column list added, `DROP PUBLICATION`, a table dropped and
+/// created again or another renamed to its name), the source just stops sending some
+/// changes, or sends another table's under the old name: nothing in the stream says so.
+/// Stopping is the only way not to be silent about it.
 async fn check_publication(
     source: &Client,
     config: &Config,
     status: &SharedStatus,
     store: &crate::checkpoint::Store,
+    baseline: &mut Option<PublicationShape>,
 ) -> Result<()> {
     let report = status.snapshot();
     let streaming: Vec<String> = report
@@ -190,12 +225,19 @@ async fn check_publication(
         return Ok(());
     }
     let publication = &config.source.publication;
+    // to_jsonb reads prqual and prattrs where the server has them (15+).
     let rows = source
         .query(
-            "SELECT p.pubname IS NOT NULL, t.schemaname || '.' || t.tablename
+            "SELECT p.pubname IS NOT NULL, t.schemaname || '.' || t.tablename, c.oid,
+                    ARRAY[p.pubinsert, p.pubupdate, p.pubdelete, p.pubtruncate, p.pubviaroot],
+                    (SELECT concat_ws(' | ', pr.oid, to_jsonb(pr) ->> 'prqual', to_jsonb(pr) ->> 'prattrs')
+                     FROM pg_catalog.pg_publication_rel pr
+                     WHERE pr.prpubid = p.oid AND pr.prrelid = c.oid)
              FROM (SELECT 1) one
-             LEFT JOIN pg_publication p ON p.pubname = $1
-             LEFT JOIN pg_publication_tables t ON t.pubname = p.pubname",
+             LEFT JOIN pg_catalog.pg_publication p ON p.pubname = $1
+             LEFT JOIN pg_catalog.pg_publication_tables t ON t.pubname = p.pubname
+             LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = t.schemaname
+             LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename",
             &[publication],
         )
         .await
@@ -213,53 +255,118 @@ async fn check_publication(
             crate::daemon::FRESH_COPY
         )));
     }
-    let published: std::collections::HashSet<String> = rows
-        .iter()
-        .filter_map(|row| row.get::<_, Option<String>>(1))
-        .collect();
-    let missing: Vec<String> = streaming
-        .into_iter()
-        .filter(|name| !published.contains(name))
-        .collect();
-    if missing.is_empty() {
+    let options: Vec<bool> = rows[0].get(3);
+    let mut shape = PublicationShape {
+        options: [0, 1, 2, 3, 4].map(|i| options.get(i).copied().unwrap_or(false)),
+        tables: HashMap::new(),
+    };
+    for row in &rows {
+        if let (Some(name), Some(oid)) = (
+            row.get::<_, Option<String>>(1),
+            row.get::<_, Option<u32>>(2),
+        ) {
+            shape.tables.insert(name, (oid, row.get(4)));
+        }
+    }
+    let before = baseline.get_or_insert_with(|| shape.clone());
+
+    // Per streamed table: what happened to it, if anything.
+    let mut changed: Vec<String> = Vec::new();
+    let mut affected: Vec<String> = Vec::new();
+    for name in &streaming {
+        let was = before.tables.get(name);
+        let reason = match (was, shape.tables.get(name)) {
+            (_, None) => {
+                let renamed_to = was.and_then(|(was_oid, _)| {
+                    shape
+                        .tables
+                        .iter()
+                        .find(|(_, (oid, _))| oid == was_oid)
+                        .map(|(new_name, _)| new_name.clone())
+                });
+                Some(match renamed_to {
+                    Some(new_name) => format!(
+                        "{name} was renamed to {new_name} (rename it on the target too, and make [tables] select the new name)"
+                    ),
+                    None => format!(
+                        "no longer publishes {name}: its changes since then were not sent (put it back: ALTER PUBLICATION {} ADD TABLE {}; if it was dropped on the source, take it out of [tables] instead)",
+                        crate::source::quote_ident(publication),
+                        quote_qualified(name)
+                    ),
+                })
+            }
+            (Some((was_oid, _)), Some((oid, _))) if oid != was_oid => Some(format!(
+                "{name} is another table now (dropped and created again, or another table renamed to its name): the target holds the old one's rows"
+            )),
+            (Some((_, was_entry)), Some((_, entry))) if entry != was_entry => Some(format!(
+                "{name} was taken out of the publication and put back, or given another row filter or column list: changes in between, or outside the new filter, were not sent (restore its definition in the publication)"
+            )),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            changed.push(reason);
+            affected.push(name.clone());
+        }
+    }
+    if before.options != shape.options {
+        changed.insert(
+            0,
+            format!(
+                "its options changed (the operations it publishes, or publish_via_partition_root): changes no longer published were not sent; restore them ({})",
+                before.restore_options(publication)
+            ),
+        );
+        affected = streaming.clone();
+    }
+    if changed.is_empty() {
         return Ok(());
     }
-    // Their rows must come again: with the copy on, forgetting their copy makes the next
-    // start copy them under a fresh snapshot and skip the stream's changes that snapshot
-    // holds, as for a table selected after the copy.
+    let then = match forget_copies(config, store, &affected)? {
+        true => format!(
+            "Then empty {} on the target (TRUNCATE) and start `sluice run` again: it copies them afresh before streaming resumes, and skips the changes that copy already holds",
+            affected.join(", ")
+        ),
+        false => format!(
+            "Then bring {} on the target up to date yourself (`sluice verify` shows what differs; the copy is off) and start `sluice run` again",
+            affected.join(", ")
+        ),
+    };
+    Err(Error::definite(format!(
+        "Publication {publication} was altered on the source while sluice streamed, so sluice stopped rather than go on without some changes: {}. {then}",
+        changed.join("; ")
+    )))
+}
+
+/// `"schema"."table"` for a `schema.table` name.
+fn quote_qualified(name: &str) -> String {
+    match name.split_once('.') {
+        Some((schema, table)) => format!(
+            "{}.{}",
+            crate::source::quote_ident(schema),
+            crate::source::quote_ident(table)
+        ),
+        None => crate::source::quote_ident(name),
+    }
+}
+
+/// With the copy on and finished, forgets the tables' copies, so the next start copies them
+/// under a fresh snapshot and skips the stream's changes that snapshot holds, as for a table
+/// selected after the copy. Returns whether it did.
+fn forget_copies(
+    config: &Config,
+    store: &crate::checkpoint::Store,
+    tables: &[String],
+) -> Result<bool> {
     let copy_again = config.copy.enabled && crate::snapshot::copy_finished(store)?;
     if copy_again {
-        for name in &missing {
+        for name in tables {
             if let Some((schema, table)) = name.split_once('.') {
                 let table = crate::source::TableName::new(schema.to_string(), table.to_string());
                 crate::snapshot::state::forget_table(store, &table)?;
             }
         }
     }
-    let add_back = format!(
-        "ALTER PUBLICATION {} ADD TABLE {}",
-        crate::source::quote_ident(publication),
-        missing
-            .iter()
-            .map(|name| match name.split_once('.') {
-                Some((schema, table)) => format!(
-                    "{}.{}",
-                    crate::source::quote_ident(schema),
-                    crate::source::quote_ident(table)
-                ),
-                None => name.clone(),
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let then = match copy_again {
-        true => "then empty them on the target (TRUNCATE) and start `sluice run` again: it copies them afresh before streaming resumes, and skips the changes that copy already holds",
-        false => "then bring their rows on the target up to date yourself (`sluice verify` shows what differs; the copy is off) and start `sluice run` again",
-    };
-    Err(Error::definite(format!(
-        "Publication {publication} no longer publishes {} (altered on the source while sluice streamed): their changes since then were not sent, so sluice stopped rather than go on without them. Put them back ({add_back}), {then}",
-        missing.join(", ")
-    )))
+    Ok(copy_again)
 }
 
 /// Logs a failed sample: the first at warn, repeats at debug so a long outage does not flood
