@@ -151,3 +151,89 @@ async fn teardown_works_on_a_source_frozen_by_cutover() {
     assert_eq!(output.status.code(), Some(0), "{}", show(&output));
     assert_eq!(leftovers(&setup).await, (0, 0, 0));
 }
+
+/// Two migrations from one source into one target, each with its own slot, sharing the
+/// default publication name and the target's `sluice` schema: tearing one down leaves what
+/// the other still uses. A publication this user may not drop is left for its owner, after
+/// everything else is done (the slot no longer goes first and the rest stays stuck).
+#[tokio::test]
+async fn teardown_leaves_what_another_migration_uses_and_what_it_may_not_drop() {
+    let setup = Setup::new("").await;
+    setup
+        .source
+        .batch_execute(
+            "CREATE TABLE public.t (id int PRIMARY KEY);
+             CREATE PUBLICATION sluice FOR TABLE public.t;",
+        )
+        .await
+        .unwrap();
+    for slot in ["sluice", "other"] {
+        setup
+            .source
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&slot],
+            )
+            .await
+            .unwrap();
+    }
+    sluice::checkpoint::ensure_position_table(&setup.target)
+        .await
+        .unwrap();
+    setup
+        .target
+        .batch_execute(
+            "INSERT INTO sluice.applied_position (slot, source_system_identifier, applied_lsn, caught_up_lsn)
+             VALUES ('sluice', '1', '0/0', '0/0'), ('other', '1', '0/0', '0/0')",
+        )
+        .await
+        .unwrap();
+    let output = setup.sluice(&["teardown", "--yes"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    let text = show(&output);
+    assert!(
+        text.contains("LEFT publication sluice: slot(s) other of another migration"),
+        "{text}"
+    );
+    assert_eq!(leftovers(&setup).await, (0, 1, 1));
+    let slots: Vec<String> = setup
+        .target
+        .query("SELECT slot FROM sluice.applied_position", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(slots, ["other"]);
+
+    // The other migration, torn down as a user who does not own the publication.
+    setup
+        .source
+        .batch_execute("CREATE ROLE migrator LOGIN REPLICATION")
+        .await
+        .unwrap();
+    let config = setup.dir.path().join("other.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nurl = \"{}\"\nslot = \"other\"\n[target]\nurl = \"{}\"\n[state]\ndir = \"{}\"\n",
+            setup.pg.url("src").replace("postgres@", "migrator@"),
+            setup.pg.url("dst"),
+            setup.dir.path().join("other-state").display()
+        ),
+    )
+    .unwrap();
+    let output = setup.sluice_with(&config, &["teardown", "--yes"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let text = show(&output);
+    assert!(
+        text.contains("LEFT publication sluice: owned by postgres")
+            && text.contains("DROPPED replication slot other")
+            && text.contains("DROPPED schema sluice on the target"),
+        "{text}"
+    );
+    assert_eq!(
+        count(&setup.source, "SELECT count(*) FROM pg_replication_slots").await,
+        0
+    );
+}

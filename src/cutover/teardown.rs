@@ -73,6 +73,82 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
         .await
         .map_err(|e| error::pg("Looking for schema sluice on the target", e))?
         .get(0);
+    // Another migration into the same target (another slot) keeps its position in the
+    // same table: the schema stays for it, only this slot's row goes. One from the same
+    // source may stream through the same publication: that stays too.
+    let other_slots: Vec<String> = match schema_exists {
+        false => Vec::new(),
+        true => target
+            .query(
+                "SELECT slot FROM sluice.applied_position WHERE slot <> $1 ORDER BY slot",
+                &[slot],
+            )
+            .await
+            .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+            .or_else(|e| match e.code() {
+                // No position table (a schema run, never started): nobody else's.
+                Some(code) if *code == tokio_postgres::error::SqlState::UNDEFINED_TABLE => {
+                    Ok(Vec::new())
+                }
+                _ => Err(error::pg(
+                    "Reading sluice.applied_position on the target",
+                    e,
+                )),
+            })?,
+    };
+    let other_slots_on_source: Vec<String> = match other_slots.is_empty() {
+        true => Vec::new(),
+        false => source
+            .query(
+                "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name = ANY($1) ORDER BY 1",
+                &[&other_slots],
+            )
+            .await
+            .map_err(|e| error::pg("Reading pg_replication_slots on the source", e))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect(),
+    };
+    // Only its owner (or a member of the owning role, or a superuser) may drop it: known
+    // before anything is dropped, so the slot does not go first and the rest stay stuck.
+    let publication_owner: Option<(bool, String)> = match publication_exists {
+        false => None,
+        true => {
+            let row = source
+                .query_one(
+                    "SELECT pg_has_role(current_user, p.pubowner, 'USAGE')
+                            OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user),
+                            p.pubowner::regrole::text
+                     FROM pg_publication p WHERE p.pubname = $1",
+                    &[publication],
+                )
+                .await
+                .map_err(|e| error::pg("Reading pg_publication on the source", e))?;
+            Some((row.get(0), row.get(1)))
+        }
+    };
+    let mut left_alone: Vec<String> = Vec::new();
+    // Something is left that the operator must see to (exit 1), not just kept for another.
+    let mut left_to_do = false;
+    let drop_publication = match &publication_owner {
+        Some(_) if !other_slots_on_source.is_empty() => {
+            left_alone.push(format!(
+                "LEFT publication {publication}: slot(s) {} of another migration from this source (position rows on the target) may stream through it; drop it when that one is torn down",
+                other_slots_on_source.join(", ")
+            ));
+            false
+        }
+        Some((false, owner)) => {
+            left_to_do = true;
+            left_alone.push(format!(
+                "LEFT publication {publication}: owned by {owner}, which this user may not drop; have {owner} (or a superuser) run DROP PUBLICATION {}",
+                quote_ident(publication)
+            ));
+            false
+        }
+        Some((true, _)) => true,
+        None => false,
+    };
 
     // The state dir's checkpoint would make a later `run` on it resume from a slot that no
     // longer exists; it goes too, unless it belongs to another migration (another slot).
@@ -100,13 +176,19 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
             config.source.conn.redacted()
         ));
     }
-    if publication_exists {
+    if drop_publication {
         plan.push(format!("publication {publication} on the source"));
     }
-    if schema_exists {
+    if schema_exists && other_slots.is_empty() {
         plan.push(format!(
             "schema sluice on the target {} (applied position, deferred DDL)",
             config.target.conn.redacted()
+        ));
+    } else if schema_exists {
+        plan.push(format!(
+            "the position row of slot {slot} in sluice.applied_position on the target {} (the schema stays: it holds the position of slot(s) {})",
+            config.target.conn.redacted(),
+            other_slots.join(", ")
         ));
     }
     if checkpoint_exists {
@@ -115,7 +197,13 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
             config.state.dir.display()
         ));
     }
+    for item in &left_alone {
+        crate::say!("{item}");
+    }
     if plan.is_empty() {
+        if !left_alone.is_empty() {
+            return Ok(i32::from(left_to_do));
+        }
         crate::say!("Nothing to tear down: no slot {slot}, no publication {publication}, no schema sluice on the target.");
         return Ok(0);
     }
@@ -141,38 +229,55 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
             })?;
         crate::say!("DROPPED replication slot {slot}");
     }
-    if publication_exists {
-        source
+    // With the slot gone, what remains is cleanup: one step failing does not stop the
+    // others, and all failures are reported at the end.
+    let mut failed: Vec<String> = Vec::new();
+    if drop_publication {
+        match source
             .batch_execute(&format!(
                 "DROP PUBLICATION IF EXISTS {}",
                 quote_ident(publication)
             ))
             .await
-            .map_err(|e| {
-                error::pg(
-                    format!("Dropping publication {publication} on the source"),
-                    e,
-                )
-            })?;
-        crate::say!("DROPPED publication {publication}");
+        {
+            Ok(()) => crate::say!("DROPPED publication {publication}"),
+            Err(e) => failed.push(
+                error::pg(format!("Dropping publication {publication} on the source (drop it by hand: DROP PUBLICATION {})", quote_ident(publication)), e).report(),
+            ),
+        }
     }
-    if schema_exists {
-        target
+    if schema_exists && other_slots.is_empty() {
+        match target
             // Without the "drop cascades to ..." notices on stderr.
             .batch_execute(
                 "SET client_min_messages = warning; DROP SCHEMA IF EXISTS sluice CASCADE",
             )
             .await
-            .map_err(|e| error::pg("Dropping schema sluice on the target", e))?;
-        crate::say!("DROPPED schema sluice on the target");
+        {
+            Ok(()) => crate::say!("DROPPED schema sluice on the target"),
+            Err(e) => failed.push(
+                error::pg("Dropping schema sluice on the target (drop it by hand: DROP SCHEMA sluice CASCADE)", e).report(),
+            ),
+        }
+    } else if schema_exists {
+        match target
+            .execute("DELETE FROM sluice.applied_position WHERE slot = $1", &[slot])
+            .await
+        {
+            Ok(_) => crate::say!("DROPPED the position row of slot {slot} on the target"),
+            Err(e) => failed.push(
+                error::pg(format!("Deleting the position row of slot {slot} from sluice.applied_position on the target"), e).report(),
+            ),
+        }
     }
     if checkpoint_exists {
-        std::fs::remove_dir_all(&checkpoint).map_err(|e| {
-            Error::definite(format!(
+        if let Err(e) = std::fs::remove_dir_all(&checkpoint) {
+            failed.push(format!(
                 "Removing the checkpoint {}: {e}; delete it by hand before the next `sluice run`",
                 checkpoint.display()
-            ))
-        })?;
+            ));
+            return Err(Error::definite(failed.join("; ")));
+        }
         // A socket left by a daemon that was killed; then the directory, if nothing of
         // anyone else's is in it.
         let _ = std::fs::remove_file(crate::control::socket::socket_path(&config.state.dir));
@@ -182,5 +287,8 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
             config.state.dir.display()
         );
     }
-    Ok(0)
+    if !failed.is_empty() {
+        return Err(Error::definite(failed.join("; ")));
+    }
+    Ok(i32::from(left_to_do))
 }
