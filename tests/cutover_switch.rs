@@ -268,25 +268,55 @@ async fn cutover_is_not_ready_while_a_session_opened_before_the_freeze_may_survi
     let stand_in = daemon_stand_in(&setup).await;
     let cutover = || setup.sluice(&["cutover", "--freeze-source", "--yes", "--timeout", "30s"]);
 
-    // Blind: pg_stat_activity shows it no other user's session at all.
+    // Blind: pg_stat_activity shows it no other user's session at all. Known before the
+    // freeze, so nothing is changed.
     let output = cutover().await;
     let out = stdout(&output);
     assert_eq!(output.status.code(), Some(1), "{}", show(&output));
-    assert!(out.contains("FROZEN src"), "{out}");
+    assert!(!out.contains("FROZEN src"), "{out}");
+    assert!(!read_only(&setup).await);
     assert!(
-        out.contains("cannot see other users' sessions")
+        out.contains("Cutover NOT ready (nothing was changed)")
+            && out.contains("cannot see or end other users' sessions")
             && out.contains("GRANT pg_read_all_stats, pg_signal_backend TO \"owner\""),
         "{out}"
     );
+    // The dry run says the same.
+    let output = setup
+        .sluice(&["cutover", "--freeze-source", "--dry-run"])
+        .await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
     assert!(
-        !out.contains("Point the application at the target"),
-        "{out}"
+        stdout(&output).contains("cannot see or end other users' sessions"),
+        "{}",
+        show(&output)
     );
 
-    // Seeing, but unable to end a superuser's session.
+    // Seeing and signalling, but not owning the database: ALTER DATABASE would fail.
     setup
         .source
-        .batch_execute("GRANT pg_read_all_stats TO owner")
+        .batch_execute(
+            "GRANT pg_read_all_stats, pg_signal_backend TO owner;
+             CREATE ROLE keeper;
+             ALTER DATABASE src OWNER TO keeper;",
+        )
+        .await
+        .unwrap();
+    let output = cutover().await;
+    let out = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    assert!(
+        out.contains(
+            "may not freeze database src (ALTER DATABASE needs its owner keeper or a superuser)"
+        ) && out.contains("GRANT \"keeper\" TO \"owner\""),
+        "{out}"
+    );
+    assert!(!read_only(&setup).await);
+
+    // Owning it, but unable to end a superuser's session.
+    setup
+        .source
+        .batch_execute("ALTER DATABASE src OWNER TO owner")
         .await
         .unwrap();
     let output = cutover().await;

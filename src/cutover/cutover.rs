@@ -102,9 +102,59 @@ async fn other_sessions(
 /// What would make the cutover fail or wait in vain, found before anything is changed: no
 /// applied position on the target, or no `sluice run` streaming (stopped, stalled, still
 /// copying). A freeze that then fails leaves the application unable to write for nothing.
-async fn preflight(config: &Config, source: &Client, target: &Client) -> Result<Vec<String>> {
+async fn preflight(
+    config: &Config,
+    source: &Client,
+    target: &Client,
+    freeze: bool,
+) -> Result<Vec<String>> {
     let slot = &config.source.slot;
     let mut problems = Vec::new();
+    if freeze {
+        // Freezing is ALTER DATABASE (its owner or a superuser); finding and ending the
+        // sessions opened before it needs to see and signal other users' sessions. Known
+        // now, a freeze that cannot succeed, or cannot be made sure of, is never started.
+        let row = source
+            .query_one(
+                "SELECT current_user::text, current_database()::text, d.datdba::regrole::text,
+                        r.rolsuper OR pg_has_role(current_user, d.datdba, 'MEMBER'),
+                        r.rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE'),
+                        r.rolsuper OR pg_has_role(current_user, 'pg_signal_backend', 'USAGE')
+                 FROM pg_database d, pg_roles r
+                 WHERE d.datname = current_database() AND r.rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(|e| error::pg("Reading the source user's rights", e))?;
+        let (user, database, owner): (String, String, String) =
+            (row.get(0), row.get(1), row.get(2));
+        if !row.get::<_, bool>(3) {
+            problems.push(format!(
+                "the source user {user} may not freeze database {database} (ALTER DATABASE needs its owner {owner} or a superuser): run cutover as {owner}, or GRANT {} TO {}",
+                quote_ident(&owner),
+                quote_ident(&user)
+            ));
+        }
+        let mut missing = Vec::new();
+        if !row.get::<_, bool>(4) {
+            missing.push("pg_read_all_stats");
+        }
+        if !row.get::<_, bool>(5) {
+            missing.push("pg_signal_backend");
+        }
+        if !missing.is_empty() {
+            problems.push(format!(
+                "the source user {user} cannot {} other users' sessions, so sessions opened before the freeze, which can still write, could not be ended: GRANT {} TO {} (as a superuser, or a managed service's administrator role)",
+                match (row.get::<_, bool>(4), row.get::<_, bool>(5)) {
+                    (false, false) => "see or end",
+                    (false, true) => "see",
+                    _ => "end",
+                },
+                missing.join(", "),
+                quote_ident(&user)
+            ));
+        }
+    }
     if checkpoint::read_target_position(target, slot)
         .await?
         .is_none()
@@ -208,7 +258,7 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
     if args.dry_run {
         crate::say!("Dry run: nothing is changed.");
     }
-    let problems = preflight(config, &source, &target).await?;
+    let problems = preflight(config, &source, &target, args.freeze_source).await?;
     if !problems.is_empty() {
         crate::say!("Cutover NOT ready (nothing was changed):");
         for problem in &problems {
