@@ -88,11 +88,16 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
             s.last_error = Some(error.report());
         }
     });
-    // `status` with the daemon down shows why it stopped.
-    if let Err(error) = &result {
-        if let Err(e) = store.save_stopped_on(Some(&error.report())) {
-            tracing::warn!(error = %e.report(), "could not record the stop reason in the state dir");
-        }
+    // `status` with the daemon down shows why it stopped: an error, or the stall it was
+    // stopped in.
+    let stalled_on = status.snapshot().stalled_since.and(status.snapshot().last_error);
+    let reason = match (&result, stalled_on) {
+        (Err(error), _) => Some(error.report()),
+        (Ok(()), Some(stall)) => Some(format!("a stop request while apply was stalled: {stall}")),
+        (Ok(()), None) => None,
+    };
+    if let Err(e) = store.save_stopped_on(reason.as_deref()) {
+        tracing::warn!(error = %e.report(), "could not record the stop reason in the state dir");
     }
     result
 }
@@ -215,6 +220,14 @@ async fn supervise(
                         // Counted from here on every report (`SharedStatus::snapshot`).
                         s.stalled_since = Some(unix_now() - since.elapsed().as_secs_f64());
                     });
+                    // Kept in the state dir, so `status` with the daemon down (killed, or
+                    // stopped while stalled) still says what it was stuck on.
+                    if let Err(e) = store.save_stopped_on(Some(&format!(
+                        "apply stalled (the last stall of that run; it may have cleared before the daemon ended): {}",
+                        error.report()
+                    ))) {
+                        tracing::debug!(error = %e.report(), "could not record the stall in the state dir");
+                    }
                     wait
                 }
             }

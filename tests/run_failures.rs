@@ -315,6 +315,16 @@ async fn a_rejected_change_stalls_and_resumes_once_the_target_is_fixed() {
         seconds < 3.0,
         "the second stall counts from the first: {again}"
     );
+
+    // Stopped while stalled: `status` with the daemon down still says what it was stuck on.
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+    let stopped = status();
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    let error = stopped["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("while apply was stalled") && error.contains("public.history"),
+        "{stopped}"
+    );
 }
 
 /// A target column narrower than the source's values (the runbook's "widen the target
