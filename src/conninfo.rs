@@ -91,6 +91,9 @@ pub struct ConnInfo {
     pub connect_timeout: Duration,
     /// Extra startup `options` (`-c name=value ...`), passed on to both transports.
     pub options: Option<String>,
+    /// Where the string came from (`source.url`, `SLUICE_SOURCE_URL`, `--source`), for
+    /// messages that tell the operator which one to fix.
+    pub origin: String,
 }
 
 const KNOWN_KEYS: &[&str] = &[
@@ -137,6 +140,10 @@ impl ConnInfo {
         };
         parsed
             .and_then(Self::from_pairs)
+            .map(|info| ConnInfo {
+                origin: what.to_string(),
+                ..info
+            })
             .map_err(|message| Error::config(format!("{what}: {}", scrub(&message, text))))
     }
 
@@ -251,6 +258,7 @@ impl ConnInfo {
             application_name,
             connect_timeout: connect_timeout.unwrap_or(Duration::from_secs(10)),
             options,
+            origin: String::new(),
         })
     }
 

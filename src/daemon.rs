@@ -90,7 +90,10 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
     });
     // `status` with the daemon down shows why it stopped: an error, or the stall it was
     // stopped in.
-    let stalled_on = status.snapshot().stalled_since.and(status.snapshot().last_error);
+    let stalled_on = status
+        .snapshot()
+        .stalled_since
+        .and(status.snapshot().last_error);
     let reason = match (&result, stalled_on) {
         (Err(error), _) => Some(error.report()),
         (Ok(()), Some(stall)) => Some(format!("a stop request while apply was stalled: {stall}")),

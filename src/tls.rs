@@ -76,12 +76,13 @@ fn connect_hint(error: &tokio_postgres::Error, info: &ConnInfo) -> Option<String
     let code = error.code().map(|c| c.code().to_string());
     Some(match code.as_deref() {
         Some("28P01") | Some("28000") => format!(
-            "Check the user {} and its password (in the URL, PGPASSWORD or ~/.pgpass) and the server's pg_hba.conf entry for this client",
-            info.user
+            "Check the user {} and its password (in {}, PGPASSWORD or ~/.pgpass) and the server's pg_hba.conf entry for this client",
+            info.user,
+            info.origin
         ),
         Some("3D000") => format!(
-            "The database {} does not exist on that server: check the database name in the URL",
-            info.dbname
+            "The database {} does not exist on that server: check the database name in {}",
+            info.dbname, info.origin
         ),
         None if error_chain_mentions(error, "does not support TLS") => {
             "The server does not offer TLS: turn on ssl in its postgresql.conf, or connect with sslmode=prefer or disable".to_string()

@@ -476,6 +476,19 @@ async fn definite_errors_at_start_up_exit_1_within_seconds() {
         assert!(stderr.contains(expected), "{url}: {stderr}");
         assert!(!stderr.contains("wrong"), "the password leaked: {stderr}");
     }
+    // A URL given on the command line is the one to fix, and the message says so.
+    let (code, _, stderr) = sluice(&[
+        "run",
+        "--config",
+        write(&cases[2].0).to_str().unwrap(),
+        "--source",
+        &cases[1].0,
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("check the database name in --source"),
+        "{stderr}"
+    );
     // `check` says so before `run` is tried, with the statement for the tables' owner.
     let (code, stdout, _) = sluice(&["check", "--config", write(&cases[2].0).to_str().unwrap()]);
     assert_eq!(code, 1, "{stdout}");

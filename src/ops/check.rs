@@ -116,8 +116,9 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
         Ok(client) => client,
         Err(error) => {
             out.fail(format!(
-                "source: cannot connect ({}): check source.url, the network path and pg_hba.conf; the source checks were skipped",
-                error.report()
+                "source: cannot connect ({}): check {}, the network path and pg_hba.conf; the source checks were skipped",
+                error.report(),
+                conn.origin
             ));
             return None;
         }
@@ -684,8 +685,9 @@ async fn check_target(config: &Config, source: Option<&SourceFacts>, out: &mut F
         Ok(client) => client,
         Err(error) => {
             out.fail(format!(
-                "target: cannot connect ({}): check target.url, the network path and pg_hba.conf; the target checks were skipped",
-                error.report()
+                "target: cannot connect ({}): check {}, the network path and pg_hba.conf; the target checks were skipped",
+                error.report(),
+                conn.origin
             ));
             return;
         }
