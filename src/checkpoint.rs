@@ -202,6 +202,13 @@ impl Store {
         self.get(IDENTITY_KEY)
     }
 
+    /// Forgets the identity: for a first start refused before it created or recorded
+    /// anything, so the state dir is not bound to a migration that never began.
+    pub fn release_claim(&self) -> Result<()> {
+        self.remove(IDENTITY_KEY)?;
+        self.flush()
+    }
+
     /// Records the identity on first use; afterwards refuses a different one. `target_conn`
     /// lets a state dir that named its target by host and port (before the system
     /// identifier was recorded) be recognised, and upgraded.

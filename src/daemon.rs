@@ -67,6 +67,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
     };
     // A stop reason from an earlier run no longer holds.
     store.save_stopped_on(None)?;
+    let claimed_before = store.identity()?.is_some();
     // Held for the daemon's lifetime: dropping it stops the server and removes the socket.
     let _socket = crate::control::socket::serve(&config.state.dir, status.clone())?;
     let metrics = match options.metrics_addr {
@@ -88,6 +89,16 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
             s.last_error = Some(error.report());
         }
     });
+    // A first start refused before anything was recorded (a missing target table, a
+    // refused publication) does not bind the state dir to this slot and source: a
+    // corrected config may name another.
+    if result.is_err()
+        && !claimed_before
+        && store.position()?.is_none()
+        && snapshot::state::load_state(&store)?.is_none()
+    {
+        let _ = store.release_claim();
+    }
     // `status` with the daemon down shows why it stopped: an error, or the stall it was
     // stopped in.
     let stalled_on = status
@@ -586,6 +597,16 @@ async fn pipeline(
         .trigger_problem()
     {
         return Err(Error::definite(problem));
+    }
+    // Before the publication is created: a target without the tables cannot take them.
+    let name_refs: Vec<&TableName> = names.iter().collect();
+    let missing = snapshot::plan::missing_on_target(&target, &name_refs).await?;
+    if !missing.is_empty() {
+        return Err(Error::definite(format!(
+            "{} selected table(s) do not exist on the target: {}. Create the schema first (`sluice schema`), or exclude them in [tables]",
+            missing.len(),
+            crate::source::abbreviate(&missing, 10)
+        )));
     }
     ensure_publication(&source, &config.source.publication, &tables).await?;
 

@@ -760,6 +760,29 @@ async fn a_start_that_cannot_copy_is_refused_before_a_slot_exists() {
         0,
         "a failed first start left a slot behind"
     );
+    let publications: i64 = pair
+        .source_client()
+        .await
+        .query_one("SELECT count(*) FROM pg_publication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(publications, 0, "a failed first start left a publication");
+    // Nor is the state dir bound to that slot: a corrected config may name another.
+    let other = pair.dir.path().join("other-slot.toml");
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("[source]\n", "[source]\nslot = \"other\"\n"),
+    )
+    .unwrap();
+    let (code, _, stderr) = sluice(&["run", "--config", other.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("do not exist on the target") && !stderr.contains("belongs to"),
+        "{stderr}"
+    );
     // With the schema in place but rows already in a table: refused the same way.
     let (code, _, stderr) = sluice(&["schema", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 0, "{stderr}");
