@@ -421,4 +421,49 @@ async fn check_names_what_the_target_user_may_not_do() {
         !text.contains("lacks") && !text.contains("may not create"),
         "{text}"
     );
+
+    // `sluice schema` run as another user: schema sluice is that user's, and the deferred
+    // keys wait for tables this user does not own, in a schema it may not create in.
+    target
+        .batch_execute(
+            "CREATE SCHEMA sluice;
+             CREATE TABLE sluice.deferred_ddl (id int, table_name text, statement text, applied_at timestamptz);
+             INSERT INTO sluice.deferred_ddl VALUES (1, '\"public\".\"orders\"', 'CREATE INDEX ...', NULL);
+             REVOKE CREATE ON SCHEMA public FROM PUBLIC;",
+        )
+        .await
+        .unwrap();
+    let text = check_exits(&config, 1).await;
+    line_with(
+        &text,
+        "FAIL",
+        &[
+            "schema sluice exists, owned by postgres, and \"limited\" may not use it",
+            "ALTER SCHEMA sluice OWNER TO \"limited\"",
+        ],
+    );
+    target
+        .batch_execute(
+            "ALTER SCHEMA sluice OWNER TO limited; ALTER TABLE sluice.deferred_ddl OWNER TO limited;",
+        )
+        .await
+        .unwrap();
+    let text = check_exits(&config, 1).await;
+    line_with(
+        &text,
+        "FAIL",
+        &[
+            "\"limited\" does not own 1 table(s) whose deferred keys and indexes",
+            "\"public\".\"orders\" (owner postgres)",
+        ],
+    );
+    line_with(
+        &text,
+        "FAIL",
+        &[
+            "may not create in schema public",
+            "GRANT CREATE ON SCHEMA public",
+        ],
+    );
+    assert!(!text.contains("no index"), "{text}");
 }

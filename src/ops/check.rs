@@ -926,21 +926,97 @@ async fn target_privilege_problems(
             privileges.join(", ")
         ));
     }
-    let may_keep_position: bool = client
+    // sluice's own schema: created on the first start (CREATE on the database), or, when
+    // it exists already (made by `sluice schema` run as another user), used: USAGE and
+    // CREATE on it, and reading and writing its tables.
+    let row = client
         .query_one(
-            "SELECT CASE WHEN to_regnamespace('sluice') IS NULL
-                         THEN has_database_privilege(current_database(), 'CREATE')
-                         ELSE has_schema_privilege('sluice', 'USAGE')
-                              AND has_schema_privilege('sluice', 'CREATE') END",
+            "SELECT current_database()::text,
+                    to_regnamespace('sluice') IS NOT NULL,
+                    has_database_privilege(current_database(), 'CREATE'),
+                    (SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'sluice'),
+                    (SELECT array_agg(c.relname::text ORDER BY c.relname)
+                     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = 'sluice' AND c.relkind = 'r'
+                       AND NOT has_table_privilege(c.oid, 'SELECT, INSERT, UPDATE, DELETE'))",
             &[],
         )
         .await
-        .map_err(|e| error::pg("Reading the target user's database privileges", e))?
-        .get(0);
-    if !may_keep_position {
+        .map_err(|e| error::pg("Reading the target user's database privileges", e))?;
+    let database = crate::source::quote_ident(&row.get::<_, String>(0));
+    let schema_exists: bool = row.get(1);
+    if !schema_exists && !row.get::<_, bool>(2) {
         lines.push(format!(
-            "target: {user} may not create sluice's schema (sluice.applied_position, written with every applied transaction): GRANT CREATE ON DATABASE ... TO {user}, or create schema sluice owned by {user}"
+            "target: {user} may not create sluice's schema (sluice.applied_position, written with every applied transaction): GRANT CREATE ON DATABASE {database} TO {user}, or create schema sluice owned by {user}"
         ));
+    }
+    if schema_exists {
+        let owner: String = row.get(3);
+        let schema_ok: bool = client
+            .query_one(
+                "SELECT has_schema_privilege('sluice', 'USAGE') AND has_schema_privilege('sluice', 'CREATE')",
+                &[],
+            )
+            .await
+            .map_err(|e| error::pg("Reading the target user's privileges on schema sluice", e))?
+            .get(0);
+        let tables: Option<Vec<String>> = row.get(4);
+        if !schema_ok || tables.as_ref().is_some_and(|t| !t.is_empty()) {
+            lines.push(format!(
+                "target: schema sluice exists, owned by {owner}, and {user} may not use it{}: have {owner} run ALTER SCHEMA sluice OWNER TO {user} and ALTER TABLE ... OWNER TO {user} for its tables (or GRANT USAGE, CREATE ON SCHEMA sluice and SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA sluice TO {user})",
+                match &tables {
+                    Some(tables) if !tables.is_empty() => format!(" (nor its tables {})", tables.join(", ")),
+                    _ => String::new(),
+                }
+            ));
+        }
+    }
+    // The keys, indexes and constraints `sluice schema` deferred are built by `run` after
+    // each table's copy: CREATE INDEX and ALTER TABLE need the table's owner, and an index
+    // needs CREATE on the table's schema. Found here, not after an hours-long copy.
+    match client
+        .query(
+            "SELECT DISTINCT d.table_name,
+                    pg_has_role(current_user, c.relowner, 'USAGE'),
+                    has_schema_privilege(c.relnamespace, 'CREATE'),
+                    c.relowner::regrole::text, c.relnamespace::regnamespace::text
+             FROM sluice.deferred_ddl d
+             JOIN pg_class c ON c.oid = to_regclass(d.table_name)
+             WHERE d.applied_at IS NULL AND d.table_name IS NOT NULL",
+            &[],
+        )
+        .await
+    {
+        Ok(rows) => {
+            let not_owned: Vec<String> = rows
+                .iter()
+                .filter(|r| !r.get::<_, bool>(1))
+                .map(|r| format!("{} (owner {})", r.get::<_, String>(0), r.get::<_, String>(3)))
+                .collect();
+            if !not_owned.is_empty() {
+                lines.push(format!(
+                    "target: {user} does not own {} table(s) whose deferred keys and indexes `sluice run` builds after the copy (CREATE INDEX and ALTER TABLE need the owner): {}; ALTER TABLE ... OWNER TO {user}, or run sluice as the owner",
+                    not_owned.len(),
+                    abbreviate(&not_owned, 10)
+                ));
+            }
+            let schemas: BTreeSet<String> = rows
+                .iter()
+                .filter(|r| !r.get::<_, bool>(2))
+                .map(|r| r.get(4))
+                .collect();
+            for schema in schemas {
+                lines.push(format!(
+                    "target: {user} may not create in schema {schema}, where `sluice run` builds the deferred indexes after the copy: GRANT CREATE ON SCHEMA {schema} TO {user}"
+                ));
+            }
+        }
+        // Nothing deferred: no sluice.deferred_ddl yet.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {}
+        Err(e) => lines.push(format!(
+            "target: {user} cannot read sluice.deferred_ddl, the keys and indexes `sluice schema` deferred ({}): see the line about schema sluice",
+            e.as_db_error().map(|d| d.message()).unwrap_or("refused")
+        )),
     }
     Ok(lines)
 }
@@ -975,7 +1051,7 @@ async fn unindexed_matches(
             .or_default()
             .push((row.get(1), row.get(2)));
     }
-    let deferred: BTreeSet<String> = client
+    let deferred = client
         .query(
             "SELECT table_name FROM sluice.deferred_ddl
              WHERE applied_at IS NULL AND table_name IS NOT NULL
@@ -983,9 +1059,17 @@ async fn unindexed_matches(
             &[],
         )
         .await
-        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        .map(|rows| rows.iter().map(|r| r.get(0)).collect::<BTreeSet<String>>());
+    let deferred = match deferred {
+        Ok(deferred) => deferred,
         // No sluice.deferred_ddl yet: `sluice schema` deferred nothing.
-        .unwrap_or_default();
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            BTreeSet::new()
+        }
+        // Unreadable (another user's schema): what was deferred is unknown, so no table is
+        // said to lack an index it will get (the privilege finding says why).
+        Err(_) => return Ok(Vec::new()),
+    };
     let mut warnings = Vec::new();
     for table in &source.tables {
         let Some(oid) = on_target.get(&table.name) else {
