@@ -132,3 +132,58 @@ async fn sequences_follow_the_source_and_never_go_back() {
         show(&output)
     );
 }
+
+/// A target user without rights on a sequence: that sequence FAILS with every grant it
+/// lacks on its side, by the user's name; the others are still synced.
+#[tokio::test]
+async fn a_sequence_the_user_may_not_set_is_named_with_its_grants_and_the_rest_synced() {
+    let setup = Setup::new("").await;
+    setup
+        .both(
+            "CREATE TABLE public.open (id serial PRIMARY KEY);
+             CREATE TABLE public.closed (id serial PRIMARY KEY);",
+        )
+        .await;
+    setup
+        .source
+        .batch_execute(
+            "INSERT INTO public.open SELECT FROM generate_series(1, 5);
+             INSERT INTO public.closed SELECT FROM generate_series(1, 5);",
+        )
+        .await
+        .unwrap();
+    setup
+        .target
+        .batch_execute(
+            "CREATE ROLE seq_user LOGIN;
+             GRANT SELECT, UPDATE ON SEQUENCE public.open_id_seq TO seq_user;",
+        )
+        .await
+        .unwrap();
+    let config = setup.dir.path().join("limited.toml");
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&setup.config).unwrap().replace(
+            &setup.pg.url("dst"),
+            &setup.pg.url("dst").replace("postgres@", "seq_user@"),
+        ),
+    )
+    .unwrap();
+    let output = setup.sluice_with(&config, &["sync-sequences"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let out = stdout(&output);
+    assert!(
+        out.lines().any(|l| l.starts_with("FAILED public.closed_id_seq")
+            && l.contains(
+                r#"on the target: GRANT SELECT, UPDATE ON SEQUENCE "public"."closed_id_seq" TO "seq_user""#
+            )),
+        "{out}"
+    );
+    let open: i64 = setup
+        .target
+        .query_one("SELECT last_value FROM public.open_id_seq", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(open >= 5, "{open}");
+}

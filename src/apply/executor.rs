@@ -98,7 +98,8 @@ impl Executor {
                 tracing::warn!(
                     "The target user may not set session_replication_role = replica ({}): \
                      applying with triggers and foreign-key checks on, in exact source order \
-                     (slower). Apply as a superuser to avoid this.",
+                     (slower). Apply as a superuser, or GRANT SET ON PARAMETER \
+                     session_replication_role TO this user (PostgreSQL 15+), to avoid this.",
                     error
                         .as_db_error()
                         .map(|e| e.message())

@@ -19,7 +19,7 @@ use tokio_postgres::Client;
 
 use crate::config::Config;
 use crate::error::{self, Error, Result};
-use crate::source::{selected_tables, TableName};
+use crate::source::{quote_ident, selected_tables, TableName};
 
 #[derive(Debug, clap::Args)]
 pub struct SyncSequencesArgs {
@@ -286,14 +286,27 @@ pub async fn sync(
         let used_by = sequence.used_by.join(", ");
         // One sequence that cannot be read or set does not hold up the others: each is
         // reported, with the grant it lacks.
-        let failed = |report: &mut SyncReport, error: Error, grant: &str| {
+        // Reading needs SELECT on both sides, setting UPDATE on the target: what each side
+        // lacks is granted at once, not one privilege per run.
+        let failed = |report: &mut SyncReport, error: Error, _: &str| {
             let text = error.report();
-            let hint = match text.contains("permission denied") {
-                true => format!(
-                    " (GRANT {grant} ON SEQUENCE {} TO <user>)",
-                    sequence.name.quoted()
-                ),
-                false => String::new(),
+            let name = sequence.name.quoted();
+            let mut grants = Vec::new();
+            if text.contains("permission denied") && text.contains("the source") {
+                grants.push(format!(
+                    "on the source: GRANT SELECT ON SEQUENCE {name} TO {}",
+                    quote_ident(&config.source.conn.user)
+                ));
+            }
+            if text.contains("permission denied") && !text.contains("the source") {
+                grants.push(format!(
+                    "on the target: GRANT SELECT, UPDATE ON SEQUENCE {name} TO {}",
+                    quote_ident(&config.target.conn.user)
+                ));
+            }
+            let hint = match grants.is_empty() {
+                true => String::new(),
+                false => format!(" ({})", grants.join("; ")),
             };
             crate::say!("FAILED {} (used by {used_by}): {text}{hint}", sequence.name);
             report.failed.push(sequence.name.clone());
