@@ -172,16 +172,13 @@ impl Store {
                 db,
                 dir: state_dir.to_path_buf(),
             }),
+            // The lock's own error is the OS's "would block": the message says it all.
             Err(e) if is_lock_error(&e) => Err((
                 true,
-                Error::with_source(
-                    ErrorKind::Definite,
-                    format!(
-                        "The state dir {} is in use by another sluice process (a running `sluice run`?): stop it first, or use another state.dir",
-                        state_dir.display()
-                    ),
-                    e,
-                ),
+                Error::definite(format!(
+                    "The state dir {} is in use by another sluice process (a running `sluice run`?): stop it first, or use another state.dir",
+                    state_dir.display()
+                )),
             )),
             Err(e) => Err((
                 false,

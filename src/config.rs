@@ -212,7 +212,16 @@ impl Config {
                     let before = &text[..span.start.min(text.len())];
                     let line = before.matches('\n').count() + 1;
                     let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
-                    format!(" at line {line}, column {column}")
+                    // The table the key sits in (`slott` under `[target]`), which toml's
+                    // message leaves out.
+                    let section = before
+                        .lines()
+                        .rev()
+                        .map(str::trim)
+                        .find(|l| l.starts_with('[') && l.ends_with(']'))
+                        .map(|l| format!(" (in {l})"))
+                        .unwrap_or_default();
+                    format!(" at line {line}, column {column}{section}")
                 })
                 .unwrap_or_default();
             Error::config(format!(
@@ -617,6 +626,7 @@ mod tests {
         let error = parse(&format!("{MINIMAL}\n[apply]\nbatch_rows = 5\n")).unwrap_err();
         assert_eq!(error.exit_code(), 2);
         assert!(error.to_string().contains("batch_rows"), "{error}");
+        assert!(error.to_string().contains("(in [apply])"), "{error}");
     }
 
     #[test]

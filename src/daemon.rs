@@ -68,6 +68,15 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
     // A stop reason from an earlier run no longer holds.
     store.save_stopped_on(None)?;
     let claimed_before = store.identity()?.is_some();
+    let state_dir = std::fs::canonicalize(&config.state.dir).unwrap_or(config.state.dir.clone());
+    match claimed_before {
+        true => tracing::info!(state_dir = %state_dir.display(), "state dir"),
+        // The target's position row is the authority, so a new state dir resumes correctly;
+        // said anyway, since a relative state.dir follows the working directory.
+        false => {
+            tracing::info!(state_dir = %state_dir.display(), "state dir (new: nothing recorded yet)")
+        }
+    }
     // Held for the daemon's lifetime: dropping it stops the server and removes the socket.
     let _socket = crate::control::socket::serve(&config.state.dir, status.clone())?;
     let metrics = match options.metrics_addr {
@@ -783,7 +792,11 @@ async fn pipeline(
     store.claim(&identity(&system.system_id), &config.target.conn)?;
     with_timeout("Starting replication", client.start()).await?;
     with_timeout("Starting replication", client.wait_started()).await?;
-    tracing::info!(slot, from = %start_lsn, "streaming");
+    match start_lsn {
+        // A new slot, or none applied yet: the slot's own confirmed position is the start.
+        Lsn::ZERO => tracing::info!(slot, from = "the slot's confirmed position", "streaming"),
+        lsn => tracing::info!(slot, from = %lsn, "streaming"),
+    }
 
     status.update(|s| {
         s.applied_lsn = target_position.as_ref().map(|p| p.applied_lsn);

@@ -882,3 +882,37 @@ async fn a_target_column_that_would_round_the_sources_values_stalls() {
     pair.catch_up_and_compare(&daemon, &["prices"]).await;
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
+
+/// A column of a user type (a domain, an enum) added on the source only: the stall names
+/// the type, so the statement it gives can be run as it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_column_of_a_user_type_is_named_with_its_type() {
+    let pair = Pair::with_schema(
+        "CREATE DOMAIN posint AS int CHECK (VALUE > 0);
+         CREATE TABLE items (id int PRIMARY KEY);",
+    )
+    .await;
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    pair.source_client()
+        .await
+        .batch_execute(
+            "ALTER TABLE items ADD COLUMN qty posint;
+             INSERT INTO items VALUES (1, 5);",
+        )
+        .await
+        .unwrap();
+    daemon.wait_for_log("apply stalled").await;
+    let log = daemon.log();
+    assert!(
+        log.contains(r#"ALTER TABLE "public"."items" ADD COLUMN "qty" public.posint"#),
+        "{log}"
+    );
+    pair.target_client()
+        .await
+        .batch_execute(r#"ALTER TABLE "public"."items" ADD COLUMN "qty" "public"."posint""#)
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["items"]).await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}

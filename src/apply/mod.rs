@@ -156,6 +156,8 @@ pub struct Applier {
     /// may be reordered.
     replica_role: bool,
     plans: HashMap<u32, Arc<TablePlan>>,
+    /// Source user types by OID (from Type messages), to name them in messages.
+    user_types: HashMap<u32, String>,
     pending: Pending,
     /// The source transaction being received: (commit LSN, commit time, strict).
     open_txn: Option<(Lsn, PgTimestamp, bool)>,
@@ -211,6 +213,7 @@ impl Applier {
             citus,
             replica_role,
             plans: HashMap::new(),
+            user_types: HashMap::new(),
             pending: Pending::default(),
             open_txn: None,
             target_txn_open: false,
@@ -313,6 +316,9 @@ impl Applier {
                     .fetch_max(final_lsn.0, Ordering::Relaxed);
                 self.status.transaction_seen(final_lsn, commit_time);
                 self.open_txn = Some((final_lsn, commit_time, strict));
+            }
+            StreamItem::Type { oid, name } => {
+                self.user_types.insert(oid, name);
             }
             StreamItem::Relation { relation, changed } => {
                 if changed || self.plans.contains_key(&relation.oid) {
@@ -460,9 +466,13 @@ impl Applier {
         for column in &relation.columns {
             let source_type = match table.column(&column.name) {
                 Some(_) => None,
-                None => {
-                    builtin_type_name(&self.catalog, column.type_oid, column.type_modifier).await
-                }
+                None => match self.user_types.get(&column.type_oid) {
+                    Some(name) => Some(name.clone()),
+                    None => {
+                        builtin_type_name(&self.catalog, column.type_oid, column.type_modifier)
+                            .await
+                    }
+                },
             };
             columns.push(
                 table

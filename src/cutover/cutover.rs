@@ -331,8 +331,9 @@ async fn freeze_and_switch(
         }
         let sessions = other_sessions(source, slot, own_name, None).await?;
         crate::say!(
-            "Step 1: {would}freeze the source database {database}: {freeze_sql}; then end {} other session(s):",
-            sessions.len()
+            "Step 1: {would}freeze the source database {database}: {freeze_sql}; then end {} other session(s){}",
+            sessions.len(),
+            if sessions.is_empty() { "." } else { ":" }
         );
         for s in &sessions {
             crate::say!(
@@ -462,7 +463,23 @@ async fn freeze_and_switch(
             }
         }
     } else {
-        crate::say!("Step 1: the source is not frozen (no --freeze-source): writes go on, so zero lag means caught up with the moment cutover started.");
+        // A database an earlier `--freeze-source` froze stays frozen: say so, not "writes go on".
+        let frozen: bool = source
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_db_role_setting s
+                                JOIN pg_database d ON d.oid = s.setdatabase
+                                WHERE d.datname = current_database() AND s.setrole = 0
+                                  AND 'default_transaction_read_only=on' = ANY(s.setconfig))",
+                &[],
+            )
+            .await
+            .map(|row| row.get(0))
+            .unwrap_or(false);
+        if frozen {
+            crate::say!("Step 1: no --freeze-source, but the source database {database} is still frozen by an earlier cutover (default_transaction_read_only = on): new transactions are read-only.");
+        } else {
+            crate::say!("Step 1: the source is not frozen (no --freeze-source): writes go on, so zero lag means caught up with the moment cutover started.");
+        }
     }
 
     // 2. Zero lag.

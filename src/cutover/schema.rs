@@ -166,7 +166,7 @@ pub async fn apply_deferred_statement(
     let title = statement_title(&deferred.statement);
     let _shown = status.map(|status| status.building(&title));
     // A key over a large table takes minutes to hours: say what is being built.
-    tracing::info!(statement = %title, table = deferred.table.as_deref().unwrap_or("-"), "building deferred DDL");
+    tracing::info!(statement = %title, table = %deferred.table.as_deref().unwrap_or("-"), "building deferred DDL");
     let started = std::time::Instant::now();
     let run = async {
         // A key over a large table may build for hours: a statement_timeout or lock_timeout

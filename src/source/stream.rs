@@ -36,6 +36,12 @@ pub enum StreamItem {
         xid: u32,
         commit_time: PgTimestamp,
     },
+    /// A user type was described (it precedes the first Relation that uses it): its name,
+    /// for messages about a column of that type.
+    Type {
+        oid: u32,
+        name: String,
+    },
     /// A relation was announced (first use, or after DDL on the source).
     Relation {
         relation: Arc<Relation>,
@@ -204,6 +210,17 @@ impl Reader {
         Ok(selected)
     }
 
+    /// The source's name for a type (schema-qualified: the session's search_path is
+    /// empty), or `None` when it cannot be asked.
+    async fn type_name(&self, oid: u32) -> Option<String> {
+        let (source, _) = &self.liveness;
+        source
+            .query_one("SELECT pg_catalog.format_type($1, NULL)", &[&oid])
+            .await
+            .ok()
+            .map(|row| row.get(0))
+    }
+
     /// Runs until the stream ends or fails. `Ok(())` means the applier went away (shutdown).
     pub async fn run(mut self) -> Result<()> {
         let mut state = ReadState {
@@ -243,6 +260,14 @@ impl Reader {
                             entry.insert(self.is_selected(relation).await?);
                         }
                     }
+                    // pgoutput names a domain by its base type: the source says which.
+                    let item = match item {
+                        StreamItem::Type { oid, name } => StreamItem::Type {
+                            oid,
+                            name: self.type_name(oid).await.unwrap_or(name),
+                        },
+                        item => item,
+                    };
                     batch.push(item);
                 }
                 if batch.len() < BATCH {
@@ -344,7 +369,12 @@ impl Reader {
                 };
                 let item =
                     self.to_item(message, &mut state.relations, &state.selected, final_lsn)?;
-                if skip_txn && !matches!(item, Some(StreamItem::Relation { .. })) {
+                if skip_txn
+                    && !matches!(
+                        item,
+                        Some(StreamItem::Relation { .. } | StreamItem::Type { .. })
+                    )
+                {
                     // Only relation descriptions of an already applied transaction matter.
                     return Ok(None);
                 }
@@ -435,11 +465,20 @@ impl Reader {
                     restart_identity: truncate.restart_identity,
                 })
             }
-            // Types travel as text and are cast by name on the target; origins and messages
-            // carry nothing to apply.
-            LogicalMessage::Type(_) | LogicalMessage::Origin(_) | LogicalMessage::Message(_) => {
-                None
-            }
+            // Values of a type travel as text and are cast by the target column's type; the
+            // name only serves messages. Origins and messages carry nothing to apply.
+            LogicalMessage::Type(t) => Some(StreamItem::Type {
+                oid: t.oid,
+                name: match t.namespace.is_empty() {
+                    true => crate::source::quote_ident(&t.name),
+                    false => format!(
+                        "{}.{}",
+                        crate::source::quote_ident(&t.namespace),
+                        crate::source::quote_ident(&t.name)
+                    ),
+                },
+            }),
+            LogicalMessage::Origin(_) | LogicalMessage::Message(_) => None,
             other => {
                 return Err(Error::definite(format!(
                     "The source sent a pgoutput {} message, which protocol version 1 never sends",
