@@ -217,7 +217,7 @@ async fn a_value_the_target_refuses_stops_the_copy_naming_the_table() {
     let text = error.to_string();
     assert!(
         text.contains("Copying public.t: writing to the target")
-            && text.contains("make its column types match"),
+            && text.contains("compare the table's column types with the source's"),
         "{text}"
     );
     assert_eq!(error.kind(), sluice::ErrorKind::Definite);

@@ -248,7 +248,7 @@ fn target_error(what: &str, e: tokio_postgres::Error) -> Error {
             ": the target refused a row (constraint); copy into empty tables without extra constraints, or fix the target table"
         }
         Some(code) if code.starts_with("22") || code.starts_with("42") => {
-            ": the target table does not accept the source's values; make its column types match the source"
+            ": the target does not accept one of the source's values as it stands (the error below says which); compare the table's column types with the source's (`sluice check`), and objects the values name (a type, a text search configuration, a table in a reg* column) that the target lacks"
         }
         _ => "",
     };
