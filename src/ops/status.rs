@@ -92,7 +92,8 @@ pub async fn direct_report(config: &Config, read_checkpoint: bool) -> StatusRepo
                     problems.push(format!("sluice run stopped on: {error}"));
                 }
                 if let Some(position) = position {
-                    report.applied_lsn = Some(position.applied_lsn);
+                    report.applied_lsn =
+                        Some(position.applied_lsn).filter(|lsn| *lsn > Lsn::ZERO);
                     report.caught_up_lsn = Some(position.caught_up_lsn);
                 }
                 report.tables = tables;
@@ -141,7 +142,9 @@ pub async fn direct_report(config: &Config, read_checkpoint: bool) -> StatusRepo
         // The target's row is the authority for what was applied; the checkpoint may only
         // know a later caught-up (keepalive) position.
         Ok(Some(position)) => {
-            report.applied_lsn = Some(position.applied_lsn);
+            // 0/0: only idle keepalives were acknowledged, no transaction applied yet (the
+            // running daemon shows null then too).
+            report.applied_lsn = Some(position.applied_lsn).filter(|lsn| *lsn > Lsn::ZERO);
             report.caught_up_lsn = report
                 .caught_up_lsn
                 .max(Some(position.caught_up_lsn))
