@@ -466,4 +466,20 @@ async fn check_names_what_the_target_user_may_not_do() {
         ],
     );
     assert!(!text.contains("no index"), "{text}");
+
+    // A source that cannot be reached hides none of that: one run lists everything.
+    let config = write_config(
+        dir.path(),
+        &pg.url("nosuchdb"),
+        &format!("postgresql://limited@127.0.0.1:{}/target", pg.port),
+        &dir.path().join("state"),
+        "",
+    );
+    let text = check_exits(&config, 1).await;
+    line_with(&text, "FAIL", &["source: cannot connect"]);
+    line_with(
+        &text,
+        "FAIL",
+        &["\"limited\" does not own 1 table(s) whose deferred keys and indexes"],
+    );
 }

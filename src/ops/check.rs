@@ -725,6 +725,21 @@ async fn check_target(config: &Config, source: Option<&SourceFacts>, out: &mut F
         }
     };
     let Some(source) = source else {
+        // What needs no source facts still runs, so one run lists everything to fix: the
+        // target user's rights on sluice's own schema and on deferred keys.
+        let user: Result<String> = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .map(|row| row.get(0))
+            .map_err(|e| error::pg("Reading the target user", e));
+        let lines = match user {
+            Ok(user) => target_privilege_problems(&client, &BTreeMap::new(), &user).await,
+            Err(error) => Err(error),
+        };
+        match lines {
+            Ok(lines) => lines.into_iter().for_each(|line| out.fail(line)),
+            Err(error) => out.fail(format!("target: {}", error.report())),
+        }
         return;
     };
     if let Err(error) = check_target_tables(config, &client, source, citus.as_deref(), out).await {

@@ -92,8 +92,7 @@ pub async fn direct_report(config: &Config, read_checkpoint: bool) -> StatusRepo
                     problems.push(format!("sluice run stopped on: {error}"));
                 }
                 if let Some(position) = position {
-                    report.applied_lsn =
-                        Some(position.applied_lsn).filter(|lsn| *lsn > Lsn::ZERO);
+                    report.applied_lsn = Some(position.applied_lsn).filter(|lsn| *lsn > Lsn::ZERO);
                     report.caught_up_lsn = Some(position.caught_up_lsn);
                 }
                 report.tables = tables;
