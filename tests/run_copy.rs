@@ -1003,3 +1003,35 @@ async fn a_table_rewritten_during_a_chunked_copy_loses_no_row() {
     pair.wait_caught_up(&daemon).await;
     pair.assert_same("vf").await;
 }
+
+/// A streamed table dropped on the source leaves the publication with it: the daemon says
+/// it was dropped (not "put it back", which would fail), and a restart without it streams.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_dropped_on_the_source_is_named_as_dropped() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    pair.wait_caught_up(&daemon).await;
+    let source = pair.source_client().await;
+    source.batch_execute("DROP TABLE tags").await.unwrap();
+    let status = daemon.wait(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "{status:?}\n{}",
+        daemon.log()
+    );
+    assert!(
+        daemon
+            .log()
+            .contains("public.tags was dropped on the source (take it out of [tables]"),
+        "{}",
+        daemon.log()
+    );
+    let config = pair.config("[tables]\nexclude = [\"public.tags\"]\n");
+    let daemon = pair.start_daemon(&config).await;
+    source
+        .batch_execute("INSERT INTO orders VALUES (1, 1, 1.0, 'after')")
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["orders"]).await;
+}

@@ -284,11 +284,34 @@ async fn check_publication(
                         .find(|(_, (oid, _))| oid == was_oid)
                         .map(|(new_name, _)| new_name.clone())
                 });
-                Some(match renamed_to {
-                    Some(new_name) => format!(
+                // What became of it, by its OID: dropped, attached as a partition, or
+                // only taken out of the publication.
+                // By the OID seen before, or (no look before) by the name.
+                let was_oid: Option<u32> = was.map(|(oid, _)| *oid);
+                let fate: Option<Option<(bool, Option<String>)>> = source
+                    .query_opt(
+                        "SELECT c.relispartition,
+                                (SELECT i.inhparent::regclass::text FROM pg_catalog.pg_inherits i
+                                 WHERE i.inhrelid = c.oid LIMIT 1)
+                         FROM pg_catalog.pg_class c
+                         WHERE c.oid = coalesce($1::oid, pg_catalog.to_regclass($2)::oid)",
+                        &[&was_oid, &quote_qualified(name)],
+                    )
+                    .await
+                    .ok()
+                    .map(|row| row.map(|row| (row.get(0), row.get(1))));
+                Some(match (renamed_to, fate) {
+                    (Some(new_name), _) => format!(
                         "{name} was renamed to {new_name} (rename it on the target too, and make [tables] select the new name)"
                     ),
-                    None => format!(
+                    (None, Some(None)) => format!(
+                        "{name} was dropped on the source (take it out of [tables]; its rows stay on the target)"
+                    ),
+                    (None, Some(Some((true, parent)))) => format!(
+                        "{name} was attached as a partition of {} on the source: its changes now arrive as that table's, whose rows on the target lack it (attach it on the target too, ALTER TABLE ... ATTACH PARTITION, and take {name} out of [tables])",
+                        parent.unwrap_or_else(|| "another table".to_string())
+                    ),
+                    _ => format!(
                         "no longer publishes {name}: its changes since then were not sent (put it back: ALTER PUBLICATION {} ADD TABLE {}; if it was dropped on the source, take it out of [tables] instead)",
                         crate::source::quote_ident(publication),
                         quote_qualified(name)
