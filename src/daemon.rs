@@ -517,6 +517,38 @@ async fn unless_stopped<T>(
 /// What to do when the slot can no longer supply every change since the target's position.
 pub const FRESH_COPY: &str = "A fresh copy is needed: with sluice stopped, run `sluice teardown` (it drops the slot, the publication, sluice's schema on the target and the state dir's checkpoint), empty the target tables (or recreate them with `sluice schema`), then `sluice run` copies again";
 
+/// Takes the migration's lock on the target: a session-level advisory lock named after the
+/// slot (the target's `sluice.applied_position` is keyed by slot too), held by a session of
+/// its own for as long as the pipeline runs. A second daemon with another state dir on the
+/// same slot (started beside the first, or taking over while the first still stops) would
+/// otherwise copy the tables a second time, or apply from a position the first has since
+/// moved past: both double rows. It waits instead (a transient error, retried). The session
+/// tells the server to notice a vanished host within about a minute, so a daemon moved to
+/// another machine after a crash does not wait for the kernel's two-hour default.
+async fn lock_migration(config: &Config) -> Result<tokio_postgres::Client> {
+    let slot = &config.source.slot;
+    let client = tls::connect(&config.target.conn, "the target").await?;
+    let _ = client
+        .batch_execute(
+            "SET tcp_keepalives_idle = 20; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 4",
+        )
+        .await;
+    let locked: bool = client
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtextextended($1, 0))",
+            &[&format!("sluice slot {slot}")],
+        )
+        .await
+        .map_err(|e| error::pg("Taking the migration's lock on the target", e))?
+        .get(0);
+    if !locked {
+        return Err(Error::transient(format!(
+            "Another sluice process is running this migration (slot {slot}) against this target, with another state dir: it holds the migration's lock on the target. sluice waits until it stops; if it should not run, stop it (or end its session on the target: SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted)"
+        )));
+    }
+    Ok(client)
+}
+
 /// One run of the pipeline, from connecting to the first error (or shutdown).
 async fn pipeline(
     config: &Config,
@@ -559,6 +591,9 @@ async fn pipeline(
     if let Some(system) = &source_server.system {
         store.claim(&identity(system), &config.target.conn)?;
     }
+
+    // One daemon per migration: held until this pipeline ends.
+    let _migration_lock = lock_migration(config).await?;
 
     // The slot is gone, but this state dir copied or streamed from it (after `sluice
     // teardown`, or someone dropped the slot): a new slot would start from now, and the

@@ -1035,3 +1035,65 @@ async fn a_table_dropped_on_the_source_is_named_as_dropped() {
         .unwrap();
     pair.catch_up_and_compare(&daemon, &["orders"]).await;
 }
+
+/// Two daemons on one slot and target, each with its own state dir, started together (or one
+/// taking over while the other still runs): only one may copy and apply. The other waits on
+/// the migration's lock on the target and takes over once the first stops, from where it
+/// stopped: nothing copied or applied twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_daemon_on_the_same_slot_waits_and_takes_over_without_doubling() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    seed(&pair).await;
+    let first = pair.config("[copy]\nenabled = true\njobs = 2\n");
+    let second = pair.dir.path().join("second.toml");
+    std::fs::write(
+        &second,
+        std::fs::read_to_string(&first).unwrap().replace(
+            &pair.state_dir().display().to_string(),
+            &pair.dir.path().join("state-b").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let a = crate::support::sluice::Daemon::spawn(&first, &pair.dir.path().join("a.log"));
+    let b = crate::support::sluice::Daemon::spawn(&second, &pair.dir.path().join("b.log"));
+    let waiting = "Another sluice process is running this migration (slot sluice)";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut running, mut waiter) = loop {
+        if b.log().contains(waiting) {
+            break (a, b);
+        }
+        if a.log().contains(waiting) {
+            break (b, a);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "neither waited:\n{}\n{}",
+            a.log(),
+            b.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    running.wait_for_log("initial copy finished").await;
+    pair.wait_caught_up(&running).await;
+    assert_all_same(&pair).await;
+    assert!(!waiter.log().contains("planned table"), "{}", waiter.log());
+
+    // The first stops; the second takes over from the target's position.
+    let source = pair.source_client().await;
+    source
+        .batch_execute("INSERT INTO tags SELECT 'late' || g, g FROM generate_series(1, 100) g")
+        .await
+        .unwrap();
+    assert!(running.terminate().success(), "{}", running.log());
+    source
+        .batch_execute(
+            "INSERT INTO tags SELECT 'later' || g, g FROM generate_series(1, 100) g;
+             UPDATE orders SET note = 'taken over' WHERE id <= 50;",
+        )
+        .await
+        .unwrap();
+    waiter.wait_for_log("streaming slot").await;
+    pair.wait_caught_up(&waiter).await;
+    assert_all_same(&pair).await;
+    assert!(waiter.terminate().success(), "{}", waiter.log());
+}
