@@ -393,10 +393,70 @@ pub async fn ensure_position_table(target: &Client) -> Result<()> {
                  caught_up_lsn pg_lsn NOT NULL,
                  updated_at timestamptz NOT NULL DEFAULT now()
              );
+             CREATE TABLE IF NOT EXISTS sluice.table_sync (
+                 slot text NOT NULL,
+                 table_schema text NOT NULL,
+                 table_name text NOT NULL,
+                 sync_lsn pg_lsn NOT NULL,
+                 PRIMARY KEY (slot, table_schema, table_name)
+             );
              COMMIT;",
         )
         .await
         .map_err(|e| error::pg("Creating sluice.applied_position on the target", e))
+}
+
+/// Records on the target the per-table positions of tables copied under a later snapshot
+/// than the slot's (`snapshot::table_sync_positions`), before streaming uses them. Kept only
+/// in the state dir, they were lost with it: a start from an empty or restored state dir
+/// then applied those tables' changes below the position a second time (rows doubled).
+pub async fn save_table_sync(
+    target: &Client,
+    slot: &str,
+    positions: &std::collections::BTreeMap<crate::source::TableName, Lsn>,
+) -> Result<()> {
+    if positions.is_empty() {
+        return Ok(());
+    }
+    let schemas: Vec<&str> = positions.keys().map(|t| t.schema.as_str()).collect();
+    let names: Vec<&str> = positions.keys().map(|t| t.name.as_str()).collect();
+    let lsns: Vec<String> = positions.values().map(|l| l.to_string()).collect();
+    target
+        .execute(
+            "INSERT INTO sluice.table_sync (slot, table_schema, table_name, sync_lsn)
+             SELECT $1, s, n, l::pg_lsn FROM unnest($2::text[], $3::text[], $4::text[]) AS u(s, n, l)
+             ON CONFLICT (slot, table_schema, table_name) DO UPDATE SET sync_lsn = EXCLUDED.sync_lsn",
+            &[&slot, &schemas, &names, &lsns],
+        )
+        .await
+        .map_err(|e| error::pg("Recording the copied tables' sync positions on the target", e))?;
+    Ok(())
+}
+
+/// The per-table positions the target holds for `slot` (see [`save_table_sync`]).
+pub async fn load_table_sync(
+    target: &Client,
+    slot: &str,
+) -> Result<std::collections::BTreeMap<crate::source::TableName, Lsn>> {
+    let rows = target
+        .query(
+            "SELECT table_schema, table_name, sync_lsn::text FROM sluice.table_sync WHERE slot = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| error::pg("Reading the copied tables' sync positions on the target", e))?;
+    rows.iter()
+        .map(|row| {
+            let lsn: String = row.get(2);
+            let lsn: Lsn = lsn.parse().map_err(|_| {
+                Error::definite(format!("sluice.table_sync holds an invalid LSN {lsn:?}"))
+            })?;
+            Ok((
+                crate::source::TableName::new(row.get::<_, String>(0), row.get::<_, String>(1)),
+                lsn,
+            ))
+        })
+        .collect()
 }
 
 /// The target's position for `slot`, `None` when sluice never applied anything for it (or

@@ -728,7 +728,13 @@ async fn pipeline(
     if !to_analyze.is_empty() {
         snapshot::analyze_in_background(config.target.conn.clone(), to_analyze);
     }
-    let table_sync = snapshot::table_sync_positions(store)?;
+    // The state dir's positions, kept on the target too, and the target's for what a lost
+    // or restored state dir no longer knows (the state dir's are the later ones).
+    let mut table_sync = snapshot::table_sync_positions(store)?;
+    checkpoint::save_table_sync(&target, slot, &table_sync).await?;
+    for (table, lsn) in checkpoint::load_table_sync(&target, slot).await? {
+        table_sync.entry(table).or_insert(lsn);
+    }
     // On Citus the position row must commit atomically with distributed writes: as a
     // reference table it makes every apply commit two-phase (docs/citus.md).
     if crate::citus::make_reference_table_if_citus(&target, checkpoint::POSITION_TABLE).await? {

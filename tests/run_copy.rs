@@ -1097,3 +1097,50 @@ async fn a_second_daemon_on_the_same_slot_waits_and_takes_over_without_doubling(
     assert_all_same(&pair).await;
     assert!(waiter.terminate().success(), "{}", waiter.log());
 }
+
+/// A table copied under a later snapshot than the slot's (selected after the copy) has its
+/// changes below that snapshot skipped. That position is kept on the target as well: with
+/// the state dir lost while apply is still below it, a restart from an empty state dir
+/// skips them the same, instead of applying them a second time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_state_dir_keeps_the_skips_of_a_table_copied_later() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    seed(&pair).await;
+    let without_tags =
+        pair.config("[copy]\nenabled = true\njobs = 2\n[tables]\nexclude = [\"public.tags\"]\n");
+    let mut first = Daemon::spawn(&without_tags, &pair.dir.path().join("first.log"));
+    first.wait_for_log("initial copy finished").await;
+    pair.wait_caught_up(&first).await;
+    assert!(first.terminate().success(), "{}", first.log());
+
+    // Rows for tags in the stream, then an orders change the target refuses: apply stays
+    // below the snapshot tags is copied under.
+    let source = pair.source_client().await;
+    let target = pair.target_client().await;
+    source
+        .batch_execute(
+            "ALTER PUBLICATION sluice ADD TABLE tags;
+             INSERT INTO tags VALUES ('streamed before the copy', 1);
+             INSERT INTO orders VALUES (2000000, 1, 1.0, 'refused at first');",
+        )
+        .await
+        .unwrap();
+    target
+        .batch_execute("ALTER TABLE orders ADD CONSTRAINT not_yet CHECK (id < 1000000)")
+        .await
+        .unwrap();
+    let with_tags = pair.config("[copy]\nenabled = true\njobs = 2\n");
+    let mut second = Daemon::spawn(&with_tags, &pair.dir.path().join("second.log"));
+    second.wait_for_log("apply stalled").await;
+    assert!(second.terminate().success(), "{}", second.log());
+
+    // The state dir is lost; the target is mended; a new start resumes from the target.
+    std::fs::remove_dir_all(pair.state_dir()).unwrap();
+    target
+        .batch_execute("ALTER TABLE orders DROP CONSTRAINT not_yet")
+        .await
+        .unwrap();
+    let third = Daemon::spawn(&with_tags, &pair.dir.path().join("third.log"));
+    pair.wait_caught_up(&third).await;
+    assert_all_same(&pair).await;
+}

@@ -260,6 +260,11 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
             ),
         }
     } else if schema_exists {
+        // This slot's copied-table positions go with its position row (kept where the
+        // table does not exist, in schemas of earlier versions).
+        let _ = target
+            .execute("DELETE FROM sluice.table_sync WHERE slot = $1", &[slot])
+            .await;
         match target
             .execute("DELETE FROM sluice.applied_position WHERE slot = $1", &[slot])
             .await
