@@ -811,6 +811,22 @@ async fn pipeline(
             )));
         }
     }
+    // Nothing applied on the target yet: the state dir is then the only record, and the slot
+    // only ever confirms what it acknowledged (sled first, then the slot). A slot ahead of
+    // it is not the one this state dir streamed from: a state dir of an earlier attempt,
+    // restored from a backup, whose finished copy would skip this attempt's copy.
+    if let (None, Some(confirmed)) = (resume, slot_state.confirmed_flush_lsn) {
+        let copy = snapshot::state::load_state(store)?.filter(|c| c.finished);
+        let known = local_position
+            .map(|p| p.acked_lsn)
+            .or(copy.as_ref().map(|c| c.consistent_point));
+        if let Some(known) = known.filter(|known| confirmed > *known) {
+            return Err(Error::definite(format!(
+                "Replication slot {slot} has confirmed {confirmed}, beyond anything the state dir {} records ({known}), and the target holds no position for it: the state dir is from another attempt (restored from a backup?), and its finished copy is not this slot's. Point state.dir at a new empty directory, empty the target tables (TRUNCATE), and start `sluice run` again: it copies them under this slot",
+                store.dir().display()
+            )));
+        }
+    }
     let position = resume.unwrap_or_default();
 
     // The replication session: identify the source, claim the state dir, start streaming.

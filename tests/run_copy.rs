@@ -1144,3 +1144,74 @@ async fn a_lost_state_dir_keeps_the_skips_of_a_table_copied_later() {
     pair.wait_caught_up(&third).await;
     assert_all_same(&pair).await;
 }
+
+/// A state dir of an earlier attempt, restored over this attempt's (same slot name, source
+/// and target): its finished copy must not make this attempt skip its own copy and stream
+/// into tables missing rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_state_dir_of_an_earlier_attempt_is_refused() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    seed(&pair).await;
+    let config = pair.config("[copy]\nenabled = true\njobs = 2\n");
+    let mut first = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
+    first.wait_for_log("initial copy finished").await;
+    pair.wait_caught_up(&first).await;
+    assert!(first.terminate().success(), "{}", first.log());
+    let saved = pair.dir.path().join("saved-state");
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(pair.state_dir())
+        .arg(&saved)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (code, out, err) = sluice(&["teardown", "--yes", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // The second attempt: its copy is held up on the target, and it is killed mid-way.
+    let target = pair.target_client().await;
+    target
+        .batch_execute("TRUNCATE orders, events, tags")
+        .await
+        .unwrap();
+    let source = pair.source_client().await;
+    source
+        .batch_execute("INSERT INTO tags VALUES ('second attempt', 1)")
+        .await
+        .unwrap();
+    let mut locker = pair.target_client().await;
+    let hold = locker.transaction().await.unwrap();
+    hold.batch_execute("LOCK TABLE orders, events, tags IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut second = Daemon::spawn(&config, &pair.dir.path().join("second.log"));
+    second
+        .wait_for_log("created replication slot with an exported snapshot")
+        .await;
+    second.kill9();
+    hold.rollback().await.unwrap();
+
+    // The earlier attempt's state dir put back.
+    std::fs::remove_dir_all(pair.state_dir()).unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&saved)
+        .arg(pair.state_dir())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut third = Daemon::spawn(&config, &pair.dir.path().join("third.log"));
+    let status = third.wait(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "{status:?}\n{}",
+        third.log()
+    );
+    assert!(
+        third
+            .log()
+            .contains("the state dir is from another attempt"),
+        "{}",
+        third.log()
+    );
+}
