@@ -237,6 +237,12 @@ async fn cutover_refuses_to_freeze_without_confirmation() {
     assert_eq!(output.status.code(), Some(1), "{}", show(&output));
     assert!(show(&output).contains("--yes"), "{}", show(&output));
     assert!(!read_only(&setup).await);
+    // Nothing was frozen: no undo to run.
+    assert!(
+        !show(&output).contains("To undo the freeze"),
+        "{}",
+        show(&output)
+    );
 }
 
 /// A cutover run by the database's owner, not a superuser (as on managed services). It may

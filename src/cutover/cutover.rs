@@ -276,13 +276,30 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
         timeout,
     )
     .await;
-    // Frozen or not, the way back is said whatever happened after the freeze.
-    if args.freeze_source {
+    // The way back is said whatever happened after the freeze, and only when the source
+    // is frozen (not after a refused confirmation or a freeze that failed).
+    if args.freeze_source && !args.dry_run && source_frozen(&source).await {
         crate::say!(
             "To undo the freeze (keep the source as the primary): {undo_sql} (sessions opened before the undo stay read-only until they reconnect)"
         );
     }
     outcome
+}
+
+/// Whether the source database is frozen (`ALTER DATABASE ... SET
+/// default_transaction_read_only = on`, for every role).
+async fn source_frozen(source: &Client) -> bool {
+    source
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_db_role_setting s
+                            JOIN pg_database d ON d.oid = s.setdatabase
+                            WHERE d.datname = current_database() AND s.setrole = 0
+                              AND 'default_transaction_read_only=on' = ANY(s.setconfig))",
+            &[],
+        )
+        .await
+        .map(|row| row.get(0))
+        .unwrap_or(false)
 }
 
 /// Steps 1 to 5, after the preflight.
@@ -464,18 +481,7 @@ async fn freeze_and_switch(
         }
     } else {
         // A database an earlier `--freeze-source` froze stays frozen: say so, not "writes go on".
-        let frozen: bool = source
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_db_role_setting s
-                                JOIN pg_database d ON d.oid = s.setdatabase
-                                WHERE d.datname = current_database() AND s.setrole = 0
-                                  AND 'default_transaction_read_only=on' = ANY(s.setconfig))",
-                &[],
-            )
-            .await
-            .map(|row| row.get(0))
-            .unwrap_or(false);
-        if frozen {
+        if source_frozen(source).await {
             crate::say!("Step 1: no --freeze-source, but the source database {database} is still frozen by an earlier cutover (default_transaction_read_only = on): new transactions are read-only.");
         } else {
             crate::say!("Step 1: the source is not frozen (no --freeze-source): writes go on, so zero lag means caught up with the moment cutover started.");
