@@ -221,9 +221,7 @@ async fn check_publication(
         .filter(|t| t.state == crate::control::TableState::Streaming)
         .map(|t| t.name.clone())
         .collect();
-    if report.state != crate::control::DaemonState::Streaming || streaming.is_empty() {
-        return Ok(());
-    }
+    let streams = report.state == crate::control::DaemonState::Streaming && !streaming.is_empty();
     let publication = &config.source.publication;
     // to_jsonb reads prqual and prattrs where the server has them (15+).
     let rows = source
@@ -249,6 +247,10 @@ async fn check_publication(
             )
         })?;
     let exists = rows.first().is_some_and(|row| row.get::<_, bool>(0));
+    if !exists && !streams {
+        // Not created yet (the daemon is starting), or the stream reports it.
+        return Ok(());
+    }
     if !exists {
         return Err(Error::definite(format!(
             "Publication {publication} was dropped on the source while sluice streamed: the source stopped sending changes, and logical decoding reads a publication as of each change's position, so creating it again does not bring back the changes in between. {}",
@@ -268,7 +270,12 @@ async fn check_publication(
             shape.tables.insert(name, (oid, row.get(4)));
         }
     }
+    // The first look is the reference, taken as early as the publication exists (during
+    // the copy too), so a change right after streaming starts is not taken for the start.
     let before = baseline.get_or_insert_with(|| shape.clone());
+    if !streams {
+        return Ok(());
+    }
 
     // Per streamed table: what happened to it, if anything.
     let mut changed: Vec<String> = Vec::new();
