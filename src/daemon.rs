@@ -19,6 +19,7 @@
 //! Every (re)start reads the position from the target again: whatever happened before (a
 //! crash, a lost connection, a restarted server), the target's row says what it holds.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -178,6 +179,8 @@ async fn supervise(
     let mut stall_retry = Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
     let mut strict_through: Option<Lsn> = None;
     let mut stalled_since: Option<Instant> = None;
+    // The tables selected at this daemon's first pipeline run (see `run_pipeline`).
+    let mut selection: Option<BTreeSet<TableName>> = None;
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -191,6 +194,7 @@ async fn supervise(
             shutdown.clone(),
             strict_through,
             progress.clone(),
+            &mut selection,
         )
         .await;
         let error = match outcome {
@@ -543,7 +547,7 @@ async fn lock_migration(config: &Config) -> Result<tokio_postgres::Client> {
         .get(0);
     if !locked {
         return Err(Error::transient(format!(
-            "Another sluice process is running this migration (slot {slot}) against this target, with another state dir: it holds the migration's lock on the target. sluice waits until it stops; if it should not run, stop it (or end its session on the target: SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted)"
+            "Another sluice process is running this migration (slot {slot}) against this target, with another state dir: it holds the migration's lock on the target. sluice waits until it stops; if it should not run, stop that process (its session on the target: SELECT pid, client_addr FROM pg_locks JOIN pg_stat_activity USING (pid) WHERE locktype = 'advisory' AND granted; ending only that session makes it stop and start again, not go away)"
         )));
     }
     Ok(client)
@@ -557,6 +561,71 @@ async fn pipeline(
     shutdown: watch::Receiver<bool>,
     strict_through: Option<Lsn>,
     progress: Arc<Progress>,
+    selection: &mut Option<BTreeSet<TableName>>,
+) -> Result<()> {
+    // One daemon per migration, for as long as this run lasts. Should the lock's session
+    // end (terminated on the target, or its connection lost), what runs is stopped as on a
+    // stop request and the run starts again, taking the lock anew: going on without it
+    // would let a second daemon copy or apply beside this one.
+    let lock = lock_migration(config).await?;
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (inner_tx, inner_rx) = watch::channel(*shutdown.borrow());
+    let watcher = tokio::spawn(watch_lock(lock, shutdown, inner_tx, lost.clone()));
+    let result = run_pipeline(
+        config,
+        store,
+        status,
+        inner_rx,
+        strict_through,
+        progress,
+        selection,
+    )
+    .await;
+    watcher.abort();
+    if lost.load(Ordering::SeqCst) {
+        return Err(Error::transient(
+            "The session holding this migration's lock on the target ended (terminated, or its connection lost): what ran was stopped, and sluice starts again, taking the lock anew",
+        ));
+    }
+    result
+}
+
+/// Passes a stop request on, and stops the run when the lock's session ends.
+async fn watch_lock(
+    lock: tokio_postgres::Client,
+    mut shutdown: watch::Receiver<bool>,
+    inner: watch::Sender<bool>,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+) {
+    loop {
+        tokio::select! {
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    let _ = inner.send(true);
+                    return;
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if lock.is_closed() {
+                    tracing::warn!("the session holding this migration's lock on the target ended: stopping to take it again");
+                    lost.store(true, Ordering::SeqCst);
+                    let _ = inner.send(true);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One run of the pipeline under the migration's lock.
+async fn run_pipeline(
+    config: &Config,
+    store: &Store,
+    status: &SharedStatus,
+    shutdown: watch::Receiver<bool>,
+    strict_through: Option<Lsn>,
+    progress: Arc<Progress>,
+    selection: &mut Option<BTreeSet<TableName>>,
 ) -> Result<()> {
     let slot = &config.source.slot;
     status.update(|s| {
@@ -591,9 +660,6 @@ async fn pipeline(
     if let Some(system) = &source_server.system {
         store.claim(&identity(system), &config.target.conn)?;
     }
-
-    // One daemon per migration: held until this pipeline ends.
-    let _migration_lock = lock_migration(config).await?;
 
     // The slot is gone, but this state dir copied or streamed from it (after `sluice
     // teardown`, or someone dropped the slot): a new slot would start from now, and the
@@ -632,7 +698,28 @@ async fn pipeline(
         }
     }
 
-    let tables = selected_tables(&source, &config.tables).await?;
+    let mut tables = selected_tables(&source, &config.tables).await?;
+    // A restart within this daemon (a lost connection, the one-by-one replay after a
+    // refused batch) keeps the tables it started with: a table created since, or one that
+    // now matches, is for the next start, which copies it. Picked up here, its checks (not
+    // on the target yet, rows there already) turned a stall or a reconnect into an exit.
+    match selection {
+        Some(first) => {
+            let new: Vec<String> = tables
+                .iter()
+                .filter(|t| !first.contains(&t.name))
+                .map(|t| t.name.to_string())
+                .collect();
+            if !new.is_empty() {
+                tracing::info!(
+                    tables = new.join(", "),
+                    "selected by [tables] but new since this daemon started: the next start copies them"
+                );
+            }
+            tables.retain(|t| first.contains(&t.name));
+        }
+        None => *selection = Some(tables.iter().map(|t| t.name.clone()).collect()),
+    }
     // Before anything is created on the source: a target whose triggers would rewrite the
     // rows sluice writes is refused, not quietly made to differ.
     let names: Vec<TableName> = tables.iter().map(|t| t.name.clone()).collect();

@@ -916,3 +916,79 @@ async fn a_missing_column_of_a_user_type_is_named_with_its_type() {
     pair.catch_up_and_compare(&daemon, &["items"]).await;
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
+
+/// The session holding the migration's lock on the target is ended: the daemon stops what
+/// it runs and starts again, taking the lock anew, rather than going on without it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_lock_session_is_taken_again_before_going_on() {
+    let pair = Pair::with_schema("CREATE TABLE t (id int PRIMARY KEY, v text);").await;
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    let target = pair.target_client().await;
+    let holders = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted";
+    let pid: i32 = target.query_one(holders, &[]).await.unwrap().get(0);
+    target
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    daemon
+        .wait_for_log("the session holding this migration's lock on the target ended")
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = target.query(holders, &[]).await.unwrap();
+        if rows.len() == 1 && rows[0].get::<_, i32>(0) != pid {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lock was not taken again:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pair.source_client()
+        .await
+        .batch_execute("INSERT INTO t VALUES (1, 'after')")
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["t"]).await;
+    assert!(daemon.is_running());
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
+
+/// A restart within the daemon (here the one-by-one replay after a refused change) keeps the
+/// tables it started with: a table created since on the source only is for the next start,
+/// not a reason to exit in the middle of a stall.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_created_while_running_does_not_turn_a_stall_into_an_exit() {
+    let pair = Pair::with_schema("CREATE TABLE t (id int PRIMARY KEY, v text);").await;
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    let target = pair.target_client().await;
+    target
+        .batch_execute("ALTER TABLE t ADD CONSTRAINT small CHECK (id < 100)")
+        .await
+        .unwrap();
+    pair.source_client()
+        .await
+        .batch_execute(
+            "CREATE TABLE h_new (id int PRIMARY KEY);
+             INSERT INTO t VALUES (200, 'refused at first');",
+        )
+        .await
+        .unwrap();
+    daemon.wait_for_log("apply stalled").await;
+    assert!(daemon.is_running(), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("new since this daemon started"),
+        "{}",
+        daemon.log()
+    );
+    target
+        .batch_execute("ALTER TABLE t DROP CONSTRAINT small")
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["t"]).await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
