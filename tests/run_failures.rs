@@ -992,3 +992,40 @@ async fn a_table_created_while_running_does_not_turn_a_stall_into_an_exit() {
     pair.catch_up_and_compare(&daemon, &["t"]).await;
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
+
+/// A target CHECK calling a function that names a table without its schema: under sluice's
+/// empty search_path it stalls, and the message says why and what to change.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_function_relying_on_the_search_path_stalls_with_the_reason() {
+    let pair = Pair::with_schema("CREATE TABLE t (id int PRIMARY KEY, v text);").await;
+    let target = pair.target_client().await;
+    target
+        .batch_execute(
+            "CREATE TABLE blocked (id int);
+             CREATE FUNCTION public.allowed(int) RETURNS bool LANGUAGE plpgsql
+                 AS $$BEGIN RETURN NOT EXISTS (SELECT 1 FROM blocked WHERE id = $1); END$$;
+             ALTER TABLE t ADD CONSTRAINT allowed CHECK (public.allowed(id));",
+        )
+        .await
+        .unwrap();
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    pair.source_client()
+        .await
+        .batch_execute("INSERT INTO t VALUES (1, 'checked')")
+        .await
+        .unwrap();
+    daemon.wait_for_log("apply stalled").await;
+    assert!(
+        daemon.log().contains("run with an empty search_path")
+            && daemon.log().contains("ALTER FUNCTION ... SET search_path"),
+        "{}",
+        daemon.log()
+    );
+    target
+        .batch_execute("ALTER FUNCTION public.allowed(int) SET search_path = public")
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["t"]).await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}

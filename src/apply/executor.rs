@@ -645,6 +645,17 @@ impl Executor {
                 if let Some(detail) = db.detail() {
                     message.push_str(&format!(" ({detail})"));
                 }
+                // Raised inside a target function (a CHECK, a DEFAULT, an ENABLE ALWAYS
+                // trigger): it named an object without its schema, and sluice's sessions
+                // run with an empty search_path, as PostgreSQL's own apply worker does.
+                if matches!(db.code().code(), "42883" | "42P01") {
+                    if let Some(context) = db.where_() {
+                        message.push_str(&format!(
+                            " (in: {}). sluice's sessions run with an empty search_path, as PostgreSQL's apply worker does: schema-qualify the names that function uses, or give it its own (ALTER FUNCTION ... SET search_path = public)",
+                            context.lines().next().unwrap_or(context)
+                        ));
+                    }
+                }
                 Error::new(kind, message)
             }
             None => Error::with_source(

@@ -122,6 +122,12 @@ const INTERVAL: u32 = 1186;
 /// Whether values of the source type (OID, modifier) change, without an error, when stored
 /// into a target column of the target type. See [`TargetTable::lossy_column`].
 pub fn would_alter_values(source: (u32, i32), target: (u32, i32)) -> bool {
+    // An array's modifier is its elements': compare those.
+    if let (Some(source_element), Some(target_element)) =
+        (array_element(source.0), array_element(target.0))
+    {
+        return would_alter_values((source_element, source.1), (target_element, target.1));
+    }
     let (source_type, source_mod) = source;
     let (target_type, target_mod) = target;
     // numeric's modifier is ((precision << 16) | scale) + 4; its scale may be negative (15+).
@@ -147,6 +153,24 @@ pub fn would_alter_values(source: (u32, i32), target: (u32, i32)) -> bool {
         (NUMERIC | INT8, FLOAT8) => true,
         _ => false,
     }
+}
+
+/// The element type of the built-in array types whose elements `would_alter_values` knows.
+fn array_element(array: u32) -> Option<u32> {
+    Some(match array {
+        1005 => INT2,
+        1007 => INT4,
+        1016 => INT8,
+        1021 => FLOAT4,
+        1022 => FLOAT8,
+        1231 => NUMERIC,
+        1183 => TIME,
+        1270 => TIMETZ,
+        1115 => TIMESTAMP,
+        1185 => TIMESTAMPTZ,
+        1187 => INTERVAL,
+        _ => return None,
+    })
 }
 
 /// Reads a table's columns and primary key from the target; the distribution column comes
@@ -456,6 +480,18 @@ mod lossy_tests {
             !would_alter_values((25, -1), (1043, 14)),
             "length limits refuse by themselves"
         );
+        // Arrays, by their elements.
+        let numeric_array = |p: i32, s: i32| (1231, numeric(p, s).1);
+        assert!(would_alter_values(
+            numeric_array(10, 2),
+            numeric_array(10, 1)
+        ));
+        assert!(!would_alter_values(
+            numeric_array(10, 1),
+            numeric_array(10, 2)
+        ));
+        assert!(would_alter_values((1022, -1), (1021, -1)));
+        assert!(!would_alter_values((1007, -1), (1016, -1)));
     }
 }
 
