@@ -155,6 +155,46 @@ pub fn would_alter_values(source: (u32, i32), target: (u32, i32)) -> bool {
     }
 }
 
+const VARCHAR: u32 = 1043;
+const TEXT: u32 = 25;
+const VARBIT: u32 = 1562;
+
+/// Whether a target column of the target type holds every value of the source type as it
+/// is (a wider type: varchar(10) into text or varchar(20), int into bigint, numeric(10,2)
+/// into numeric, timestamptz(6) into timestamptz). Built-in types only; `false` when
+/// unsure.
+pub fn holds_every_value(source: (u32, i32), target: (u32, i32)) -> bool {
+    if let (Some(source_element), Some(target_element)) =
+        (array_element(source.0), array_element(target.0))
+    {
+        return holds_every_value((source_element, source.1), (target_element, target.1));
+    }
+    let (source_type, source_mod) = source;
+    let (target_type, target_mod) = target;
+    let numeric = |modifier: i32| -> Option<(i32, i32)> {
+        (modifier >= 4).then(|| {
+            let precision = ((modifier - 4) >> 16) & 0xffff;
+            let scale = (((modifier - 4) & 0x7ff) ^ 1024) - 1024;
+            (precision, scale)
+        })
+    };
+    let precision = |modifier: i32| if modifier < 0 { 6 } else { modifier & 0xffff };
+    match (source_type, target_type) {
+        (a, b) if a == b && target_mod < 0 && a != 1042 => true,
+        (VARCHAR, VARCHAR) | (VARBIT, VARBIT) => source_mod >= 0 && target_mod >= source_mod,
+        (NUMERIC, NUMERIC) => match (numeric(source_mod), numeric(target_mod)) {
+            (Some((sp, ss)), Some((tp, ts))) => ts >= ss && tp - ts >= sp - ss,
+            _ => false,
+        },
+        (TIME, TIME) | (TIMETZ, TIMETZ) | (TIMESTAMP, TIMESTAMP) | (TIMESTAMPTZ, TIMESTAMPTZ) => {
+            precision(target_mod) >= precision(source_mod)
+        }
+        (INT2, INT4 | INT8) | (INT4, INT8) | (FLOAT4, FLOAT8) | (VARCHAR, TEXT) => true,
+        (INT2 | INT4 | INT8, NUMERIC) => target_mod < 0,
+        _ => false,
+    }
+}
+
 /// The element type of the built-in array types whose elements `would_alter_values` knows.
 fn array_element(array: u32) -> Option<u32> {
     Some(match array {
@@ -480,6 +520,17 @@ mod lossy_tests {
             !would_alter_values((25, -1), (1043, 14)),
             "length limits refuse by themselves"
         );
+        assert!(holds_every_value((VARCHAR, 14), (TEXT, -1)));
+        assert!(holds_every_value((VARCHAR, 14), (VARCHAR, 24)));
+        assert!(!holds_every_value((VARCHAR, 24), (VARCHAR, 14)));
+        assert!(!holds_every_value((TEXT, -1), (VARCHAR, 14)));
+        assert!(holds_every_value((INT4, -1), (INT8, -1)));
+        assert!(!holds_every_value((INT8, -1), (INT4, -1)));
+        assert!(holds_every_value(numeric(10, 2), (NUMERIC, -1)));
+        assert!(holds_every_value(numeric(10, 2), numeric(12, 4)));
+        assert!(!holds_every_value(numeric(10, 2), numeric(10, 4)));
+        assert!(holds_every_value((TIMESTAMPTZ, 6), (TIMESTAMPTZ, -1)));
+        assert!(!holds_every_value((TIMESTAMPTZ, -1), (TIMESTAMPTZ, 3)));
         // Arrays, by their elements.
         let numeric_array = |p: i32, s: i32| (1231, numeric(p, s).1);
         assert!(would_alter_values(

@@ -95,6 +95,9 @@ struct Column {
     name: String,
     /// `format_type(atttypid, atttypmod)`: `numeric(10,2)`, `character varying(20)`, ...
     type_text: String,
+    /// Type OID and modifier, to tell a wider target type from a narrower one.
+    type_oid: u32,
+    type_mod: i32,
     not_null: bool,
     has_default: bool,
 }
@@ -659,7 +662,8 @@ async fn columns_of(client: &Client, oids: &[u32]) -> Result<BTreeMap<u32, Vec<C
     let rows = client
         .query(
             "SELECT a.attrelid, a.attname::text, format_type(a.atttypid, a.atttypmod),
-                    a.attnotnull, a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> ''
+                    a.attnotnull, a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '',
+                    a.atttypid, a.atttypmod
              FROM pg_attribute a
              WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
              ORDER BY a.attrelid, a.attnum",
@@ -672,6 +676,8 @@ async fn columns_of(client: &Client, oids: &[u32]) -> Result<BTreeMap<u32, Vec<C
         columns.entry(row.get(0)).or_default().push(Column {
             name: row.get(1),
             type_text: row.get(2),
+            type_oid: row.get(5),
+            type_mod: row.get(6),
             not_null: row.get(3),
             has_default: row.get(4),
         });
@@ -1139,6 +1145,24 @@ fn column_findings(table: &TableName, source: &[Column], target: &[Column]) -> V
                     column.type_text
                 ),
             }),
+            // Wider on the target (built-in types, whose OIDs are the same on both sides):
+            // every value fits as it is.
+            Some(target)
+                if target.type_text != column.type_text
+                    && (1..16384).contains(&column.type_oid)
+                    && crate::apply::target::holds_every_value(
+                        (column.type_oid, column.type_mod),
+                        (target.type_oid, target.type_mod),
+                    ) =>
+            {
+                out.push(Finding {
+                    level: Level::Warn,
+                    text: format!(
+                        "target: table {table} column {} is {} on the target, wider than the source's {}: every value fits; make them equal before cutover if the application relies on the source's limit",
+                        column.name, target.type_text, column.type_text
+                    ),
+                })
+            }
             Some(target) if target.type_text != column.type_text => out.push(Finding {
                 level: Level::Fail,
                 text: format!(
@@ -1196,6 +1220,8 @@ mod tests {
         Column {
             name: name.into(),
             type_text: type_text.into(),
+            type_oid: 0,
+            type_mod: -1,
             not_null: false,
             has_default: false,
         }
