@@ -1218,3 +1218,39 @@ async fn a_state_dir_of_an_earlier_attempt_is_refused() {
         third.log()
     );
 }
+
+/// A table moved to another schema, out of a publication of a schema: named as moved, with
+/// advice that can be followed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_moved_out_of_a_published_schema_is_named_as_moved() {
+    let pair = Pair::with_schema(
+        "CREATE SCHEMA app;
+         CREATE TABLE app.a1 (id int PRIMARY KEY);",
+    )
+    .await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute("CREATE PUBLICATION sluice FOR TABLES IN SCHEMA app")
+        .await
+        .unwrap();
+    let config = pair.config("[tables]\ninclude = [\"app.*\"]\n[monitor]\ninterval = \"100ms\"\n");
+    let mut daemon = pair.start_daemon(&config).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    source
+        .batch_execute("CREATE SCHEMA other; ALTER TABLE app.a1 SET SCHEMA other")
+        .await
+        .unwrap();
+    let status = daemon.wait(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "{status:?}\n{}",
+        daemon.log()
+    );
+    assert!(
+        daemon
+            .log()
+            .contains("app.a1 is now other.a1 (renamed, or moved to another schema)"),
+        "{}",
+        daemon.log()
+    );
+}

@@ -295,18 +295,21 @@ async fn check_publication(
                 // only taken out of the publication.
                 // By the OID seen before, or (no look before) by the name.
                 let was_oid: Option<u32> = was.map(|(oid, _)| *oid);
-                let fate: Option<Option<(bool, Option<String>)>> = source
+                type Fate = (bool, Option<String>, String);
+                let fate: Option<Option<Fate>> = source
                     .query_opt(
                         "SELECT c.relispartition,
                                 (SELECT i.inhparent::regclass::text FROM pg_catalog.pg_inherits i
-                                 WHERE i.inhrelid = c.oid LIMIT 1)
+                                 WHERE i.inhrelid = c.oid LIMIT 1),
+                                n.nspname || '.' || c.relname
                          FROM pg_catalog.pg_class c
+                         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                          WHERE c.oid = coalesce($1::oid, pg_catalog.to_regclass($2)::oid)",
                         &[&was_oid, &quote_qualified(name)],
                     )
                     .await
                     .ok()
-                    .map(|row| row.map(|row| (row.get(0), row.get(1))));
+                    .map(|row| row.map(|row| (row.get(0), row.get(1), row.get(2))));
                 Some(match (renamed_to, fate) {
                     (Some(new_name), _) => format!(
                         "{name} was renamed to {new_name} (rename it on the target too, and make [tables] select the new name)"
@@ -314,9 +317,13 @@ async fn check_publication(
                     (None, Some(None)) => format!(
                         "{name} was dropped on the source (take it out of [tables]; its rows stay on the target)"
                     ),
-                    (None, Some(Some((true, parent)))) => format!(
+                    (None, Some(Some((true, parent, _)))) => format!(
                         "{name} was attached as a partition of {} on the source: its changes now arrive as that table's, whose rows on the target lack it (attach it on the target too, ALTER TABLE ... ATTACH PARTITION, and take {name} out of [tables])",
                         parent.unwrap_or_else(|| "another table".to_string())
+                    ),
+                    // Moved to another schema (or renamed) out of a publication of a schema.
+                    (None, Some(Some((false, _, now)))) if now != *name => format!(
+                        "{name} is now {now} (renamed, or moved to another schema), which the publication does not publish: its changes since then were not sent (move or rename it back, or publish {now} and rename it on the target too, making [tables] select the new name)"
                     ),
                     _ => format!(
                         "no longer publishes {name}: its changes since then were not sent (put it back: ALTER PUBLICATION {} ADD TABLE {}; if it was dropped on the source, take it out of [tables] instead)",
