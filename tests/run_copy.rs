@@ -1254,3 +1254,44 @@ async fn a_table_moved_out_of_a_published_schema_is_named_as_moved() {
         daemon.log()
     );
 }
+
+/// A target column that would round the copied values (COPY rounds them as silently as an
+/// assignment would): refused before any slot exists, naming the column and both types.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_into_a_column_that_would_round_is_refused_before_a_slot_exists() {
+    let pair = Pair::with_schema("").await;
+    pair.source_client()
+        .await
+        .batch_execute(
+            "CREATE TABLE prices (id int PRIMARY KEY, price numeric(10,2), history numeric(10,2)[]);
+             INSERT INTO prices VALUES (1, 2.25, '{2.25}');",
+        )
+        .await
+        .unwrap();
+    let target = pair.target_client().await;
+    target
+        .batch_execute(
+            "CREATE TABLE prices (id int PRIMARY KEY, price numeric(10,1), history numeric(10,1)[])",
+        )
+        .await
+        .unwrap();
+    let config = pair.config("[copy]\nenabled = true\n");
+    let (code, _, stderr) = sluice(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("2 column(s) on the target would round or cut the copied values")
+            && stderr.contains("public.prices.price (numeric(10,2) → numeric(10,1))")
+            && stderr.contains("public.prices.history (numeric(10,2)[] → numeric(10,1)[])"),
+        "{stderr}"
+    );
+    assert_eq!(slot_count(&pair).await, 0);
+    target
+        .batch_execute(
+            "ALTER TABLE prices ALTER COLUMN price TYPE numeric(10,2),
+                                ALTER COLUMN history TYPE numeric(10,2)[]",
+        )
+        .await
+        .unwrap();
+    let daemon = pair.start_daemon(&config).await;
+    pair.catch_up_and_compare(&daemon, &["prices"]).await;
+}

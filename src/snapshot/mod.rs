@@ -349,6 +349,14 @@ async fn copy_round(
                 crate::source::abbreviate(&missing, 10)
             )));
         }
+        let lossy = plan::lossy_columns_on_target(source, &target, &names).await?;
+        if !lossy.is_empty() {
+            return Err(Error::definite(format!(
+                "{} column(s) on the target would round or cut the copied values without an error: {}. Give them the source's type (ALTER TABLE ... ALTER COLUMN ... TYPE ...; `sluice check` lists every difference), then start again",
+                lossy.len(),
+                crate::source::abbreviate(&lossy, 10)
+            )));
+        }
         let not_begun: Vec<&TableName> = names
             .into_iter()
             .filter(|name| !records.contains_key(*name))

@@ -109,6 +109,64 @@ pub async fn holding_rows_on_target(target: &Client, names: &[&TableName]) -> Re
     Ok(holding)
 }
 
+/// Columns of `tables` whose target type would change the copied values without an error
+/// (`apply::target::would_alter_values`: a smaller numeric scale or time precision, a float
+/// of fewer digits), as `schema.table.column (source type → target type)`. Checked before
+/// any slot exists: COPY rounds them silently, as apply would.
+pub async fn lossy_columns_on_target(
+    source: &Client,
+    target: &Client,
+    tables: &[&TableName],
+) -> Result<Vec<String>> {
+    let schemas: Vec<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
+    let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+    let query = "SELECT n.nspname::text, c.relname::text, a.attname::text, a.atttypid, a.atttypmod,
+                        format_type(a.atttypid, a.atttypmod)
+                 FROM unnest($1::text[], $2::text[]) AS u(s, r)
+                 JOIN pg_namespace n ON n.nspname = u.s
+                 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = u.r
+                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped";
+    type Columns = std::collections::HashMap<(String, String, String), (u32, i32, String)>;
+    async fn read(
+        client: &Client,
+        query: &str,
+        schemas: &[&str],
+        names: &[&str],
+        side: &str,
+    ) -> Result<Columns> {
+        let rows = client
+            .query(query, &[&schemas, &names])
+            .await
+            .map_err(|e| {
+                error::pg(
+                    format!("Reading the copied tables' column types on the {side}"),
+                    e,
+                )
+            })?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    (r.get(0), r.get(1), r.get(2)),
+                    (r.get(3), r.get(4), r.get(5)),
+                )
+            })
+            .collect())
+    }
+    let on_source = read(source, query, &schemas, &names, "source").await?;
+    let on_target = read(target, query, &schemas, &names, "target").await?;
+    let mut lossy: Vec<String> = on_source
+        .iter()
+        .filter_map(|(key, (oid, modifier, text))| {
+            let (target_oid, target_mod, target_text) = on_target.get(key)?;
+            crate::apply::target::would_alter_values((*oid, *modifier), (*target_oid, *target_mod))
+                .then(|| format!("{}.{}.{} ({text} → {target_text})", key.0, key.1, key.2))
+        })
+        .collect();
+    lossy.sort();
+    Ok(lossy)
+}
+
 pub async fn table_layout(
     source: &Client,
     target: &Client,
