@@ -111,10 +111,8 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
     }
     // `status` with the daemon down shows why it stopped: an error, or the stall it was
     // stopped in.
-    let stalled_on = status
-        .snapshot()
-        .stalled_since
-        .and(status.snapshot().last_error);
+    let report = status.snapshot();
+    let stalled_on = report.stalled_since.and(report.last_error);
     let reason = match (&result, stalled_on) {
         (Err(error), _) => Some(error.report()),
         (Ok(()), Some(stall)) => Some(format!("a stop request while apply was stalled: {stall}")),
@@ -126,7 +124,8 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
     result
 }
 
-async fn wait_for_signal() {
+/// SIGTERM or SIGINT (Ctrl-C), whichever comes first.
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {

@@ -130,12 +130,7 @@ pub fn would_alter_values(source: (u32, i32), target: (u32, i32)) -> bool {
     }
     let (source_type, source_mod) = source;
     let (target_type, target_mod) = target;
-    // numeric's modifier is ((precision << 16) | scale) + 4; its scale may be negative (15+).
-    let numeric_scale = |modifier: i32| -> Option<i32> {
-        (modifier >= 4).then(|| (((modifier - 4) & 0x7ff) ^ 1024) - 1024)
-    };
-    // Fractional-second digits: the modifier, or 6 without one.
-    let precision = |modifier: i32| if modifier < 0 { 6 } else { modifier & 0xffff };
+    let numeric_scale = |modifier: i32| numeric_modifier(modifier).map(|(_, scale)| scale);
     match (source_type, target_type) {
         (NUMERIC, NUMERIC) => match (numeric_scale(source_mod), numeric_scale(target_mod)) {
             (_, None) => false,
@@ -145,13 +140,32 @@ pub fn would_alter_values(source: (u32, i32), target: (u32, i32)) -> bool {
         (INT2 | INT4 | INT8, NUMERIC) => numeric_scale(target_mod).is_some_and(|s| s < 0),
         (FLOAT4 | FLOAT8, NUMERIC) => numeric_scale(target_mod).is_some(),
         (TIME, TIME) | (TIMETZ, TIMETZ) | (TIMESTAMP, TIMESTAMP) | (TIMESTAMPTZ, TIMESTAMPTZ) => {
-            precision(target_mod) < precision(source_mod)
+            seconds_precision(target_mod) < seconds_precision(source_mod)
         }
         // A modifier also limits an interval's fields (YEAR TO MONTH drops the days).
         (INTERVAL, INTERVAL) => target_mod >= 0 && target_mod != source_mod,
         (FLOAT8 | NUMERIC | INT4 | INT8, FLOAT4) => true,
         (NUMERIC | INT8, FLOAT8) => true,
         _ => false,
+    }
+}
+
+/// numeric's (precision, scale): its modifier is ((precision << 16) | scale) + 4, and the
+/// scale may be negative (15+); `None` without one (unbounded).
+fn numeric_modifier(modifier: i32) -> Option<(i32, i32)> {
+    (modifier >= 4).then(|| {
+        let precision = ((modifier - 4) >> 16) & 0xffff;
+        let scale = (((modifier - 4) & 0x7ff) ^ 1024) - 1024;
+        (precision, scale)
+    })
+}
+
+/// Fractional-second digits of a time, timestamp or interval: the modifier, or 6 without one.
+fn seconds_precision(modifier: i32) -> i32 {
+    if modifier < 0 {
+        6
+    } else {
+        modifier & 0xffff
     }
 }
 
@@ -171,23 +185,15 @@ pub fn holds_every_value(source: (u32, i32), target: (u32, i32)) -> bool {
     }
     let (source_type, source_mod) = source;
     let (target_type, target_mod) = target;
-    let numeric = |modifier: i32| -> Option<(i32, i32)> {
-        (modifier >= 4).then(|| {
-            let precision = ((modifier - 4) >> 16) & 0xffff;
-            let scale = (((modifier - 4) & 0x7ff) ^ 1024) - 1024;
-            (precision, scale)
-        })
-    };
-    let precision = |modifier: i32| if modifier < 0 { 6 } else { modifier & 0xffff };
     match (source_type, target_type) {
         (a, b) if a == b && target_mod < 0 && a != 1042 => true,
         (VARCHAR, VARCHAR) | (VARBIT, VARBIT) => source_mod >= 0 && target_mod >= source_mod,
-        (NUMERIC, NUMERIC) => match (numeric(source_mod), numeric(target_mod)) {
+        (NUMERIC, NUMERIC) => match (numeric_modifier(source_mod), numeric_modifier(target_mod)) {
             (Some((sp, ss)), Some((tp, ts))) => ts >= ss && tp - ts >= sp - ss,
             _ => false,
         },
         (TIME, TIME) | (TIMETZ, TIMETZ) | (TIMESTAMP, TIMESTAMP) | (TIMESTAMPTZ, TIMESTAMPTZ) => {
-            precision(target_mod) >= precision(source_mod)
+            seconds_precision(target_mod) >= seconds_precision(source_mod)
         }
         (INT2, INT4 | INT8) | (INT4, INT8) | (FLOAT4, FLOAT8) | (VARCHAR, TEXT) => true,
         (INT2 | INT4 | INT8, NUMERIC) => target_mod < 0,

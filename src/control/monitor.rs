@@ -305,7 +305,7 @@ async fn check_publication(
                          FROM pg_catalog.pg_class c
                          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                          WHERE c.oid = coalesce($1::oid, pg_catalog.to_regclass($2)::oid)",
-                        &[&was_oid, &quote_qualified(name)],
+                        &[&was_oid, &crate::source::TableName::parse(name).quoted()],
                     )
                     .await
                     .ok()
@@ -328,7 +328,7 @@ async fn check_publication(
                     _ => format!(
                         "no longer publishes {name}: its changes since then were not sent (put it back: ALTER PUBLICATION {} ADD TABLE {}; if it was dropped on the source, take it out of [tables] instead)",
                         crate::source::quote_ident(publication),
-                        quote_qualified(name)
+                        crate::source::TableName::parse(name).quoted()
                     ),
                 })
             }
@@ -374,18 +374,6 @@ async fn check_publication(
     )))
 }
 
-/// `"schema"."table"` for a `schema.table` name.
-fn quote_qualified(name: &str) -> String {
-    match name.split_once('.') {
-        Some((schema, table)) => format!(
-            "{}.{}",
-            crate::source::quote_ident(schema),
-            crate::source::quote_ident(table)
-        ),
-        None => crate::source::quote_ident(name),
-    }
-}
-
 /// With the copy on and finished, forgets the tables' copies, so the next start copies them
 /// under a fresh snapshot and skips the stream's changes that snapshot holds, as for a table
 /// selected after the copy. Returns whether it did.
@@ -397,10 +385,7 @@ fn forget_copies(
     let copy_again = config.copy.enabled && crate::snapshot::copy_finished(store)?;
     if copy_again {
         for name in tables {
-            if let Some((schema, table)) = name.split_once('.') {
-                let table = crate::source::TableName::new(schema.to_string(), table.to_string());
-                crate::snapshot::state::forget_table(store, &table)?;
-            }
+            crate::snapshot::state::forget_table(store, &crate::source::TableName::parse(name))?;
         }
     }
     Ok(copy_again)

@@ -159,23 +159,8 @@ pub async fn run(config: &Config, args: &LagArgs) -> Result<i32> {
         }
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
-            _ = interrupted() => return Ok(if bound.is_some() { 1 } else { 0 }),
-        }
-    }
-}
-
-/// Ctrl-C, or SIGTERM (a service manager, `timeout`, `kill`): both end a follow cleanly.
-async fn interrupted() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+            // Ctrl-C, or SIGTERM (a service manager, `timeout`): both end a follow cleanly.
+            _ = crate::daemon::wait_for_signal() => return Ok(if bound.is_some() { 1 } else { 0 }),
         }
     }
 }
