@@ -334,11 +334,43 @@ pub async fn unpublished_operations_message(
     )))
 }
 
-/// What to say about selected tables an existing publication does not publish.
-pub fn unpublished_message(publication: &str, missing: &[String]) -> String {
+/// A selected table an existing publication does not publish the way sluice needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnpublishedTable {
+    pub name: String,
+    /// A partitioned table whose changes the publication sends under each partition's name
+    /// (no `publish_via_partition_root`): adding the table would not help.
+    pub needs_partition_root: bool,
+}
+
+/// What to say about selected tables an existing publication does not publish. Only the
+/// tables really missing get `ADD TABLE` advice: a `FOR ALL TABLES` publication has none
+/// (PostgreSQL refuses ADD TABLE on it), only partitioned tables published per partition.
+pub fn unpublished_message(publication: &str, missing: &[UnpublishedTable]) -> String {
+    let quoted = quote_ident(publication);
+    let names: Vec<String> = missing
+        .iter()
+        .map(|t| {
+            if t.needs_partition_root {
+                format!(
+                    "{} (published partition by partition: ALTER PUBLICATION {quoted} SET (publish_via_partition_root = true))",
+                    t.name
+                )
+            } else {
+                t.name.clone()
+            }
+        })
+        .collect();
+    let advice = if missing.iter().any(|t| !t.needs_partition_root) {
+        format!(
+            "Add them (ALTER PUBLICATION {publication} ADD TABLE ...; with copy.enabled, the next start copies their rows before streaming resumes) or exclude them in [tables]"
+        )
+    } else {
+        "Change the publication as shown, or exclude them in [tables]".to_string()
+    };
     format!(
-        "Publication {publication} does not publish these selected tables: {}. Add them (ALTER PUBLICATION {publication} ADD TABLE ...; with copy.enabled, the next start copies their rows before streaming resumes) or exclude them in [tables]",
-        missing.join(", ")
+        "Publication {publication} does not publish these selected tables: {}. {advice}",
+        names.join(", ")
     )
 }
 
@@ -350,7 +382,7 @@ pub async fn unpublished_tables(
     source: &Client,
     publication: &str,
     tables: &[SourceTable],
-) -> Result<Option<Vec<String>>> {
+) -> Result<Option<Vec<UnpublishedTable>>> {
     let via_root: Option<bool> = source
         .query_opt(
             "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
@@ -375,13 +407,9 @@ pub async fn unpublished_tables(
         tables
             .iter()
             .filter(|t| !published.contains(&(t.name.schema.clone(), t.name.name.clone())))
-            .map(|t| match (t.is_partitioned, via_root) {
-                (true, false) => format!(
-                    "{} (published partition by partition: ALTER PUBLICATION {} SET (publish_via_partition_root = true))",
-                    t.name.qualified(),
-                    quote_ident(publication)
-                ),
-                _ => t.name.qualified(),
+            .map(|t| UnpublishedTable {
+                name: t.name.qualified(),
+                needs_partition_root: t.is_partitioned && !via_root,
             })
             .collect(),
     ))
