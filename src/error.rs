@@ -175,6 +175,9 @@ pub fn pg(context: impl Into<String>, error: tokio_postgres::Error) -> Error {
         // A certificate the client rejects, or a server without TLS under sslmode=require,
         // stays so however often we retry.
         None if is_tls_refusal(&error) => ErrorKind::Definite,
+        // The client's own refusal to go on (a password the server asks for and nobody
+        // gave): the same on every retry.
+        None if error.to_string().starts_with("invalid configuration") => ErrorKind::Definite,
         None => ErrorKind::Transient,
     };
     Error::with_source(kind, context, error)

@@ -84,6 +84,10 @@ fn connect_hint(error: &tokio_postgres::Error, info: &ConnInfo) -> Option<String
             "The database {} does not exist on that server: check the database name in {}",
             info.dbname, info.origin
         ),
+        None if error_chain_mentions(error, "password missing") => format!(
+            "The server asks for a password for {} and none was given: put it in {} (postgresql://user:password@host/db, or password=... in key=value form), PGPASSWORD or ~/.pgpass",
+            info.user, info.origin
+        ),
         None if error_chain_mentions(error, "does not support TLS") => {
             "The server does not offer TLS: turn on ssl in its postgresql.conf, or connect with sslmode=prefer or disable".to_string()
         }
@@ -156,6 +160,12 @@ pub fn replication_tls(info: &ConnInfo) -> Result<pgwire_replication::TlsConfig>
     };
     if let (Some(cert), Some(key)) = (&info.sslcert, &info.sslkey) {
         tls = tls.with_client_cert(cert.clone(), key.clone());
+    }
+    // The transport refuses verify-full towards an IP address unless told which name to
+    // check. libpq checks an IP host against the certificate's IP addresses, and rustls does
+    // the same when the name it is given is the address itself.
+    if info.sslmode == SslMode::VerifyFull && info.host.parse::<std::net::IpAddr>().is_ok() {
+        tls = tls.with_sni_hostname(info.host.clone());
     }
     Ok(tls)
 }

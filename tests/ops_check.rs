@@ -88,6 +88,7 @@ async fn check_names_every_blocking_problem_and_exits_1() {
         &["public.wide column v is text on the target, wider than the source's character varying(10)"],
     );
     line_with(&text, "PASS", &["superuser"]);
+    line_with(&text, "PASS", &["a replication connection opens"]);
     line_with(
         &text,
         "WARN",
@@ -158,6 +159,39 @@ async fn check_names_every_blocking_problem_and_exits_1() {
     assert!(
         !text.contains("sekret") && !stderr(&output).contains("sekret"),
         "{text}"
+    );
+}
+
+/// `run` streams through a walsender: a source that admits SQL sessions but no walsender
+/// would fail `run` only after the publication was made, so check opens one too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_opens_a_replication_connection_as_run_will() {
+    let pg = PgCluster::builder().setting("max_wal_senders", "0").start();
+    let source = pg.create_database("app").await;
+    let target = pg.create_database("target").await;
+    for client in [&source, &target] {
+        client
+            .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+            .await
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &pg.url("app"),
+        &pg.url("target"),
+        &dir.path().join("state"),
+        "",
+    );
+    let text = check_exits(&config, 1).await;
+    line_with(
+        &text,
+        "FAIL",
+        &[
+            "cannot open a replication connection",
+            "max_wal_senders",
+            "although a SQL session opened",
+        ],
     );
 }
 

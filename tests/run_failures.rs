@@ -462,6 +462,11 @@ async fn definite_errors_at_start_up_exit_1_within_seconds() {
             ),
             "migrator lacks CREATE on database app, and migrator does not own 2 of the selected tables",
         ),
+        // No password at all: the client gives up before asking the server again.
+        (
+            format!("postgresql://migrator@127.0.0.1:{}/app", pair.source.port),
+            "The server asks for a password for migrator and none was given",
+        ),
     ];
     for (url, expected) in &cases {
         let config = write(url);

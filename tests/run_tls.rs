@@ -135,6 +135,24 @@ async fn sslmode_verify_full_streams_over_tls_and_a_wrong_ca_is_definite() {
     assert_eq!(encrypted, 1, "the replication connection uses TLS");
     assert!(daemon.terminate().success(), "{}", daemon.log());
 
+    // verify-full towards an IP address checks the certificate's IP addresses, as libpq
+    // does, on the replication connection too.
+    let by_address = pair.dir.path().join("by-address.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &source_url(&ca),
+        &source_url(&ca).replace("@localhost:", "@127.0.0.1:"),
+    );
+    assert!(text.contains("@127.0.0.1:"), "{text}");
+    std::fs::write(&by_address, text).unwrap();
+    let mut daemon = pair.start_daemon(&by_address).await;
+    source
+        .batch_execute("INSERT INTO t SELECT g, 'by address' FROM generate_series(101, 200) g")
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    pair.assert_same("t").await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+
     // A server certificate that does not lead to the configured CA: exit 1, quickly.
     let wrong = pair.dir.path().join("wrong.toml");
     let text = std::fs::read_to_string(&config)

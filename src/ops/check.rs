@@ -325,6 +325,35 @@ fn routing_findings<'a>(
         .collect()
 }
 
+/// `run` streams through a walsender, a session of its own kind: it needs a free
+/// max_wal_senders place, and goes through the replication transport's own TLS. A source that admits SQL sessions can still refuse it, which `run` would find
+/// only after creating the publication.
+async fn check_replication_connection(config: &Config, out: &mut Findings) {
+    let conn = &config.source.conn;
+    let opened = match crate::source::replication::replication_config(
+        conn,
+        &config.source.slot,
+        &config.source.publication,
+    ) {
+        Ok(replication) => {
+            crate::source::replication::connect_gated(replication, &conn.redacted()).await
+        }
+        Err(error) => Err(error),
+    };
+    match opened {
+        Ok(mut session) => {
+            // Gated, it waits for START_REPLICATION: a graceful stop would wait forever.
+            session.abort();
+            out.pass("source: a replication connection opens (the walsender answered IDENTIFY_SYSTEM)");
+        }
+        Err(error) => out.fail(format!(
+            "source: cannot open a replication connection ({}) although a SQL session opened: the walsender needs a free max_wal_senders place, and pg_hba.conf and sslmode apply to it as to any session of database {}",
+            error.report(),
+            conn.dbname
+        )),
+    }
+}
+
 async fn check_source_settings(client: &Client, config: &Config, out: &mut Findings) -> Result<()> {
     let row = client
         .query_one(
@@ -392,6 +421,7 @@ async fn check_source_settings(client: &Client, config: &Config, out: &mut Findi
             "is a member of rds_replication"
         };
         out.pass(format!("source: user {user} {how} and may stream changes"));
+        check_replication_connection(config, out).await;
     } else {
         out.fail(format!(
             "source: user {user} may not replicate: ALTER ROLE {user} REPLICATION (RDS: GRANT rds_replication TO {user})"
