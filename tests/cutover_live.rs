@@ -118,6 +118,31 @@ async fn schema_then_run_then_deferred_ddl_then_verify_then_teardown() {
         last_error.contains("sluice run stopped on: Replication slot sluice is gone"),
         "{out}"
     );
+    // Status says so from the source too (not "run creates it"), as a definite problem:
+    // `lag --until-below` stops waiting for what cannot come.
+    assert!(
+        last_error.contains("Replication slot sluice is gone from the source, but changes were copied or streamed from it"),
+        "{out}"
+    );
+    assert!(!out.contains("creates it"), "{out}");
+    let started = std::time::Instant::now();
+    let (code, out, err) = sluice_async(&[
+        "lag",
+        "--until-below",
+        "1GB",
+        "--timeout",
+        "2m",
+        "--config",
+        &config_arg,
+    ])
+    .await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("is gone from the source"), "{out}{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
 
     // Recreating the migrated tables empty would leave the state dir resuming into them.
     let (code, out, err) =

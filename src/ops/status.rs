@@ -111,6 +111,7 @@ pub async fn direct_report(config: &Config, read_checkpoint: bool) -> StatusRepo
     }
 
     let (source, target) = tokio::join!(read_source(config), read_target(config));
+    let mut slot_missing = false;
     match source {
         Ok(sample) => {
             report.source_lsn = Some(sample.source_lsn);
@@ -129,14 +130,12 @@ pub async fn direct_report(config: &Config, read_checkpoint: bool) -> StatusRepo
                         ));
                     }
                 }
-                None => report.warnings.push(format!(
-                    "Slot {} does not exist on the source: `sluice run` creates it",
-                    config.source.slot
-                )),
+                None => slot_missing = true,
             }
         }
         Err(error) => problem(&mut report, &mut problems, error),
     }
+    let target_has_position = matches!(target, Ok(Some(_)));
     match target {
         // The target's row is the authority for what was applied; the checkpoint may only
         // know a later caught-up (keepalive) position.
@@ -160,6 +159,29 @@ pub async fn direct_report(config: &Config, read_checkpoint: bool) -> StatusRepo
             .or(report.applied_lsn)
             .or(report.confirmed_flush_lsn);
         report.lag_bytes = caught_up.map(|c| source_lsn.bytes_since(c));
+    }
+    if slot_missing {
+        // `run` refuses a new slot once changes were copied or streamed from the old one:
+        // the writes since it went are lost. Say the same, as a definite problem, so
+        // `lag --until-below` stops waiting for what cannot come.
+        let streamed = target_has_position
+            || report.caught_up_lsn.is_some_and(|lsn| lsn > Lsn::ZERO)
+            || report.tables.iter().any(|t| t.state != TableState::Pending);
+        if streamed {
+            problem(
+                &mut report,
+                &mut problems,
+                crate::control::monitor::slot_lost_error(
+                    &config.source.slot,
+                    "is gone from the source, but changes were copied or streamed from it",
+                ),
+            );
+        } else {
+            report.warnings.push(format!(
+                "Slot {} does not exist on the source: `sluice run` creates it",
+                config.source.slot
+            ));
+        }
     }
     if report.wal_status.as_deref() == Some("lost") {
         let lost = crate::control::monitor::slot_lost_error(
