@@ -212,21 +212,15 @@ impl Config {
                     let before = &text[..span.start.min(text.len())];
                     let line = before.matches('\n').count() + 1;
                     let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
-                    // The table the key sits in (`slott` under `[target]`), which toml's
-                    // message leaves out.
-                    let section = before
-                        .lines()
-                        .rev()
-                        .map(str::trim)
-                        .find(|l| l.starts_with('[') && l.ends_with(']'))
-                        .map(|l| format!(" (in {l})"))
-                        .unwrap_or_default();
-                    format!(" at line {line}, column {column}{section}")
+                    format!(
+                        " at line {line}, column {column}{}",
+                        toml_place(text, span.start)
+                    )
                 })
                 .unwrap_or_default();
             Error::config(format!(
                 "Invalid configuration in {origin}{place}: {}",
-                e.message().trim()
+                plain_serde_message(e.message().trim())
             ))
         })?;
         Self::from_raw(raw, overrides)
@@ -524,6 +518,49 @@ pub fn format_size(bytes: u64) -> String {
     }
 }
 
+/// The key (and its table) or the table header at byte `offset` of a TOML text, for an
+/// error toml reports without them: a value of the wrong type names neither.
+fn toml_place(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    let header = |l: &str| l.starts_with('[') && l.ends_with(']');
+    if header(line) {
+        return format!(" (the table {line})");
+    }
+    let section = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| header(l))
+        .map(|l| format!(" in {l}"))
+        .unwrap_or_default();
+    match line.split_once('=') {
+        Some((key, _)) => format!(" (key {}{section})", key.trim().trim_matches('"')),
+        None => section
+            .strip_prefix(' ')
+            .map(|s| format!(" ({s})"))
+            .unwrap_or_default(),
+    }
+}
+
+/// serde names Rust types ("expected i64"); the operator wrote TOML.
+fn plain_serde_message(message: &str) -> String {
+    [
+        ("expected i64", "expected a whole number"),
+        ("expected u64", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+        ("expected usize", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+    ]
+    .iter()
+    .fold(message.to_string(), |m, (rust, plain)| {
+        m.replace(rust, plain)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -626,7 +663,24 @@ mod tests {
         let error = parse(&format!("{MINIMAL}\n[apply]\nbatch_rows = 5\n")).unwrap_err();
         assert_eq!(error.exit_code(), 2);
         assert!(error.to_string().contains("batch_rows"), "{error}");
-        assert!(error.to_string().contains("(in [apply])"), "{error}");
+        assert!(
+            error.to_string().contains("(key batch_rows in [apply])"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn values_of_the_wrong_type_name_their_key_in_toml_words() {
+        let error = parse(&format!("{MINIMAL}\n[copy]\njobs = \"four\"\n")).unwrap_err();
+        assert_eq!(error.exit_code(), 2);
+        let text = error.to_string();
+        assert!(text.contains("(key jobs in [copy])"), "{text}");
+        assert!(text.contains("expected a whole number"), "{text}");
+        let error = parse(&format!("{MINIMAL}\n[source2]\nx = 1\n")).unwrap_err();
+        assert!(
+            error.to_string().contains("(the table [source2])"),
+            "{error}"
+        );
     }
 
     #[test]

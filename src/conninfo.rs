@@ -433,7 +433,9 @@ fn parse_url(text: &str) -> std::result::Result<Vec<(String, String)>, String> {
             after.strip_prefix(':').map(str::to_string),
         )
     } else {
-        match hostport.rsplit_once(':') {
+        // The first colon ends the host, as in libpq: `h:5432:77` is a bad port, not a
+        // host named `h:5432`.
+        match hostport.split_once(':') {
             Some((host, port)) => (host.to_string(), Some(port.to_string())),
             None => (hostport.to_string(), None),
         }
@@ -617,6 +619,11 @@ mod tests {
         assert!(error.contains("source.url"), "{error}");
         assert!(error.contains("port"), "{error}");
         assert!(!error.contains("hunter2"), "{error}");
+        // Two ports: a bad port, as libpq says, not a host named "h:5432".
+        let error = ConnInfo::parse("postgresql://u@h:5432:77/d", "source.url")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("not a TCP port number"), "{error}");
 
         let error = ConnInfo::parse("host=h sslmode=sometimes password=hunter2", "target.url")
             .unwrap_err()
