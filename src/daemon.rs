@@ -916,6 +916,9 @@ async fn run_pipeline(
         acked_lsn: p
             .caught_up_lsn
             .max(local_position.map(|l| l.acked_lsn).unwrap_or_default()),
+        // Counts live in the state dir only: they go on from there.
+        applied_transactions: local_position.map_or(0, |l| l.applied_transactions),
+        applied_changes: local_position.map_or(0, |l| l.applied_changes),
     });
     if let (Some(resume), Some(confirmed)) = (resume, slot_state.confirmed_flush_lsn) {
         if confirmed > resume.acked_lsn {
@@ -970,6 +973,8 @@ async fn run_pipeline(
     }
 
     status.update(|s| {
+        s.applied_transactions = position.applied_transactions;
+        s.applied_changes = position.applied_changes;
         s.applied_lsn = target_position.as_ref().map(|p| p.applied_lsn);
         s.caught_up_lsn = target_position.as_ref().map(|p| p.caught_up_lsn);
         // After a copy too: the copy's state ends here.

@@ -100,6 +100,7 @@ async fn status_with_the_daemon_down_reads_the_slot_the_target_row_and_the_check
                 applied_lsn: Lsn(1),
                 caught_up_lsn: caught_up,
                 acked_lsn: caught_up,
+                ..Default::default()
             })
             .unwrap();
     }

@@ -199,6 +199,21 @@ async fn status_and_lag_report_a_running_daemon() {
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["state"], "stopped", "{out}");
     assert!(status["applied_lsn"].as_str().is_some(), "{out}");
+    // The counts are the migration's, not one run's: kept while stopped, and going on
+    // from there after a restart.
+    assert_eq!(status["applied_transactions"], 1, "{out}");
+    assert_eq!(status["applied_changes"], 1010, "{out}");
+    let mut daemon = pair.start_daemon(std::path::Path::new(config)).await;
+    source
+        .batch_execute("DELETE FROM t WHERE id <= 5")
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    let (_, out, _) = sluice(&["status", "--json", "--config", config]);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["applied_transactions"], 2, "{out}");
+    assert_eq!(status["applied_changes"], 1015, "{out}");
+    assert!(daemon.terminate().success());
 }
 
 /// Identity columns GENERATED ALWAYS (the schema `sluice schema` copies keeps them so): the

@@ -549,6 +549,8 @@ impl Executor {
             applied_lsn: end_lsn,
             caught_up_lsn: caught_up,
             acked_lsn: self.position.acked_lsn.max(caught_up),
+            applied_transactions: self.position.applied_transactions + transactions,
+            applied_changes: self.position.applied_changes + changes,
         };
         self.checkpoint().await?;
         let position = self.position;
@@ -556,8 +558,8 @@ impl Executor {
         self.status.update(|s| {
             s.applied_lsn = Some(position.applied_lsn);
             s.caught_up_lsn = Some(position.caught_up_lsn);
-            s.applied_transactions += transactions;
-            s.applied_changes += changes;
+            s.applied_transactions = position.applied_transactions;
+            s.applied_changes = position.applied_changes;
             if let Some(time) = commit_time {
                 let behind = time.to_system_time().elapsed().unwrap_or_default();
                 s.lag_seconds = Some(behind.as_secs_f64());

@@ -94,6 +94,8 @@ pub async fn direct_report(config: &Config, read_checkpoint: bool) -> StatusRepo
                 if let Some(position) = position {
                     report.applied_lsn = Some(position.applied_lsn).filter(|lsn| *lsn > Lsn::ZERO);
                     report.caught_up_lsn = Some(position.caught_up_lsn);
+                    report.applied_transactions = position.applied_transactions;
+                    report.applied_changes = position.applied_changes;
                 }
                 report.tables = tables;
             }
