@@ -234,7 +234,8 @@ async fn cutover_refuses_to_freeze_without_confirmation() {
     let stand_in = daemon_stand_in(&setup).await;
     let output = setup.sluice(&["cutover", "--freeze-source"]).await;
     stand_in.abort();
-    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    // Nobody can answer without a terminal: a usage error, as a missing flag is.
+    assert_eq!(output.status.code(), Some(2), "{}", show(&output));
     assert!(show(&output).contains("--yes"), "{}", show(&output));
     assert!(!read_only(&setup).await);
     // Nothing was frozen: no undo to run.

@@ -51,8 +51,8 @@ async fn teardown_refuses_until_safe_then_drops_everything() {
 
     // No terminal, no --yes.
     let output = setup.sluice(&["teardown"]).await;
-    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
-    assert!(show(&output).contains("pass --yes"), "{}", show(&output));
+    assert_eq!(output.status.code(), Some(2), "{}", show(&output));
+    assert!(show(&output).contains("Pass --yes"), "{}", show(&output));
     assert_eq!(leftovers(&setup).await, (1, 1, 1));
 
     // A daemon holds the state dir.

@@ -362,9 +362,13 @@ async fn freeze_and_switch(
             );
         }
         if !args.dry_run {
-            if !super::confirm("Freeze the source and end these sessions?", args.yes)? {
+            if !super::confirm(
+                "Freeze the source and end these sessions?",
+                args.yes,
+                "the source is unchanged",
+            )? {
                 return Err(Error::definite(
-                    "Cutover not confirmed: the source is unchanged. Answer yes on a terminal, or pass --yes",
+                    "Cutover not confirmed: the source is unchanged. Answer yes to go ahead, or pass --yes",
                 ));
             }
             // READ WRITE: a cutover run again (after "not ready") connects to a database

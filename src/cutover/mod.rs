@@ -89,13 +89,17 @@ pub fn find_pg_tool(tool: &str) -> Result<PathBuf> {
 
 /// Asks the operator to type `yes`. `--yes` skips the question; without a terminal on
 /// stdin there is nobody to ask, so the answer is no and the caller says to pass `--yes`.
-pub(crate) fn confirm(question: &str, yes: bool) -> Result<bool> {
+/// Asks on a terminal. Without one and without `--yes` nobody can answer: a usage error
+/// (exit 2) naming `what` was left untouched, as a missing flag is.
+pub(crate) fn confirm(question: &str, yes: bool, untouched: &str) -> Result<bool> {
     if yes {
         return Ok(true);
     }
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
-        return Ok(false);
+        return Err(Error::config(format!(
+            "No terminal to confirm on and no --yes: {untouched}. Pass --yes to go ahead without asking"
+        )));
     }
     crate::say_partial!("{question} Type yes to continue: ");
     let _ = std::io::stdout().flush();

@@ -211,9 +211,9 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
     for item in &plan {
         crate::say!("  - {item}");
     }
-    if !super::confirm("Drop these?", args.yes)? {
+    if !super::confirm("Drop these?", args.yes, "nothing was dropped")? {
         return Err(Error::definite(
-            "Teardown not confirmed: nothing was dropped. Answer yes on a terminal, or pass --yes",
+            "Teardown not confirmed: nothing was dropped. Answer yes to go ahead, or pass --yes",
         ));
     }
 
