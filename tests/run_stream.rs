@@ -298,6 +298,51 @@ async fn identity_columns_generated_always_keep_the_source_values() {
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
 
+/// A DEFERRABLE primary key cannot be a replica identity, so such tables replicate with
+/// REPLICA IDENTITY FULL; inside one source transaction two rows may then hold the same key
+/// (keys swapped or rotated). Matched by the key alone, the second update found both rows
+/// and wrote both: a row lost, another doubled, no error. Each change must reach exactly
+/// the row it changed on the source.
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_swapped_under_a_deferrable_primary_key_change_one_row_each() {
+    let pair = Pair::with_schema(
+        "CREATE TABLE ranks (id int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED, v text);
+         ALTER TABLE ranks REPLICA IDENTITY FULL;
+         CREATE TABLE slots (a int, b int, v text,
+                             PRIMARY KEY (a, b) DEFERRABLE INITIALLY IMMEDIATE);
+         ALTER TABLE slots REPLICA IDENTITY FULL;",
+    )
+    .await;
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute(
+            "INSERT INTO ranks SELECT g, 'r' || g FROM generate_series(1, 5) g;
+             INSERT INTO slots SELECT 1, g, 's' || g FROM generate_series(1, 4) g;",
+        )
+        .await
+        .unwrap();
+    source
+        .batch_execute(
+            "BEGIN;
+             UPDATE ranks SET id = 3 - id WHERE id IN (1, 2);
+             UPDATE ranks SET id = id % 3 + 3 WHERE id BETWEEN 3 AND 5;
+             COMMIT;
+             BEGIN;
+             SET CONSTRAINTS ALL DEFERRED;
+             UPDATE slots SET b = 5 - b;
+             DELETE FROM slots WHERE b = 1;
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    pair.assert_same("ranks").await;
+    pair.assert_same("slots").await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
+
 /// Databases with their own output settings, different on each side (legacy applications
 /// set `bytea_output = 'escape'`, a `DateStyle` or a time zone per database, which the
 /// walsender and every session inherit): rows matched by their whole old values (REPLICA

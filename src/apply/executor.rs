@@ -452,6 +452,10 @@ impl Executor {
         let table = &plan.target.dml_name();
         let columns = &plan.columns;
         let name = &plan.target.name;
+        let narrowing: &[usize] = match &plan.matching {
+            Matching::AllValues(key) => key,
+            _ => &[],
+        };
         let (text, values, what) = match &change {
             ValueChange::Update { old, new } => {
                 // The whole old row is known: an identity the target generates ALWAYS is
@@ -483,7 +487,7 @@ impl Executor {
                     values.push(text_of(cell)?);
                 }
                 (
-                    sql::update_by_values(table, columns, &set),
+                    sql::update_by_values(table, columns, &set, narrowing),
                     values,
                     format!("an update of {name}"),
                 )
@@ -494,7 +498,7 @@ impl Executor {
                     values.push(text_of(cell)?);
                 }
                 (
-                    sql::delete_by_values(table, columns),
+                    sql::delete_by_values(table, columns, narrowing),
                     values,
                     format!("a delete from {name}"),
                 )

@@ -98,7 +98,9 @@ enum Matching {
     /// Source column indexes of the key.
     Key(Vec<usize>),
     /// REPLICA IDENTITY FULL and no usable key on the target: all old values, one row.
-    AllValues,
+    /// The source column indexes of a key that narrows the search (through its index)
+    /// without naming one row by itself: a DEFERRABLE primary key, empty when none.
+    AllValues(Vec<usize>),
     /// No replica identity: updates and deletes cannot be matched.
     Impossible,
 }
@@ -501,6 +503,16 @@ impl Applier {
             .flatten();
         let matching = match relation.replica_identity {
             ReplicaIdentity::Full => match target_key {
+                // A deferrable key may be held by two rows in the middle of a source
+                // transaction (`UPDATE t SET id = 3 - id` swaps two keys): the key would
+                // then match both, and the second update write both rows. The whole old
+                // row names one row; the key still finds it through its index. Citus has
+                // no ctid to name one row by: the key it is.
+                Some(key)
+                    if table.primary_key_deferrable && table.distribution_column.is_none() =>
+                {
+                    Matching::AllValues(key)
+                }
                 Some(key) => Matching::Key(key),
                 None if table.distribution_column.is_some() => {
                     return Err(Error::new(
@@ -510,7 +522,7 @@ impl Applier {
                         ),
                     ))
                 }
-                None => Matching::AllValues,
+                None => Matching::AllValues(Vec::new()),
             },
             _ if !source_key.is_empty() => Matching::Key(source_key),
             _ => Matching::Impossible,
@@ -588,7 +600,7 @@ impl Applier {
         let bytes: usize = new_cells.iter().map(Cell::weight).sum();
         let key_indexes = match &plan.matching {
             Matching::Key(indexes) => indexes.clone(),
-            Matching::AllValues => {
+            Matching::AllValues(_) => {
                 let Some(OldTuple::Full(old)) = old else {
                     return Err(self.missing_old_tuple(relation, "UPDATE"));
                 };
@@ -679,7 +691,7 @@ impl Applier {
                 let key: Vec<Cell> = indexes.iter().map(|&i| old_cells[i].clone()).collect();
                 self.pending.queue(relation.oid).push_delete(key);
             }
-            Matching::AllValues => {
+            Matching::AllValues(_) => {
                 self.pending
                     .queue(relation.oid)
                     .push_by_values(ValueChange::Delete { old: old_cells });

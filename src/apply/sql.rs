@@ -196,19 +196,33 @@ pub fn delete_unnest(table: &str, keys: &[SqlColumn], dist: Option<&SqlColumn>) 
 /// function and matched no row. `num_nulls` asks whether the value itself is NULL (`IS
 /// NULL` is also true of a composite whose fields are all NULL). `LIMIT 1` through ctid
 /// changes exactly one row even when identical rows exist, as the source did.
-fn one_row_by_values(table: &str, columns: &[SqlColumn], first_param: usize) -> String {
-    let conditions: Vec<String> = columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let column = format!("o.{}", quote_ident(&c.name));
-            format!(
-                "CASE WHEN num_nulls({column}) = 0 THEN format('%s', {column}) END \
-                 IS NOT DISTINCT FROM ${}::text",
-                first_param + i
-            )
-        })
-        .collect();
+///
+/// `narrowing` (column indexes of a deferrable primary key) adds typed equalities on
+/// those columns, from the same parameters, so the key's index finds the candidates and the
+/// text comparisons pick the one row.
+fn one_row_by_values(
+    table: &str,
+    columns: &[SqlColumn],
+    first_param: usize,
+    narrowing: &[usize],
+) -> String {
+    let narrowed = narrowing.iter().map(|&i| {
+        let c = &columns[i];
+        format!(
+            "o.{} = {}",
+            quote_ident(&c.name),
+            c.cast(&format!("${}::text", first_param + i))
+        )
+    });
+    let by_text = columns.iter().enumerate().map(|(i, c)| {
+        let column = format!("o.{}", quote_ident(&c.name));
+        format!(
+            "CASE WHEN num_nulls({column}) = 0 THEN format('%s', {column}) END \
+             IS NOT DISTINCT FROM ${}::text",
+            first_param + i
+        )
+    });
+    let conditions: Vec<String> = narrowed.chain(by_text).collect();
     format!(
         "t.ctid = (SELECT o.ctid FROM {table} AS o WHERE {} LIMIT 1)",
         conditions.join(" AND ")
@@ -217,7 +231,12 @@ fn one_row_by_values(table: &str, columns: &[SqlColumn], first_param: usize) -> 
 
 /// One-row UPDATE matched by all old values. Parameters: new values (`set` order), then
 /// old values (`old` order), all text.
-pub fn update_by_values(table: &str, old: &[SqlColumn], set: &[SqlColumn]) -> String {
+pub fn update_by_values(
+    table: &str,
+    old: &[SqlColumn],
+    set: &[SqlColumn],
+    narrowing: &[usize],
+) -> String {
     let assignments: Vec<String> = set
         .iter()
         .enumerate()
@@ -232,15 +251,15 @@ pub fn update_by_values(table: &str, old: &[SqlColumn], set: &[SqlColumn]) -> St
     format!(
         "UPDATE {table} AS t SET {} WHERE {}",
         assignments.join(", "),
-        one_row_by_values(table, old, set.len() + 1)
+        one_row_by_values(table, old, set.len() + 1, narrowing)
     )
 }
 
 /// One-row DELETE matched by all old values. Parameters: old values, text.
-pub fn delete_by_values(table: &str, old: &[SqlColumn]) -> String {
+pub fn delete_by_values(table: &str, old: &[SqlColumn], narrowing: &[usize]) -> String {
     format!(
         "DELETE FROM {table} AS t WHERE {}",
-        one_row_by_values(table, old, 1)
+        one_row_by_values(table, old, 1, narrowing)
     )
 }
 
@@ -403,7 +422,7 @@ mod tests {
 
     #[test]
     fn full_identity_without_a_key_changes_exactly_one_row() {
-        let sql = update_by_values("t", &[id(), note()], &[note()]);
+        let sql = update_by_values("t", &[id(), note()], &[note()], &[]);
         assert_eq!(
             sql,
             "UPDATE t AS t SET \"note\" = $1::text::text WHERE t.ctid = (SELECT o.ctid FROM t AS o \
@@ -411,7 +430,20 @@ mod tests {
              DISTINCT FROM $2::text AND CASE WHEN num_nulls(o.\"note\") = 0 THEN format('%s', \
              o.\"note\") END IS NOT DISTINCT FROM $3::text LIMIT 1)"
         );
-        assert!(delete_by_values("t", &[id()]).ends_with("LIMIT 1)"));
+        assert!(delete_by_values("t", &[id()], &[]).ends_with("LIMIT 1)"));
+    }
+
+    #[test]
+    fn a_deferrable_key_narrows_the_search_through_its_index() {
+        let sql = delete_by_values("t", &[id(), note()], &[0]);
+        assert!(
+            sql.contains("WHERE o.\"id\" = $1::text::bigint AND CASE WHEN num_nulls(o.\"id\")"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("IS NOT DISTINCT FROM $2::text LIMIT 1)"),
+            "{sql}"
+        );
     }
 
     #[test]

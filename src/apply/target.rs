@@ -19,6 +19,9 @@ pub struct TargetTable {
     column_types: HashMap<String, (u32, i32)>,
     /// Primary-key column names, in key order (empty when the table has none).
     pub primary_key: Vec<String>,
+    /// The primary key is DEFERRABLE: inside one transaction two rows may hold the same key
+    /// (a swap), so the key alone does not name one row.
+    pub primary_key_deferrable: bool,
     /// Citus distribution column of a hash-distributed table.
     pub distribution_column: Option<String>,
     /// A plain table with inheritance children (legacy partitioning by inheritance):
@@ -236,7 +239,8 @@ pub async fn load(
             "SELECT a.attname::text, format_type(a.atttypid, -1),
                     COALESCE(a.attnum = ANY(i.indkey::int2[]), false),
                     array_position(i.indkey::int2[], a.attnum),
-                    a.attidentity = 'a', a.atttypid, a.atttypmod
+                    a.attidentity = 'a', a.atttypid, a.atttypmod,
+                    COALESCE(NOT i.indimmediate, false)
              FROM pg_attribute a
              LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
@@ -257,7 +261,9 @@ pub async fn load(
     let mut columns = HashMap::new();
     let mut column_types = HashMap::new();
     let mut key: Vec<(i32, String)> = Vec::new();
+    let mut primary_key_deferrable = false;
     for row in rows {
+        primary_key_deferrable |= row.get::<_, bool>(7);
         let column: String = row.get(0);
         column_types.insert(column.clone(), (row.get::<_, u32>(5), row.get::<_, i32>(6)));
         let type_name: String = row.get(1);
@@ -284,6 +290,7 @@ pub async fn load(
         columns,
         column_types,
         primary_key: key.into_iter().map(|(_, name)| name).collect(),
+        primary_key_deferrable,
         distribution_column,
         has_inheritance_children,
     })
@@ -567,6 +574,7 @@ mod tests {
                 .collect(),
             column_types: HashMap::new(),
             primary_key: vec!["id".into()],
+            primary_key_deferrable: false,
             distribution_column: None,
             has_inheritance_children: false,
         };
