@@ -1007,6 +1007,74 @@ async fn a_table_rewritten_during_a_chunked_copy_loses_no_row() {
     pair.assert_same("vf").await;
 }
 
+/// A rewrite committed after the copy's snapshot (ALTER TABLE ... TYPE, pg_repack) gives
+/// the table a new file whose rows that snapshot does not see: a whole-table (or key-range,
+/// or partitioned) copy read it as empty and said "copied", and the stream never brings
+/// those rows. The copy compares each leaf's file as of the snapshot with its file now and
+/// copies such a table again under a fresh snapshot.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_rewritten_after_the_snapshot_is_copied_again_not_left_empty() {
+    let pair = Pair::with_schema(
+        "CREATE TABLE first (id int PRIMARY KEY, pad text);
+         CREATE TABLE later (id int PRIMARY KEY, v int);
+         CREATE TABLE parts (id int PRIMARY KEY, v int) PARTITION BY RANGE (id);
+         CREATE TABLE parts_1 PARTITION OF parts FOR VALUES FROM (0) TO (5000);
+         CREATE TABLE parts_2 PARTITION OF parts FOR VALUES FROM (5000) TO (10000);",
+    )
+    .await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute(
+            "INSERT INTO first SELECT g, repeat('x', 500) FROM generate_series(1, 20000) g;
+             INSERT INTO later SELECT g, g FROM generate_series(1, 5000) g;
+             INSERT INTO parts SELECT g, g FROM generate_series(1, 9999) g;",
+        )
+        .await
+        .unwrap();
+    // `first` (the largest, copied first with one job) takes two seconds on the target, so
+    // the rewrites land while the other two wait their turn.
+    pair.target_client()
+        .await
+        .batch_execute(
+            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN PERFORM pg_sleep(2); RETURN NULL; END$$;
+             CREATE TRIGGER slow AFTER INSERT ON first FOR EACH STATEMENT EXECUTE FUNCTION slow();
+             ALTER TABLE first ENABLE ALWAYS TRIGGER slow;",
+        )
+        .await
+        .unwrap();
+    let config = pair.config("[copy]\nenabled = true\njobs = 1\n");
+    let daemon = Daemon::spawn(&config, &pair.dir.path().join("sluice.log"));
+    daemon.wait_for_log("planned table=public.parts").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    source
+        .batch_execute(
+            "ALTER TABLE later ALTER COLUMN v TYPE bigint;
+             ALTER TABLE parts ALTER COLUMN v TYPE bigint;",
+        )
+        .await
+        .unwrap();
+    pair.target_client()
+        .await
+        .batch_execute(
+            "ALTER TABLE later ALTER COLUMN v TYPE bigint;
+             ALTER TABLE parts ALTER COLUMN v TYPE bigint;",
+        )
+        .await
+        .unwrap();
+    daemon.wait_for_log("initial copy finished").await;
+    assert!(
+        daemon
+            .log()
+            .contains("The table was rewritten on the source"),
+        "{}",
+        daemon.log()
+    );
+    pair.wait_caught_up(&daemon).await;
+    pair.assert_same("first").await;
+    pair.assert_same("later").await;
+    pair.assert_same("parts").await;
+}
+
 /// A streamed table dropped on the source leaves the publication with it: the daemon says
 /// it was dropped (not "put it back", which would fail), and a restart without it streams.
 #[tokio::test(flavor = "multi_thread")]

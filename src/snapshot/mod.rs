@@ -542,21 +542,6 @@ async fn copy_tables(
         // loaded in parallel chunks (each would wait for another's rows): whole, in one.
         let whole_for_its_keys = checks_foreign_keys && self_referencing[position];
         let mut layout = plan::table_layout(source, &target, table).await?;
-        // Block ranges hold only while the table keeps this file: a rewrite (VACUUM FULL,
-        // CLUSTER, ALTER TABLE ... TYPE) moves rows between ranges copied and not yet copied.
-        layout.filenode = source
-            .query_one(
-                "SELECT pg_relation_filenode($1::oid::regclass)::int8",
-                &[&table.oid],
-            )
-            .await
-            .map_err(|e| {
-                error::pg(
-                    format!("Reading the file of {} on the source", table.name),
-                    e,
-                )
-            })?
-            .get(0);
         plan::apply_publication_filters(source, &ctx.config.source.publication, &mut layout)
             .await?;
         let blocks: i64 = source

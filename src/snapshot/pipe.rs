@@ -116,32 +116,43 @@ impl Worker {
                 e,
             ));
         }
-        if let (ChunkRange::Blocks { .. }, Some(planned)) = (chunk, layout.filenode) {
-            // The lock (COPY would take it anyway) keeps the file from changing until this
-            // chunk's transaction ends, so the file checked is the file read.
-            self.source
-                .batch_execute(&format!(
-                    "LOCK TABLE {} IN ACCESS SHARE MODE",
-                    layout.name.quoted()
-                ))
-                .await
-                .map_err(|e| source_error(&what, e))?;
-            let file: Option<i64> = self
-                .source
-                .query_one(
-                    "SELECT pg_relation_filenode($1::text::regclass)::int8",
-                    &[&layout.name.quoted()],
-                )
-                .await
-                .map_err(|e| source_error(&what, e))?
-                .get(0);
-            if file != Some(planned) {
-                return Err(Error::transient(format!(
-                    "{REWRITTEN}: {} (file {planned}, now {}) while its chunks were being copied (VACUUM FULL, CLUSTER, ALTER TABLE ... TYPE, pg_repack); its rows moved between block ranges, so it is copied again from the start under a fresh snapshot",
-                    layout.name,
-                    file.map(|f| f.to_string()).unwrap_or_else(|| "none".into())
-                )));
-            }
+        // A rewrite (ALTER TABLE ... TYPE, VACUUM FULL, CLUSTER, pg_repack) committed after
+        // the snapshot gives the table a new file whose rows this snapshot does not see (a
+        // rewrite is not MVCC-safe): the copy would read an empty table, or a block range
+        // of another file, and the stream carries no rows for it. Under the lock (COPY takes
+        // it anyway, and it keeps the file until this chunk's transaction ends), the file of
+        // each leaf as of the snapshot (pg_class, read through it) is compared with the file
+        // it has now.
+        self.source
+            .batch_execute(&format!(
+                "LOCK TABLE {} IN ACCESS SHARE MODE",
+                layout.name.quoted()
+            ))
+            .await
+            .map_err(|e| source_error(&what, e))?;
+        let rewritten: Vec<String> = self
+            .source
+            .query(
+                // pg_partition_tree lists nothing for a table that is not partitioned.
+                "SELECT c.oid::regclass::text
+                 FROM (SELECT relid FROM pg_partition_tree($1::text::regclass)
+                       UNION SELECT $1::text::regclass) AS tree
+                 JOIN pg_class AS c ON c.oid = tree.relid
+                 WHERE c.relkind = 'r'
+                   AND c.relfilenode IS DISTINCT FROM pg_relation_filenode(c.oid)",
+                &[&layout.name.quoted()],
+            )
+            .await
+            .map_err(|e| source_error(&what, e))?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        if !rewritten.is_empty() {
+            return Err(Error::transient(format!(
+                "{REWRITTEN}: {} ({}) after the copy's snapshot was taken (VACUUM FULL, CLUSTER, ALTER TABLE ... TYPE, TRUNCATE, pg_repack); that snapshot no longer sees its rows, so it is copied again from the start under a fresh snapshot",
+                layout.name,
+                rewritten.join(", ")
+            )));
         }
         self.target
             .batch_execute("BEGIN")

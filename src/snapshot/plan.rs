@@ -51,9 +51,6 @@ pub struct TableLayout {
     pub split_key: Option<String>,
     /// The publication's row filter for the table (PostgreSQL 15+), as SQL.
     pub row_filter: Option<String>,
-    /// The table's file when its chunks were planned (`pg_relation_filenode`): block-range
-    /// chunks are only valid while it is the same file (see `pipe::copy_chunk`).
-    pub filenode: Option<i64>,
 }
 
 /// One leaf partition of a partitioned source table.
@@ -254,7 +251,6 @@ pub async fn table_layout(
         leaves,
         split_key: None,
         row_filter: None,
-        filenode: None,
     })
 }
 
@@ -883,7 +879,6 @@ mod tests {
             leaves: leaves.to_vec(),
             split_key: None,
             row_filter: None,
-            filenode: None,
         };
         assert_eq!(
             source_copy_sql(&layout, whole(0)).unwrap(),
@@ -913,7 +908,6 @@ mod tests {
             leaves: Vec::new(),
             split_key: None,
             row_filter: None,
-            filenode: None,
         };
         assert_eq!(
             source_copy_sql(&layout, ChunkRange::Whole).unwrap(),
@@ -956,7 +950,6 @@ mod tests {
         // table's COPY into a SELECT.
         let filtered = TableLayout {
             row_filter: Some("(tenant = 7)".to_string()),
-            filenode: None,
             ..keyed.clone()
         };
         assert_eq!(
