@@ -104,6 +104,102 @@ async fn a_dead_copy_connection_is_retried_under_the_same_snapshot() {
     );
 }
 
+/// A TCP proxy to the target port that forwards everything, except that the first COMMIT a
+/// connection sends after a COPY (while `armed`) reaches the target and its reply never
+/// comes back: the connection is closed instead. The chunk committed; its client cannot
+/// tell.
+async fn commit_reply_losing_proxy(
+    target_port: u16,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let armed = std::sync::Arc::new(AtomicBool::new(true));
+    let armed_for_proxy = armed.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let armed = armed_for_proxy.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                else {
+                    return;
+                };
+                let (mut from_client, mut to_client) = client.into_split();
+                let (mut from_server, mut to_server) = server.into_split();
+                let back = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(n) = from_server.read(&mut buf).await {
+                        if n == 0 || to_client.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let mut buf = vec![0u8; 65536];
+                let mut copied = false;
+                while let Ok(n) = from_client.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    copied |= contains(&buf[..n], b"COPY ");
+                    let lose_reply = copied
+                        && contains(&buf[..n], b"COMMIT\0")
+                        && armed.swap(false, Ordering::SeqCst);
+                    if lose_reply {
+                        // Nothing is owed to the client before its COMMIT: stop the way back
+                        // first, so the reply cannot slip through.
+                        back.abort();
+                        let _ = to_server.write_all(&buf[..n]).await;
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        return;
+                    }
+                    if to_server.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                back.abort();
+            });
+        }
+    });
+    (port, armed)
+}
+
+/// The target's reply to a chunk's COMMIT lost (a network drop, a target restarting right
+/// after the commit): the chunk did commit, and retrying it copied its rows a second time
+/// (a table without a key kept both; with a deferred key its build failed). The copy asks
+/// the target how the transaction ended before retrying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_commit_reply_does_not_copy_a_chunk_twice() {
+    let pair = start_pair().await;
+    pair.schema("CREATE TABLE big (id int8, payload text NOT NULL)")
+        .await;
+    pair.src
+        .batch_execute(
+            "INSERT INTO big SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, 30000) g;
+             ANALYZE big;",
+        )
+        .await
+        .unwrap();
+    let (proxy_port, armed) = commit_reply_losing_proxy(pair.target.port).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let text = format!(
+        "[source]\nurl = \"{}\"\n[target]\nurl = \"postgresql://postgres@127.0.0.1:{proxy_port}/app\"\n[copy]\njobs = 2\nsplit_tables_larger_than = \"512kB\"\n[state]\ndir = \"{}\"\n",
+        pair.source.url("app"),
+        dir.path().display()
+    );
+    let config = sluice::config::Config::parse(&text, "test", &Default::default()).unwrap();
+    let ctx = pair.context(config, &store).await;
+    let outcome = initial_copy(&ctx).await.expect("the copy goes on");
+    assert!(
+        !armed.load(std::sync::atomic::Ordering::SeqCst),
+        "a COMMIT reply was lost"
+    );
+    assert_eq!(outcome.rows, 30000);
+    pair.assert_same("big", "id, payload").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_copy_resumes_under_a_temporary_slot_with_a_sync_lsn() {
     let pair = start_pair().await;

@@ -800,11 +800,13 @@ async fn work(round: Arc<Round>) -> Result<()> {
                         job.waits_for_references = Some((finished, e));
                         break Ok(None);
                     }
-                    // Both need a round under a fresh snapshot, which copies the table
-                    // again from the start; retrying under this one cannot help.
+                    // These need a round under a fresh snapshot, which empties the table and
+                    // copies it again from the start; retrying the chunk cannot help (or,
+                    // after a COMMIT that may have happened, would copy its rows twice).
                     let snapshot_gone = e.sqlstate() == Some("22023");
                     let rewritten = e.report().contains(pipe::REWRITTEN);
-                    if !e.is_transient() || snapshot_gone || rewritten {
+                    let commit_unknown = e.report().contains(pipe::COMMIT_UNKNOWN);
+                    if !e.is_transient() || snapshot_gone || rewritten || commit_unknown {
                         break Err(e);
                     }
                     if attempt >= CHUNK_ATTEMPTS {

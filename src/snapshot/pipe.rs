@@ -22,6 +22,9 @@ use crate::source::quote_literal;
 
 /// Marks the error of a chunk whose table was rewritten since its chunks were planned.
 pub const REWRITTEN: &str = "The table was rewritten on the source";
+/// Marks the error of a chunk whose target COMMIT may or may not have happened.
+pub const COMMIT_UNKNOWN: &str =
+    "the connection to the target was lost during COMMIT and how it ended could not be learned";
 use crate::tls;
 
 /// Text output and input must agree on how values are written (`session::rendering_sql`),
@@ -36,10 +39,13 @@ const COALESCE_BYTES: usize = 128 * 1024;
 pub struct Worker {
     source: Client,
     target: Client,
+    /// To ask, on a connection of its own, how a COMMIT whose reply was lost ended.
+    target_conn: ConnInfo,
 }
 
 impl Worker {
     pub async fn connect(source: &ConnInfo, target: &ConnInfo) -> Result<Worker> {
+        let target_conn = target.clone();
         let source = tls::connect(source, "the source").await?;
         source
             .batch_execute(&format!(
@@ -63,7 +69,11 @@ impl Worker {
         {
             tracing::debug!(error = %e, "session_replication_role = replica not allowed on the target; copying with triggers enabled");
         }
-        Ok(Worker { source, target })
+        Ok(Worker {
+            source,
+            target,
+            target_conn,
+        })
     }
 
     /// Copies one chunk under `snapshot`, committing it on the target.
@@ -158,6 +168,14 @@ impl Worker {
             .batch_execute("BEGIN")
             .await
             .map_err(|e| error::pg(format!("Copying {what}: BEGIN on the target"), e))?;
+        // The transaction's id, so that a COMMIT whose reply is lost can be looked up
+        // rather than the chunk copied a second time beside its committed rows.
+        let xid: i64 = self
+            .target
+            .query_one("SELECT txid_current()", &[])
+            .await
+            .map_err(|e| error::pg(format!("Copying {what}: on the target"), e))?
+            .get(0);
 
         let sink = self
             .target
@@ -209,10 +227,14 @@ impl Worker {
         counted.0 += pending.0;
         counted.1 += pending.1;
         let rows = sink.finish().await.map_err(|e| target_error(&what, e))?;
-        self.target
-            .batch_execute("COMMIT")
-            .await
-            .map_err(|e| target_error(&what, e))?;
+        if let Err(e) = self.target.batch_execute("COMMIT").await {
+            // A refusal (a deferred constraint) is an answer; a lost connection is not: the
+            // COMMIT may have been carried out and only its reply lost.
+            if e.as_db_error().is_some() || !self.committed_after_all(xid, &what).await? {
+                return Err(target_error(&what, e));
+            }
+            tracing::info!(chunk = %what, "the target's reply to COMMIT was lost, but the chunk's transaction committed: it is not copied again");
+        }
         // Nothing was written on the source; ending the snapshot transaction is all.
         let _ = self.source.batch_execute("COMMIT").await;
         // Replace the message count with the exact row count.
@@ -226,6 +248,44 @@ impl Worker {
             rows,
             bytes: counted.1,
         })
+    }
+}
+
+impl Worker {
+    /// How the target transaction `xid` ended, asked on a fresh connection: `true` when it
+    /// committed. A backend whose client went away finishes the COMMIT it was given first,
+    /// and a target restarting takes a moment: both are asked again for a while. When no
+    /// answer comes, the error ([`COMMIT_UNKNOWN`]) makes the copy empty the table and copy
+    /// it again under a fresh snapshot instead of retrying the chunk beside rows it may
+    /// have committed.
+    async fn committed_after_all(&self, xid: i64, what: &str) -> Result<bool> {
+        let mut last = String::new();
+        let mut client = None;
+        for _ in 0..50 {
+            if client.is_none() {
+                match tls::connect(&self.target_conn, "the target").await {
+                    Ok(c) => client = Some(c),
+                    Err(e) => last = e.report(),
+                }
+            }
+            if let Some(c) = &client {
+                match c.query_one("SELECT txid_status($1)", &[&xid]).await {
+                    Ok(row) => match row.get::<_, Option<String>>(0).as_deref() {
+                        Some("committed") => return Ok(true),
+                        Some("aborted") => return Ok(false),
+                        other => last = format!("transaction {xid} is {other:?}"),
+                    },
+                    Err(e) => {
+                        last = e.to_string();
+                        client = None;
+                    }
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        Err(Error::transient(format!(
+            "Copying {what}: {COMMIT_UNKNOWN} ({last}); its rows may be on the target already, so the table is emptied and copied again rather than the chunk retried"
+        )))
     }
 }
 
