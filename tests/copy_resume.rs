@@ -200,6 +200,54 @@ async fn a_lost_commit_reply_does_not_copy_a_chunk_twice() {
     pair.assert_same("big", "id, payload").await;
 }
 
+/// Tables an earlier process left half copied are emptied before they are copied again. A
+/// foreign key between two of them made TRUNCATE refuse the referenced one alone, and every
+/// restart failed the same way: they are emptied in one TRUNCATE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn half_copied_tables_linked_by_a_foreign_key_are_emptied_together() {
+    let pair = start_pair().await;
+    pair.schema(
+        "CREATE TABLE parent (id int8 PRIMARY KEY, payload text NOT NULL);
+         CREATE TABLE child (id int8 PRIMARY KEY, parent_id int8 NOT NULL, payload text NOT NULL);",
+    )
+    .await;
+    pair.dst
+        .batch_execute("ALTER TABLE child ADD FOREIGN KEY (parent_id) REFERENCES parent (id)")
+        .await
+        .unwrap();
+    pair.src
+        .batch_execute(
+            "INSERT INTO parent SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, 30000) g;
+             INSERT INTO child SELECT g, g, repeat(md5(g::text), 2) FROM generate_series(1, 20000) g;
+             ANALYZE;
+             CREATE PUBLICATION sluice FOR ALL TABLES;",
+        )
+        .await
+        .unwrap();
+    slow_down(&pair.dst, "parent").await;
+    let parent = TableName::new("public", "parent");
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let config = pair.config(1, "256kB", dir.path());
+    let ctx = pair.context(config.clone(), &store).await;
+    let copy = tokio::spawn(async move { initial_copy(&ctx).await });
+    wait_for("one chunk of parent", || {
+        !state::done_chunks(&store, &parent, 0).unwrap().is_empty()
+    })
+    .await;
+    copy.abort();
+    assert!(copy.await.unwrap_err().is_cancelled());
+    let records = state::load_tables(&store).unwrap();
+    assert_eq!(records.len(), 2);
+    assert!(records.iter().all(|r| !r.finished), "both cut off");
+
+    // A new process: both are emptied (in one TRUNCATE) and copied again.
+    let ctx = pair.context(config, &store).await;
+    initial_copy(&ctx).await.expect("resumed copy");
+    pair.assert_same("parent", "id, payload").await;
+    pair.assert_same("child", "id, parent_id, payload").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_copy_resumes_under_a_temporary_slot_with_a_sync_lsn() {
     let pair = start_pair().await;

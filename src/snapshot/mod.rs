@@ -522,6 +522,12 @@ async fn copy_tables(
 ) -> Result<()> {
     let names: Vec<&TableName> = pending.iter().map(|(_, table)| &table.name).collect();
     let target = tls::connect(&ctx.config.target.conn, "the target").await?;
+    let earlier: Vec<&TableName> = names
+        .iter()
+        .copied()
+        .filter(|name| records.contains_key(*name))
+        .collect();
+    empty_target_tables(&target, &earlier).await?;
     let version: i32 = source
         .query_one("SELECT current_setting('server_version_num')::int4", &[])
         .await
@@ -715,8 +721,52 @@ async fn foreign_key_references(
     Ok((references, self_referencing))
 }
 
+/// Empties, in one TRUNCATE, the target tables an earlier attempt may have left rows in
+/// (their copy was not finished and its snapshot is gone). One statement, because a foreign
+/// key between two of them makes TRUNCATE refuse either table alone. Never CASCADE: that
+/// would empty tables outside the copy.
+async fn empty_target_tables(target: &Client, names: &[&TableName]) -> Result<()> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let quoted: Vec<String> = names.iter().map(|name| name.quoted()).collect();
+    // ONLY keeps inheritance children out; a partitioned table refuses it (its partitions
+    // are its rows).
+    let rows = target
+        .query(
+            "SELECT n, c.relkind = 'p' FROM unnest($1::text[]) AS n
+             LEFT JOIN pg_class c ON c.oid = to_regclass(n)",
+            &[&quoted],
+        )
+        .await
+        .map_err(|e| error::pg("Reading the target tables to empty", e))?;
+    let list: Vec<String> = rows
+        .iter()
+        .map(|row| match row.get::<_, Option<bool>>(1) {
+            Some(true) => row.get::<_, String>(0),
+            _ => format!("ONLY {}", row.get::<_, String>(0)),
+        })
+        .collect();
+    let shown: Vec<String> = names.iter().map(|name| name.to_string()).collect();
+    tracing::info!(
+        tables = %crate::source::abbreviate(&shown, 10),
+        "emptying the tables on the target: their earlier copy was not finished and its snapshot is gone"
+    );
+    target
+        .batch_execute(&format!("TRUNCATE {}", list.join(", ")))
+        .await
+        .map_err(|e| {
+            error::pg(
+                format!("Emptying {} on the target before copying them again (TRUNCATE); if a foreign key from a table outside these refers to one of them, drop that constraint until the copy is done", crate::source::abbreviate(&shown, 10)),
+                e,
+            )
+        })?;
+    Ok(())
+}
+
 /// Before a table is copied under this round's snapshot its target table must be empty:
-/// emptied when an earlier attempt may have left rows, checked otherwise.
+/// emptied (by `empty_target_tables`) when an earlier attempt may have left rows, checked
+/// otherwise.
 async fn empty_target_table(
     ctx: &CopyContext,
     target: &Client,
@@ -724,21 +774,7 @@ async fn empty_target_table(
     earlier: Option<&TableRecord>,
 ) -> Result<()> {
     let name = &layout.name;
-    if let Some(earlier) = earlier {
-        tracing::info!(
-            table = %name,
-            generation = earlier.generation,
-            "emptying the table on the target: its earlier copy was not finished and its snapshot is gone"
-        );
-        target
-            .batch_execute(&plan::truncate_sql(layout))
-            .await
-            .map_err(|e| {
-                error::pg(
-                    format!("Emptying {name} on the target before copying it again (TRUNCATE); if a foreign key refers to it, drop that constraint until the copy is done"),
-                    e,
-                )
-            })?;
+    if earlier.is_some() {
         state::clear_chunks(&ctx.store, name)?;
         return Ok(());
     }
