@@ -219,6 +219,38 @@ async fn a_copy_killed_midway_resumes_and_ends_exactly_once() {
     assert_all_same(&pair).await;
 }
 
+/// A sluice killed while its new slot waited for the source's open transactions leaves the
+/// slot half made, held by the dying session's walsender until they end. The next start
+/// waits for it (retried, as a slot held by a dying session is) instead of exiting with
+/// advice to drop a slot that cannot be dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_left_half_made_by_a_killed_start_is_waited_for() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    seed(&pair).await;
+    let config = pair.config("[copy]\nenabled = true\n");
+    let open = pair.source.connect("app").await;
+    open.batch_execute("BEGIN; SELECT txid_current()")
+        .await
+        .unwrap();
+    let mut first = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
+    first
+        .wait_for_log("creating the replication slot waits for transactions")
+        .await;
+    first.kill9();
+    let mut second = Daemon::spawn(&config, &pair.dir.path().join("second.log"));
+    second
+        .wait_for_log("is still being created by session")
+        .await;
+    assert!(
+        second.wait(Duration::from_secs(2)).is_none(),
+        "the second start gave up:\n{}",
+        second.log()
+    );
+    open.batch_execute("COMMIT").await.unwrap();
+    second.wait_for_log("initial copy finished").await;
+    stream_and_compare(&pair, &second, "INSERT INTO tags VALUES ('after', 1)").await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_the_copy_stops_promptly_and_the_next_start_finishes_it() {
     let pair = Pair::with_schema(SCHEMA).await;

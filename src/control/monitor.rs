@@ -444,7 +444,10 @@ impl Monitor {
             // it was ever seen is a start-up race, not a loss.
             return Ok(());
         };
-        self.seen_slot = true;
+        // A slot still being created (no confirmed position yet: one a killed start left
+        // waiting for the source's open transactions) may yet vanish with its session; only
+        // a made slot that goes missing is a loss.
+        self.seen_slot |= slot.confirmed_flush_lsn.is_some();
         if slot.wal_status.as_deref() == Some("lost") {
             let error = slot_lost_error(
                 &self.slot,

@@ -410,11 +410,23 @@ async fn copy_round(
                         conn.dbname, info.plugin, info.database
                     )));
                 }
-                let consistent_point = info.confirmed_flush_lsn.ok_or_else(|| {
-                    Error::definite(format!(
-                        "Replication slot {slot} has no confirmed_flush_lsn: it is not a usable logical slot; drop it or choose another source.slot"
-                    ))
-                })?;
+                let consistent_point = match (info.confirmed_flush_lsn, info.active_pid) {
+                    (Some(lsn), _) => lsn,
+                    // Still being created by a session (a sluice killed while the slot
+                    // waited for the source's open transactions): it finishes, or vanishes
+                    // with that session, once those end. Retried, as a slot held by a dying
+                    // session is.
+                    (None, Some(pid)) => {
+                        return Err(Error::transient(format!(
+                            "Replication slot {slot} is still being created by session {pid} (a sluice stopped while the slot waited for the source's open transactions to end?); waiting for it to finish or go away"
+                        )))
+                    }
+                    (None, None) => {
+                        return Err(Error::definite(format!(
+                            "Replication slot {slot} has no confirmed_flush_lsn: it is not a usable logical slot; drop it or choose another source.slot"
+                        )))
+                    }
+                };
                 tracing::warn!(
                     slot,
                     %consistent_point,
