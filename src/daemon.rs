@@ -124,6 +124,40 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
     result
 }
 
+/// Validates the deferred foreign keys created NOT VALID once apply has caught up to
+/// `after` (`cutover::schema::validate_deferred_foreign_keys`). A key that does not hold is
+/// an error in the log and a warning in `status`; streaming goes on.
+async fn validate_foreign_keys_when_caught_up(
+    target: crate::conninfo::ConnInfo,
+    status: SharedStatus,
+    after: Lsn,
+) {
+    while status
+        .snapshot()
+        .caught_up_lsn
+        .is_none_or(|lsn| lsn < after)
+    {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let result = async {
+        let client = tls::connect(&target, "the target").await?;
+        crate::cutover::schema::validate_deferred_foreign_keys(&client).await
+    }
+    .await;
+    match result {
+        Ok(problems) => {
+            for problem in problems {
+                tracing::error!("{problem}");
+                status.update(|s| s.warnings.push(problem));
+            }
+        }
+        Err(error) => tracing::warn!(
+            error = %error.report(),
+            "could not validate the foreign keys created NOT VALID after the copy; the next start tries again"
+        ),
+    }
+}
+
 /// SIGTERM or SIGINT (Ctrl-C), whichever comes first.
 pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -1007,6 +1041,9 @@ async fn run_pipeline(
         .map_err(|e| error::pg("Reading the source's wal_sender_timeout", e))?
         .get(0);
     let wal_sender_timeout = Duration::from_millis(wal_sender_timeout.max(0) as u64);
+    // Foreign keys the copy had to create NOT VALID hold once apply has passed every
+    // table's sync position (the rows they refer to have then arrived).
+    let validate_after = table_sync.values().max().copied().unwrap_or(Lsn::ZERO);
     let reader = Reader {
         client,
         items: items_tx,
@@ -1039,8 +1076,14 @@ async fn run_pipeline(
         progress,
     )
     .await?;
+    let validation = tokio::spawn(validate_foreign_keys_when_caught_up(
+        config.target.conn.clone(),
+        status.clone(),
+        validate_after,
+    ));
     let mut reader_task = tokio::spawn(reader.run());
     let applied = applier.run(items_rx, shutdown).await;
+    validation.abort();
     match applied {
         Ok(()) => {
             // Let the last acknowledgement reach the slot before the session closes.

@@ -331,6 +331,77 @@ async fn pair_through_sluice_schema(config_extra: &str) -> (Pair, std::path::Pat
     (pair, config)
 }
 
+/// A table copied again under a later snapshot (sluice killed in the middle of its copy)
+/// holds rows whose referenced rows, in a table copied before the kill, arrive only by
+/// streaming: its deferred foreign key failed to build, and so did every restart, with
+/// advice to delete the "orphans". It is created NOT VALID and validated once streaming has
+/// passed that table's sync position.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_key_over_tables_of_two_snapshots_is_validated_after_catching_up() {
+    let pair = Pair::with_schema("").await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute(
+            "CREATE TABLE customers (id bigint PRIMARY KEY, name text);
+             CREATE TABLE orders (id bigint PRIMARY KEY,
+                                  customer_id bigint NOT NULL REFERENCES customers (id), note text);
+             INSERT INTO customers SELECT g, 'customer ' || g FROM generate_series(1, 30000) g;
+             INSERT INTO orders SELECT g, g, 'o' FROM generate_series(1, 3000) g;",
+        )
+        .await
+        .unwrap();
+    let config = pair.config("[copy]\nenabled = true\njobs = 1\n");
+    let (code, out, err) = sluice(&["schema", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("DEFERRED FK CONSTRAINT public.orders"),
+        "{out}"
+    );
+    // orders (copied after the larger customers) is held up on the target, so the kill
+    // lands in the middle of its copy.
+    let blocker = hold_lock(&pair, "LOCK TABLE orders IN SHARE MODE").await;
+    let mut first = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
+    first
+        .wait_for_log("table copied table=public.customers")
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.kill9();
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    // Made while sluice is down: the order comes with orders' second copy, its customer only
+    // by streaming.
+    source
+        .batch_execute(
+            "BEGIN;
+             INSERT INTO customers VALUES (90001, 'new');
+             INSERT INTO orders VALUES (90001, 90001, 'new');
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    let second = Daemon::spawn(&config, &pair.dir.path().join("second.log"));
+    second.wait_for_log("initial copy finished").await;
+    assert!(
+        second.log().contains("foreign key created NOT VALID"),
+        "{}",
+        second.log()
+    );
+    second.wait_for_log("validated the foreign key").await;
+    pair.wait_caught_up(&second).await;
+    let validated: bool = pair
+        .target_client()
+        .await
+        .query_one(
+            "SELECT convalidated FROM pg_constraint WHERE conname = 'orders_customer_id_fkey'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(validated);
+    pair.assert_same("customers").await;
+    pair.assert_same("orders").await;
+}
+
 /// Takes `lock` (`LOCK TABLE t IN ... MODE`) on the target in a transaction that lasts
 /// until the returned client commits: holds a table's copy (SHARE) or its key build (ROW
 /// EXCLUSIVE) up, so a test can act while sluice provably waits.

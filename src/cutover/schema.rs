@@ -197,6 +197,34 @@ pub async fn apply_deferred_statement(
                 && deferred.statement.contains("PRIMARY KEY")
                 && e.as_db_error()
                     .is_some_and(|db| db.message().contains("multiple primary keys"));
+            // A foreign key whose rows do not hold yet: a table copied again under a later
+            // snapshot than the one it refers to (after a restart in the middle of the
+            // copy) holds rows whose referenced rows arrive only by streaming. Created NOT
+            // VALID (it holds for every row written from now on, and costs no scan), and
+            // validated once streaming has passed every table's sync position
+            // (`validate_deferred_foreign_keys`).
+            if code.as_deref() == Some("23503") {
+                if let Some(not_valid) = foreign_key_not_valid(&deferred.statement) {
+                    let run = async {
+                        target.batch_execute("BEGIN").await?;
+                        target.batch_execute(&not_valid).await?;
+                        target.execute(MARK_APPLIED, &[&id]).await?;
+                        target.batch_execute("COMMIT").await
+                    };
+                    match run.await {
+                        Ok(()) => {
+                            tracing::info!(
+                                statement = %title,
+                                "foreign key created NOT VALID: rows it refers to are still on their way (a table was copied under a later snapshot); validated once streaming has caught up"
+                            );
+                            return Ok(true);
+                        }
+                        Err(_) => {
+                            let _ = target.batch_execute("ROLLBACK").await;
+                        }
+                    }
+                }
+            }
             if matches!(code.as_deref(), Some("42P07") | Some("42710")) || key_present {
                 target
                     .execute(MARK_APPLIED, &[&id])
@@ -213,6 +241,115 @@ pub async fn apply_deferred_statement(
             ))
         }
     }
+}
+
+/// The statement of a deferred foreign key with NOT VALID added; `None` for other
+/// statements and for a key the source itself has NOT VALID (pg_dump writes it so).
+fn foreign_key_not_valid(statement: &str) -> Option<String> {
+    if !statement_title(statement).starts_with("FK CONSTRAINT ") || statement.contains("NOT VALID")
+    {
+        return None;
+    }
+    let body = statement.trim_end().strip_suffix(';')?;
+    Some(format!("{body} NOT VALID;"))
+}
+
+/// `ALTER TABLE <table> VALIDATE CONSTRAINT <name>` for a deferred foreign-key statement
+/// (`ALTER TABLE [ONLY] <table> ADD CONSTRAINT <name> FOREIGN KEY ...`, as pg_dump writes
+/// it: identifiers quoted where needed), with `<name>` as written.
+fn validate_statement(statement: &str) -> Option<(String, String)> {
+    let sql: String = statement
+        .lines()
+        .filter(|l| !l.starts_with("--"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let rest = sql.trim_start().strip_prefix("ALTER TABLE ")?;
+    let rest = rest.strip_prefix("ONLY ").unwrap_or(rest);
+    let (table, rest) = identifier_token(rest)?;
+    let rest = rest.trim_start().strip_prefix("ADD CONSTRAINT ")?;
+    let (name, rest) = identifier_token(rest)?;
+    rest.trim_start().starts_with("FOREIGN KEY").then(|| {
+        (
+            format!("ALTER TABLE {table} VALIDATE CONSTRAINT {name}"),
+            name.to_string(),
+        )
+    })
+}
+
+/// A possibly schema-qualified identifier as SQL writes it (double quotes keep spaces and
+/// dots), and what follows it.
+fn identifier_token(text: &str) -> Option<(&str, &str)> {
+    let text = text.trim_start();
+    let mut in_quotes = false;
+    for (i, c) in text.char_indices() {
+        match c {
+            '"' => in_quotes = !in_quotes,
+            c if c.is_whitespace() && !in_quotes => return Some((&text[..i], &text[i..])),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Validates the deferred foreign keys created NOT VALID (see `apply_deferred_statement`):
+/// call it once the target holds every row they refer to. A key that still does not hold
+/// is a difference between source and target: returned as text for the operator, not
+/// fatal (streaming goes on; `sluice verify` names the rows).
+pub async fn validate_deferred_foreign_keys(target: &Client) -> Result<Vec<String>> {
+    let exists: bool = target
+        .query_one("SELECT to_regclass('sluice.deferred_ddl') IS NOT NULL", &[])
+        .await
+        .map_err(|e| error::pg("Looking for sluice.deferred_ddl on the target", e))?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = target
+        .query(
+            "SELECT statement FROM sluice.deferred_ddl WHERE applied_at IS NOT NULL ORDER BY id",
+            &[],
+        )
+        .await
+        .map_err(|e| error::pg("Reading sluice.deferred_ddl on the target", e))?;
+    let mut problems = Vec::new();
+    for row in rows {
+        let statement: String = row.get(0);
+        if statement.contains("NOT VALID") {
+            continue;
+        }
+        let Some((validate, name)) = validate_statement(&statement) else {
+            continue;
+        };
+        let title = statement_title(&statement);
+        let table = validate
+            .strip_prefix("ALTER TABLE ")
+            .and_then(|t| t.split(" VALIDATE CONSTRAINT ").next())
+            .unwrap_or_default()
+            .to_string();
+        let not_valid: bool = target
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_constraint
+                                WHERE conrelid = to_regclass($1) AND quote_ident(conname) = $2
+                                  AND contype = 'f' AND NOT convalidated)",
+                &[&table, &name],
+            )
+            .await
+            .map_err(|e| error::pg(format!("Looking up {title} on the target"), e))?
+            .get(0);
+        if !not_valid {
+            continue;
+        }
+        match target.batch_execute(&validate).await {
+            Ok(()) => tracing::info!(statement = %title, "validated the foreign key"),
+            Err(e) => problems.push(format!(
+                "{title} does not hold on the target although streaming has caught up: {} (`sluice verify` shows which rows differ from the source)",
+                e.as_db_error().map_or_else(|| e.to_string(), |db| {
+                    format!("{}{}", db.message(), db.detail().map(|d| format!(" ({d})")).unwrap_or_default())
+                })
+            )),
+        }
+    }
+    Ok(problems)
 }
 
 /// Unique indexes of a distributed table (`tables`: its root and partitions) that lack its
@@ -1529,5 +1666,31 @@ mod tests {
     fn a_database_name_is_quoted_into_a_connection_string() {
         assert_eq!(dbname_conninfo("app"), "dbname='app'");
         assert_eq!(dbname_conninfo("a'b=c"), "dbname='a\\'b=c'");
+    }
+
+    #[test]
+    fn a_deferred_foreign_key_can_be_made_not_valid_and_validated_later() {
+        let statement = "-- FK CONSTRAINT public.orders orders_fk\nALTER TABLE ONLY public.orders\n    ADD CONSTRAINT orders_fk FOREIGN KEY (c) REFERENCES public.c(id) ON DELETE CASCADE;\n";
+        assert_eq!(
+            foreign_key_not_valid(statement).unwrap(),
+            "-- FK CONSTRAINT public.orders orders_fk\nALTER TABLE ONLY public.orders\n    ADD CONSTRAINT orders_fk FOREIGN KEY (c) REFERENCES public.c(id) ON DELETE CASCADE NOT VALID;"
+        );
+        assert_eq!(
+            validate_statement(statement).unwrap(),
+            (
+                "ALTER TABLE public.orders VALIDATE CONSTRAINT orders_fk".to_string(),
+                "orders_fk".to_string()
+            )
+        );
+        let quoted = "-- FK CONSTRAINT s.t k\nALTER TABLE ONLY \"my s\".\"T t\"\n    ADD CONSTRAINT \"K k\" FOREIGN KEY (c) REFERENCES s.c(id);";
+        assert_eq!(
+            validate_statement(quoted).unwrap().0,
+            "ALTER TABLE \"my s\".\"T t\" VALIDATE CONSTRAINT \"K k\""
+        );
+        // Not a foreign key, or one the source has NOT VALID itself: left alone.
+        assert!(
+            foreign_key_not_valid("-- INDEX public.i\nCREATE INDEX i ON public.t (c);").is_none()
+        );
+        assert!(foreign_key_not_valid(&statement.replace(";", " NOT VALID;")).is_none());
     }
 }
