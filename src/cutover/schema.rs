@@ -233,12 +233,14 @@ pub async fn apply_deferred_statement(
                 tracing::info!(statement = %title, "deferred DDL already present on the target");
                 return Ok(false);
             }
-            Err(error::pg(
-                format!(
-                    "Creating {title} on the target after the copy (sluice.deferred_ddl id {id}); fix the cause (duplicate keys for a unique index or primary key, orphan rows for a foreign key) or create it by hand, then restart"
-                ),
-                e,
-            ))
+            // Without an answer from the server (a lost connection, a restart) there is
+            // nothing to fix: it is built again on the next attempt.
+            let context = if e.as_db_error().is_none() {
+                format!("Creating {title} on the target after the copy (sluice.deferred_ddl id {id}): the connection was lost; it is built again on the next attempt")
+            } else {
+                format!("Creating {title} on the target after the copy (sluice.deferred_ddl id {id}); fix the cause (duplicate keys for a unique index or primary key, orphan rows for a foreign key) or create it by hand, then restart")
+            };
+            Err(error::pg(context, e))
         }
     }
 }

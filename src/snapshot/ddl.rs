@@ -111,10 +111,17 @@ pub async fn build(
                     Ok(n) => applied += n,
                     Err(e) => {
                         if failure.is_none() {
-                            tracing::error!(
-                                error = %e.report(),
-                                "a deferred index or constraint failed; the copy goes on, no other is started, and sluice stops with this error once the copy is over"
-                            );
+                            if e.is_transient() {
+                                tracing::warn!(
+                                    error = %e.report(),
+                                    "building a deferred index or constraint was interrupted; the copy goes on, no other is started, and it is built again once the copy is over"
+                                );
+                            } else {
+                                tracing::error!(
+                                    error = %e.report(),
+                                    "a deferred index or constraint failed; the copy goes on, no other is started, and sluice stops with this error once the copy is over"
+                                );
+                            }
                             failure = Some(e);
                         }
                     }
