@@ -1134,7 +1134,7 @@ async fn a_table_rewritten_after_the_snapshot_is_copied_again_not_left_empty() {
         )
         .await
         .unwrap();
-    // `first` (the largest, copied first with one job) takes two seconds on the target, so
+    // Each chunk of `first` (the largest, copied first) takes two seconds on the target, so
     // the rewrites land while the other two wait their turn.
     pair.target_client()
         .await
@@ -1145,7 +1145,11 @@ async fn a_table_rewritten_after_the_snapshot_is_copied_again_not_left_empty() {
         )
         .await
         .unwrap();
-    let config = pair.config("[copy]\nenabled = true\njobs = 1\n");
+    // Three chunks of `first` and two jobs: its third chunk is being copied when the
+    // other job finds the rewrites.
+    let config = pair.config(
+        "[copy]\nenabled = true\njobs = 2\nsplit_tables_larger_than = \"4MB\"\nsplit_by = \"ctid\"\n",
+    );
     let daemon = Daemon::spawn(&config, &pair.dir.path().join("sluice.log"));
     daemon.wait_for_log("planned table=public.parts").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1169,6 +1173,23 @@ async fn a_table_rewritten_after_the_snapshot_is_copied_again_not_left_empty() {
         daemon
             .log()
             .contains("The table was rewritten on the source"),
+        "{}",
+        daemon.log()
+    );
+    // Only the rewritten tables wait for the fresh snapshot: `first`, in the middle of its
+    // copy then, goes on under the first one (it is not emptied and copied again).
+    assert!(
+        daemon
+            .log()
+            .contains("this table is copied again under a fresh snapshot once the others are done"),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        !daemon
+            .log()
+            .lines()
+            .any(|l| l.contains("emptying the tables") && l.contains("public.first")),
         "{}",
         daemon.log()
     );

@@ -518,6 +518,38 @@ struct Round {
     chunk_ended: tokio::sync::Notify,
     /// Tells the deferred-DDL builder a table is copied (its quoted name).
     copied: UnboundedSender<String>,
+    /// Tables this snapshot cannot copy (rewritten since it was taken, or a chunk's COMMIT
+    /// of unknown outcome), with why: left for a round under a fresh snapshot, while the
+    /// other tables go on under this one.
+    set_aside: Mutex<Vec<(usize, Error)>>,
+}
+
+impl Round {
+    fn is_set_aside(&self, table: usize) -> bool {
+        self.set_aside
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|(t, _)| *t == table)
+    }
+
+    /// Sets `table` aside for the next round: its queued chunks are dropped. The first
+    /// reason is kept.
+    fn set_aside(&self, table: usize, why: Error) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|job| job.table != table);
+        let mut set_aside = self.set_aside.lock().unwrap_or_else(|p| p.into_inner());
+        if set_aside.iter().all(|(t, _)| *t != table) {
+            tracing::warn!(
+                table = %self.layouts[table].name,
+                reason = %why.report(),
+                "this table is copied again under a fresh snapshot once the others are done"
+            );
+            set_aside.push((table, why));
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -666,6 +698,7 @@ async fn copy_tables(
         chunks_running: AtomicUsize::new(0),
         chunk_ended: tokio::sync::Notify::new(),
         copied: copied.clone(),
+        set_aside: Mutex::new(Vec::new()),
     });
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..workers {
@@ -682,6 +715,12 @@ async fn copy_tables(
             set.abort_all();
             return Err(e);
         }
+    }
+    // Every other table is copied; the ones set aside need a fresh snapshot: the next
+    // round (only they are unfinished) takes one, empties them and copies them again.
+    let set_aside = std::mem::take(&mut *round.set_aside.lock().unwrap_or_else(|p| p.into_inner()));
+    if let Some((_, why)) = set_aside.into_iter().next() {
+        return Err(why);
     }
     Ok(())
 }
@@ -852,10 +891,15 @@ async fn work(round: Arc<Round>) -> Result<()> {
                     // copies it again from the start; retrying the chunk cannot help (or,
                     // after a COMMIT that may have happened, would copy its rows twice).
                     let snapshot_gone = e.sqlstate() == Some("22023");
+                    if !e.is_transient() || snapshot_gone {
+                        break Err(e);
+                    }
+                    // Only this table needs the fresh snapshot: the others go on.
                     let rewritten = e.report().contains(pipe::REWRITTEN);
                     let commit_unknown = e.report().contains(pipe::COMMIT_UNKNOWN);
-                    if !e.is_transient() || snapshot_gone || rewritten || commit_unknown {
-                        break Err(e);
+                    if rewritten || commit_unknown {
+                        round.set_aside(job.table, e);
+                        break Ok(None);
                     }
                     if attempt >= CHUNK_ATTEMPTS {
                         break Err(e.context(format!(
@@ -877,7 +921,8 @@ async fn work(round: Arc<Round>) -> Result<()> {
             Ok(Some(done)) => finish_chunk(&round, &job, done).map(|()| {
                 round.chunks_finished.fetch_add(1, Ordering::AcqRel);
             }),
-            Ok(None) => {
+            // Waiting for the rows it refers to: queued again (unless set aside).
+            Ok(None) if job.waits_for_references.is_some() && !round.is_set_aside(job.table) => {
                 round
                     .queue
                     .lock()
@@ -885,6 +930,7 @@ async fn work(round: Arc<Round>) -> Result<()> {
                     .push_back(job);
                 Ok(())
             }
+            Ok(None) => Ok(()),
             Err(e) => Err(e),
         };
         round.chunks_running.fetch_sub(1, Ordering::AcqRel);
