@@ -223,8 +223,12 @@ fn one_row_by_values(
         )
     });
     let conditions: Vec<String> = narrowed.chain(by_text).collect();
+    // A ctid names a row within one relation only: through a partitioned table (or an
+    // inheritance parent) the same ctid exists in every partition, and an UPDATE matched by
+    // ctid alone changed the row at that position in each of them. The pair is one InitPlan,
+    // and the ctid still makes a TID scan.
     format!(
-        "t.ctid = (SELECT o.ctid FROM {table} AS o WHERE {} LIMIT 1)",
+        "(t.tableoid, t.ctid) = (SELECT o.tableoid, o.ctid FROM {table} AS o WHERE {} LIMIT 1)",
         conditions.join(" AND ")
     )
 }
@@ -425,7 +429,7 @@ mod tests {
         let sql = update_by_values("t", &[id(), note()], &[note()], &[]);
         assert_eq!(
             sql,
-            "UPDATE t AS t SET \"note\" = $1::text::text WHERE t.ctid = (SELECT o.ctid FROM t AS o \
+            "UPDATE t AS t SET \"note\" = $1::text::text WHERE (t.tableoid, t.ctid) = (SELECT o.tableoid, o.ctid FROM t AS o \
              WHERE CASE WHEN num_nulls(o.\"id\") = 0 THEN format('%s', o.\"id\") END IS NOT \
              DISTINCT FROM $2::text AND CASE WHEN num_nulls(o.\"note\") = 0 THEN format('%s', \
              o.\"note\") END IS NOT DISTINCT FROM $3::text LIMIT 1)"
