@@ -808,7 +808,7 @@ async fn empty_target_tables(target: &Client, names: &[&TableName]) -> Result<()
         .await
         .map_err(|e| {
             error::pg(
-                format!("Emptying {} on the target before copying them again (TRUNCATE); if a foreign key from a table outside these refers to one of them, drop that constraint until the copy is done", crate::source::abbreviate(&shown, 10)),
+                format!("Emptying {} on the target before copying them again (TRUNCATE); a foreign key from another table (one copied already, or one outside the copy: the error's detail names it) refers to one of them: drop that constraint until the copy is done, and create it again after (`sluice schema` defers foreign keys and `run` creates them after the copy)", crate::source::abbreviate(&shown, 10)),
                 e,
             )
         })?;

@@ -140,6 +140,13 @@ pub async fn create_slot_exporting_snapshot(
                     error,
                 ));
             }
+            if text.contains("all replication slots are in use") {
+                return Err(Error::with_source(
+                    ErrorKind::Definite,
+                    format!("{what}: every max_replication_slots place is taken. Drop slots nobody uses (SELECT slot_name, active FROM pg_replication_slots), or raise max_replication_slots (a restart of the source); a copy resumed under a fresh snapshot needs one place more than the migration's own slot while it runs"),
+                    error,
+                ));
+            }
             return Err(error);
         }
         None => {
