@@ -143,6 +143,14 @@ async fn schema_then_run_then_deferred_ddl_then_verify_then_teardown() {
         "{:?}",
         started.elapsed()
     );
+    // check says so too, before run is tried.
+    let (code, out, err) = sluice_async(&["check", "--config", &config_arg]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.lines().any(|l| l.starts_with("FAIL")
+            && l.contains("replication slot sluice is gone, but the target holds changes")),
+        "{out}"
+    );
 
     // Recreating the migrated tables empty would leave the state dir resuming into them.
     let (code, out, err) =

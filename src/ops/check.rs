@@ -111,6 +111,8 @@ struct SourceFacts {
     /// The columns pgoutput sends for an old row: the primary key's (identity `d`) or the
     /// REPLICA IDENTITY index's (`i`). Tables with neither are absent.
     identity_columns: BTreeMap<u32, Vec<String>>,
+    /// Whether the slot exists; `None` when that could not be read.
+    slot_exists: Option<bool>,
 }
 
 async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts> {
@@ -127,12 +129,16 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
         }
     };
     out.pass(format!("source: connected to {}", conn.redacted()));
-    if let Err(error) = check_source_settings(&client, config, out).await {
-        out.fail(format!(
-            "source: cannot read its settings ({}): connect as a user who may read pg_settings and pg_roles",
-            error.report()
-        ));
-    }
+    let slot_exists = match check_source_settings(&client, config, out).await {
+        Ok(exists) => Some(exists),
+        Err(error) => {
+            out.fail(format!(
+                "source: cannot read its settings ({}): connect as a user who may read pg_settings and pg_roles",
+                error.report()
+            ));
+            None
+        }
+    };
     let tables = match selected_tables(&client, &config.tables).await {
         Ok(tables) => tables,
         Err(error) => {
@@ -280,6 +286,7 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
         tables,
         columns,
         identity_columns,
+        slot_exists,
     })
 }
 
@@ -354,7 +361,11 @@ async fn check_replication_connection(config: &Config, out: &mut Findings) {
     }
 }
 
-async fn check_source_settings(client: &Client, config: &Config, out: &mut Findings) -> Result<()> {
+async fn check_source_settings(
+    client: &Client,
+    config: &Config,
+    out: &mut Findings,
+) -> Result<bool> {
     let row = client
         .query_one(
             "SELECT current_setting('wal_level'),
@@ -445,7 +456,7 @@ async fn check_source_settings(client: &Client, config: &Config, out: &mut Findi
         out.warn(format!(
             "source: no max_slot_wal_keep_size before PostgreSQL 13 ({wal_text}): the slot retains WAL without limit while sluice is behind or stopped, which can fill the source's disk; watch `sluice lag` and the source's free space"
         ));
-        return Ok(());
+        return Ok(slot_exists);
     };
     if keep.trim() == "-1" {
         out.warn(format!(
@@ -456,7 +467,7 @@ async fn check_source_settings(client: &Client, config: &Config, out: &mut Findi
             "source: max_slot_wal_keep_size = {keep} ({wal_text}); a slot that falls further behind is invalidated and needs a fresh copy"
         ));
     }
-    Ok(())
+    Ok(slot_exists)
 }
 
 async fn check_read_privilege(
@@ -729,6 +740,18 @@ async fn check_target(config: &Config, source: Option<&SourceFacts>, out: &mut F
         }
     };
     out.pass(format!("target: connected to {}", conn.redacted()));
+    // `run` refuses a new slot once changes were applied from the old one: say so first.
+    if source.is_some_and(|facts| facts.slot_exists == Some(false)) {
+        match crate::checkpoint::read_target_position(&client, &config.source.slot).await {
+            Ok(Some(_)) => out.fail(format!(
+                "source: replication slot {} is gone, but the target holds changes applied from it: the changes since it went are lost. {}",
+                config.source.slot,
+                crate::daemon::FRESH_COPY
+            )),
+            Ok(None) => {}
+            Err(error) => out.fail(format!("target: {}", error.report())),
+        }
+    }
     let source_server = source.and_then(|facts| facts.server.as_ref());
     if let Some(source_server) = source_server {
         match crate::checkpoint::ServerIdentity::read(&client, "the target").await {
@@ -1276,6 +1299,7 @@ mod tests {
                 (11, vec!["id".to_string()]),
                 (13, vec!["id".to_string()]),
             ]),
+            slot_exists: None,
         };
         let findings = routing_findings(&facts, |name| {
             (name.name != "plain").then_some("customer_id")
