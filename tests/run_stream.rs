@@ -310,7 +310,10 @@ async fn keys_swapped_under_a_deferrable_primary_key_change_one_row_each() {
          ALTER TABLE ranks REPLICA IDENTITY FULL;
          CREATE TABLE slots (a int, b int, v text,
                              PRIMARY KEY (a, b) DEFERRABLE INITIALLY IMMEDIATE);
-         ALTER TABLE slots REPLICA IDENTITY FULL;",
+         ALTER TABLE slots REPLICA IDENTITY FULL;
+         CREATE TABLE uniq (id int NOT NULL, v text,
+                            CONSTRAINT uniq_id UNIQUE (id) DEFERRABLE INITIALLY DEFERRED);
+         ALTER TABLE uniq REPLICA IDENTITY FULL;",
     )
     .await;
     let config = pair.config("");
@@ -319,7 +322,8 @@ async fn keys_swapped_under_a_deferrable_primary_key_change_one_row_each() {
     source
         .batch_execute(
             "INSERT INTO ranks SELECT g, 'r' || g FROM generate_series(1, 5) g;
-             INSERT INTO slots SELECT 1, g, 's' || g FROM generate_series(1, 4) g;",
+             INSERT INTO slots SELECT 1, g, 's' || g FROM generate_series(1, 4) g;
+             INSERT INTO uniq SELECT g, 'u' || g FROM generate_series(1, 5) g;",
         )
         .await
         .unwrap();
@@ -333,13 +337,37 @@ async fn keys_swapped_under_a_deferrable_primary_key_change_one_row_each() {
              SET CONSTRAINTS ALL DEFERRED;
              UPDATE slots SET b = 5 - b;
              DELETE FROM slots WHERE b = 1;
-             COMMIT;",
+             COMMIT;
+             UPDATE uniq SET id = 6 - id;",
         )
         .await
         .unwrap();
     pair.wait_caught_up(&daemon).await;
     pair.assert_same("ranks").await;
     pair.assert_same("slots").await;
+    pair.assert_same("uniq").await;
+    // Without a primary key, the unique index over NOT NULL columns found the rows (not a
+    // scan of the whole table per change).
+    let target = pair.target_client().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let scans: i64 = target
+            .query_one(
+                "SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = 'uniq_id'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if scans > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "uniq_id was never used"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
 

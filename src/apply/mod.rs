@@ -522,7 +522,16 @@ impl Applier {
                         ),
                     ))
                 }
-                None => Matching::AllValues(Vec::new()),
+                // A unique index over NOT NULL columns narrows the search (an index
+                // lookup instead of a scan of the whole table per change).
+                None => Matching::AllValues(
+                    table
+                        .unique_columns
+                        .iter()
+                        .map(|c| index_of(c))
+                        .collect::<Option<Vec<_>>>()
+                        .unwrap_or_default(),
+                ),
             },
             _ if !source_key.is_empty() => Matching::Key(source_key),
             _ => Matching::Impossible,

@@ -22,6 +22,10 @@ pub struct TargetTable {
     /// The primary key is DEFERRABLE: inside one transaction two rows may hold the same key
     /// (a swap), so the key alone does not name one row.
     pub primary_key_deferrable: bool,
+    /// Without a primary key: the columns of a unique index over NOT NULL columns (no
+    /// expressions, no predicate), fewest first. Rows matched by all their old values find
+    /// their candidates through it instead of a scan of the whole table.
+    pub unique_columns: Vec<String>,
     /// Citus distribution column of a hash-distributed table.
     pub distribution_column: Option<String>,
     /// A plain table with inheritance children (legacy partitioning by inheritance):
@@ -277,6 +281,33 @@ pub async fn load(
         columns.insert(column, sql_column);
     }
     key.sort();
+    let unique_columns: Vec<String> = if key.is_empty() {
+        target
+            .query_opt(
+                "SELECT array_agg(a.attname::text ORDER BY k.ord)
+                 FROM pg_index i
+                 CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                 WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indisvalid
+                   AND i.indpred IS NULL AND i.indexprs IS NULL
+                 GROUP BY i.indexrelid
+                 HAVING bool_and(a.attnotnull)
+                 ORDER BY count(*), i.indexrelid
+                 LIMIT 1",
+                &[&quoted],
+            )
+            .await
+            .map_err(|e| {
+                error::pg(
+                    format!("Reading the unique indexes of {name} on the target"),
+                    e,
+                )
+            })?
+            .map(|row| row.get(0))
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     let has_inheritance_children = !inheritance_parents(target, std::slice::from_ref(&quoted))
         .await?
         .is_empty();
@@ -291,6 +322,7 @@ pub async fn load(
         column_types,
         primary_key: key.into_iter().map(|(_, name)| name).collect(),
         primary_key_deferrable,
+        unique_columns,
         distribution_column,
         has_inheritance_children,
     })
@@ -575,6 +607,7 @@ mod tests {
             column_types: HashMap::new(),
             primary_key: vec!["id".into()],
             primary_key_deferrable: false,
+            unique_columns: Vec::new(),
             distribution_column: None,
             has_inheritance_children: false,
         };
