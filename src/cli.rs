@@ -83,7 +83,12 @@ impl Cli {
 /// Logs go to stderr so that stdout stays for command output (`status --json`).
 pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // The replication transport logs its own errors as it ends its worker; sluice reports
+    // the same error itself, with context (which connection, what to do), so the
+    // transport's line is noise by default (`SLUICE_LOG=debug,pgwire_replication=debug`
+    // shows it).
+    let filter = EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,pgwire_replication=off"));
     use std::io::IsTerminal;
     // Colours only for a person at a terminal; log files and collectors get plain text.
     let builder = tracing_subscriber::fmt()
