@@ -233,10 +233,15 @@ pub async fn initial_copy(ctx: &CopyContext) -> Result<CopyOutcome> {
         match copy_round(ctx, &mut copy_state, &progress, &copied).await {
             Ok(()) => break,
             Err(e) if e.is_transient() && round < MAX_ROUNDS => {
-                tracing::warn!(
-                    error = %e.report(),
-                    "the copy round failed; unfinished tables are copied again under a fresh snapshot"
-                );
+                if e.report().contains(SLOT_BEING_CREATED) {
+                    // Nothing failed and nothing is copied again: it waits.
+                    tracing::warn!(error = %e.report(), "waiting before the copy starts");
+                } else {
+                    tracing::warn!(
+                        error = %e.report(),
+                        "the copy round failed; unfinished tables are copied again under a fresh snapshot"
+                    );
+                }
                 tokio::time::sleep(Duration::from_secs(2 * u64::from(round))).await;
                 round += 1;
             }
@@ -418,7 +423,7 @@ async fn copy_round(
                     // session is.
                     (None, Some(pid)) => {
                         return Err(Error::transient(format!(
-                            "Replication slot {slot} is still being created by session {pid} (a sluice stopped while the slot waited for the source's open transactions to end?); waiting for it to finish or go away"
+                            "Replication slot {slot} {SLOT_BEING_CREATED} {pid} (a sluice stopped while the slot waited for the source's open transactions to end?); waiting for it to finish or go away"
                         )))
                     }
                     (None, None) => {
@@ -480,6 +485,9 @@ async fn copy_round(
     drop(snapshot);
     result
 }
+
+/// Marks the wait for a slot another (dying) session is still creating.
+const SLOT_BEING_CREATED: &str = "is still being created by session";
 
 /// One unit of work: a chunk of a table.
 struct Job {
