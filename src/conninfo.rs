@@ -424,6 +424,12 @@ fn parse_url(text: &str) -> std::result::Result<Vec<(String, String)>, String> {
         }
         None => authority,
     };
+    // libpq's multi-host form (`h1:5432,h2:5432`): said as such, not as a bad port.
+    if hostport.contains(',') {
+        return Err(format!(
+            "several hosts ({hostport}) are not supported: name the primary"
+        ));
+    }
     let (host, port) = if let Some(inner) = hostport.strip_prefix('[') {
         let (host, after) = inner
             .split_once(']')
@@ -624,6 +630,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("not a TCP port number"), "{error}");
+        let error = ConnInfo::parse("postgresql://u:pw@h1:5432,h2:5432/d", "source.url")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("several hosts (h1:5432,h2:5432)"), "{error}");
+        assert!(!error.contains("pw"), "{error}");
 
         let error = ConnInfo::parse("host=h sslmode=sometimes password=hunter2", "target.url")
             .unwrap_err()
