@@ -70,14 +70,18 @@ pub struct DeferredStatement {
     pub table: Option<String>,
 }
 
-/// The statements not applied yet, oldest first; none when `sluice schema` never ran.
-pub async fn pending_deferred_ddl(target: &Client) -> Result<Vec<DeferredStatement>> {
-    let exists: bool = target
+/// Whether `sluice schema` made its table of deferred statements on the target.
+async fn deferred_ddl_exists(target: &Client) -> Result<bool> {
+    Ok(target
         .query_one("SELECT to_regclass('sluice.deferred_ddl') IS NOT NULL", &[])
         .await
         .map_err(|e| error::pg("Looking for sluice.deferred_ddl on the target", e))?
-        .get(0);
-    if !exists {
+        .get(0))
+}
+
+/// The statements not applied yet, oldest first; none when `sluice schema` never ran.
+pub async fn pending_deferred_ddl(target: &Client) -> Result<Vec<DeferredStatement>> {
+    if !deferred_ddl_exists(target).await? {
         return Ok(Vec::new());
     }
     // Through jsonb so a table made by an older sluice (without table_name) reads too.
@@ -256,10 +260,10 @@ fn foreign_key_not_valid(statement: &str) -> Option<String> {
     Some(format!("{body} NOT VALID;"))
 }
 
-/// `ALTER TABLE <table> VALIDATE CONSTRAINT <name>` for a deferred foreign-key statement
-/// (`ALTER TABLE [ONLY] <table> ADD CONSTRAINT <name> FOREIGN KEY ...`, as pg_dump writes
-/// it: identifiers quoted where needed), with `<name>` as written.
-fn validate_statement(statement: &str) -> Option<(String, String)> {
+/// The table and constraint name of a deferred foreign-key statement (`ALTER TABLE [ONLY]
+/// <table> ADD CONSTRAINT <name> FOREIGN KEY ...`, as pg_dump writes it: identifiers quoted
+/// where needed), as written.
+fn foreign_key_of(statement: &str) -> Option<(String, String)> {
     let sql: String = statement
         .lines()
         .filter(|l| !l.starts_with("--"))
@@ -270,12 +274,13 @@ fn validate_statement(statement: &str) -> Option<(String, String)> {
     let (table, rest) = identifier_token(rest)?;
     let rest = rest.trim_start().strip_prefix("ADD CONSTRAINT ")?;
     let (name, rest) = identifier_token(rest)?;
-    rest.trim_start().starts_with("FOREIGN KEY").then(|| {
-        (
-            format!("ALTER TABLE {table} VALIDATE CONSTRAINT {name}"),
-            name.to_string(),
-        )
-    })
+    rest.trim_start()
+        .starts_with("FOREIGN KEY")
+        .then(|| (table.to_string(), name.to_string()))
+}
+
+fn validate_sql(table: &str, name: &str) -> String {
+    format!("ALTER TABLE {table} VALIDATE CONSTRAINT {name}")
 }
 
 /// A possibly schema-qualified identifier as SQL writes it (double quotes keep spaces and
@@ -298,12 +303,7 @@ fn identifier_token(text: &str) -> Option<(&str, &str)> {
 /// is a difference between source and target: returned as text for the operator, not
 /// fatal (streaming goes on; `sluice verify` names the rows).
 pub async fn validate_deferred_foreign_keys(target: &Client) -> Result<Vec<String>> {
-    let exists: bool = target
-        .query_one("SELECT to_regclass('sluice.deferred_ddl') IS NOT NULL", &[])
-        .await
-        .map_err(|e| error::pg("Looking for sluice.deferred_ddl on the target", e))?
-        .get(0);
-    if !exists {
+    if !deferred_ddl_exists(target).await? {
         return Ok(Vec::new());
     }
     let rows = target
@@ -319,15 +319,10 @@ pub async fn validate_deferred_foreign_keys(target: &Client) -> Result<Vec<Strin
         if statement.contains("NOT VALID") {
             continue;
         }
-        let Some((validate, name)) = validate_statement(&statement) else {
+        let Some((table, name)) = foreign_key_of(&statement) else {
             continue;
         };
         let title = statement_title(&statement);
-        let table = validate
-            .strip_prefix("ALTER TABLE ")
-            .and_then(|t| t.split(" VALIDATE CONSTRAINT ").next())
-            .unwrap_or_default()
-            .to_string();
         let not_valid: bool = target
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_constraint
@@ -341,7 +336,7 @@ pub async fn validate_deferred_foreign_keys(target: &Client) -> Result<Vec<Strin
         if !not_valid {
             continue;
         }
-        match target.batch_execute(&validate).await {
+        match target.batch_execute(&validate_sql(&table, &name)).await {
             Ok(()) => tracing::info!(statement = %title, "validated the foreign key"),
             Err(e) => problems.push(format!(
                 "{title} does not hold on the target although streaming has caught up: {} (`sluice verify` shows which rows differ from the source)",
@@ -1677,16 +1672,18 @@ mod tests {
             foreign_key_not_valid(statement).unwrap(),
             "-- FK CONSTRAINT public.orders orders_fk\nALTER TABLE ONLY public.orders\n    ADD CONSTRAINT orders_fk FOREIGN KEY (c) REFERENCES public.c(id) ON DELETE CASCADE NOT VALID;"
         );
+        let (table, name) = foreign_key_of(statement).unwrap();
         assert_eq!(
-            validate_statement(statement).unwrap(),
+            (validate_sql(&table, &name), name),
             (
                 "ALTER TABLE public.orders VALIDATE CONSTRAINT orders_fk".to_string(),
                 "orders_fk".to_string()
             )
         );
         let quoted = "-- FK CONSTRAINT s.t k\nALTER TABLE ONLY \"my s\".\"T t\"\n    ADD CONSTRAINT \"K k\" FOREIGN KEY (c) REFERENCES s.c(id);";
+        let (table, name) = foreign_key_of(quoted).unwrap();
         assert_eq!(
-            validate_statement(quoted).unwrap().0,
+            validate_sql(&table, &name),
             "ALTER TABLE \"my s\".\"T t\" VALIDATE CONSTRAINT \"K k\""
         );
         // Not a foreign key, or one the source has NOT VALID itself: left alone.
