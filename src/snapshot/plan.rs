@@ -707,16 +707,6 @@ pub fn target_copy_sql(layout: &TableLayout) -> String {
     )
 }
 
-/// Empties the target table (a partitioned target with its partitions).
-pub fn truncate_sql(layout: &TableLayout) -> String {
-    let only = if layout.target_partitioned {
-        ""
-    } else {
-        "ONLY "
-    };
-    format!("TRUNCATE {only}{}", layout.name.quoted())
-}
-
 /// Whether the target table holds any row.
 pub fn any_row_sql(layout: &TableLayout) -> String {
     let only = if layout.target_partitioned {
