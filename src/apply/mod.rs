@@ -99,7 +99,8 @@ enum Matching {
     Key(Vec<usize>),
     /// REPLICA IDENTITY FULL and no usable key on the target: all old values, one row.
     /// The source column indexes of a key that narrows the search (through its index)
-    /// without naming one row by itself: a DEFERRABLE primary key, empty when none.
+    /// without naming one row by itself: a DEFERRABLE primary key, or a unique index over
+    /// NOT NULL columns when there is no primary key; empty when none.
     AllValues(Vec<usize>),
     /// No replica identity: updates and deletes cannot be matched.
     Impossible,

@@ -197,9 +197,9 @@ pub fn delete_unnest(table: &str, keys: &[SqlColumn], dist: Option<&SqlColumn>) 
 /// NULL` is also true of a composite whose fields are all NULL). `LIMIT 1` through ctid
 /// changes exactly one row even when identical rows exist, as the source did.
 ///
-/// `narrowing` (column indexes of a deferrable primary key) adds typed equalities on
-/// those columns, from the same parameters, so the key's index finds the candidates and the
-/// text comparisons pick the one row.
+/// `narrowing` (column indexes of a deferrable primary key, or of a unique index over NOT
+/// NULL columns) adds typed equalities on those columns, from the same parameters, so that
+/// index finds the candidates and the text comparisons pick the one row.
 fn one_row_by_values(
     table: &str,
     columns: &[SqlColumn],
