@@ -38,11 +38,26 @@ impl ErrorKind {
     }
 }
 
+/// Why an error happened, for the few callers that decide by it rather than by its kind.
+/// Kept apart from the message, which is for people and may be reworded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Cause {
+    /// A copied table's files changed since the copy's snapshot (a rewrite): the snapshot no
+    /// longer sees its rows.
+    TableRewritten,
+    /// The target connection was lost during a COMMIT and its outcome could not be learned.
+    CommitUnknown,
+    /// The replication slot is still being created by another (dying) session.
+    SlotBeingCreated,
+}
+
 #[derive(Debug)]
 pub struct Error {
     kind: ErrorKind,
     message: String,
     source: Option<BoxError>,
+    cause: Option<Cause>,
 }
 
 impl Error {
@@ -51,6 +66,7 @@ impl Error {
             kind,
             message: message.into(),
             source: None,
+            cause: None,
         }
     }
 
@@ -63,6 +79,7 @@ impl Error {
             kind,
             message: message.into(),
             source: Some(source.into()),
+            cause: None,
         }
     }
 
@@ -76,6 +93,27 @@ impl Error {
 
     pub fn transient(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Transient, message)
+    }
+
+    /// Marks why this error happened ([`Error::has_cause`] finds it through wrapping).
+    pub fn because(mut self, cause: Cause) -> Self {
+        self.cause = Some(cause);
+        self
+    }
+
+    /// Whether this error, or one it wraps, was marked with `cause`.
+    pub fn has_cause(&self, cause: Cause) -> bool {
+        let mut next: Option<&(dyn StdError + 'static)> = Some(self);
+        while let Some(error) = next {
+            if error
+                .downcast_ref::<Error>()
+                .is_some_and(|e| e.cause == Some(cause))
+            {
+                return true;
+            }
+            next = error.source();
+        }
+        false
     }
 
     pub fn kind(&self) -> ErrorKind {
@@ -260,6 +298,22 @@ mod tests {
         assert_eq!(Error::config("x").exit_code(), 2);
         assert_eq!(Error::definite("x").exit_code(), 1);
         assert_eq!(Error::transient("x").exit_code(), 1);
+    }
+
+    #[test]
+    fn a_cause_is_found_through_context_and_wrapping_but_not_invented() {
+        let marked = Error::transient("lost").because(Cause::CommitUnknown);
+        assert!(marked.has_cause(Cause::CommitUnknown));
+        assert!(!marked.has_cause(Cause::TableRewritten));
+        let with_context = Error::transient("lost")
+            .because(Cause::TableRewritten)
+            .context("Copying t");
+        assert!(with_context.has_cause(Cause::TableRewritten));
+        let wrapped = Error::with_source(ErrorKind::Transient, "round", marked);
+        assert!(wrapped.has_cause(Cause::CommitUnknown));
+        // The words alone do not make the cause.
+        let unmarked = Error::transient("The table was rewritten on the source");
+        assert!(!unmarked.has_cause(Cause::TableRewritten));
     }
 
     #[test]

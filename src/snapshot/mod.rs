@@ -54,7 +54,7 @@ use tokio_postgres::Client;
 use crate::checkpoint::Store;
 use crate::config::Config;
 use crate::control::{DaemonState, SharedStatus, TableState};
-use crate::error::{self, Error, Result};
+use crate::error::{self, Cause, Error, Result};
 use crate::lsn::Lsn;
 use crate::source::slot::{create_slot_exporting_snapshot, slot_info, ExportedSnapshot};
 use crate::source::{SourceTable, TableName};
@@ -233,7 +233,7 @@ pub async fn initial_copy(ctx: &CopyContext) -> Result<CopyOutcome> {
         match copy_round(ctx, &mut copy_state, &progress, &copied).await {
             Ok(()) => break,
             Err(e) if e.is_transient() && round < MAX_ROUNDS => {
-                if e.report().contains(SLOT_BEING_CREATED) {
+                if e.has_cause(Cause::SlotBeingCreated) {
                     // Nothing failed and nothing is copied again: it waits.
                     tracing::warn!(error = %e.report(), "waiting before the copy starts");
                 } else {
@@ -423,8 +423,9 @@ async fn copy_round(
                     // session is.
                     (None, Some(pid)) => {
                         return Err(Error::transient(format!(
-                            "Replication slot {slot} {SLOT_BEING_CREATED} {pid} (a sluice stopped while the slot waited for the source's open transactions to end?); waiting for it to finish or go away"
-                        )))
+                            "Replication slot {slot} is still being created by session {pid} (a sluice stopped while the slot waited for the source's open transactions to end?); waiting for it to finish or go away"
+                        ))
+                        .because(Cause::SlotBeingCreated))
                     }
                     (None, None) => {
                         return Err(Error::definite(format!(
@@ -485,9 +486,6 @@ async fn copy_round(
     drop(snapshot);
     result
 }
-
-/// Marks the wait for a slot another (dying) session is still creating.
-const SLOT_BEING_CREATED: &str = "is still being created by session";
 
 /// One unit of work: a chunk of a table.
 struct Job {
@@ -903,9 +901,7 @@ async fn work(round: Arc<Round>) -> Result<()> {
                         break Err(e);
                     }
                     // Only this table needs the fresh snapshot: the others go on.
-                    let rewritten = e.report().contains(pipe::REWRITTEN);
-                    let commit_unknown = e.report().contains(pipe::COMMIT_UNKNOWN);
-                    if rewritten || commit_unknown {
+                    if e.has_cause(Cause::TableRewritten) || e.has_cause(Cause::CommitUnknown) {
                         round.set_aside(job.table, e);
                         break Ok(None);
                     }

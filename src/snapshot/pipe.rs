@@ -13,18 +13,13 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::Client;
 
 use crate::conninfo::ConnInfo;
-use crate::error::{self, Error, ErrorKind, Result};
+use crate::error::{self, Cause, Error, ErrorKind, Result};
 use crate::session;
 use crate::snapshot::plan::{self, TableLayout};
 use crate::snapshot::progress::TableProgress;
 use crate::snapshot::state::{ChunkDone, ChunkRange};
 use crate::source::quote_literal;
 
-/// Marks the error of a chunk whose table was rewritten since its chunks were planned.
-pub const REWRITTEN: &str = "The table was rewritten on the source";
-/// Marks the error of a chunk whose target COMMIT may or may not have happened.
-pub const COMMIT_UNKNOWN: &str =
-    "the connection to the target was lost during COMMIT and how it ended could not be learned";
 use crate::tls;
 
 /// Text output and input must agree on how values are written (`session::rendering_sql`),
@@ -159,10 +154,11 @@ impl Worker {
             .collect();
         if !rewritten.is_empty() {
             return Err(Error::transient(format!(
-                "{REWRITTEN}: {} ({}) after the copy's snapshot was taken (VACUUM FULL, CLUSTER, ALTER TABLE ... TYPE, TRUNCATE, pg_repack); that snapshot no longer sees its rows, so it is copied again from the start under a fresh snapshot",
+                "The table was rewritten on the source: {} ({}) after the copy's snapshot was taken (VACUUM FULL, CLUSTER, ALTER TABLE ... TYPE, TRUNCATE, pg_repack); that snapshot no longer sees its rows, so it is copied again from the start under a fresh snapshot",
                 layout.name,
                 rewritten.join(", ")
-            )));
+            ))
+            .because(Cause::TableRewritten));
         }
         self.target
             .batch_execute("BEGIN")
@@ -255,7 +251,7 @@ impl Worker {
     /// How the target transaction `xid` ended, asked on a fresh connection: `true` when it
     /// committed. A backend whose client went away finishes the COMMIT it was given first,
     /// and a target restarting takes a moment: both are asked again for a while. When no
-    /// answer comes, the error ([`COMMIT_UNKNOWN`]) makes the copy empty the table and copy
+    /// answer comes, the error ([`Cause::CommitUnknown`]) makes the copy empty the table and copy
     /// it again under a fresh snapshot instead of retrying the chunk beside rows it may
     /// have committed.
     async fn committed_after_all(&self, xid: i64, what: &str) -> Result<bool> {
@@ -284,8 +280,9 @@ impl Worker {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
         Err(Error::transient(format!(
-            "Copying {what}: {COMMIT_UNKNOWN} ({last}); its rows may be on the target already, so the table is emptied and copied again rather than the chunk retried"
-        )))
+            "Copying {what}: the connection to the target was lost during COMMIT and how it ended could not be learned ({last}); its rows may be on the target already, so the table is emptied and copied again rather than the chunk retried"
+        ))
+        .because(Cause::CommitUnknown))
     }
 }
 
