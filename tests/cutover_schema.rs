@@ -351,7 +351,11 @@ async fn schema_stops_before_any_change_when_the_target_lacks_what_pg_dump_canno
         .batch_execute(
             "CREATE EXTENSION citext;
              CREATE EXTENSION hstore;
-             CREATE TABLE public.users (id int PRIMARY KEY, email citext, attrs hstore);",
+             CREATE EXTENSION btree_gist;
+             CREATE TABLE public.users (id int PRIMARY KEY, email citext, attrs hstore);
+             -- Needs btree_gist only for a constraint built after the copy.
+             CREATE TABLE public.booking (id int PRIMARY KEY, room int, during tsrange,
+                 EXCLUDE USING gist (room WITH =, during WITH &&));",
         )
         .await
         .unwrap();
@@ -360,8 +364,13 @@ async fn schema_stops_before_any_change_when_the_target_lacks_what_pg_dump_canno
     // Every missing extension at once, not one per attempt.
     assert!(
         show(&output).contains(
-            "run CREATE EXTENSION \"citext\"; CREATE EXTENSION \"hstore\"; on the target"
+            "run CREATE EXTENSION \"btree_gist\"; CREATE EXTENSION \"citext\"; CREATE EXTENSION \"hstore\"; on the target"
         ),
+        "{}",
+        show(&output)
+    );
+    assert!(
+        show(&output).contains("index public.booking_room_during_excl (extension btree_gist)"),
         "{}",
         show(&output)
     );
@@ -376,7 +385,9 @@ async fn schema_stops_before_any_change_when_the_target_lacks_what_pg_dump_canno
     // With the extension there, it goes through.
     setup
         .target
-        .batch_execute("CREATE EXTENSION citext; CREATE EXTENSION hstore")
+        .batch_execute(
+            "CREATE EXTENSION citext; CREATE EXTENSION hstore; CREATE EXTENSION btree_gist",
+        )
         .await
         .unwrap();
     let output = setup.sluice(&["schema"]).await;

@@ -242,7 +242,14 @@ pub async fn apply_deferred_statement(
             let context = if e.as_db_error().is_none() {
                 format!("Creating {title} on the target after the copy (sluice.deferred_ddl id {id}): the connection was lost; it is built again on the next attempt")
             } else {
-                format!("Creating {title} on the target after the copy (sluice.deferred_ddl id {id}); fix the cause (duplicate keys for a unique index or primary key, orphan rows for a foreign key) or create it by hand, then restart")
+                let cause = match code.as_deref() {
+                    Some("23505") => "rows on the target break its uniqueness: find and fix the duplicate keys",
+                    Some("23503") => "rows on the target have no referenced row: fix the orphan rows",
+                    Some("23514") | Some("23P01") => "rows on the target break it: fix those rows",
+                    Some("42704") | Some("42883") => "an object it needs is missing on the target (an extension's operator class or function? run CREATE EXTENSION for it)",
+                    _ => "fix the cause below",
+                };
+                format!("Creating {title} on the target after the copy (sluice.deferred_ddl id {id}): {cause}, or create it by hand; then restart")
             };
             Err(error::pg(context, e))
         }
@@ -428,7 +435,9 @@ struct Needs {
     /// Foreign keys to tables that are not selected → description (never copied, listed):
     /// the referenced table would not exist on the target.
     dangling_fks: BTreeMap<u32, String>,
-    /// Extensions whose types the tables use → a column needing it.
+    /// Extensions the tables need → what needs it first (`type public.citext`, `index
+    /// public.booking_excl`: an extension's types, or the operator classes and functions
+    /// of an index or constraint, which is built only after the copy).
     extensions: BTreeMap<String, String>,
     /// Types that are neither built in nor dumpable (base types of no extension).
     foreign_types: BTreeSet<TableName>,
@@ -516,7 +525,10 @@ async fn gather(source: &Client, roots: BTreeMap<u32, TableName>) -> Result<Need
         let extension: Option<String> = row.get(4);
         let relkind: String = row.get(5);
         if let Some(extension) = extension {
-            needs.extensions.insert(extension, name.qualified());
+            needs
+                .extensions
+                .entry(extension)
+                .or_insert_with(|| format!("type {}", name.qualified()));
         } else if typtype == "c" && relkind != "c" {
             // A table's row type used as a column: it comes with that table, not as a type.
             needs.foreign_types.insert(name);
@@ -596,6 +608,31 @@ async fn gather(source: &Client, roots: BTreeMap<u32, TableName>) -> Result<Need
                     .insert(row.get(0), (row.get(1), row.get(2)));
             }
         }
+    }
+    // An index or constraint is built only after the copy: one that needs an extension's
+    // operator class (an EXCLUDE over btree_gist), operator or function must say so now,
+    // not hours later. Its dependencies in pg_depend name every such member.
+    for row in source
+        .query(
+            "SELECT DISTINCT e.extname::text, o.what
+             FROM (SELECT 'pg_class'::regclass AS classid, i.indexrelid AS objid,
+                          format('index %s', i.indexrelid::regclass) AS what
+                   FROM pg_index i WHERE i.indrelid = ANY($1)
+                   UNION ALL
+                   SELECT 'pg_constraint'::regclass, c.oid,
+                          format('constraint %s on %s', quote_ident(c.conname), c.conrelid::regclass)
+                   FROM pg_constraint c WHERE c.conrelid = ANY($1)) AS o
+             JOIN pg_depend d ON d.classid = o.classid AND d.objid = o.objid
+             JOIN pg_depend m ON m.classid = d.refclassid AND m.objid = d.refobjid
+                             AND m.refclassid = 'pg_extension'::regclass AND m.deptype = 'e'
+             JOIN pg_extension e ON e.oid = m.refobjid
+             ORDER BY 1, 2",
+            &[&oids],
+        )
+        .await
+        .map_err(pg("the extensions the indexes and constraints of the selected tables use"))?
+    {
+        needs.extensions.entry(row.get(0)).or_insert(row.get(1));
     }
     for row in source
         .query(
@@ -1132,7 +1169,7 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
     if !missing_extensions.is_empty() {
         let uses = missing_extensions
             .iter()
-            .map(|(extension, type_name)| format!("type {type_name} of extension {extension}"))
+            .map(|(extension, what)| format!("{what} (extension {extension})"))
             .collect::<Vec<_>>()
             .join(", ");
         let creates = missing_extensions
