@@ -711,6 +711,84 @@ async fn an_enum_on_the_target_missing_labels_is_refused_before_any_change() {
     );
 }
 
+/// A composite or domain already on the target is used as it is. Values travel as text, a
+/// composite's fields by position: fields in another order would swap the values silently,
+/// and a narrower domain would round them. `schema` refuses and `check` FAILs.
+#[tokio::test]
+async fn a_type_on_the_target_that_differs_is_refused_by_schema_and_named_by_check() {
+    let setup = Setup::new("").await;
+    setup
+        .source
+        .batch_execute(
+            "CREATE TYPE public.pair AS (a text, b text);
+             CREATE DOMAIN public.amount AS numeric(12,4);
+             CREATE TABLE public.deals (id int PRIMARY KEY, p public.pair, v public.amount);",
+        )
+        .await
+        .unwrap();
+    setup
+        .target
+        .batch_execute(
+            "CREATE TYPE public.pair AS (b text, a text);
+             CREATE DOMAIN public.amount AS numeric(10,2);",
+        )
+        .await
+        .unwrap();
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let text = show(&output);
+    assert!(
+        text.contains(r#"type "public"."pair" is composite (a text, b text) on the source but composite (b text, a text) on the target"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"type "public"."amount" is domain over numeric(12,4) on the source but domain over numeric(10,2) on the target"#),
+        "{text}"
+    );
+    assert!(
+        !exists(
+            &setup.target,
+            "SELECT 1 FROM pg_class WHERE relname = 'deals'"
+        )
+        .await
+    );
+
+    // With the table there (made by hand), check names the types too.
+    setup
+        .target
+        .batch_execute(
+            "CREATE TABLE public.deals (id int PRIMARY KEY, p public.pair, v public.amount)",
+        )
+        .await
+        .unwrap();
+    let output = setup.sluice(&["check"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let text = show(&output);
+    assert!(
+        text.lines().any(|l| l.starts_with("FAIL")
+            && l.contains(r#"type "public"."pair" is composite (a text, b text) on the source"#)),
+        "{text}"
+    );
+
+    // Made equal: both go through.
+    setup
+        .target
+        .batch_execute(
+            "DROP TABLE public.deals; DROP TYPE public.pair; DROP DOMAIN public.amount;
+             CREATE TYPE public.pair AS (a text, b text);",
+        )
+        .await
+        .unwrap();
+    let output = setup.sluice(&["schema"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    let output = setup.sluice(&["check"]).await;
+    assert!(
+        !show(&output).contains("on the source but"),
+        "{}",
+        show(&output)
+    );
+}
+
 /// A multirange column: the multirange type cannot be created on its own; its range type
 /// brings it.
 #[tokio::test]

@@ -458,6 +458,159 @@ impl Needs {
     }
 }
 
+/// Every type the columns of the tables `$1` use, recursively (array elements, domain
+/// bases, range subtypes, a multirange's range, composite fields), outside pg_catalog:
+/// oid, schema, name, typtype, the extension it belongs to, the relkind of a row type.
+const USER_TYPES_SQL: &str = "WITH RECURSIVE deps(oid) AS (
+                 SELECT a.atttypid FROM pg_attribute a
+                 WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped
+               UNION
+                 SELECT x.oid FROM deps d JOIN pg_type t ON t.oid = d.oid
+                 CROSS JOIN LATERAL (
+                     SELECT t.typelem WHERE t.typelem <> 0
+                     UNION ALL SELECT t.typbasetype WHERE t.typbasetype <> 0
+                     UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = t.oid
+                     UNION ALL SELECT d.refobjid FROM pg_depend d
+                               WHERE t.typtype = 'm' AND d.classid = 'pg_type'::regclass
+                                 AND d.objid = t.oid AND d.refclassid = 'pg_type'::regclass
+                                 AND d.deptype = 'i'
+                     UNION ALL SELECT a.atttypid FROM pg_attribute a
+                               WHERE t.typtype = 'c' AND a.attrelid = t.typrelid
+                                 AND a.attnum > 0 AND NOT a.attisdropped
+                 ) x(oid)
+             )
+             SELECT t.oid, n.nspname::text, t.typname::text, t.typtype::text,
+                    (SELECT e.extname::text FROM pg_depend dep
+                     JOIN pg_extension e ON e.oid = dep.refobjid
+                     WHERE dep.classid = 'pg_type'::regclass AND dep.objid = t.oid
+                       AND dep.refclassid = 'pg_extension'::regclass AND dep.deptype = 'e'),
+                    COALESCE((SELECT c.relkind::text FROM pg_class c WHERE c.oid = t.typrelid), '')
+             FROM deps JOIN pg_type t ON t.oid = deps.oid
+             JOIN pg_namespace n ON n.oid = t.typnamespace
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+               AND NOT (t.typcategory = 'A' AND t.typelem <> 0)";
+
+/// The user-defined types (enum, domain, composite, range) the columns of `tables` use,
+/// recursively, quoted: those of no extension and not a table's row type.
+pub(crate) async fn user_types_of(source: &Client, tables: &[u32]) -> Result<Vec<String>> {
+    let rows = source
+        .query(USER_TYPES_SQL, &[&tables])
+        .await
+        .map_err(|e| error::pg("Reading the types of the selected tables on the source", e))?;
+    Ok(rows
+        .iter()
+        .filter(|row| {
+            let typtype: String = row.get(3);
+            let extension: Option<String> = row.get(4);
+            let relkind: String = row.get(5);
+            extension.is_none()
+                && matches!(typtype.as_str(), "e" | "d" | "c" | "r")
+                && (typtype != "c" || relkind == "c")
+        })
+        .map(|row| TableName::new(row.get::<_, String>(1), row.get::<_, String>(2)).quoted())
+        .collect())
+}
+
+/// What a type is, to tell a type already on the target from the source's: its kind, and
+/// its fields (composite), base type (domain), subtype (range) or labels (enum).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TypeShape {
+    pub description: String,
+    pub labels: Vec<String>,
+}
+
+/// The shapes of the named types (quoted) that exist on this side. Type names in the
+/// description are schema-qualified (the session's search_path is empty), so the two
+/// sides compare as text.
+pub(crate) async fn type_shapes(
+    client: &Client,
+    names: &[String],
+    side: &str,
+) -> Result<BTreeMap<String, TypeShape>> {
+    let rows = client
+        .query(
+            "SELECT n.name,
+                    CASE t.typtype
+                      WHEN 'c' THEN format('composite (%s)', (
+                          SELECT string_agg(format('%I %s', a.attname, format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY a.attnum)
+                          FROM pg_attribute a
+                          WHERE a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped))
+                      WHEN 'd' THEN format('domain over %s', format_type(t.typbasetype, t.typtypmod))
+                      WHEN 'r' THEN format('range over %s', (
+                          SELECT format_type(r.rngsubtype, NULL) FROM pg_range r WHERE r.rngtypid = t.oid))
+                      WHEN 'e' THEN 'enum'
+                      ELSE format('type of kind %s', t.typtype)
+                    END,
+                    ARRAY(SELECT e.enumlabel::text FROM pg_enum e
+                          WHERE e.enumtypid = t.oid ORDER BY e.enumsortorder)
+             FROM unnest($1::text[]) AS n(name)
+             JOIN pg_type t ON t.oid = to_regtype(n.name)",
+            &[&names],
+        )
+        .await
+        .map_err(|e| error::pg(format!("Reading the types of the selected tables on the {side}"), e))?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            (
+                row.get(0),
+                TypeShape {
+                    description: row.get(1),
+                    labels: row.get(2),
+                },
+            )
+        })
+        .collect())
+}
+
+/// The types among `names` (quoted) that exist on the target but are not what the source
+/// has, one line each (types missing on the target are not listed).
+pub(crate) async fn types_that_differ(
+    source: &Client,
+    target: &Client,
+    names: &[String],
+) -> Result<Vec<String>> {
+    let on_source = type_shapes(source, names, "source").await?;
+    let on_target = type_shapes(target, names, "target").await?;
+    Ok(shape_differences(&on_source, &on_target))
+}
+
+/// A composite whose fields differ (by name, type or order: values travel as text, field by
+/// position, so they would land in the wrong fields), a domain over another base type or
+/// modifier (values rounded or refused), a range over another subtype, an enum lacking
+/// labels, or another kind of type altogether: one line each.
+pub(crate) fn shape_differences(
+    on_source: &BTreeMap<String, TypeShape>,
+    on_target: &BTreeMap<String, TypeShape>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, theirs) in on_target {
+        let Some(ours) = on_source.get(name) else {
+            continue;
+        };
+        if ours.description != theirs.description {
+            out.push(format!(
+                "type {name} is {} on the source but {} on the target",
+                ours.description, theirs.description
+            ));
+            continue;
+        }
+        let missing: Vec<String> = ours
+            .labels
+            .iter()
+            .filter(|label| !theirs.labels.contains(label))
+            .map(|label| crate::source::quote_literal(label))
+            .collect();
+        if !missing.is_empty() {
+            out.push(format!(
+                "enum {name} lacks the source's labels {} on the target (ALTER TYPE {name} ADD VALUE ... for each)",
+                missing.join(", ")
+            ));
+        }
+    }
+    out
+}
+
 async fn gather(source: &Client, roots: BTreeMap<u32, TableName>) -> Result<Needs> {
     let pg = |what: &'static str| move |e| error::pg(format!("Reading {what} on the source"), e);
     let mut needs = Needs::default();
@@ -486,37 +639,7 @@ async fn gather(source: &Client, roots: BTreeMap<u32, TableName>) -> Result<Need
     let oids: Vec<u32> = needs.tables.keys().copied().collect();
 
     for row in source
-        .query(
-            "WITH RECURSIVE deps(oid) AS (
-                 SELECT a.atttypid FROM pg_attribute a
-                 WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped
-               UNION
-                 SELECT x.oid FROM deps d JOIN pg_type t ON t.oid = d.oid
-                 CROSS JOIN LATERAL (
-                     SELECT t.typelem WHERE t.typelem <> 0
-                     UNION ALL SELECT t.typbasetype WHERE t.typbasetype <> 0
-                     UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = t.oid
-                     UNION ALL SELECT d.refobjid FROM pg_depend d
-                               WHERE t.typtype = 'm' AND d.classid = 'pg_type'::regclass
-                                 AND d.objid = t.oid AND d.refclassid = 'pg_type'::regclass
-                                 AND d.deptype = 'i'
-                     UNION ALL SELECT a.atttypid FROM pg_attribute a
-                               WHERE t.typtype = 'c' AND a.attrelid = t.typrelid
-                                 AND a.attnum > 0 AND NOT a.attisdropped
-                 ) x(oid)
-             )
-             SELECT t.oid, n.nspname::text, t.typname::text, t.typtype::text,
-                    (SELECT e.extname::text FROM pg_depend dep
-                     JOIN pg_extension e ON e.oid = dep.refobjid
-                     WHERE dep.classid = 'pg_type'::regclass AND dep.objid = t.oid
-                       AND dep.refclassid = 'pg_extension'::regclass AND dep.deptype = 'e'),
-                    COALESCE((SELECT c.relkind::text FROM pg_class c WHERE c.oid = t.typrelid), '')
-             FROM deps JOIN pg_type t ON t.oid = deps.oid
-             JOIN pg_namespace n ON n.oid = t.typnamespace
-             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
-               AND NOT (t.typcategory = 'A' AND t.typelem <> 0)",
-            &[&oids],
-        )
+        .query(USER_TYPES_SQL, &[&oids])
         .await
         .map_err(pg("the types of the selected tables"))?
     {
@@ -1206,6 +1329,14 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
     let type_names: Vec<String> = needs.types.values().map(|t| t.quoted()).collect();
     let existing_types = existing(&target, &type_names, "to_regtype").await?;
     refuse_enums_missing_labels(&source, &target, &existing_types).await?;
+    let existing_type_names: Vec<String> = existing_types.iter().cloned().collect();
+    let differing = types_that_differ(&source, &target, &existing_type_names).await?;
+    if !differing.is_empty() {
+        return Err(Error::definite(format!(
+            "The target already has types that differ from the source's (nothing was changed): {}. Values travel as text, a composite's fields by position: they would land in the wrong fields, or be rounded or refused. Make each equal on the target (or drop it there and let sluice schema create it), then sluice schema again",
+            differing.join("; ")
+        )));
+    }
     let seq_names: Vec<String> = needs.sequences.values().map(|(s, _)| s.quoted()).collect();
     let existing_seqs = existing(&target, &seq_names, "to_regclass").await?;
     let collation_names: Vec<String> = needs.collations.values().map(|c| c.quoted()).collect();
@@ -1700,6 +1831,37 @@ mod tests {
     fn a_database_name_is_quoted_into_a_connection_string() {
         assert_eq!(dbname_conninfo("app"), "dbname='app'");
         assert_eq!(dbname_conninfo("a'b=c"), "dbname='a\\'b=c'");
+    }
+
+    #[test]
+    fn types_differ_by_definition_or_missing_enum_labels_only() {
+        let shape = |description: &str, labels: &[&str]| TypeShape {
+            description: description.to_string(),
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+        };
+        let source = BTreeMap::from([
+            (
+                "\"p\"".to_string(),
+                shape("composite (a text, b text)", &[]),
+            ),
+            ("\"e\"".to_string(), shape("enum", &["x", "y", "z"])),
+            ("\"same\"".to_string(), shape("domain over integer", &[])),
+            ("\"absent\"".to_string(), shape("enum", &["x"])),
+        ]);
+        let target = BTreeMap::from([
+            (
+                "\"p\"".to_string(),
+                shape("composite (b text, a text)", &[]),
+            ),
+            // Extra labels on the target hold every source value.
+            ("\"e\"".to_string(), shape("enum", &["w", "x", "y"])),
+            ("\"same\"".to_string(), shape("domain over integer", &[])),
+        ]);
+        let lines = shape_differences(&source, &target);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].starts_with("enum \"e\" lacks the source's labels 'z'"));
+        assert!(lines[1]
+            .contains("composite (a text, b text) on the source but composite (b text, a text)"));
     }
 
     #[test]

@@ -113,6 +113,9 @@ struct SourceFacts {
     identity_columns: BTreeMap<u32, Vec<String>>,
     /// Whether the slot exists; `None` when that could not be read.
     slot_exists: Option<bool>,
+    /// The user-defined types the tables use, recursively (quoted name → what it is), to
+    /// compare with the target's types of the same names.
+    user_types: BTreeMap<String, crate::cutover::schema::TypeShape>,
 }
 
 async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts> {
@@ -278,6 +281,13 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
             return None;
         }
     };
+    let user_types = match source_type_shapes(&client, &oids).await {
+        Ok(types) => types,
+        Err(error) => {
+            out.fail(format!("source: {}", error.report()));
+            return None;
+        }
+    };
     let server = crate::checkpoint::ServerIdentity::read(&client, "the source")
         .await
         .ok();
@@ -287,7 +297,16 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
         columns,
         identity_columns,
         slot_exists,
+        user_types,
     })
+}
+
+async fn source_type_shapes(
+    client: &Client,
+    tables: &[u32],
+) -> Result<BTreeMap<String, crate::cutover::schema::TypeShape>> {
+    let names = crate::cutover::schema::user_types_of(client, tables).await?;
+    crate::cutover::schema::type_shapes(client, &names, "source").await
 }
 
 /// The key columns of each table's replica identity: its primary key for REPLICA IDENTITY
@@ -876,6 +895,15 @@ async fn check_target_tables(
             source.tables.len()
         ));
     }
+    // A type of the same name already on the target is used as it is: one that differs
+    // would put values in the wrong composite fields, round them, or refuse them.
+    let type_names: Vec<String> = source.user_types.keys().cloned().collect();
+    let target_types = crate::cutover::schema::type_shapes(client, &type_names, "target").await?;
+    for line in crate::cutover::schema::shape_differences(&source.user_types, &target_types) {
+        out.fail(format!(
+            "target: {line}: values would land in the wrong fields, or be rounded or refused; make it equal on the target (or drop it there before sluice schema)"
+        ));
+    }
     for warning in unindexed_matches(client, source, &on_target).await? {
         out.warn(warning);
     }
@@ -1300,6 +1328,7 @@ mod tests {
                 (13, vec!["id".to_string()]),
             ]),
             slot_exists: None,
+            user_types: BTreeMap::new(),
         };
         let findings = routing_findings(&facts, |name| {
             (name.name != "plain").then_some("customer_id")
