@@ -442,7 +442,7 @@ pub async fn unpublished_tables(
             .iter()
             .filter(|t| !published.contains(&(t.name.schema.clone(), t.name.name.clone())))
             .map(|t| UnpublishedTable {
-                name: t.name.qualified(),
+                name: t.name.to_string(),
                 needs_partition_root: t.is_partitioned && !via_root,
             })
             .collect(),
@@ -461,7 +461,7 @@ async fn create_publication(
     let unmatched: Vec<String> = tables
         .iter()
         .filter(|t| t.replica_identity == 'n' || (t.replica_identity == 'd' && !t.has_primary_key))
-        .map(|t| t.name.qualified())
+        .map(|t| t.name.to_string())
         .collect();
     if !unmatched.is_empty() {
         return Err(Error::definite(format!(

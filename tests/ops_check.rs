@@ -525,3 +525,69 @@ async fn check_names_what_the_target_user_may_not_do() {
         &["\"limited\" does not own 1 table(s) whose deferred keys and indexes"],
     );
 }
+
+/// Globs that select nothing say why: a glob that matches no table (a typo, the wrong case),
+/// a partition named without its root, an unlogged table. Names are shown as PostgreSQL
+/// quotes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_says_which_globs_miss_and_why_nothing_is_selected() {
+    let pg = PgCluster::builder().start();
+    let source = pg.create_database("app").await;
+    pg.create_database("target").await;
+    source
+        .batch_execute(
+            r#"CREATE TABLE "Order Items" (id int PRIMARY KEY);
+               CREATE UNLOGGED TABLE unlog (id int PRIMARY KEY);
+               CREATE TABLE meas (id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+               CREATE TABLE meas_2024 PARTITION OF meas FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');"#,
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = write_config(
+        dir.path(),
+        &pg.url("app"),
+        &pg.url("target"),
+        &state,
+        r#"[tables]
+include = ["public.unlog", "public.meas_2024", "public.order items"]"#,
+    );
+    let text = check_exits(&config, 1).await;
+    line_with(&text, "WARN", &["public.unlog", "UNLOGGED"]);
+    line_with(
+        &text,
+        "WARN",
+        &[
+            "public.meas_2024",
+            "a partition of public.meas",
+            "include public.meas",
+        ],
+    );
+    line_with(
+        &text,
+        "WARN",
+        &[
+            "include \"public.order items\" matches no table",
+            "case-sensitive",
+        ],
+    );
+    line_with(&text, "FAIL", &["no table is selected by [tables]"]);
+    assert!(
+        !text.contains("include \"public.unlog\" matches no table"),
+        "{text}"
+    );
+
+    let config = write_config(
+        dir.path(),
+        &pg.url("app"),
+        &pg.url("target"),
+        &state,
+        r#"[tables]
+include = ["public.Order Items", "public.typo"]"#,
+    );
+    let text = check_exits(&config, 1).await;
+    line_with(&text, "PASS", &["1 tables selected"]);
+    line_with(&text, "WARN", &["include \"public.typo\" matches no table"]);
+    line_with(&text, "FAIL", &["table public.\"Order Items\" is missing"]);
+}

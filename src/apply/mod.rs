@@ -641,7 +641,7 @@ impl Applier {
                 ErrorKind::Apply,
                 format!(
                     "An UPDATE of {} did not carry its key values (unchanged TOAST in a key column): set REPLICA IDENTITY FULL on the source table",
-                    relation.qualified_name()
+                    relation.shown_name()
                 ),
             ));
         }
@@ -665,7 +665,7 @@ impl Applier {
                                     ErrorKind::Apply,
                                     format!(
                                         "An UPDATE of {} moves a row to another distribution value but leaves a TOASTed column out: set REPLICA IDENTITY FULL on the source table so the whole row is known",
-                                        relation.qualified_name()
+                                        relation.shown_name()
                                     ),
                                 ))
                             }
@@ -718,7 +718,7 @@ impl Applier {
             ErrorKind::Apply,
             format!(
                 "{what} on {} cannot be matched on the target: the table has no replica identity. Give it a primary key or REPLICA IDENTITY FULL on the source",
-                relation.qualified_name()
+                relation.shown_name()
             ),
         )
     }
@@ -728,7 +728,7 @@ impl Applier {
             ErrorKind::Apply,
             format!(
                 "{what} on {} arrived without its old row although the table has REPLICA IDENTITY FULL",
-                relation.qualified_name()
+                relation.shown_name()
             ),
         )
     }
@@ -823,7 +823,7 @@ fn executor_outcome(joined: std::result::Result<Result<()>, tokio::task::JoinErr
 fn column_count_mismatch(relation: &Relation, tuple: &Tuple, what: &str) -> Error {
     Error::definite(format!(
         "A pgoutput {what} for {} carries {} values for {} columns",
-        relation.qualified_name(),
+        relation.shown_name(),
         tuple.len(),
         relation.columns.len()
     ))
@@ -842,7 +842,7 @@ fn cells(tuple: &Tuple, relation: &Relation, what: &str) -> Result<Vec<Cell>> {
             Some(Value::Binary(_)) => {
                 return Err(Error::definite(format!(
                     "A pgoutput {what} for {} carries a binary value, which sluice never requests",
-                    relation.qualified_name()
+                    relation.shown_name()
                 )))
             }
         });

@@ -808,7 +808,7 @@ pub async fn verify(
                     crate::say!("{line}");
                 }
                 if !verdict.same {
-                    report.differing.push(verdict.name.qualified());
+                    report.differing.push(verdict.name.to_string());
                 }
             }
             Err(e) => {

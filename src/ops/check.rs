@@ -16,7 +16,8 @@ use crate::config::{format_size, Config, SplitBy};
 use crate::error::{self, Result};
 use crate::snapshot::plan;
 use crate::source::{
-    abbreviate, selected_tables, unreplicated_tables, SourceTable, TableName, Unreplicated,
+    abbreviate, glob_misses, selected_tables, unreplicated_tables, SourceTable, TableName,
+    Unreplicated,
 };
 
 #[derive(Debug, Clone, Args)]
@@ -152,17 +153,15 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
             return None;
         }
     };
-    if tables.is_empty() {
-        out.fail(
-            "source: no table matches [tables] include/exclude: check the globs (schema.table) in the config",
-        );
-        return None;
+    if !tables.is_empty() {
+        out.pass(format!(
+            "source: {} tables selected by [tables], {} in all",
+            tables.len(),
+            format_size(tables.iter().map(|t| t.size_bytes.max(0) as u64).sum())
+        ));
     }
-    out.pass(format!(
-        "source: {} tables selected by [tables], {} in all",
-        tables.len(),
-        format_size(tables.iter().map(|t| t.size_bytes.max(0) as u64).sum())
-    ));
+    // What the globs match but sluice leaves out, and globs that match nothing, are said
+    // even when nothing is selected: they are usually why.
     match unreplicated_tables(&client, &config.tables).await {
         Ok(left_out) => {
             for (name, reason) in left_out {
@@ -181,6 +180,31 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
             "source: cannot list unlogged and extension tables ({})",
             error.report()
         )),
+    }
+    match glob_misses(&client, &config.tables).await {
+        Ok((unmatched, partitions)) => {
+            for glob in unmatched {
+                out.warn(format!(
+                    "source: [tables] include {glob:?} matches no table (globs are schema.table, unquoted and case-sensitive): a typo?"
+                ));
+            }
+            for (partition, root) in partitions {
+                out.warn(format!(
+                    "table {partition}: a partition of {root}, which [tables] does not select; partitions are never selected on their own: include {} to migrate it (its partitions come with it)",
+                    root.qualified()
+                ));
+            }
+        }
+        Err(error) => out.fail(format!(
+            "source: cannot list the tables the globs match ({})",
+            error.report()
+        )),
+    }
+    if tables.is_empty() {
+        out.fail(
+            "source: no table is selected by [tables] include/exclude: check the globs (schema.table) in the config and the lines above",
+        );
+        return None;
     }
     // Large objects live outside every table: neither the copy nor pgoutput carries them, and
     // the oid columns that point at them would arrive pointing at nothing.
@@ -662,7 +686,7 @@ fn partition_maintenance_warning(tables: &[SourceTable]) -> Option<String> {
     let partitioned: Vec<String> = tables
         .iter()
         .filter(|t| t.is_partitioned)
-        .map(|t| t.name.qualified())
+        .map(|t| t.name.to_string())
         .collect();
     (!partitioned.is_empty()).then(|| {
         format!(

@@ -108,19 +108,14 @@ impl SchemaChange {
 
 impl fmt::Display for SchemaChange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}: {}",
-            self.new.qualified_name(),
-            self.details.join("; ")
-        )
+        write!(f, "{}: {}", self.new.shown_name(), self.details.join("; "))
     }
 }
 
 fn differences(old: &Relation, new: &Relation) -> Vec<String> {
     let mut details = Vec::new();
     if old.namespace != new.namespace || old.name != new.name {
-        details.push(format!("renamed from {}", old.qualified_name()));
+        details.push(format!("renamed from {}", old.shown_name()));
     }
     if old.replica_identity != new.replica_identity {
         details.push(format!(

@@ -136,13 +136,23 @@ pub struct Relation {
 }
 
 impl Relation {
-    /// `namespace.name`, unquoted, for messages.
+    /// `namespace.name`, unquoted, as `[tables]` globs are written.
     pub fn qualified_name(&self) -> String {
         if self.namespace.is_empty() {
             format!("pg_catalog.{}", self.name)
         } else {
             format!("{}.{}", self.namespace, self.name)
         }
+    }
+
+    /// The name for messages, quoted where PostgreSQL needs it (as `TableName` shows it).
+    pub fn shown_name(&self) -> String {
+        let namespace = if self.namespace.is_empty() {
+            "pg_catalog"
+        } else {
+            &self.namespace
+        };
+        crate::source::TableName::new(namespace, self.name.as_str()).to_string()
     }
 
     /// Indexes of the columns flagged as part of the replica identity key.

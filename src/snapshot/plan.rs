@@ -100,7 +100,7 @@ pub async fn holding_rows_on_target(target: &Client, names: &[&TableName]) -> Re
             .map_err(|e| error::pg(format!("Checking that {name} is empty on the target"), e))?
             .get(0);
         if has_rows {
-            holding.push(name.qualified());
+            holding.push(name.to_string());
         }
     }
     Ok(holding)

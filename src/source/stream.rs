@@ -188,7 +188,7 @@ impl Reader {
                 crate::error::pg(
                     format!(
                         "Looking up whether [tables] selects {} on the source",
-                        relation.qualified_name()
+                        relation.shown_name()
                     ),
                     e,
                 )
@@ -202,7 +202,7 @@ impl Reader {
         });
         if !selected {
             tracing::warn!(
-                table = %relation.qualified_name(),
+                table = %relation.shown_name(),
                 publication = %self.publication,
                 "the publication publishes a table [tables] does not select: its changes are not applied"
             );
@@ -421,7 +421,7 @@ impl Reader {
             LogicalMessage::Relation(relation) => {
                 let changed = relations.insert(relation.clone());
                 if let Some(change) = &changed {
-                    tracing::info!(table = %relation.qualified_name(), "source schema changed: {change}");
+                    tracing::info!(table = %relation.shown_name(), "source schema changed: {change}");
                 }
                 let relation = resolve(relations, relation.oid)?;
                 Some(StreamItem::Relation {

@@ -47,11 +47,195 @@ impl TableName {
     }
 }
 
+/// For people: `schema.table`, each part double-quoted only where PostgreSQL needs it
+/// (`public.orders`, `"My Schema"."Orders"`, `public."order"`), as `regclass` and
+/// `format('%I')` print them. Names holding dots or quotes stay unambiguous, and a name
+/// copied from a message works in SQL.
 impl fmt::Display for TableName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
+        write!(
+            f,
+            "{}.{}",
+            display_ident(&self.schema),
+            display_ident(&self.name)
+        )
     }
 }
+
+/// The identifier as PostgreSQL's `quote_ident` writes it: as it is when it is lower case
+/// letters, digits and underscores (not leading with a digit) and no reserved word;
+/// double-quoted otherwise.
+pub fn display_ident(ident: &str) -> std::borrow::Cow<'_, str> {
+    let plain = ident
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && ident
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && RESERVED_WORDS.binary_search(&ident).is_err();
+    if plain {
+        std::borrow::Cow::Borrowed(ident)
+    } else {
+        std::borrow::Cow::Owned(quote_ident(ident))
+    }
+}
+
+/// PostgreSQL 15's keywords that are not unreserved (`pg_get_keywords()` with catcode other
+/// than `U`): as identifiers they must be quoted. Sorted, for the binary search.
+const RESERVED_WORDS: &[&str] = &[
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "authorization",
+    "between",
+    "bigint",
+    "binary",
+    "bit",
+    "boolean",
+    "both",
+    "case",
+    "cast",
+    "char",
+    "character",
+    "check",
+    "coalesce",
+    "collate",
+    "collation",
+    "column",
+    "concurrently",
+    "constraint",
+    "create",
+    "cross",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_schema",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "dec",
+    "decimal",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "exists",
+    "extract",
+    "false",
+    "fetch",
+    "float",
+    "for",
+    "foreign",
+    "freeze",
+    "from",
+    "full",
+    "grant",
+    "greatest",
+    "group",
+    "grouping",
+    "having",
+    "ilike",
+    "in",
+    "initially",
+    "inner",
+    "inout",
+    "int",
+    "integer",
+    "intersect",
+    "interval",
+    "into",
+    "is",
+    "isnull",
+    "join",
+    "lateral",
+    "leading",
+    "least",
+    "left",
+    "like",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "national",
+    "natural",
+    "nchar",
+    "none",
+    "normalize",
+    "not",
+    "notnull",
+    "null",
+    "nullif",
+    "numeric",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "out",
+    "outer",
+    "overlaps",
+    "overlay",
+    "placing",
+    "position",
+    "precision",
+    "primary",
+    "real",
+    "references",
+    "returning",
+    "right",
+    "row",
+    "select",
+    "session_user",
+    "setof",
+    "similar",
+    "smallint",
+    "some",
+    "substring",
+    "symmetric",
+    "table",
+    "tablesample",
+    "then",
+    "time",
+    "timestamp",
+    "to",
+    "trailing",
+    "treat",
+    "trim",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "values",
+    "varchar",
+    "variadic",
+    "verbose",
+    "when",
+    "where",
+    "window",
+    "with",
+    "xmlattributes",
+    "xmlconcat",
+    "xmlelement",
+    "xmlexists",
+    "xmlforest",
+    "xmlnamespaces",
+    "xmlparse",
+    "xmlpi",
+    "xmlroot",
+    "xmlserialize",
+    "xmltable",
+];
 
 /// Double-quotes an identifier for SQL.
 pub fn quote_ident(ident: &str) -> String {
@@ -195,6 +379,53 @@ pub async fn unreplicated_tables(
         .collect())
 }
 
+/// What the `[tables]` globs miss: the include globs that match no table of the source at
+/// all (a typo, or a name whose case differs: globs are case-sensitive), and the partitions
+/// they match by name, which are never selected on their own (with their root).
+pub async fn glob_misses(
+    client: &Client,
+    tables: &TablesConfig,
+) -> Result<(Vec<String>, Vec<(TableName, TableName)>)> {
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, rn.nspname::text, r.relname::text
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             LEFT JOIN pg_class r ON c.relispartition AND r.oid = pg_partition_root(c.oid)
+             LEFT JOIN pg_namespace rn ON rn.oid = r.relnamespace
+             WHERE c.relkind IN ('r', 'p') AND c.relpersistence IN ('p', 'u')
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'sluice')
+               AND n.nspname NOT LIKE 'pg\\_%'",
+            &[],
+        )
+        .await
+        .map_err(|e| error::pg("Listing the source's tables", e))?;
+    let mut names = Vec::with_capacity(rows.len());
+    let mut partitions = Vec::new();
+    for row in &rows {
+        let name = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+        let root: Option<String> = row.get(3);
+        if let Some(root) = root {
+            let root = TableName::new(row.get::<_, String>(2), root);
+            if tables.selects(&name.qualified()) && !tables.selects(&root.qualified()) {
+                partitions.push((name.clone(), root));
+            }
+        }
+        names.push(name.qualified());
+    }
+    let unmatched = tables
+        .include
+        .iter()
+        .filter(|glob| {
+            !names
+                .iter()
+                .any(|name| crate::config::glob_matches(glob, name))
+        })
+        .cloned()
+        .collect();
+    partitions.sort();
+    Ok((unmatched, partitions))
+}
+
 /// The first `limit` names, then how many more (messages about many tables stay readable).
 pub fn abbreviate(names: &[String], limit: usize) -> String {
     if names.len() <= limit {
@@ -217,10 +448,28 @@ mod tests {
         let table = TableName::new("My Schema", "we\"ird");
         assert_eq!(table.quoted(), "\"My Schema\".\"we\"\"ird\"");
         assert_eq!(table.qualified(), "My Schema.we\"ird");
+        assert_eq!(table.to_string(), "\"My Schema\".\"we\"\"ird\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
         assert_eq!(
             TableName::parse("orders"),
             TableName::new("public", "orders")
         );
+    }
+
+    #[test]
+    fn names_are_shown_quoted_only_where_postgresql_needs_it() {
+        let shown = |schema: &str, name: &str| TableName::new(schema, name).to_string();
+        assert_eq!(shown("public", "orders_2024"), "public.orders_2024");
+        assert_eq!(shown("public", "_t"), "public._t");
+        assert_eq!(shown("public", "Orders"), "public.\"Orders\"");
+        assert_eq!(shown("public", "order"), "public.\"order\"");
+        assert_eq!(shown("public", "2024"), "public.\"2024\"");
+        assert_eq!(shown("public", ""), "public.\"\"");
+        // Two tables whose plain names would read the same.
+        assert_ne!(shown("a", "b.c"), shown("a.b", "c"));
+        assert_eq!(shown("a", "b.c"), "a.\"b.c\"");
+        assert_eq!(shown("Ünï", "t"), "\"Ünï\".t");
+        // Unreserved keywords need no quotes, as in PostgreSQL.
+        assert_eq!(shown("public", "data"), "public.data");
     }
 }
