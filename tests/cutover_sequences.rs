@@ -21,6 +21,8 @@ const DDL: &str = "
     CREATE TABLE public.dt (id public.auto_id PRIMARY KEY);
     CREATE SEQUENCE public.txt_seq;
     CREATE TABLE public.ft (id bigint PRIMARY KEY DEFAULT nextval('public.txt_seq'::text));
+    CREATE SEQUENCE public.bare_txt_seq;
+    CREATE TABLE public.bt (id bigint PRIMARY KEY DEFAULT nextval('bare_txt_seq'::text));
 ";
 
 /// The value the next nextval() returns, without consuming it.
@@ -51,7 +53,8 @@ async fn sequences_follow_the_source_and_never_go_back() {
              INSERT INTO public.p1 (k) SELECT 1 FROM generate_series(1, 7);
              SELECT setval('public.cyc', 40, true);
              INSERT INTO public.dt SELECT FROM generate_series(1, 25);
-             INSERT INTO public.ft SELECT FROM generate_series(1, 9);",
+             INSERT INTO public.ft SELECT FROM generate_series(1, 9);
+             INSERT INTO public.bt SELECT FROM generate_series(1, 4);",
         )
         .await
         .unwrap();
@@ -87,6 +90,8 @@ async fn sequences_follow_the_source_and_never_go_back() {
     // Called through a domain's default, and by the old nextval('name'::text).
     assert_eq!(next_value(t, "public.dom_seq", 1).await, 26);
     assert_eq!(next_value(t, "public.txt_seq", 1).await, 10);
+    // Unqualified: late-bound through the application's search_path, not sluice's (empty).
+    assert_eq!(next_value(t, "public.bare_txt_seq", 1).await, 5);
     // A cycling sequence at its end: the target takes the source's state and wraps too.
     let wrapped: i64 = t
         .query_one("SELECT nextval('public.cyc')", &[])

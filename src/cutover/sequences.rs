@@ -166,12 +166,25 @@ pub async fn sequences_of(source: &Client, table_oids: &[u32]) -> Result<Vec<Seq
                  UNION
                  -- nextval('name'::text), the pre-8.1 form, shown as
                  -- nextval(('name'::text)::regclass): late-bound, so no dependency is
-                 -- recorded; the name is resolved as the default would resolve it
-                 SELECT to_regclass(m[1])::oid, ad.adrelid, ad.adnum
+                 -- recorded. A qualified name resolves as it is; an unqualified one
+                 -- through the application's search_path, which this session (empty
+                 -- search_path) does not have: the table's own schema, then public, as
+                 -- the default \"$user\", public would for most applications.
+                 SELECT r.oid, ad.adrelid, ad.adnum
                  FROM pg_attrdef ad
+                 JOIN pg_class tc ON tc.oid = ad.adrelid
+                 JOIN pg_namespace tcn ON tcn.oid = tc.relnamespace
                  CROSS JOIN LATERAL regexp_matches(pg_get_expr(ad.adbin, ad.adrelid),
                                                    'nextval\\(\\(''([^'']+)''::text\\)::regclass\\)', 'g') AS m
-                 WHERE ad.adrelid IN (SELECT oid FROM tables) AND to_regclass(m[1]) IS NOT NULL
+                 CROSS JOIN LATERAL (
+                     SELECT COALESCE(
+                         to_regclass(m[1]),
+                         CASE WHEN strpos(m[1], '.') = 0 THEN
+                             COALESCE(to_regclass(format('%I.', tcn.nspname) || m[1]),
+                                      to_regclass('public.' || m[1]))
+                         END)::oid AS oid
+                 ) AS r
+                 WHERE ad.adrelid IN (SELECT oid FROM tables) AND r.oid IS NOT NULL
              )
              SELECT s.oid, n.nspname::text, s.relname::text,
                     q.seqincrement, q.seqmin, q.seqmax,
