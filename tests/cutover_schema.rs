@@ -531,7 +531,8 @@ async fn odd_identifiers_survive_schema_sequences_and_verify() {
     let output = setup.sluice(&["verify", "--chunk-rows", "7"]).await;
     assert_eq!(output.status.code(), Some(1), "{}", show(&output));
     assert!(
-        stdout(&output).contains("DIFF Sales Dept.Order Items range [Item Id=8, Item Id=15)"),
+        stdout(&output)
+            .contains(r#"DIFF "Sales Dept"."Order Items" range ["Item Id"=8, "Item Id"=15)"#),
         "{}",
         show(&output)
     );

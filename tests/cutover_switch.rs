@@ -431,3 +431,93 @@ async fn cutover_is_not_ready_while_a_prepared_transaction_is_pending() {
     assert_eq!(output.status.code(), Some(0), "{}", show(&output));
     assert!(stdout(&output).contains("Point the application at the target"));
 }
+
+/// After the freeze the wait for zero lag gives up as soon as the daemon stalls (not at the
+/// timeout, with the application frozen all along), and a cutover interrupted while it waits
+/// (Ctrl-C, SIGTERM) still says how to undo the freeze.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_after_the_freeze_ends_when_the_daemon_stalls_or_cutover_is_interrupted() {
+    let setup = Setup::new("").await;
+    load(&setup).await;
+    // A daemon that says it streams but never catches up: its position stays where it is.
+    let state = setup.dir.path().join("state");
+    let status = sluice::control::SharedStatus::new("sluice");
+    status.update(|s| s.state = sluice::control::DaemonState::Streaming);
+    let _socket = sluice::control::socket::serve(&state, status.clone()).unwrap();
+    sluice::checkpoint::ensure_position_table(&setup.target)
+        .await
+        .unwrap();
+    crate::support::record_position(&setup.target, "0", "0/1000")
+        .await
+        .unwrap();
+    let undo =
+        "BEGIN READ WRITE; ALTER DATABASE \"src\" RESET default_transaction_read_only; COMMIT;";
+    let cutover = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["cutover", "--freeze-source", "--yes", "--timeout", "120s"])
+            .arg("--config")
+            .arg(&setup.config)
+            .env_remove("SLUICE_SOURCE_URL")
+            .env_remove("SLUICE_TARGET_URL")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    let started = std::time::Instant::now();
+    let child = cutover();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    status.update(|s| {
+        s.state = sluice::control::DaemonState::Stalled;
+        s.last_error = Some("Applying 1 insert(s) into public.t failed".to_string());
+    });
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("cutover gave up long before its timeout")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let text = show(&output);
+    assert!(text.contains("FROZEN src"), "{text}");
+    assert!(
+        text.contains("sluice run is stalled: Applying 1 insert(s) into public.t failed"),
+        "{text}"
+    );
+    assert!(text.contains(undo), "{text}");
+    assert!(read_only(&setup).await);
+    setup
+        .pg
+        .connect("src")
+        .await
+        .batch_execute(undo)
+        .await
+        .unwrap();
+
+    // Interrupted while it waits: the undo is said, exit 1.
+    status.update(|s| {
+        s.state = sluice::control::DaemonState::Streaming;
+        s.last_error = None;
+    });
+    let child = cutover();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("cutover ended on SIGTERM")
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let text = show(&output);
+    assert!(text.contains("Step 2: waiting"), "{text}");
+    assert!(
+        text.contains("Cutover interrupted after the freeze"),
+        "{text}"
+    );
+    assert!(text.contains(undo), "{text}");
+    assert!(read_only(&setup).await);
+}

@@ -72,7 +72,7 @@ async fn verify_passes_on_equal_data_and_names_what_differs() {
         "{out}"
     );
     assert!(
-        out.contains("(region, n)=(us, 7) (missing on the target)"),
+        out.contains("(region, n)=('us', 7) (missing on the target)"),
         "{out}"
     );
     assert!(

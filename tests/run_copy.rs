@@ -854,7 +854,7 @@ async fn a_start_that_cannot_copy_is_refused_before_a_slot_exists() {
     assert_eq!(code, 1, "{stderr}");
     assert!(
         stderr.contains(
-            "2 selected table(s) do not exist on the target: public.Line Items, public.orders"
+            "2 selected table(s) do not exist on the target: public.\"Line Items\", public.orders"
         ) && stderr.contains("sluice schema"),
         "{stderr}"
     );

@@ -226,11 +226,12 @@ async fn check_publication(
     // to_jsonb reads prqual and prattrs where the server has them (15+).
     let rows = source
         .query(
-            "SELECT p.pubname IS NOT NULL, t.schemaname || '.' || t.tablename, c.oid,
+            "SELECT p.pubname IS NOT NULL, t.schemaname::text, c.oid,
                     ARRAY[p.pubinsert, p.pubupdate, p.pubdelete, p.pubtruncate, p.pubviaroot],
                     (SELECT concat_ws(' | ', pr.oid, to_jsonb(pr) ->> 'prqual', to_jsonb(pr) ->> 'prattrs')
                      FROM pg_catalog.pg_publication_rel pr
-                     WHERE pr.prpubid = p.oid AND pr.prrelid = c.oid)
+                     WHERE pr.prpubid = p.oid AND pr.prrelid = c.oid),
+                    t.tablename::text
              FROM (SELECT 1) one
              LEFT JOIN pg_catalog.pg_publication p ON p.pubname = $1
              LEFT JOIN pg_catalog.pg_publication_tables t ON t.pubname = p.pubname
@@ -263,10 +264,13 @@ async fn check_publication(
         tables: HashMap::new(),
     };
     for row in &rows {
-        if let (Some(name), Some(oid)) = (
+        if let (Some(schema), Some(table), Some(oid)) = (
             row.get::<_, Option<String>>(1),
+            row.get::<_, Option<String>>(5),
             row.get::<_, Option<u32>>(2),
         ) {
+            // Named as the status names its tables.
+            let name = crate::source::TableName::new(schema, table).to_string();
             shape.tables.insert(name, (oid, row.get(4)));
         }
     }
@@ -295,21 +299,31 @@ async fn check_publication(
                 // only taken out of the publication.
                 // By the OID seen before, or (no look before) by the name.
                 let was_oid: Option<u32> = was.map(|(oid, _)| *oid);
+                let quoted = crate::source::TableName::parse_shown(name)
+                    .map_or_else(|| name.clone(), |t| t.quoted());
                 type Fate = (bool, Option<String>, String);
                 let fate: Option<Option<Fate>> = source
                     .query_opt(
                         "SELECT c.relispartition,
                                 (SELECT i.inhparent::regclass::text FROM pg_catalog.pg_inherits i
                                  WHERE i.inhrelid = c.oid LIMIT 1),
-                                n.nspname || '.' || c.relname
+                                n.nspname::text, c.relname::text
                          FROM pg_catalog.pg_class c
                          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                          WHERE c.oid = coalesce($1::oid, pg_catalog.to_regclass($2)::oid)",
-                        &[&was_oid, &crate::source::TableName::parse(name).quoted()],
+                        &[&was_oid, &quoted],
                     )
                     .await
                     .ok()
-                    .map(|row| row.map(|row| (row.get(0), row.get(1), row.get(2))));
+                    .map(|row| {
+                        row.map(|row| {
+                            let now = crate::source::TableName::new(
+                                row.get::<_, String>(2),
+                                row.get::<_, String>(3),
+                            );
+                            (row.get(0), row.get(1), now.to_string())
+                        })
+                    });
                 Some(match (renamed_to, fate) {
                     (Some(new_name), _) => format!(
                         "{name} was renamed to {new_name} (rename it on the target too, and make [tables] select the new name)"
@@ -328,7 +342,7 @@ async fn check_publication(
                     _ => format!(
                         "no longer publishes {name}: its changes since then were not sent (put it back: ALTER PUBLICATION {} ADD TABLE {}; if it was dropped on the source, take it out of [tables] instead)",
                         crate::source::quote_ident(publication),
-                        crate::source::TableName::parse(name).quoted()
+                        quoted
                     ),
                 })
             }
@@ -385,7 +399,14 @@ fn forget_copies(
     let copy_again = config.copy.enabled && crate::snapshot::copy_finished(store)?;
     if copy_again {
         for name in tables {
-            crate::snapshot::state::forget_table(store, &crate::source::TableName::parse(name))?;
+            // The status's names are `TableName`'s `Display`; one that does not read back
+            // cannot be forgotten, and the copy would silently be kept: say so.
+            let table = crate::source::TableName::parse_shown(name).ok_or_else(|| {
+                Error::definite(format!(
+                    "Cannot read the table name {name:?} back to forget its copy: empty it on the target and remove the state dir's copy records by starting with a fresh copy"
+                ))
+            })?;
+            crate::snapshot::state::forget_table(store, &table)?;
         }
     }
     Ok(copy_again)

@@ -163,48 +163,62 @@ async fn preflight(
             "the target has no applied position for slot {slot} (sluice.applied_position): `sluice run` has not applied anything with this slot yet; start it (check source.slot), let the copy finish, then run cutover again"
         ));
     }
-    match crate::control::client::request_status(&config.state.dir).await {
-        Ok(Some(report)) => match report.state {
-            DaemonState::Streaming => {}
-            DaemonState::Stalled => problems.push(format!(
-                "sluice run is stalled: {}; fix that first (sluice status), the target cannot catch up until then",
-                report.last_error.unwrap_or_default()
-            )),
-            other => problems.push(format!(
-                "sluice run is {}: wait until `sluice status` says streaming",
-                serde_json::to_value(other)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default()
-            )),
-        },
-        // No daemon on this state dir: one on another machine streams from the slot.
-        Ok(None) => {
-            let active = crate::source::slot::slot_info(source, slot)
-                .await?
-                .is_some_and(|info| info.active);
-            if !active {
-                problems.push(format!(
-                    "sluice run is not running: nothing answers on the control socket in {} and no session streams from slot {slot}; start it, then run cutover again",
-                    config.state.dir.display()
-                ));
-            }
-        }
-        Err(e) => problems.push(format!("cannot ask sluice run for its state: {}", e.report())),
+    if let Some(problem) = daemon_problem(config, source).await? {
+        problems.push(problem);
     }
     Ok(problems)
 }
 
+/// Why `sluice run` is not bringing the target up to date right now, if it is not: it is
+/// stalled, still starting or copying, or not running at all (nothing answers on the control
+/// socket and no session streams from the slot; a daemon on another machine does).
+async fn daemon_problem(config: &Config, source: &Client) -> Result<Option<String>> {
+    let slot = &config.source.slot;
+    Ok(
+        match crate::control::client::request_status(&config.state.dir).await {
+            Ok(Some(report)) => match report.state {
+                DaemonState::Streaming => None,
+                DaemonState::Stalled => Some(format!(
+                    "sluice run is stalled: {}; fix that first (sluice status), the target cannot catch up until then",
+                    report.last_error.unwrap_or_default()
+                )),
+                other => Some(format!(
+                    "sluice run is {}: wait until `sluice status` says streaming",
+                    serde_json::to_value(other)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                )),
+            },
+            Ok(None) => {
+                let active = crate::source::slot::slot_info(source, slot)
+                    .await?
+                    .is_some_and(|info| info.active);
+                (!active).then(|| format!(
+                    "sluice run is not running: nothing answers on the control socket in {} and no session streams from slot {slot}; start it, then run cutover again",
+                    config.state.dir.display()
+                ))
+            }
+            Err(e) => Some(format!("cannot ask sluice run for its state: {}", e.report())),
+        },
+    )
+}
+
 /// Waits until the target's caught-up position for `slot` reaches `goal`.
+/// Gives up as soon as the daemon stops or stalls: the wait could only time out, with the
+/// source frozen all along.
 async fn wait_for_zero_lag(
+    config: &Config,
+    source: &Client,
     target: &Client,
-    slot: &str,
     goal: Lsn,
     timeout: Duration,
     frozen: bool,
 ) -> Result<Lsn> {
+    let slot = &config.source.slot;
     let started = Instant::now();
     let mut last_report = Instant::now();
+    let mut last_daemon_look = Instant::now();
     loop {
         // No position at all: nothing was ever applied for this slot, so waiting is futile.
         let Some(position) = checkpoint::read_target_position(target, slot).await? else {
@@ -224,6 +238,16 @@ async fn wait_for_zero_lag(
                 if frozen { " (the freeze stays in place)" } else { "" }
             )));
         }
+        if last_daemon_look.elapsed() >= Duration::from_secs(1) {
+            last_daemon_look = Instant::now();
+            if let Some(problem) = daemon_problem(config, source).await? {
+                return Err(Error::definite(format!(
+                    "The target stopped catching up with the source's position {goal} (caught up to {caught_up}, {} bytes behind): {problem}{}",
+                    goal.bytes_since(caught_up),
+                    if frozen { " (the freeze stays in place)" } else { "" }
+                )));
+            }
+        }
         if last_report.elapsed() >= Duration::from_secs(5) {
             crate::say!(
                 "  ... caught up to {caught_up}, {} bytes to go",
@@ -239,6 +263,10 @@ async fn wait_for_zero_lag(
 /// table matches; 1 otherwise.
 pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
     let timeout = parse_duration(&args.timeout, "--timeout")?;
+    // Said before anything changes: verify, the last step, would refuse it after the freeze.
+    if args.jobs == 0 {
+        return Err(Error::config("--jobs must be at least 1"));
+    }
     let (source, target) = super::connect_both(config).await?;
     let database: String = source
         .query_one("SELECT current_database()::text", &[])
@@ -272,7 +300,7 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
         &source,
         &target,
         &database,
-        &freeze_sql,
+        (&freeze_sql, &undo_sql),
         timeout,
     )
     .await;
@@ -284,6 +312,20 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
         );
     }
     outcome
+}
+
+/// From the freeze on, Ctrl-C or SIGTERM (an operator giving up on the wait, a `timeout`
+/// around the command) ends cutover with the way back said, not with a frozen source and
+/// no word. Armed only after the confirmation: the prompt reads the terminal on this
+/// (single) runtime thread, and a Ctrl-C there must still end the process at once.
+fn undo_on_interrupt(undo_sql: String) {
+    tokio::spawn(async move {
+        crate::daemon::wait_for_signal().await;
+        crate::say!(
+            "Cutover interrupted after the freeze: the source may be frozen. To undo the freeze (keep the source as the primary): {undo_sql} (sessions opened before the undo stay read-only until they reconnect)"
+        );
+        std::process::exit(1);
+    });
 }
 
 /// Whether the source database is frozen (`ALTER DATABASE ... SET
@@ -309,7 +351,7 @@ async fn freeze_and_switch(
     source: &Client,
     target: &Client,
     database: &str,
-    freeze_sql: &str,
+    (freeze_sql, undo_sql): (&str, &str),
     timeout: Duration,
 ) -> Result<i32> {
     let slot = &config.source.slot;
@@ -371,6 +413,7 @@ async fn freeze_and_switch(
                     "Cutover not confirmed: the source is unchanged. Answer yes to go ahead, or pass --yes",
                 ));
             }
+            undo_on_interrupt(undo_sql.to_string());
             // READ WRITE: a cutover run again (after "not ready") connects to a database
             // that is frozen already, where every transaction is read-only by default.
             source
@@ -512,7 +555,8 @@ async fn freeze_and_switch(
             "Step 2: waiting until the target has caught up with the source's {goal} (at most {})",
             humantime::format_duration(timeout)
         );
-        let reached = wait_for_zero_lag(target, slot, goal, timeout, args.freeze_source).await?;
+        let reached =
+            wait_for_zero_lag(config, source, target, goal, timeout, args.freeze_source).await?;
         crate::say!("CAUGHT UP to {reached}: lag is zero");
     }
 

@@ -651,7 +651,7 @@ async fn gather(source: &Client, roots: BTreeMap<u32, TableName>) -> Result<Need
             needs
                 .extensions
                 .entry(extension)
-                .or_insert_with(|| format!("type {}", name.qualified()));
+                .or_insert_with(|| format!("type {name}"));
         } else if typtype == "c" && relkind != "c" {
             // A table's row type used as a column: it comes with that table, not as a type.
             needs.foreign_types.insert(name);

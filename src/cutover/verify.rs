@@ -244,12 +244,29 @@ impl TablePlan {
         )
     }
 
-    /// `id=300` or `(a, b)=(1, x)`.
+    /// `id=300`, `code='a b'` or `(a, b)=(1, 'x, y')`: numbers as they are, every other
+    /// value as a SQL literal, so `''` and `' '` (or a value holding the separator) stay
+    /// apart and the key can be pasted into a WHERE clause.
     fn describe_key(&self, values: &[String]) -> String {
+        fn shown(value: &str) -> String {
+            let unsigned = value.strip_prefix('-').unwrap_or(value);
+            let (whole, fraction) = unsigned.split_once('.').unwrap_or((unsigned, "0"));
+            let digits = |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+            if digits(whole) && digits(fraction) {
+                value.to_string()
+            } else {
+                crate::source::quote_literal(value)
+            }
+        }
+        let names: Vec<String> = self
+            .key
+            .iter()
+            .map(|c| crate::source::display_ident(&c.name).into_owned())
+            .collect();
+        let values: Vec<String> = values.iter().map(|v| shown(v)).collect();
         if self.key.len() == 1 {
-            format!("{}={}", self.key[0].name, values.first().map_or("", |v| v))
+            format!("{}={}", names[0], values.first().map_or("", |v| v))
         } else {
-            let names: Vec<&str> = self.key.iter().map(|c| c.name.as_str()).collect();
             format!("({})=({})", names.join(", "), values.join(", "))
         }
     }
@@ -909,10 +926,20 @@ mod tests {
     fn keys_and_ranges_read_well() {
         let plan = plan();
         let key = vec!["3".to_string(), "x".to_string()];
-        assert_eq!(plan.describe_key(&key), "(id, Code)=(3, x)");
+        assert_eq!(plan.describe_key(&key), "(id, \"Code\")=(3, 'x')");
+        // Text keys that would read the same unquoted stay apart; numbers stay bare.
+        let single = TablePlan {
+            key: plan.key[..1].to_vec(),
+            ..plan.clone()
+        };
+        assert_eq!(single.describe_key(&["".to_string()]), "id=''");
+        assert_eq!(single.describe_key(&[" ".to_string()]), "id=' '");
+        assert_eq!(single.describe_key(&["-1.50".to_string()]), "id=-1.50");
+        assert_eq!(single.describe_key(&["1e5".to_string()]), "id='1e5'");
+        assert_eq!(single.describe_key(&["it's".to_string()]), "id='it''s'");
         assert_eq!(
             plan.describe_range(None, Some(&key)),
-            "[start, (id, Code)=(3, x))"
+            "[start, (id, \"Code\")=(3, 'x'))"
         );
     }
 

@@ -69,7 +69,7 @@ pub struct Leaf {
 
 /// Reads the source and target catalogs for `table`. Errors name the table and what the
 /// operator should fix on the target.
-/// The tables of `names` the target lacks, as `schema.table`.
+/// The tables of `names` the target lacks, named for messages.
 pub async fn missing_on_target(target: &Client, names: &[&TableName]) -> Result<Vec<String>> {
     let quoted: Vec<String> = names.iter().map(|n| n.quoted()).collect();
     let rows = target
@@ -83,7 +83,7 @@ pub async fn missing_on_target(target: &Client, names: &[&TableName]) -> Result<
     Ok(names
         .iter()
         .filter(|n| absent.contains(&n.quoted()))
-        .map(|n| n.qualified())
+        .map(|n| n.to_string())
         .collect())
 }
 
@@ -935,7 +935,7 @@ mod tests {
         assert!(source_copy_sql(&keyed, last)
             .unwrap()
             .ends_with("WHERE \"Id\" >= 9) TO STDOUT"));
-        assert_eq!(describe(&keyed, keys), "s.we\"ird (\"Id\" -5..9)");
+        assert_eq!(describe(&keyed, keys), "s.\"we\"\"ird\" (\"Id\" -5..9)");
         // A publication's row filter joins every chunk's predicate, and turns a whole
         // table's COPY into a SELECT.
         let filtered = TableLayout {
@@ -949,7 +949,7 @@ mod tests {
         assert!(source_copy_sql(&filtered, keys)
             .unwrap()
             .contains("WHERE ((tenant = 7)) AND \"Id\" >= -5 AND \"Id\" < 9)"));
-        assert_eq!(describe(&keyed, first), "s.we\"ird (\"Id\" ..-5)");
+        assert_eq!(describe(&keyed, first), "s.\"we\"\"ird\" (\"Id\" ..-5)");
         let binary = TableLayout {
             binary: true,
             ..layout

@@ -6,6 +6,6 @@ pub mod stream;
 pub mod tables;
 
 pub use tables::{
-    abbreviate, glob_misses, quote_ident, quote_literal, selected_tables, unreplicated_tables,
-    SourceTable, TableName, Unreplicated,
+    abbreviate, display_ident, glob_misses, quote_ident, quote_literal, selected_tables,
+    unreplicated_tables, SourceTable, TableName, Unreplicated,
 };

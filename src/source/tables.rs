@@ -38,6 +38,38 @@ impl TableName {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
     }
 
+    /// Parses a name as `Display` writes it (`public.orders`, `"My Schema"."a.b"`): the
+    /// inverse of `to_string()`, for names kept as text (the status's tables). `None` for
+    /// text that is not such a name.
+    pub fn parse_shown(text: &str) -> Option<TableName> {
+        fn ident(text: &str) -> Option<(String, &str)> {
+            match text.strip_prefix('"') {
+                Some(mut rest) => {
+                    let mut out = String::new();
+                    loop {
+                        let end = rest.find('"')?;
+                        out.push_str(&rest[..end]);
+                        rest = &rest[end + 1..];
+                        match rest.strip_prefix('"') {
+                            Some(after) => {
+                                out.push('"');
+                                rest = after;
+                            }
+                            None => return Some((out, rest)),
+                        }
+                    }
+                }
+                None => {
+                    let end = text.find('.').unwrap_or(text.len());
+                    Some((text[..end].to_string(), &text[end..]))
+                }
+            }
+        }
+        let (schema, rest) = ident(text)?;
+        let (name, rest) = ident(rest.strip_prefix('.')?)?;
+        rest.is_empty().then(|| TableName::new(schema, name))
+    }
+
     /// Parses `schema.table` (no quoting); `public` when the schema is left out.
     pub fn parse(text: &str) -> TableName {
         match text.split_once('.') {
@@ -471,5 +503,19 @@ mod tests {
         assert_eq!(shown("Ünï", "t"), "\"Ünï\".t");
         // Unreserved keywords need no quotes, as in PostgreSQL.
         assert_eq!(shown("public", "data"), "public.data");
+        // And back.
+        for (schema, name) in [
+            ("public", "orders"),
+            ("My Schema", "we\"ird"),
+            ("a", "b.c"),
+            ("a.b", "c"),
+            ("public", "order"),
+            ("x", "\"\""),
+        ] {
+            let table = TableName::new(schema, name);
+            assert_eq!(TableName::parse_shown(&table.to_string()), Some(table));
+        }
+        assert_eq!(TableName::parse_shown("nodot"), None);
+        assert_eq!(TableName::parse_shown("\"open.t"), None);
     }
 }
