@@ -458,10 +458,16 @@ async fn create_publication(
 ) -> Result<()> {
     // Publishing a table without a replica identity makes every UPDATE and DELETE on it
     // fail on the source itself: sluice must not break the application it migrates.
+    // A partitioned table's partitions are checked by their own identity, not the root's.
     let unmatched: Vec<String> = tables
         .iter()
         .filter(|t| t.replica_identity == 'n' || (t.replica_identity == 'd' && !t.has_primary_key))
         .map(|t| t.name.to_string())
+        .chain(tables.iter().flat_map(|t| {
+            t.partitions_without_identity
+                .iter()
+                .map(move |p| format!("{p} (a partition of {})", t.name))
+        }))
         .collect();
     if !unmatched.is_empty() {
         return Err(Error::definite(format!(

@@ -591,3 +591,73 @@ include = ["public.Order Items", "public.typo"]"#,
     line_with(&text, "WARN", &["include \"public.typo\" matches no table"]);
     line_with(&text, "FAIL", &["table public.\"Order Items\" is missing"]);
 }
+
+/// The source checks each partition's own replica identity, not the root's: a partitioned
+/// table set to REPLICA IDENTITY FULL whose partitions have no key would, once published,
+/// make the application's UPDATEs and DELETEs fail. check FAILs it and run refuses before
+/// publishing; a partitioned table's size is its partitions'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_without_a_replica_identity_are_named_and_never_published() {
+    let pg = PgCluster::builder().start();
+    let source = pg.create_database("app").await;
+    let target = pg.create_database("target").await;
+    let schema = "CREATE TABLE logs (at date, msg text) PARTITION BY RANGE (at);
+                  CREATE TABLE logs_2024 PARTITION OF logs FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+                  CREATE TABLE logs_2025 PARTITION OF logs FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+                  ALTER TABLE logs REPLICA IDENTITY FULL;
+                  ALTER TABLE logs_2025 REPLICA IDENTITY FULL;";
+    source.batch_execute(schema).await.unwrap();
+    target.batch_execute(schema).await.unwrap();
+    source
+        .batch_execute(
+            "INSERT INTO logs SELECT date '2024-01-01' + (i % 700), repeat('x', 200) FROM generate_series(1, 20000) i",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &pg.url("app"),
+        &pg.url("target"),
+        &dir.path().join("state"),
+        "",
+    );
+    let text = check_exits(&config, 1).await;
+    line_with(
+        &text,
+        "FAIL",
+        &[
+            "table public.logs: partitions public.logs_2024 have no primary key",
+            "each partition",
+        ],
+    );
+    // Not 0 bytes: the rows are in the partitions.
+    let selected = line_with(&text, "PASS", &["1 tables selected"]);
+    assert!(!selected.contains(" 0 bytes"), "{selected}");
+
+    let output = run(sluice(&config, &["run"]), Duration::from_secs(60)).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("public.logs_2024 (a partition of public.logs)"),
+        "{}",
+        stderr(&output)
+    );
+    let publications: i64 = source
+        .query_one("SELECT count(*) FROM pg_publication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(publications, 0);
+    source
+        .batch_execute("UPDATE logs SET msg = 'y' WHERE at = '2024-01-02'")
+        .await
+        .unwrap();
+
+    // Every partition identified: it passes.
+    source
+        .batch_execute("ALTER TABLE logs_2024 REPLICA IDENTITY FULL")
+        .await
+        .unwrap();
+    let text = check_exits(&config, 0).await;
+    assert!(!text.contains("have no primary key"), "{text}");
+}

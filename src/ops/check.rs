@@ -725,6 +725,20 @@ fn replica_identity_findings(tables: &[SourceTable]) -> Vec<Finding> {
                 ),
             }),
         }
+        if !table.partitions_without_identity.is_empty() {
+            let shown: Vec<String> = table
+                .partitions_without_identity
+                .iter()
+                .map(|p| p.to_string())
+                .collect();
+            out.push(Finding {
+                level: Level::Fail,
+                text: format!(
+                    "table {name}: partitions {} have no primary key and REPLICA IDENTITY DEFAULT (or NOTHING): the source checks each partition's own replica identity, not the root's, and rejects their UPDATEs and DELETEs once published; ALTER TABLE ... REPLICA IDENTITY FULL (or USING INDEX) on each partition, or add a primary key",
+                    abbreviate(&shown, 10)
+                ),
+            });
+        }
     }
     if good > 0 {
         out.insert(

@@ -290,8 +290,13 @@ pub struct SourceTable {
     pub is_partitioned: bool,
     /// `pg_relation_size` plus TOAST, bytes (for copy planning and `check`).
     pub size_bytes: i64,
-    /// `pg_class.reltuples`, an estimate (-1 when never analysed).
+    /// `pg_class.reltuples`, an estimate (-1 when never analysed). A partitioned table's
+    /// size and rows are its partitions'.
     pub estimated_rows: i64,
+    /// Partitions (of a partitioned table) without a primary key and with REPLICA IDENTITY
+    /// DEFAULT, or with NOTHING: the source checks each partition's own identity, not the
+    /// root's, and rejects their UPDATEs and DELETEs once the root is published.
+    pub partitions_without_identity: Vec<TableName>,
 }
 
 #[cfg(test)]
@@ -306,6 +311,7 @@ impl SourceTable {
             is_partitioned: false,
             size_bytes: 0,
             estimated_rows: 0,
+            partitions_without_identity: Vec::new(),
         }
     }
 }
@@ -356,7 +362,53 @@ pub async fn selected_tables(client: &Client, tables: &TablesConfig) -> Result<V
             is_partitioned: row.get(5),
             size_bytes: row.get(6),
             estimated_rows: row.get(7),
+            partitions_without_identity: Vec::new(),
         });
+    }
+    let partitioned: Vec<u32> = selected
+        .iter()
+        .filter(|t| t.is_partitioned)
+        .map(|t| t.oid)
+        .collect();
+    if !partitioned.is_empty() {
+        let rows = client
+            .query(
+                "SELECT r.root,
+                        COALESCE(sum(pg_total_relation_size(c.oid) - pg_indexes_size(c.oid)), 0)::int8,
+                        COALESCE(sum(greatest(c.reltuples, 0)), 0)::int8,
+                        COALESCE(array_agg(n.nspname::text ORDER BY n.nspname, c.relname) FILTER (WHERE NOT c.identified), '{}'),
+                        COALESCE(array_agg(c.relname::text ORDER BY n.nspname, c.relname) FILTER (WHERE NOT c.identified), '{}')
+                 FROM unnest($1::oid[]) AS r(root)
+                 CROSS JOIN LATERAL pg_partition_tree(r.root) p
+                 JOIN LATERAL (
+                     SELECT l.oid, l.relname, l.relnamespace, l.reltuples,
+                            l.relreplident IN ('f', 'i')
+                            OR (l.relreplident = 'd' AND EXISTS (
+                                SELECT 1 FROM pg_index i WHERE i.indrelid = l.oid AND i.indisprimary))
+                              AS identified
+                     FROM pg_class l WHERE l.oid = p.relid AND l.relkind = 'r'
+                 ) c ON true
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 GROUP BY r.root",
+                &[&partitioned],
+            )
+            .await
+            .map_err(|e| error::pg("Reading the partitions of the selected tables", e))?;
+        for row in rows {
+            let root: u32 = row.get(0);
+            let Some(table) = selected.iter_mut().find(|t| t.oid == root) else {
+                continue;
+            };
+            table.size_bytes = row.get(1);
+            table.estimated_rows = row.get(2);
+            let schemas: Vec<String> = row.get(3);
+            let names: Vec<String> = row.get(4);
+            table.partitions_without_identity = schemas
+                .into_iter()
+                .zip(names)
+                .map(|(schema, name)| TableName::new(schema, name))
+                .collect();
+        }
     }
     Ok(selected)
 }
