@@ -1061,6 +1061,7 @@ async fn run_pipeline(
         liveness: (source, slot.clone()),
         selection: config.tables.clone(),
         publication: config.source.publication.clone(),
+        recopy: config.copy.enabled.then(|| store.clone()),
     };
     let catalog = tls::connect(&config.target.conn, "the target").await?;
     let applier = Applier::start(

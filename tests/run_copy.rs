@@ -1487,3 +1487,71 @@ async fn a_copy_into_a_column_that_would_round_is_refused_before_a_slot_exists()
     let daemon = pair.start_daemon(&config).await;
     pair.catch_up_and_compare(&daemon, &["prices"]).await;
 }
+
+/// Changes of a partition sent under the partition's own name (the publication's
+/// publish_via_partition_root set to false while sluice was stopped, then back): applied
+/// beside the root's copy they left an old value on the target, silently. Those before the
+/// root's copy are skipped as the root's; one after it stops sluice, which forgets the
+/// root's copy, and the next start (the root emptied) copies it afresh.
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_sent_under_a_partitions_own_name_are_never_applied_beside_the_roots_copy() {
+    let pair = Pair::with_schema("").await;
+    pair.source_client()
+        .await
+        .batch_execute(
+            "CREATE TABLE t (id int, k int NOT NULL, v text, PRIMARY KEY (id, k)) PARTITION BY RANGE (k);
+             CREATE TABLE t_1 PARTITION OF t FOR VALUES FROM (0) TO (100);
+             CREATE TABLE t_2 PARTITION OF t FOR VALUES FROM (100) TO (200);
+             INSERT INTO t SELECT i, i % 200, 'v' FROM generate_series(1, 1000) i;",
+        )
+        .await
+        .unwrap();
+    let config = pair.config("[copy]\nenabled = true\n");
+    let (code, out, err) = sluice(&["schema", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut first = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
+    first.wait_for_log("initial copy finished").await;
+    pair.wait_caught_up(&first).await;
+    assert!(first.terminate().success(), "{}", first.log());
+
+    let source = pair.source_client().await;
+    source
+        .batch_execute(
+            "ALTER PUBLICATION sluice SET (publish_via_partition_root = false);
+             UPDATE t SET v = 'old' WHERE id = 10;
+             ALTER PUBLICATION sluice SET (publish_via_partition_root = true);
+             UPDATE t SET v = 'new' WHERE id = 10;
+             INSERT INTO t VALUES (5000, 150, 'after');",
+        )
+        .await
+        .unwrap();
+    let mut stopped = Daemon::spawn(&config, &pair.dir.path().join("stopped.log"));
+    let status = stopped
+        .wait(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("sluice kept running:\n{}", stopped.log()));
+    assert_eq!(status.code(), Some(1), "{}", stopped.log());
+    let log = stopped.log();
+    assert!(
+        log.contains("The source sent changes of public.t_1 (a partition of the selected public.t) under the partition's own name"),
+        "{log}"
+    );
+    assert!(log.contains("sluice forgot its copy of public.t"), "{log}");
+    let target = pair.target_client().await;
+    let v: String = target
+        .query_one("SELECT v FROM t WHERE id = 10", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, "v", "nothing of it was applied");
+
+    target.batch_execute("TRUNCATE t").await.unwrap();
+    let second = Daemon::spawn(&config, &pair.dir.path().join("second.log"));
+    second.wait_for_log("initial copy finished").await;
+    pair.wait_caught_up(&second).await;
+    assert!(
+        second.log().contains("planned table=public.t"),
+        "{}",
+        second.log()
+    );
+    pair.assert_same("t").await;
+}

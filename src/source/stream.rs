@@ -112,6 +112,8 @@ pub struct Reader {
     /// is not applied.
     pub selection: crate::config::TablesConfig,
     pub publication: String,
+    /// With the copy on: the store whose copy records a table copied again is forgotten in.
+    pub recopy: Option<crate::checkpoint::Store>,
 }
 
 /// Items per hand-over to the applier, at most: one channel operation and one wake-up per
@@ -129,7 +131,18 @@ struct ReadState {
     open: Option<(bool, Lsn)>,
     /// Relation OID → whether `[tables]` selects it (itself, or as a partition of a
     /// selected table), decided at its first description on this connection.
-    selected: HashMap<u32, bool>,
+    selected: HashMap<u32, Selected>,
+}
+
+/// Whether `[tables]` selects a relation the stream describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Selected {
+    /// By its own name (changes arrive under the selected table's name).
+    Itself,
+    /// A partition whose changes arrive under its own name, of this selected table: the
+    /// publication published it without `publish_via_partition_root` at that position.
+    PartitionOf(TableName),
+    No,
 }
 
 impl Reader {
@@ -160,13 +173,11 @@ impl Reader {
 
     /// Whether `[tables]` selects a published relation: by its own name, or, for a partition
     /// (changes come per partition unless the publication publishes via the root), by the
-    /// name of a partitioned table above it. A relation the source no longer knows (dropped
+    /// name of a partitioned table above it (never its own: partitions are never selected on
+    /// their own). A relation the source no longer knows (dropped
     /// since the change) is applied, as before: a missing target table stalls, never
     /// silently.
-    async fn is_selected(&self, relation: &Relation) -> Result<bool> {
-        if self.selection.selects(&relation.qualified_name()) {
-            return Ok(true);
-        }
+    async fn is_selected(&self, relation: &Relation) -> Result<Selected> {
         let (source, _) = &self.liveness;
         let rows = source
             .query(
@@ -194,20 +205,63 @@ impl Reader {
                 )
             })?;
         if rows.is_empty() {
-            return Ok(true);
+            return Ok(Selected::Itself);
         }
-        let selected = rows.iter().any(|row| {
+        // A partition is selected through the topmost partitioned table `[tables]` selects
+        // (as the copy and the publication take it), even when a glob matches its own name.
+        let ancestor = rows.iter().skip(1).rev().find_map(|row| {
             let name = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
-            self.selection.selects(&name.qualified())
+            self.selection.selects(&name.qualified()).then_some(name)
         });
-        if !selected {
-            tracing::warn!(
-                table = %relation.shown_name(),
-                publication = %self.publication,
-                "the publication publishes a table [tables] does not select: its changes are not applied"
-            );
+        let partition = rows.len() > 1;
+        match ancestor {
+            Some(root) => Ok(Selected::PartitionOf(root)),
+            None if !partition && self.selection.selects(&relation.qualified_name()) => {
+                Ok(Selected::Itself)
+            }
+            None => {
+                tracing::warn!(
+                    table = %relation.shown_name(),
+                    publication = %self.publication,
+                    "the publication publishes a table [tables] does not select: its changes are not applied"
+                );
+                Ok(Selected::No)
+            }
         }
-        Ok(selected)
+    }
+
+    /// A change of a selected partitioned table's partition that arrived under the
+    /// partition's own name, after the root's copy: sluice applies a partitioned table's
+    /// changes through its root (the target may be partitioned otherwise, and the root's
+    /// copy and sync position are the root's), so it stops rather than apply it beside
+    /// them. With the copy on, the root's copy is forgotten so that the next start copies it
+    /// afresh under a new snapshot, which also holds this change.
+    fn change_under_a_partition_name(
+        &self,
+        relation: &Relation,
+        root: &TableName,
+        txn_final_lsn: Option<Lsn>,
+    ) -> Error {
+        let at = txn_final_lsn.map_or_else(|| "-".to_string(), |lsn| lsn.to_string());
+        let forgotten = self.recopy.as_ref().is_some_and(|store| {
+            crate::snapshot::copy_finished(store).unwrap_or(false)
+                && crate::snapshot::state::forget_table(store, root).is_ok()
+        });
+        let then = if forgotten {
+            format!(
+                "sluice forgot its copy of {root}: keep publish_via_partition_root = true, empty {root} on the target (TRUNCATE {}) and start sluice run again; it copies {root} afresh before streaming resumes and skips the changes that copy holds",
+                root.quoted()
+            )
+        } else {
+            format!(
+                "{root} must be copied again: keep publish_via_partition_root = true, empty {root} on the target, and start sluice run with copy.enabled = true after a finished copy (it copies a table it has no copy of before streaming resumes)"
+            )
+        };
+        Error::definite(format!(
+            "The source sent changes of {} (a partition of the selected {root}) under the partition's own name in the transaction ending at {at}: publication {} published it without publish_via_partition_root at that moment (set to false while sluice was stopped?), and sluice applies a partitioned table's changes only through its root. {then}",
+            relation.shown_name(),
+            self.publication
+        ))
     }
 
     /// The source's name for a type (schema-qualified: the session's search_path is
@@ -388,7 +442,7 @@ impl Reader {
         &self,
         message: LogicalMessage,
         relations: &mut RelationCache,
-        selected: &HashMap<u32, bool>,
+        selected: &HashMap<u32, Selected>,
         txn_final_lsn: Option<Lsn>,
     ) -> Result<Option<StreamItem>> {
         let resolve = |relations: &RelationCache, oid: u32| -> Result<Arc<Relation>> {
@@ -401,21 +455,29 @@ impl Reader {
             })
         };
         // A table copied under a later snapshot already holds this transaction's changes;
-        // one `[tables]` does not select is not sluice's.
-        let synced = |relation: &Relation| -> bool {
-            if selected.get(&relation.oid) == Some(&false) {
-                return true;
-            }
-            let Some(final_lsn) = txn_final_lsn else {
-                return false;
+        // one `[tables]` does not select is not sluice's. `Ok(true)`: skip the change.
+        let synced = |relation: &Relation| -> Result<bool> {
+            let name = match selected.get(&relation.oid) {
+                Some(Selected::No) => return Ok(true),
+                Some(Selected::PartitionOf(root)) => {
+                    // Before the root's copy: that copy holds it, as for the root's own.
+                    let copied = txn_final_lsn
+                        .zip(self.table_sync.get(root))
+                        .is_some_and(|(final_lsn, sync_lsn)| final_lsn < *sync_lsn);
+                    if copied {
+                        return Ok(true);
+                    }
+                    return Err(self.change_under_a_partition_name(relation, root, txn_final_lsn));
+                }
+                _ => TableName::new(relation.namespace.clone(), relation.name.clone()),
             };
-            if self.table_sync.is_empty() {
-                return false;
-            }
-            let name = TableName::new(relation.namespace.clone(), relation.name.clone());
-            self.table_sync
+            let Some(final_lsn) = txn_final_lsn else {
+                return Ok(false);
+            };
+            Ok(self
+                .table_sync
                 .get(&name)
-                .is_some_and(|sync_lsn| final_lsn < *sync_lsn)
+                .is_some_and(|sync_lsn| final_lsn < *sync_lsn))
         };
         Ok(match message {
             LogicalMessage::Relation(relation) => {
@@ -431,14 +493,14 @@ impl Reader {
             }
             LogicalMessage::Insert(insert) => {
                 let relation = resolve(relations, insert.relation_oid)?;
-                (!synced(&relation)).then_some(StreamItem::Insert {
+                (!synced(&relation)?).then_some(StreamItem::Insert {
                     relation,
                     new: insert.new,
                 })
             }
             LogicalMessage::Update(update) => {
                 let relation = resolve(relations, update.relation_oid)?;
-                (!synced(&relation)).then_some(StreamItem::Update {
+                (!synced(&relation)?).then_some(StreamItem::Update {
                     relation,
                     old: update.old,
                     new: update.new,
@@ -446,7 +508,7 @@ impl Reader {
             }
             LogicalMessage::Delete(delete) => {
                 let relation = resolve(relations, delete.relation_oid)?;
-                (!synced(&relation)).then_some(StreamItem::Delete {
+                (!synced(&relation)?).then_some(StreamItem::Delete {
                     relation,
                     old: delete.old,
                 })
@@ -455,7 +517,7 @@ impl Reader {
                 let mut list = Vec::with_capacity(truncate.relation_oids.len());
                 for oid in truncate.relation_oids {
                     let relation = resolve(relations, oid)?;
-                    if !synced(&relation) {
+                    if !synced(&relation)? {
                         list.push(relation);
                     }
                 }
