@@ -1555,3 +1555,85 @@ async fn changes_sent_under_a_partitions_own_name_are_never_applied_beside_the_r
     );
     pair.assert_same("t").await;
 }
+
+/// Partition maintenance seen by the publication monitor: publish_via_partition_root turned
+/// off while streaming is the options' change alone (the roots, listed by partition then,
+/// were each said to be out of the publication, with an ADD TABLE that fails); a selected
+/// table attached as a partition keeps its rows on the target and is not to be emptied.
+#[tokio::test(flavor = "multi_thread")]
+async fn partition_maintenance_while_streaming_stops_with_the_right_advice() {
+    let pair = Pair::with_schema("").await;
+    pair.source_client()
+        .await
+        .batch_execute(
+            "CREATE TABLE m (id int, k int NOT NULL, PRIMARY KEY (id, k)) PARTITION BY RANGE (k);
+             CREATE TABLE m_1 PARTITION OF m FOR VALUES FROM (0) TO (100);
+             CREATE TABLE m_2 (id int, k int NOT NULL, PRIMARY KEY (id, k));
+             INSERT INTO m SELECT i, i % 100 FROM generate_series(1, 500) i;
+             INSERT INTO m_2 SELECT i, 100 + i % 100 FROM generate_series(1, 300) i;",
+        )
+        .await
+        .unwrap();
+    let config = pair.config("[copy]\nenabled = true\n[monitor]\ninterval = \"100ms\"\n");
+    let (code, out, err) = sluice(&["schema", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let source = pair.source_client().await;
+
+    let mut daemon = pair.start_daemon(&config).await;
+    daemon.wait_for_log("initial copy finished").await;
+    pair.wait_caught_up(&daemon).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    source
+        .batch_execute("ALTER PUBLICATION sluice SET (publish_via_partition_root = false)")
+        .await
+        .unwrap();
+    let status = daemon.wait(Duration::from_secs(30));
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(log.contains("its options changed"), "{log}");
+    assert!(!log.contains("ADD TABLE"), "{log}");
+    source
+        .batch_execute("ALTER PUBLICATION sluice SET (publish_via_partition_root = true)")
+        .await
+        .unwrap();
+    let target = pair.target_client().await;
+    target.batch_execute("TRUNCATE m, m_2").await.unwrap();
+
+    let mut daemon = pair.start_daemon(&config).await;
+    daemon.wait_for_log("initial copy finished").await;
+    pair.wait_caught_up(&daemon).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    source
+        .batch_execute("ALTER TABLE m ATTACH PARTITION m_2 FOR VALUES FROM (100) TO (200)")
+        .await
+        .unwrap();
+    let status = daemon.wait(Duration::from_secs(30));
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(
+        log.contains("public.m_2 was attached as a partition of"),
+        "{log}"
+    );
+    let last_error = log.lines().rfind(|l| l.starts_with("Error:")).unwrap_or("");
+    assert!(
+        last_error.contains("its rows on the target are kept"),
+        "{log}"
+    );
+    assert!(!last_error.contains("Then empty"), "{log}");
+    // Attached on the target too, with the selection unchanged (m_2 is a partition now,
+    // never selected on its own): it streams on, nothing copied again.
+    target
+        .batch_execute("ALTER TABLE m ATTACH PARTITION m_2 FOR VALUES FROM (100) TO (200)")
+        .await
+        .unwrap();
+    source
+        .batch_execute("UPDATE m SET id = id + 1000 WHERE k = 150")
+        .await
+        .unwrap();
+    let daemon = pair.start_daemon(&config).await;
+    pair.wait_caught_up(&daemon).await;
+    let log = daemon.log();
+    let last_start = log.rfind("state dir").unwrap_or(0);
+    assert!(!log[last_start..].contains("planned table"), "{log}");
+    pair.assert_same("m").await;
+}

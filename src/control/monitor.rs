@@ -281,10 +281,18 @@ async fn check_publication(
         return Ok(());
     }
 
-    // Per streamed table: what happened to it, if anything.
+    // Per streamed table: what happened to it, if anything. Not when the options changed:
+    // with publish_via_partition_root off, the publication lists partitions instead of
+    // their roots, and every root would read as taken out of it (the options' message
+    // covers every table).
     let mut changed: Vec<String> = Vec::new();
     let mut affected: Vec<String> = Vec::new();
-    for name in &streaming {
+    // Selected tables attached as partitions: their rows on the target stay (attached
+    // there too); they are neither emptied nor copied again (a partition is never copied
+    // on its own).
+    let mut attached: Vec<String> = Vec::new();
+    let options_changed = before.options != shape.options;
+    for name in streaming.iter().filter(|_| !options_changed) {
         let was = before.tables.get(name);
         let reason = match (was, shape.tables.get(name)) {
             (_, None) => {
@@ -331,10 +339,13 @@ async fn check_publication(
                     (None, Some(None)) => format!(
                         "{name} was dropped on the source (take it out of [tables]; its rows stay on the target)"
                     ),
-                    (None, Some(Some((true, parent, _)))) => format!(
-                        "{name} was attached as a partition of {} on the source: its changes now arrive as that table's, whose rows on the target lack it (attach it on the target too, ALTER TABLE ... ATTACH PARTITION, and take {name} out of [tables])",
-                        parent.unwrap_or_else(|| "another table".to_string())
-                    ),
+                    (None, Some(Some((true, parent, _)))) => {
+                        attached.push(name.clone());
+                        format!(
+                            "{name} was attached as a partition of {} on the source: its changes now arrive as that table's (attach it on the target too, ALTER TABLE ... ATTACH PARTITION, and take {name} out of [tables]; its rows on the target are kept, so it is not emptied or copied again)",
+                            parent.unwrap_or_else(|| "another table".to_string())
+                        )
+                    }
                     // Moved to another schema (or renamed) out of a publication of a schema.
                     (None, Some(Some((false, _, now)))) if now != *name => format!(
                         "{name} is now {now} (renamed, or moved to another schema), which the publication does not publish: its changes since then were not sent (move or rename it back, or publish {now} and rename it on the target too, making [tables] select the new name)"
@@ -359,7 +370,8 @@ async fn check_publication(
             affected.push(name.clone());
         }
     }
-    if before.options != shape.options {
+    affected.retain(|name| !attached.contains(name));
+    if options_changed {
         changed.insert(
             0,
             format!(
@@ -373,6 +385,7 @@ async fn check_publication(
         return Ok(());
     }
     let then = match forget_copies(config, store, &affected)? {
+        _ if affected.is_empty() => "Then start `sluice run` again".to_string(),
         true => format!(
             "Then empty {} on the target (TRUNCATE) and start `sluice run` again: it copies them afresh before streaming resumes, and skips the changes that copy already holds",
             affected.join(", ")
