@@ -94,6 +94,12 @@ fn connect_hint(error: &tokio_postgres::Error, info: &ConnInfo) -> Option<String
         None if error_chain_mentions(error, "certificate") => {
             "The server's certificate was not accepted: check sslrootcert, and for verify-full that the URL's host is a name the certificate holds".to_string()
         }
+        // Transient (sluice run retries it), but a command run by hand should say where
+        // to look.
+        None if error_chain_mentions(error, "Connection refused") => format!(
+            "Nothing accepts connections at {}:{}: is the server running, listening there (listen_addresses, port) and reachable from here? Check the host and port in {}",
+            info.host, info.port, info.origin
+        ),
         _ => return None,
     })
 }

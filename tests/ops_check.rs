@@ -661,3 +661,31 @@ async fn partitions_without_a_replica_identity_are_named_and_never_published() {
     let text = check_exits(&config, 0).await;
     assert!(!text.contains("have no primary key"), "{text}");
 }
+
+/// A port nothing listens on: the message says where to look, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_says_where_to_look() {
+    let pg = PgCluster::builder().start();
+    pg.create_database("app")
+        .await
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &pg.url("app"),
+        &format!("postgresql://postgres@127.0.0.1:{port}/target"),
+        &dir.path().join("state"),
+        "",
+    );
+    let output = run(sluice(&config, &["verify"]), Duration::from_secs(60)).await;
+    let text = format!("{}{}", stdout(&output), stderr(&output));
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    let hint = format!("Nothing accepts connections at 127.0.0.1:{port}");
+    assert_eq!(text.matches(&hint).count(), 1, "{text}");
+    assert!(text.contains("Check the host and port in"), "{text}");
+}

@@ -30,7 +30,7 @@ use tokio_postgres::Client;
 
 use crate::checkpoint;
 use crate::config::{glob_matches, Config};
-use crate::error::{self, Error, Result};
+use crate::error::{self, Error, ErrorKind, Result};
 use crate::source::{quote_ident, selected_tables, SourceTable, TableName};
 
 #[derive(Debug, clap::Args)]
@@ -803,6 +803,8 @@ pub async fn verify(
         .filter(|t| only.is_empty() || only.iter().any(|g| glob_matches(g, &t.name.qualified())))
         .collect();
     drop(source);
+    // One refusal, said once, rather than the same one per table.
+    drop(crate::tls::connect(&config.target.conn, "the target").await?);
     if tables.is_empty() {
         return Err(Error::config(match only.is_empty() {
             true => "[tables] selects no table on the source: check include/exclude (schema.table globs)",
@@ -817,7 +819,7 @@ pub async fn verify(
     let mut verdicts = stream::iter(tables.iter())
         .map(|table| verify_table(config, table, chunk_rows, rechecks, &stuck))
         .buffer_unordered(jobs.max(1));
-    let mut failed: Option<Error> = None;
+    let mut failed: Option<(ErrorKind, usize)> = None;
     while let Some(verdict) = verdicts.next().await {
         match verdict {
             Ok(verdict) => {
@@ -830,12 +832,18 @@ pub async fn verify(
             }
             Err(e) => {
                 crate::complain!("Error: {}", e.report());
-                failed.get_or_insert(e);
+                failed.get_or_insert((e.kind(), 0)).1 += 1;
             }
         }
     }
-    if let Some(error) = failed {
-        return Err(error.context("Verify could not compare every table"));
+    if let Some((kind, count)) = failed {
+        return Err(Error::new(
+            kind,
+            format!(
+                "Verify could not compare {count} of {} table(s): the errors above say why",
+                report.tables
+            ),
+        ));
     }
     report.differing.sort();
     Ok(report)
