@@ -1034,3 +1034,34 @@ async fn a_target_function_relying_on_the_search_path_stalls_with_the_reason() {
     pair.catch_up_and_compare(&daemon, &["t"]).await;
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
+
+/// An UPDATE of a row the target lacks stalls, naming the key to look for.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_of_a_row_missing_on_the_target_names_its_key() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    let target = pair.target_client().await;
+    target
+        .batch_execute("DELETE FROM accounts WHERE id = 17")
+        .await
+        .unwrap();
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    pair.source_client()
+        .await
+        .batch_execute("UPDATE accounts SET balance = 3 WHERE id = 17")
+        .await
+        .unwrap();
+    daemon.wait_for_log("apply stalled").await;
+    let log = daemon.log();
+    assert!(
+        log.contains("only 0 of 1 rows exist on the target") && log.contains("among id='17'"),
+        "{log}"
+    );
+    target
+        .batch_execute("INSERT INTO accounts VALUES (17, 0)")
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    pair.assert_same("accounts").await;
+    daemon.terminate();
+}

@@ -375,12 +375,14 @@ impl Executor {
                 return Err(self.identity_changed(&what, &plan.target.quoted, &guards));
             }
             if (updated as usize) < members.len() {
+                let names: Vec<&str> = key_columns.iter().map(|c| c.name.as_str()).collect();
                 return Err(Error::new(
                     ErrorKind::Apply,
                     format!(
-                        "{what}: only {updated} of {} rows exist on the target (source transaction at {}). The target is missing rows the source has: find them with `sluice verify`, repair the target, and sluice retries by itself",
+                        "{what}: only {updated} of {} rows exist on the target (source transaction at {}; the missing ones are among {}). The target is missing rows the source has: find them with `sluice verify`, repair the target, and sluice retries by itself",
                         members.len(),
-                        self.lsn
+                        self.lsn,
+                        describe_keys(&names, &arrays[..names.len()], 5)
                     ),
                 ));
             }
@@ -688,6 +690,30 @@ fn text_of(cell: &Cell) -> Result<Option<&str>> {
 }
 
 /// Column-major text arrays from row-major cells: one `Vec<Option<&str>>` per column.
+/// The first `limit` keys of a batch, for messages: `(id, k)=(7, 'a')`, then how many
+/// more. Values are quoted as SQL literals (NULL as NULL).
+fn describe_keys(names: &[&str], arrays: &[Vec<Option<&str>>], limit: usize) -> String {
+    let rows = arrays.first().map_or(0, Vec::len);
+    let key = |row: usize| -> String {
+        let values: Vec<String> = arrays
+            .iter()
+            .map(|array| match array[row] {
+                Some(value) => crate::source::quote_literal(value),
+                None => "NULL".to_string(),
+            })
+            .collect();
+        match names.len() {
+            1 => format!("{}={}", names[0], values[0]),
+            _ => format!("({})=({})", names.join(", "), values.join(", ")),
+        }
+    };
+    let mut shown: Vec<String> = (0..rows.min(limit)).map(key).collect();
+    if rows > limit {
+        shown.push(format!("{} more", rows - limit));
+    }
+    shown.join(", ")
+}
+
 fn column_arrays<'a, R>(
     rows: &'a [R],
     columns: usize,
@@ -706,4 +732,20 @@ fn column_arrays<'a, R>(
 
 fn params<'a>(arrays: &'a [Vec<Option<&'a str>>]) -> Vec<&'a (dyn ToSql + Sync)> {
     arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_keys;
+
+    #[test]
+    fn missing_rows_are_named_by_their_keys() {
+        let ids = vec![Some("7"), Some("8"), None];
+        let ks = vec![Some("a"), Some("it's"), Some("c")];
+        assert_eq!(
+            describe_keys(&["id", "k"], &[ids.clone(), ks], 2),
+            "(id, k)=('7', 'a'), (id, k)=('8', 'it''s'), 1 more"
+        );
+        assert_eq!(describe_keys(&["id"], &[ids], 5), "id='7', id='8', id=NULL");
+    }
 }
