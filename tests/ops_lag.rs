@@ -270,6 +270,12 @@ async fn lag_until_below_with_the_daemon_down_follows_a_source_under_load() {
     );
     // The source was writing, so not exactly zero is fine; at most the bound.
     assert!(lag_of(text.lines().last().unwrap()) <= 64 << 10, "{text}");
+    // Reached with no daemon: exit 0 as asked, with a note that nothing replicates.
+    assert!(
+        stderr(&output).contains("the lag is within the bound, but sluice run is not running"),
+        "{}",
+        stderr(&output)
+    );
 
     // What waiting cannot mend (here a database that does not exist) ends the wait with
     // exit 1 and the reason, even without --timeout.

@@ -142,6 +142,18 @@ pub async fn run(config: &Config, args: &LagArgs) -> Result<i32> {
         }
         if let Some(bound) = bound {
             if current.report.lag_bytes.is_some_and(|lag| lag <= bound) {
+                // The bound is what was asked (SPEC), but a gate that passes while nothing
+                // replicates should say so where a script's log shows it.
+                let idle = match (current.origin, current.report.state) {
+                    (Origin::Direct, _) => Some("sluice run is not running"),
+                    (_, crate::control::DaemonState::Stalled) => Some("sluice run is stalled"),
+                    _ => None,
+                };
+                if let Some(idle) = idle {
+                    crate::complain!(
+                        "note: the lag is within the bound, but {idle}: the target is not being brought up to date (sluice status says why)"
+                    );
+                }
                 return Ok(0);
             }
             if let Some(deadline) = deadline {
