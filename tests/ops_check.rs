@@ -590,6 +590,24 @@ include = ["public.Order Items", "public.typo"]"#,
     line_with(&text, "PASS", &["1 tables selected"]);
     line_with(&text, "WARN", &["include \"public.typo\" matches no table"]);
     line_with(&text, "FAIL", &["table public.\"Order Items\" is missing"]);
+
+    let config = write_config(
+        dir.path(),
+        &pg.url("app"),
+        &pg.url("target"),
+        &state,
+        r#"[tables]
+exclude = ["public.meas_2024"]"#,
+    );
+    let text = check_exits(&config, 1).await;
+    line_with(
+        &text,
+        "WARN",
+        &[
+            "exclude \"public.meas_2024\" matches partitions only",
+            "changes nothing",
+        ],
+    );
 }
 
 /// The source checks each partition's own replica identity, not the root's: a partitioned

@@ -182,13 +182,18 @@ async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts
         )),
     }
     match glob_misses(&client, &config.tables).await {
-        Ok((unmatched, partitions)) => {
-            for glob in unmatched {
+        Ok(misses) => {
+            for glob in misses.unmatched {
                 out.warn(format!(
                     "source: [tables] include {glob:?} matches no table (globs are schema.table, unquoted and case-sensitive): a typo?"
                 ));
             }
-            for (partition, root) in partitions {
+            for glob in misses.partition_excludes {
+                out.warn(format!(
+                    "source: [tables] exclude {glob:?} matches partitions only: a partition goes with its partitioned table (copied and streamed through it), so excluding it changes nothing (exclude the partitioned table to leave all of it out)"
+                ));
+            }
+            for (partition, root) in misses.partitions {
                 out.warn(format!(
                     "table {partition}: a partition of {root}, which [tables] does not select; partitions are never selected on their own: include {} to migrate it (its partitions come with it)",
                     root.qualified()

@@ -463,13 +463,21 @@ pub async fn unreplicated_tables(
         .collect())
 }
 
-/// What the `[tables]` globs miss: the include globs that match no table of the source at
-/// all (a typo, or a name whose case differs: globs are case-sensitive), and the partitions
-/// they match by name, which are never selected on their own (with their root).
-pub async fn glob_misses(
-    client: &Client,
-    tables: &TablesConfig,
-) -> Result<(Vec<String>, Vec<(TableName, TableName)>)> {
+/// What the `[tables]` globs miss or cannot do.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GlobMisses {
+    /// Include globs that match no table of the source at all (a typo, or a name whose case
+    /// differs: globs are case-sensitive).
+    pub unmatched: Vec<String>,
+    /// Partitions the globs match by name, with their root, which they do not select:
+    /// partitions are never selected on their own.
+    pub partitions: Vec<(TableName, TableName)>,
+    /// Exclude globs that match partitions only: a partition goes with its root, so
+    /// excluding it changes nothing.
+    pub partition_excludes: Vec<String>,
+}
+
+pub async fn glob_misses(client: &Client, tables: &TablesConfig) -> Result<GlobMisses> {
     let rows = client
         .query(
             "SELECT n.nspname::text, c.relname::text, rn.nspname::text, r.relname::text
@@ -483,31 +491,40 @@ pub async fn glob_misses(
         )
         .await
         .map_err(|e| error::pg("Listing the source's tables", e))?;
+    let mut misses = GlobMisses::default();
     let mut names = Vec::with_capacity(rows.len());
-    let mut partitions = Vec::new();
+    let mut partition_names = Vec::new();
     for row in &rows {
         let name = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
         let root: Option<String> = row.get(3);
         if let Some(root) = root {
             let root = TableName::new(row.get::<_, String>(2), root);
             if tables.selects(&name.qualified()) && !tables.selects(&root.qualified()) {
-                partitions.push((name.clone(), root));
+                misses.partitions.push((name.clone(), root));
             }
+            partition_names.push(name.qualified());
+        } else {
+            names.push(name.qualified());
         }
-        names.push(name.qualified());
     }
-    let unmatched = tables
+    let matches_any = |glob: &str, list: &[String]| {
+        list.iter()
+            .any(|name| crate::config::glob_matches(glob, name))
+    };
+    misses.unmatched = tables
         .include
         .iter()
-        .filter(|glob| {
-            !names
-                .iter()
-                .any(|name| crate::config::glob_matches(glob, name))
-        })
+        .filter(|glob| !matches_any(glob, &names) && !matches_any(glob, &partition_names))
         .cloned()
         .collect();
-    partitions.sort();
-    Ok((unmatched, partitions))
+    misses.partition_excludes = tables
+        .exclude
+        .iter()
+        .filter(|glob| !matches_any(glob, &names) && matches_any(glob, &partition_names))
+        .cloned()
+        .collect();
+    misses.partitions.sort();
+    Ok(misses)
 }
 
 /// The first `limit` names, then how many more (messages about many tables stay readable).
