@@ -1062,6 +1062,9 @@ async fn run_pipeline(
         selection: config.tables.clone(),
         publication: config.source.publication.clone(),
         recopy: config.copy.enabled.then(|| store.clone()),
+        budget: Arc::new(tokio::sync::Semaphore::new(
+            crate::source::stream::BUDGET_KIB,
+        )),
     };
     let catalog = tls::connect(&config.target.conn, "the target").await?;
     let applier = Applier::start(

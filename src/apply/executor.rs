@@ -37,6 +37,8 @@ pub enum Work {
         lsn: Lsn,
         /// The run's rows in flight; released when the run has been executed.
         rows: OwnedSemaphorePermit,
+        /// The bytes of the flush this run ends, if it does; released with it.
+        bytes: Option<OwnedSemaphorePermit>,
     },
     /// A statement such as TRUNCATE.
     Sql { what: String, sql: String, lsn: Lsn },
@@ -148,6 +150,7 @@ impl Executor {
                 run,
                 lsn,
                 rows: _in_flight,
+                bytes: _bytes_in_flight,
             } => {
                 self.lsn = lsn;
                 self.begin().await?;

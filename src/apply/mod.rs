@@ -70,6 +70,9 @@ const WORK_QUEUE: usize = 64;
 /// batch that makes three batches' worth of rows in memory when the target is the
 /// bottleneck, whatever the backlog.
 const BATCHES_IN_FLIGHT: usize = 2;
+/// Row data handed to the executor and not yet executed, at most (KiB): rows are counted
+/// above, but a run of wide rows is bounded by its bytes (`MAX_PENDING_BYTES` per flush).
+const KIB_IN_FLIGHT: usize = BATCHES_IN_FLIGHT * (MAX_PENDING_BYTES >> 10);
 
 #[derive(Debug, Clone)]
 pub struct ApplyOptions {
@@ -148,6 +151,7 @@ pub struct Applier {
     /// Permits for rows handed to the executor and not yet executed.
     in_flight: Arc<Semaphore>,
     rows_in_flight_limit: usize,
+    kib_in_flight: Arc<Semaphore>,
     work: mpsc::Sender<Work>,
     executor: Option<JoinHandle<Result<()>>>,
     options: ApplyOptions,
@@ -208,6 +212,7 @@ impl Applier {
             catalog: target.catalog,
             in_flight: Arc::new(Semaphore::new(rows_in_flight_limit)),
             rows_in_flight_limit,
+            kib_in_flight: Arc::new(Semaphore::new(KIB_IN_FLIGHT)),
             work,
             executor: Some(executor),
             options,
@@ -234,7 +239,7 @@ impl Applier {
     /// Applies items until the stream ends (`Err`) or `shutdown` fires (`Ok`).
     pub async fn run(
         mut self,
-        mut items: mpsc::Receiver<Vec<StreamItem>>,
+        mut items: mpsc::Receiver<crate::source::stream::ItemBatch>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<()> {
         let mut executor = self.executor.take().expect("the executor runs");
@@ -267,7 +272,11 @@ impl Applier {
                 }
                 batch = items.recv() => match batch {
                     Some(batch) => {
-                        for item in batch {
+                        // The batch's share of the reader's byte budget goes back once its
+                        // rows are taken in (pending and in-flight rows have bounds of their
+                        // own).
+                        let _budget = batch.budget;
+                        for item in batch.items {
                             if let Err(error) = self.handle(item).await {
                                 break 'run Err(self.located(error));
                             }
@@ -739,25 +748,40 @@ impl Applier {
             return Ok(());
         }
         let rows = self.pending.rows;
+        let kib = self.pending.bytes.div_ceil(1024).clamp(1, KIB_IN_FLIGHT) as u32;
         let lsn = self.current_lsn();
-        for (oid, queue) in self.pending.drain() {
+        let mut bytes = Some(
+            self.kib_in_flight
+                .clone()
+                .acquire_many_owned(kib)
+                .await
+                .map_err(|_| Error::transient("The apply session stopped"))?,
+        );
+        let runs: Vec<(u32, batch::Run)> = self
+            .pending
+            .drain()
+            .into_iter()
+            .flat_map(|(oid, queue)| queue.runs.into_iter().map(move |run| (oid, run)))
+            .collect();
+        let last = runs.len().saturating_sub(1);
+        for (at, (oid, run)) in runs.into_iter().enumerate() {
             let plan = self.plans[&oid].clone();
-            for run in queue.runs {
-                let wanted = run.rows().clamp(1, self.rows_in_flight_limit) as u32;
-                let rows = self
-                    .in_flight
-                    .clone()
-                    .acquire_many_owned(wanted)
-                    .await
-                    .map_err(|_| Error::transient("The apply session stopped"))?;
-                self.send(Work::Run {
-                    plan: plan.clone(),
-                    run,
-                    lsn,
-                    rows,
-                })
-                .await?;
-            }
+            let wanted = run.rows().clamp(1, self.rows_in_flight_limit) as u32;
+            let rows = self
+                .in_flight
+                .clone()
+                .acquire_many_owned(wanted)
+                .await
+                .map_err(|_| Error::transient("The apply session stopped"))?;
+            self.send(Work::Run {
+                plan,
+                run,
+                lsn,
+                rows,
+                // Runs execute in order: the flush's bytes go back with its last run.
+                bytes: if at == last { bytes.take() } else { None },
+            })
+            .await?;
         }
         self.target_txn_open = true;
         self.batch_rows_sent += rows;

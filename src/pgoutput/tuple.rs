@@ -154,6 +154,11 @@ impl Tuple {
         }
     }
 
+    /// Bytes the tuple holds on to (its message's payload), for memory bounds.
+    pub fn payload_bytes(&self) -> usize {
+        self.data.len()
+    }
+
     /// Number of columns sent (all of the relation's columns, also in K tuples).
     pub fn len(&self) -> usize {
         self.fields.len()

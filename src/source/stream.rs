@@ -95,7 +95,11 @@ pub fn silence_limit(wal_sender_timeout: Duration) -> Duration {
 pub struct Reader {
     pub client: ReplicationClient,
     /// Batches of items, in source order.
-    pub items: mpsc::Sender<Vec<StreamItem>>,
+    pub items: mpsc::Sender<ItemBatch>,
+    /// Bytes of row data handed to the applier and not yet taken in by it, in KiB: a
+    /// transaction of wide rows must not pile up in the channel (it is bounded in batches,
+    /// each up to `BATCH` items). See [`ItemBatch`].
+    pub budget: Arc<tokio::sync::Semaphore>,
     /// Acknowledgements from the applier: every LSN here is durably applied.
     pub acks: watch::Receiver<Lsn>,
     /// Transactions whose commit starts before this are already on the target.
@@ -119,6 +123,33 @@ pub struct Reader {
 /// Items per hand-over to the applier, at most: one channel operation and one wake-up per
 /// batch rather than per row change.
 const BATCH: usize = 256;
+/// Row data per hand-over, at most (past the item that reaches it): a batch of wide rows is
+/// handed over early.
+const BATCH_BYTES: usize = 4 << 20;
+/// Row data (KiB) between the reader and the applier, at most; a single larger row takes all
+/// of it and waits for the applier to take the rest in.
+pub const BUDGET_KIB: usize = 64 << 10;
+
+/// A hand-over to the applier: items in source order, with the share of the byte budget
+/// they hold until the applier has taken them in (dropped with the batch).
+pub struct ItemBatch {
+    pub items: Vec<StreamItem>,
+    pub budget: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl StreamItem {
+    /// Row data this item holds, for the memory bounds (messages without rows: 0).
+    pub fn row_bytes(&self) -> usize {
+        match self {
+            StreamItem::Insert { new, .. } => new.payload_bytes(),
+            StreamItem::Update { old, new, .. } => {
+                new.payload_bytes() + old.as_ref().map_or(0, |o| o.tuple().payload_bytes())
+            }
+            StreamItem::Delete { old, .. } => old.tuple().payload_bytes(),
+            _ => 0,
+        }
+    }
+}
 /// A batch smaller than this means the reader is ahead of the source: it waits `COALESCE`.
 const TRICKLE: usize = 32;
 const COALESCE: Duration = Duration::from_millis(1);
@@ -304,6 +335,7 @@ impl Reader {
             };
             // ... then take whatever else is already buffered, without waiting.
             let mut batch = Vec::with_capacity(BATCH);
+            let mut batch_bytes = 0;
             let mut next = Some(first);
             while let Some(event) = next.take() {
                 if let Some(item) = self.on_event(received(event)?, &mut state)? {
@@ -322,15 +354,26 @@ impl Reader {
                         },
                         item => item,
                     };
+                    batch_bytes += item.row_bytes();
                     batch.push(item);
                 }
-                if batch.len() < BATCH {
+                if batch.len() < BATCH && batch_bytes < BATCH_BYTES {
                     next = receive(&mut self.client).now_or_never();
                 }
             }
             let trickle = batch.len() < TRICKLE;
-            if !batch.is_empty() && self.items.send(batch).await.is_err() {
-                return Ok(());
+            if !batch.is_empty() {
+                let kib = batch_bytes.div_ceil(1024).clamp(1, BUDGET_KIB) as u32;
+                let Ok(budget) = self.budget.clone().acquire_many_owned(kib).await else {
+                    return Ok(());
+                };
+                let batch = ItemBatch {
+                    items: batch,
+                    budget: Some(budget),
+                };
+                if self.items.send(batch).await.is_err() {
+                    return Ok(());
+                }
             }
             if trickle {
                 // Only a few messages were waiting: let the socket fill for a moment. A reader
