@@ -639,7 +639,14 @@ async fn freeze_and_switch(
             if !sequences.failed.is_empty() {
                 crate::say!("  - sequences that could not be read or set (see FAILED lines above): grant what they say, then sync-sequences");
             }
-            if !verified.ok() {
+            if !verified.ok() && !args.freeze_source {
+                // Without a freeze, rows written while verify reads are still on their
+                // way: a difference in them says nothing about the copy.
+                crate::say!(
+                    "  - tables differ: {} (see DIFF lines above). The source is not frozen, so rows written meanwhile may only be on their way: verify again (differences that stay are real), or cut over with --freeze-source",
+                    verified.differing.join(", ")
+                );
+            } else if !verified.ok() {
                 crate::say!(
                     "  - tables differ: {} (see DIFF lines above; fix or re-copy them, then sluice verify)",
                     verified.differing.join(", ")
