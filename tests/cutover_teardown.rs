@@ -59,9 +59,13 @@ async fn teardown_refuses_until_safe_then_drops_everything() {
     let state = setup.dir.path().join("state");
     {
         let _store = sluice::checkpoint::Store::open(&state).unwrap();
+        let status = sluice::control::SharedStatus::new("sluice");
+        status.update(|s| s.pid = Some(4242));
+        let _socket = sluice::control::socket::serve(&state, status).unwrap();
         let output = setup.sluice(&["teardown", "--yes"]).await;
         assert_eq!(output.status.code(), Some(1), "{}", show(&output));
         assert!(show(&output).contains("stop it first"), "{}", show(&output));
+        assert!(show(&output).contains(", PID 4242)"), "{}", show(&output));
     }
 
     // The slot is streaming to someone (a daemon on another machine).

@@ -36,8 +36,15 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
     let slot = &config.source.slot;
     let publication = &config.source.publication;
     if checkpoint::daemon_holds(&config.state.dir) {
+        // Its PID, from its own status, when it answers.
+        let pid = crate::control::client::request_status(&config.state.dir)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|report| report.pid)
+            .map_or_else(String::new, |pid| format!(", PID {pid}"));
         return Err(Error::definite(format!(
-            "sluice run is running (it holds the state dir {}): stop it first (SIGTERM), then run sluice teardown again",
+            "sluice run is running (it holds the state dir {}{pid}): stop it first (SIGTERM), then run sluice teardown again",
             config.state.dir.display()
         )));
     }
