@@ -42,7 +42,8 @@ pub struct CutoverArgs {
     #[arg(long)]
     pub yes: bool,
     /// Sequence safety margin, in increments (see sync-sequences).
-    #[arg(long, default_value_t = 0, value_name = "N")]
+    #[arg(long, default_value_t = 0, value_name = "N", allow_negative_numbers = true,
+          value_parser = crate::cutover::sequences::parse_margin)]
     pub margin: u64,
     /// Longest wait for zero lag.
     #[arg(long, default_value = "10m", value_name = "DUR")]

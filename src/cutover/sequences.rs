@@ -21,11 +21,24 @@ use crate::config::Config;
 use crate::error::{self, Error, Result};
 use crate::source::{quote_ident, selected_tables, TableName};
 
+/// `--margin N`: a count of increments, 0 or more. Negative numbers are let through clap
+/// (which would call `-1` an unexpected argument) to be refused here by name.
+pub fn parse_margin(text: &str) -> Result<u64, String> {
+    match text.trim().parse::<i128>() {
+        Ok(n) if n < 0 => Err(format!(
+            "{n} is negative: the margin is a number of increments added on top of the source's position, 0 or more"
+        )),
+        Ok(n) => u64::try_from(n).map_err(|_| format!("{n} is too large")),
+        Err(_) => Err(format!("{text:?} is not a whole number of increments")),
+    }
+}
+
 #[derive(Debug, clap::Args)]
 pub struct SyncSequencesArgs {
     /// Add this many increments on top of the source's position (room for writes that
     /// reach the source after the sync).
-    #[arg(long, default_value_t = 0, value_name = "N")]
+    #[arg(long, default_value_t = 0, value_name = "N", allow_negative_numbers = true,
+          value_parser = crate::cutover::sequences::parse_margin)]
     pub margin: u64,
     /// Show what would be set without changing the target.
     #[arg(long)]
@@ -434,6 +447,14 @@ pub async fn command(config: &Config, args: &SyncSequencesArgs) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_margin_is_a_count_of_increments() {
+        assert_eq!(parse_margin("0"), Ok(0));
+        assert_eq!(parse_margin("1000"), Ok(1000));
+        assert!(parse_margin("-1").unwrap_err().contains("negative"));
+        assert!(parse_margin("1.5").unwrap_err().contains("whole number"));
+    }
 
     fn seq(increment: i64) -> SequenceRef {
         SequenceRef {
