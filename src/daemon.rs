@@ -50,9 +50,13 @@ pub struct RunOptions {
 pub async fn run(config: Config, options: RunOptions) -> Result<()> {
     let status = SharedStatus::new(&config.source.slot);
     let (shutdown_tx, shutdown) = watch::channel(false);
+    let stopping = status.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("stop requested: finishing the open target transaction");
+        // From now on nothing is brought up to date: a `cutover` asking in this window
+        // must not take the daemon for streaming (it would freeze the source for nothing).
+        stopping.update(|s| s.state = DaemonState::Stopped);
         let _ = shutdown_tx.send(true);
     });
     // A `sluice status` reading the checkpoint holds it for a moment: wait that out, and
@@ -696,7 +700,7 @@ async fn run_pipeline(
 ) -> Result<()> {
     let slot = &config.source.slot;
     status.update(|s| {
-        if s.state != DaemonState::Stalled {
+        if !matches!(s.state, DaemonState::Stalled | DaemonState::Stopped) {
             s.state = DaemonState::Starting
         }
     });
@@ -1017,8 +1021,8 @@ async fn run_pipeline(
         s.applied_changes = position.applied_changes;
         s.applied_lsn = target_position.as_ref().map(|p| p.applied_lsn);
         s.caught_up_lsn = target_position.as_ref().map(|p| p.caught_up_lsn);
-        // After a copy too: the copy's state ends here.
-        if s.state != DaemonState::Stalled {
+        // After a copy too: the copy's state ends here (not a stop's).
+        if !matches!(s.state, DaemonState::Stalled | DaemonState::Stopped) {
             s.state = DaemonState::Streaming;
         }
     });

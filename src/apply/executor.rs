@@ -573,7 +573,7 @@ impl Executor {
                 let behind = time.to_system_time().elapsed().unwrap_or_default();
                 s.lag_seconds = Some(behind.as_secs_f64());
             }
-            if s.state != DaemonState::Copying {
+            if !matches!(s.state, DaemonState::Copying | DaemonState::Stopped) {
                 s.state = DaemonState::Streaming;
             }
             s.last_error = None;
@@ -600,7 +600,7 @@ impl Executor {
         self.status.update(|s| {
             s.caught_up_lsn = Some(wal_end);
             s.lag_seconds = Some(0.0);
-            if s.state != DaemonState::Copying {
+            if !matches!(s.state, DaemonState::Copying | DaemonState::Stopped) {
                 s.state = DaemonState::Streaming;
             }
         });

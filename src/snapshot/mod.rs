@@ -172,7 +172,11 @@ pub fn table_sync_positions(store: &Store) -> Result<BTreeMap<TableName, Lsn>> {
 /// Creates the slot when missing (exporting its snapshot), copies every selected table that
 /// is not copied yet, records everything in the store, and runs the deferred DDL.
 pub async fn initial_copy(ctx: &CopyContext) -> Result<CopyOutcome> {
-    ctx.status.update(|s| s.state = DaemonState::Copying);
+    ctx.status.update(|s| {
+        if s.state != DaemonState::Stopped {
+            s.state = DaemonState::Copying
+        }
+    });
     let mut copy_state = state::load_state(&ctx.store)?;
 
     let records: HashMap<TableName, TableRecord> = state::load_tables(&ctx.store)?
