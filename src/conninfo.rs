@@ -302,6 +302,9 @@ impl ConnInfo {
             config.options(options);
         }
         config.ssl_mode(match self.sslmode {
+            // libpq never asks for TLS on a Unix-domain socket (the server refuses it there);
+            // tokio-postgres would, and fail under require.
+            _ if self.is_unix_socket() => tokio_postgres::config::SslMode::Disable,
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Allow | SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {

@@ -993,7 +993,8 @@ async fn run_pipeline(
     // The replication session: identify the source, claim the state dir, start streaming.
     let start_lsn = position.caught_up_lsn;
     let replication_config =
-        replication::replication_config(&config.source.conn, slot, &config.source.publication)?
+        replication::replication_config(&config.source.conn, slot, &config.source.publication)
+            .await?
             .with_start_lsn(start_lsn.into())
             .with_ack_lsn(start_lsn.into());
     let redacted = config.source.conn.redacted();

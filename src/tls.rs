@@ -148,7 +148,7 @@ async fn prepare_session(client: tokio_postgres::Client) -> tokio_postgres::Clie
 }
 
 /// The replication transport's TLS settings for the same connection string.
-pub fn replication_tls(info: &ConnInfo) -> Result<pgwire_replication::TlsConfig> {
+pub async fn replication_tls(info: &ConnInfo) -> Result<pgwire_replication::TlsConfig> {
     use pgwire_replication::SslMode as W;
     let root = root_cert_path(info)?;
     let mode = match info.sslmode {
@@ -159,6 +159,24 @@ pub fn replication_tls(info: &ConnInfo) -> Result<pgwire_replication::TlsConfig>
         SslMode::VerifyCa => W::VerifyCa,
         SslMode::VerifyFull => W::VerifyFull,
     };
+    // The transport's verify-ca checks the certificate's name all the same (it lets through
+    // only the name-mismatch error rustls gave before 0.23.24, not the one it gives now), so
+    // a certificate that does not name the host was refused: verify-ca exists for exactly
+    // that case. The chain is verified in full and the name is one the certificate holds,
+    // learnt from the certificate the server presents.
+    if mode == W::VerifyCa {
+        let name = name_the_certificate_holds(info).await?;
+        let mut tls = pgwire_replication::TlsConfig {
+            mode: W::VerifyFull,
+            ca_pem_path: root.filter(|p| p.as_os_str() != "system"),
+            ..Default::default()
+        }
+        .with_sni_hostname(name);
+        if let (Some(cert), Some(key)) = (&info.sslcert, &info.sslkey) {
+            tls = tls.with_client_cert(cert.clone(), key.clone());
+        }
+        return Ok(tls);
+    }
     let mut tls = pgwire_replication::TlsConfig {
         mode,
         ca_pem_path: root.filter(|p| p.as_os_str() != "system"),
@@ -174,6 +192,85 @@ pub fn replication_tls(info: &ConnInfo) -> Result<pgwire_replication::TlsConfig>
         tls = tls.with_sni_hostname(info.host.clone());
     }
     Ok(tls)
+}
+
+/// A name the server's certificate is valid for: the host itself when it is, else the
+/// first DNS name of its subjectAltName (a wildcard's with a label put in). Read from the
+/// certificate the server presents to a TLS handshake made for it, which verifies the chain
+/// as verify-ca does.
+async fn name_the_certificate_holds(info: &ConnInfo) -> Result<String> {
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let config = Arc::new(client_config_keeping(info, Some(seen.clone()))?);
+    let (host, port, timeout) = (info.host.clone(), info.port, info.connect_timeout);
+    let what = format!("Reading the TLS certificate of {}", info.redacted());
+    let handshake =
+        tokio::task::spawn_blocking(move || -> std::io::Result<std::net::SocketAddr> {
+            use std::io::{Read, Write};
+            let address = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))?
+                .next()
+                .ok_or_else(|| std::io::Error::other("the host name resolves to no address"))?;
+            let mut tcp = std::net::TcpStream::connect_timeout(&address, timeout)?;
+            tcp.set_read_timeout(Some(timeout))?;
+            tcp.set_write_timeout(Some(timeout))?;
+            // SSLRequest: length 8, code 80877103.
+            tcp.write_all(&[0, 0, 0, 8, 4, 210, 22, 47])?;
+            let mut answer = [0u8; 1];
+            tcp.read_exact(&mut answer)?;
+            if answer[0] != b'S' {
+                return Err(std::io::Error::other("the server does not offer TLS"));
+            }
+            let name =
+                ServerName::try_from(host).map_err(|e| std::io::Error::other(e.to_string()))?;
+            let mut tls =
+                rustls::ClientConnection::new(config, name).map_err(std::io::Error::other)?;
+            while tls.is_handshaking() {
+                tls.complete_io(&mut tcp)?;
+            }
+            Ok(address)
+        });
+    let outcome = handshake
+        .await
+        .map_err(|e| Error::transient(format!("{what}: {e}")))?;
+    let certificate = seen.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let (der, address) = match (certificate, outcome) {
+        (Some(der), Ok(address)) => (der, address),
+        // A TLS refusal (the chain does not verify, no TLS offered) is definite; a
+        // connection that failed is retried as any other.
+        (_, Err(e)) => {
+            let kind = match e.kind() {
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::Other => {
+                    error::ErrorKind::Definite
+                }
+                _ => error::ErrorKind::Transient,
+            };
+            return Err(Error::with_source(kind, what, e));
+        }
+        (None, Ok(_)) => {
+            return Err(Error::definite(format!(
+                "{what}: the server presented no certificate"
+            )))
+        }
+    };
+    let der = CertificateDer::from(der);
+    let certificate = webpki::EndEntityCert::try_from(&der)
+        .map_err(|e| Error::definite(format!("{what}: its certificate cannot be read ({e:?})")))?;
+    let holds = |name: &ServerName<'_>| certificate.verify_is_valid_for_subject_name(name).is_ok();
+    if ServerName::try_from(info.host.as_str()).is_ok_and(|name| holds(&name)) {
+        return Ok(info.host.clone());
+    }
+    let ip = address.ip();
+    if holds(&ServerName::IpAddress(ip.into())) {
+        return Ok(ip.to_string());
+    }
+    if let Some(dns) = certificate.valid_dns_names().next() {
+        return Ok(match dns.strip_prefix("*.") {
+            Some(rest) => format!("sluice.{rest}"),
+            None => dns.to_string(),
+        });
+    }
+    Err(Error::definite(format!(
+        "{what}: the certificate names no host in its subjectAltName (a CN alone is not read), so the replication connection cannot use it even under verify-ca: give the server a certificate with subjectAltName DNS or IP names, or connect with sslmode=require"
+    )))
 }
 
 /// `sslrootcert`, or libpq's default file when it exists. `None` when no verification
@@ -198,6 +295,14 @@ fn root_cert_path(info: &ConnInfo) -> Result<Option<PathBuf>> {
 }
 
 fn client_config(info: &ConnInfo) -> Result<ClientConfig> {
+    client_config_keeping(info, None)
+}
+
+/// `client_config`, keeping the server's certificate in `seen` (verify-ca's verifier only).
+fn client_config_keeping(
+    info: &ConnInfo,
+    seen: Option<Arc<std::sync::Mutex<Option<Vec<u8>>>>>,
+) -> Result<ClientConfig> {
     install_crypto_provider();
     let root = root_cert_path(info)?;
     let verify = match info.sslmode {
@@ -226,12 +331,13 @@ fn client_config(info: &ConnInfo) -> Result<ClientConfig> {
                     .dangerous()
                     .with_custom_certificate_verifier(Arc::new(Verifier {
                         chain: Some(webpki),
+                        seen,
                     }))
             }
         }
         _ => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Verifier { chain: None })),
+            .with_custom_certificate_verifier(Arc::new(Verifier { chain: None, seen })),
     };
     match (&info.sslcert, &info.sslkey) {
         (Some(cert), Some(key)) => {
@@ -365,6 +471,8 @@ fn verify_tls13(
 #[derive(Debug)]
 struct Verifier {
     chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    /// Where to keep the server's certificate, for a probe that needs its names.
+    seen: Option<Arc<std::sync::Mutex<Option<Vec<u8>>>>>,
 }
 
 impl ServerCertVerifier for Verifier {
@@ -376,6 +484,9 @@ impl ServerCertVerifier for Verifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        if let Some(seen) = &self.seen {
+            *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(end_entity.to_vec());
+        }
         let Some(chain) = &self.chain else {
             return Ok(ServerCertVerified::assertion());
         };

@@ -68,6 +68,26 @@ fn make_certificates(dir: &Path) {
         "-extfile",
         "san.ext",
     ]);
+    // The same key, certified for the address only (no DNS name): what verify-ca is for
+    // when the host is reached by a name the certificate does not hold.
+    std::fs::write(dir.join("ip.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "server-ip.crt",
+        "-extfile",
+        "ip.ext",
+    ]);
     ca("/CN=another CA", "other.key", "other.crt");
 }
 
@@ -78,7 +98,7 @@ async fn sslmode_verify_full_streams_over_tls_and_a_wrong_ca_is_definite() {
     make_certificates(&data);
     // The server reads its key as the cluster's owner, and refuses a key others can read.
     let owner = std::fs::metadata(&data).unwrap();
-    for file in ["server.key", "server.crt", "ca.crt"] {
+    for file in ["server.key", "server.crt", "server-ip.crt", "ca.crt"] {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let path = data.join(file);
         std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid())).unwrap();
@@ -168,6 +188,37 @@ async fn sslmode_verify_full_streams_over_tls_and_a_wrong_ca_is_definite() {
         started.elapsed()
     );
     assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+
+    // verify-ca: the chain is checked, the name is not. A certificate for 127.0.0.1 only,
+    // reached as localhost: psql connects; the replication connection refused it (its
+    // transport checked the name all the same).
+    pair.source.append_conf("ssl_cert_file = 'server-ip.crt'");
+    pair.source.restart();
+    let verify_ca = pair.dir.path().join("verify-ca.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &source_url(&ca),
+        &source_url(&ca).replace("sslmode=verify-full", "sslmode=verify-ca"),
+    );
+    assert!(text.contains("sslmode=verify-ca"), "{text}");
+    std::fs::write(&verify_ca, text).unwrap();
+    let (code, out, err) = sluice(&["check", "--config", verify_ca.to_str().unwrap()]);
+    assert!(
+        !out.contains("cannot open a replication connection"),
+        "{out}{err} (exit {code})"
+    );
+    let mut daemon = pair.start_daemon(&verify_ca).await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute("INSERT INTO t SELECT g, 'verify-ca' FROM generate_series(201, 300) g")
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    pair.assert_same("t").await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+    // verify-full by that name is still refused.
+    let (code, _, stderr) = sluice(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("not valid for name"), "{stderr}");
 }
 
 /// libpq never uses TLS on a Unix-domain socket, so the default `sslmode=prefer` connects
@@ -179,7 +230,8 @@ async fn unix_sockets_need_no_tls_and_a_server_without_tls_under_require_is_defi
     let config = pair.config("");
     let over_socket = |cluster: &crate::support::cluster::PgCluster| {
         format!(
-            "host={} port={} user=postgres dbname=app",
+            // sslmode=require: libpq still uses no TLS on a socket, nor must sluice.
+            "host={} port={} user=postgres dbname=app sslmode=require",
             cluster.socket_dir().display(),
             cluster.port
         )

@@ -389,7 +389,9 @@ async fn check_replication_connection(config: &Config, out: &mut Findings) {
         conn,
         &config.source.slot,
         &config.source.publication,
-    ) {
+    )
+    .await
+    {
         Ok(replication) => {
             crate::source::replication::connect_gated(replication, &conn.redacted()).await
         }

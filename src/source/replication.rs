@@ -17,7 +17,7 @@ use crate::tls;
 pub const REPLICATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A replication session configuration for `slot` and `publication` on the source.
-pub fn replication_config(
+pub async fn replication_config(
     conn: &ConnInfo,
     slot: &str,
     publication: &str,
@@ -51,7 +51,7 @@ pub fn replication_config(
     // data in the socket, where the walsender batches its sends.
     .with_buffer_size(512);
     if !conn.is_unix_socket() {
-        config = config.with_tls(tls::replication_tls(conn)?);
+        config = config.with_tls(tls::replication_tls(conn).await?);
     }
     Ok(config)
 }

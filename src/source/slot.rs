@@ -59,7 +59,7 @@ pub async fn create_slot_exporting_snapshot(
     temporary: bool,
 ) -> Result<ExportedSnapshot> {
     validate_slot_name(slot)?;
-    let config = replication_config(conn, slot, publication)?;
+    let config = replication_config(conn, slot, publication).await?;
     let mut session = connect_gated(config, &conn.redacted()).await?;
 
     // PostgreSQL 15 introduced the option-list syntax; the old keyword form still works on
