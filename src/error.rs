@@ -218,7 +218,18 @@ pub fn pg(context: impl Into<String>, error: tokio_postgres::Error) -> Error {
         None if error.to_string().starts_with("invalid configuration") => ErrorKind::Definite,
         None => ErrorKind::Transient,
     };
+    let detail = error.as_db_error().map(|db| db.message().to_string());
+    let context = with_replication_hint(context.into(), detail.as_deref().unwrap_or(""));
     Error::with_source(kind, context, error)
+}
+
+/// The server's "must be superuser or replication role" alone does not say what to run.
+fn with_replication_hint(context: String, server_message: &str) -> String {
+    if server_message.contains("must be superuser or replication role") {
+        format!("{context} (the user lacks the REPLICATION attribute: ALTER ROLE <user> REPLICATION as a superuser, or on a managed service grant its replication role, e.g. rds_replication)")
+    } else {
+        context
+    }
 }
 
 fn is_tls_refusal(error: &tokio_postgres::Error) -> bool {
@@ -259,6 +270,7 @@ pub fn replication(context: impl Into<String>, error: pgwire_replication::PgWire
         }
         _ => ErrorKind::Definite,
     };
+    let context = with_replication_hint(context.into(), &error.to_string());
     Error::with_source(kind, context, error)
 }
 

@@ -451,6 +451,10 @@ async fn definite_errors_at_start_up_exit_1_within_seconds() {
         "app",
         "CREATE ROLE migrator LOGIN REPLICATION PASSWORD 'right'",
     );
+    pair.source.psql(
+        "app",
+        "CREATE ROLE plain LOGIN PASSWORD 'right'; GRANT SELECT ON ALL TABLES IN SCHEMA public TO plain",
+    );
     pair.source.write_hba(
         "local all all trust\nhost all postgres 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\nhost replication all 127.0.0.1/32 scram-sha-256\n",
     );
@@ -539,6 +543,24 @@ async fn definite_errors_at_start_up_exit_1_within_seconds() {
     let (code, _, stderr) = sluice(&["run", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("slto"), "{stderr}");
+
+    // No REPLICATION attribute (the publication made by the tables' owner): what to run.
+    pair.source.psql(
+        "app",
+        "CREATE PUBLICATION sluice FOR TABLE accounts, history WITH (publish_via_partition_root = true)",
+    );
+    let plain = write(&format!(
+        "postgresql://plain:right@127.0.0.1:{}/app",
+        pair.source.port
+    ));
+    let started = Instant::now();
+    let (code, _, stderr) = sluice(&["run", "--config", plain.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(
+        stderr.contains("the user lacks the REPLICATION attribute: ALTER ROLE <user> REPLICATION"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
