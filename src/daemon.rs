@@ -323,6 +323,7 @@ pub async fn ensure_publication(
     source: &Client,
     publication: &str,
     tables: &[SourceTable],
+    forget_copies: &dyn Fn(&[String]) -> Result<bool>,
 ) -> Result<()> {
     if tables.is_empty() {
         return Err(Error::config(
@@ -332,11 +333,38 @@ pub async fn ensure_publication(
     let Some(missing) = unpublished_tables(source, publication, tables).await? else {
         return create_publication(source, publication, tables).await;
     };
+    // Tables left out since the copy (while sluice was stopped): their changes meanwhile
+    // were never sent. Put back, they would stream on from now without them, so their
+    // copies are forgotten and the next start copies them afresh, as the monitor does
+    // when this happens while streaming.
+    let then = |names: &[String]| -> Result<String> {
+        Ok(match forget_copies(names)? {
+            true => format!(
+                " Their changes while left out were not sent: sluice forgot its copies of {}, so once the publication is mended, empty them on the target (TRUNCATE) and start sluice run again; it copies them afresh before streaming resumes (a table selected since the copy is simply copied)",
+                names.join(", ")
+            ),
+            false => String::new(),
+        })
+    };
     if !missing.is_empty() {
-        return Err(Error::definite(unpublished_message(publication, &missing)));
+        let dropped: Vec<String> = missing
+            .iter()
+            .filter(|t| !t.needs_partition_root)
+            .map(|t| t.name.clone())
+            .collect();
+        let then = if dropped.is_empty() {
+            String::new()
+        } else {
+            then(&dropped)?
+        };
+        return Err(Error::definite(format!(
+            "{}{then}",
+            unpublished_message(publication, &missing)
+        )));
     }
     if let Some(message) = unpublished_operations_message(source, publication).await? {
-        return Err(Error::definite(message));
+        let every: Vec<String> = tables.iter().map(|t| t.name.to_string()).collect();
+        return Err(Error::definite(format!("{message}.{}", then(&every)?)));
     }
     Ok(())
 }
@@ -475,7 +503,7 @@ async fn create_publication(
         .collect();
     if !unmatched.is_empty() {
         return Err(Error::definite(format!(
-            "These selected tables have no primary key and no replica identity: {}. Publishing them would make every UPDATE and DELETE on them fail on the source. Give each a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL (or USING INDEX), or exclude them in [tables]",
+            "These selected tables have no primary key and no replica identity usable here: {}. Publishing them would make every UPDATE and DELETE on them fail on the source (or, for a partition of a REPLICA IDENTITY FULL table that is not FULL itself, send old rows that cannot be matched). Give each a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL (or USING INDEX) on it (for a partition: on the partition itself), or exclude the (partitioned) table in [tables]",
             unmatched.join(", ")
         )));
     }
@@ -810,7 +838,10 @@ async fn run_pipeline(
             crate::source::abbreviate(&missing, 10)
         )));
     }
-    ensure_publication(&source, &config.source.publication, &tables).await?;
+    ensure_publication(&source, &config.source.publication, &tables, &|names| {
+        crate::control::monitor::forget_copies(config, store, names)
+    })
+    .await?;
 
     checkpoint::ensure_position_table(&target).await?;
     let target_position = checkpoint::read_target_position(&target, slot).await?;

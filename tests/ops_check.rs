@@ -645,7 +645,7 @@ async fn partitions_without_a_replica_identity_are_named_and_never_published() {
         &text,
         "FAIL",
         &[
-            "table public.logs: partitions public.logs_2024 have no primary key",
+            "table public.logs: REPLICA IDENTITY FULL, but its partitions public.logs_2024 are not",
             "each partition",
         ],
     );
@@ -678,6 +678,22 @@ async fn partitions_without_a_replica_identity_are_named_and_never_published() {
         .unwrap();
     let text = check_exits(&config, 0).await;
     assert!(!text.contains("have no primary key"), "{text}");
+
+    // A partition with a key of its own under the FULL root sends its old rows by that key:
+    // matched by all values they would find nothing (a delete lost).
+    source
+        .batch_execute(
+            "CREATE TABLE logs_2026 PARTITION OF logs FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+             ALTER TABLE logs_2026 ADD PRIMARY KEY (at);",
+        )
+        .await
+        .unwrap();
+    let text = check_exits(&config, 1).await;
+    line_with(
+        &text,
+        "FAIL",
+        &["table public.logs: REPLICA IDENTITY FULL, but its partitions public.logs_2026 are not"],
+    );
 }
 
 /// A port nothing listens on: the message says where to look, once.

@@ -1637,3 +1637,62 @@ async fn partition_maintenance_while_streaming_stops_with_the_right_advice() {
     assert!(!log[last_start..].contains("planned table"), "{log}");
     pair.assert_same("m").await;
 }
+
+/// A table taken out of the publication while sluice was stopped: its changes meanwhile were
+/// never sent. The start-up refusal forgets its copy, so that once it is put back and
+/// emptied, the next start copies it afresh (it streamed on without those changes).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_left_out_of_the_publication_while_stopped_is_copied_again() {
+    let pair = Pair::with_schema("").await;
+    pair.source_client()
+        .await
+        .batch_execute(
+            "CREATE TABLE kept (id int PRIMARY KEY, v text);
+             CREATE TABLE left_out (id int PRIMARY KEY, v text);
+             INSERT INTO kept SELECT g, 'k' FROM generate_series(1, 100) g;
+             INSERT INTO left_out SELECT g, 'l' FROM generate_series(1, 100) g;",
+        )
+        .await
+        .unwrap();
+    let config = pair.config("[copy]\nenabled = true\n");
+    let (code, out, err) = sluice(&["schema", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut first = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
+    first.wait_for_log("initial copy finished").await;
+    pair.wait_caught_up(&first).await;
+    assert!(first.terminate().success(), "{}", first.log());
+
+    let source = pair.source_client().await;
+    source
+        .batch_execute(
+            "ALTER PUBLICATION sluice DROP TABLE left_out;
+             UPDATE left_out SET v = 'changed while left out' WHERE id <= 10;
+             INSERT INTO left_out VALUES (1000, 'new while left out');",
+        )
+        .await
+        .unwrap();
+    let (code, _, stderr) = sluice(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("sluice forgot its copies of public.left_out"),
+        "{stderr}"
+    );
+    source
+        .batch_execute("ALTER PUBLICATION sluice ADD TABLE left_out")
+        .await
+        .unwrap();
+    pair.target_client()
+        .await
+        .batch_execute("TRUNCATE left_out")
+        .await
+        .unwrap();
+    let second = Daemon::spawn(&config, &pair.dir.path().join("second.log"));
+    pair.wait_caught_up(&second).await;
+    assert!(
+        second.log().contains("planned table=public.left_out"),
+        "{}",
+        second.log()
+    );
+    pair.assert_same("left_out").await;
+    pair.assert_same("kept").await;
+}

@@ -710,6 +710,12 @@ impl Applier {
                 let key: Vec<Cell> = indexes.iter().map(|&i| old_cells[i].clone()).collect();
                 self.pending.queue(relation.oid).push_delete(key);
             }
+            // A key-only old row (a partition whose own identity is a key, under a root
+            // that is FULL) holds NULL for every other column: matched by all values it
+            // would find nothing, and the delete would be lost. Stall, loudly.
+            Matching::AllValues(_) if !matches!(old, OldTuple::Full(_)) => {
+                return Err(self.missing_old_tuple(relation, "DELETE"));
+            }
             Matching::AllValues(_) => {
                 self.pending
                     .queue(relation.oid)
@@ -736,7 +742,7 @@ impl Applier {
         Error::new(
             ErrorKind::Apply,
             format!(
-                "{what} on {} arrived without its old row although the table has REPLICA IDENTITY FULL",
+                "{what} on {} arrived without its whole old row although the table has REPLICA IDENTITY FULL (a partition whose own replica identity is not FULL sends only its key: ALTER TABLE <partition> REPLICA IDENTITY FULL on the source; this change cannot be matched by all values, so the table must be copied again once that is done)",
                 relation.shown_name()
             ),
         )

@@ -404,7 +404,7 @@ async fn check_publication(
 /// With the copy on and finished, forgets the tables' copies, so the next start copies them
 /// under a fresh snapshot and skips the stream's changes that snapshot holds, as for a table
 /// selected after the copy. Returns whether it did.
-fn forget_copies(
+pub(crate) fn forget_copies(
     config: &Config,
     store: &crate::checkpoint::Store,
     tables: &[String],

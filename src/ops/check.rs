@@ -738,12 +738,20 @@ fn replica_identity_findings(tables: &[SourceTable]) -> Vec<Finding> {
                 .iter()
                 .map(|p| p.to_string())
                 .collect();
-            out.push(Finding {
-                level: Level::Fail,
-                text: format!(
+            let text = if table.replica_identity == 'f' {
+                format!(
+                    "table {name}: REPLICA IDENTITY FULL, but its partitions {} are not: each partition sends its old rows by its own replica identity (a key only, or nothing), which cannot be matched by all values as the root's FULL asks (deletes would be lost, updates stall); ALTER TABLE ... REPLICA IDENTITY FULL on each partition (the root's setting does not reach them)",
+                    abbreviate(&shown, 10)
+                )
+            } else {
+                format!(
                     "table {name}: partitions {} have no primary key and REPLICA IDENTITY DEFAULT (or NOTHING): the source checks each partition's own replica identity, not the root's, and rejects their UPDATEs and DELETEs once published; ALTER TABLE ... REPLICA IDENTITY FULL (or USING INDEX) on each partition, or add a primary key",
                     abbreviate(&shown, 10)
-                ),
+                )
+            };
+            out.push(Finding {
+                level: Level::Fail,
+                text,
             });
         }
     }

@@ -295,7 +295,9 @@ pub struct SourceTable {
     pub estimated_rows: i64,
     /// Partitions (of a partitioned table) without a primary key and with REPLICA IDENTITY
     /// DEFAULT, or with NOTHING: the source checks each partition's own identity, not the
-    /// root's, and rejects their UPDATEs and DELETEs once the root is published.
+    /// root's, and rejects their UPDATEs and DELETEs once the root is published. Under a
+    /// root that is REPLICA IDENTITY FULL, every partition that is not FULL too: it sends its
+    /// old rows by its own key, and rows matched by all values would not be found.
     pub partitions_without_identity: Vec<TableName>,
 }
 
@@ -382,10 +384,14 @@ pub async fn selected_tables(client: &Client, tables: &TablesConfig) -> Result<V
                  CROSS JOIN LATERAL pg_partition_tree(r.root) p
                  JOIN LATERAL (
                      SELECT l.oid, l.relname, l.relnamespace, l.reltuples,
-                            l.relreplident IN ('f', 'i')
-                            OR (l.relreplident = 'd' AND EXISTS (
-                                SELECT 1 FROM pg_index i WHERE i.indrelid = l.oid AND i.indisprimary))
-                              AS identified
+                            CASE WHEN (SELECT relreplident FROM pg_class WHERE oid = r.root) = 'f'
+                                 -- Matched by all values: a partition must send whole rows.
+                                 THEN l.relreplident = 'f'
+                                 ELSE l.relreplident IN ('f', 'i')
+                                      OR (l.relreplident = 'd' AND EXISTS (
+                                          SELECT 1 FROM pg_index i
+                                          WHERE i.indrelid = l.oid AND i.indisprimary))
+                            END AS identified
                      FROM pg_class l WHERE l.oid = p.relid AND l.relkind = 'r'
                  ) c ON true
                  JOIN pg_namespace n ON n.oid = c.relnamespace
