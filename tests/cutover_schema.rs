@@ -355,7 +355,12 @@ async fn schema_stops_before_any_change_when_the_target_lacks_what_pg_dump_canno
              CREATE TABLE public.users (id int PRIMARY KEY, email citext, attrs hstore);
              -- Needs btree_gist only for a constraint built after the copy.
              CREATE TABLE public.booking (id int PRIMARY KEY, room int, during tsrange,
-                 EXCLUDE USING gist (room WITH =, during WITH &&));",
+                 EXCLUDE USING gist (room WITH =, during WITH &&));
+             -- An extension kept in a schema of its own, named by that schema.
+             CREATE SCHEMA extns;
+             CREATE EXTENSION pg_trgm SCHEMA extns;
+             CREATE TABLE public.notes (id int PRIMARY KEY, body text);
+             CREATE INDEX notes_trgm ON public.notes USING gin (body extns.gin_trgm_ops);",
         )
         .await
         .unwrap();
@@ -364,7 +369,7 @@ async fn schema_stops_before_any_change_when_the_target_lacks_what_pg_dump_canno
     // Every missing extension at once, not one per attempt.
     assert!(
         show(&output).contains(
-            "run CREATE EXTENSION \"btree_gist\"; CREATE EXTENSION \"citext\"; CREATE EXTENSION \"hstore\"; on the target"
+            "run CREATE EXTENSION \"btree_gist\"; CREATE EXTENSION \"citext\"; CREATE EXTENSION \"hstore\"; CREATE SCHEMA IF NOT EXISTS \"extns\"; CREATE EXTENSION \"pg_trgm\" SCHEMA \"extns\"; on the target"
         ),
         "{}",
         show(&output)
@@ -386,7 +391,7 @@ async fn schema_stops_before_any_change_when_the_target_lacks_what_pg_dump_canno
     setup
         .target
         .batch_execute(
-            "CREATE EXTENSION citext; CREATE EXTENSION hstore; CREATE EXTENSION btree_gist",
+            "CREATE EXTENSION citext; CREATE EXTENSION hstore; CREATE EXTENSION btree_gist; CREATE SCHEMA extns; CREATE EXTENSION pg_trgm SCHEMA extns",
         )
         .await
         .unwrap();
@@ -723,7 +728,8 @@ async fn a_type_on_the_target_that_differs_is_refused_by_schema_and_named_by_che
         .batch_execute(
             "CREATE TYPE public.pair AS (a text, b text);
              CREATE DOMAIN public.amount AS numeric(12,4);
-             CREATE TABLE public.deals (id int PRIMARY KEY, p public.pair, v public.amount);",
+             CREATE TYPE public.kind AS ENUM ('x', 'y');
+             CREATE TABLE public.deals (id int PRIMARY KEY, p public.pair, v public.amount, k public.kind);",
         )
         .await
         .unwrap();
@@ -731,7 +737,8 @@ async fn a_type_on_the_target_that_differs_is_refused_by_schema_and_named_by_che
         .target
         .batch_execute(
             "CREATE TYPE public.pair AS (b text, a text);
-             CREATE DOMAIN public.amount AS numeric(10,2);",
+             CREATE DOMAIN public.amount AS numeric(10,2);
+             CREATE DOMAIN public.kind AS text;",
         )
         .await
         .unwrap();
@@ -746,6 +753,14 @@ async fn a_type_on_the_target_that_differs_is_refused_by_schema_and_named_by_che
         text.contains(r#"type "public"."amount" is domain over numeric(12,4) on the source but domain over numeric(10,2) on the target"#),
         "{text}"
     );
+    // An enum that is a domain on the target: no ADD VALUE could mend it.
+    assert!(
+        text.contains(
+            r#"type "public"."kind" is enum on the source but domain over text on the target"#
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("ADD VALUE"), "{text}");
     assert!(
         !exists(
             &setup.target,
@@ -758,7 +773,7 @@ async fn a_type_on_the_target_that_differs_is_refused_by_schema_and_named_by_che
     setup
         .target
         .batch_execute(
-            "CREATE TABLE public.deals (id int PRIMARY KEY, p public.pair, v public.amount)",
+            "CREATE TABLE public.deals (id int PRIMARY KEY, p public.pair, v public.amount, k public.kind)",
         )
         .await
         .unwrap();
@@ -776,7 +791,7 @@ async fn a_type_on_the_target_that_differs_is_refused_by_schema_and_named_by_che
         .target
         .batch_execute(
             "DROP TABLE public.deals; DROP TYPE public.pair; DROP DOMAIN public.amount;
-             CREATE TYPE public.pair AS (a text, b text);",
+             DROP DOMAIN public.kind; CREATE TYPE public.pair AS (a text, b text);",
         )
         .await
         .unwrap();

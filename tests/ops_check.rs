@@ -608,6 +608,18 @@ exclude = ["public.meas_2024"]"#,
             "changes nothing",
         ],
     );
+
+    // A partitioned table excluded on purpose: its partitions are not flagged one by one.
+    let config = write_config(
+        dir.path(),
+        &pg.url("app"),
+        &pg.url("target"),
+        &state,
+        r#"[tables]
+exclude = ["public.meas"]"#,
+    );
+    let text = check_exits(&config, 1).await;
+    assert!(!text.contains("a partition of public.meas"), "{text}");
 }
 
 /// The source checks each partition's own replica identity, not the root's: a partitioned
@@ -722,4 +734,8 @@ async fn a_refused_connection_says_where_to_look() {
     let hint = format!("Nothing accepts connections at 127.0.0.1:{port}");
     assert_eq!(text.matches(&hint).count(), 1, "{text}");
     assert!(text.contains("Check the host and port in"), "{text}");
+    // check says it once too, without the generic advice beside it.
+    let text = check_exits(&config, 1).await;
+    assert_eq!(text.matches(&hint).count(), 1, "{text}");
+    assert!(!text.contains("the network path"), "{text}");
 }

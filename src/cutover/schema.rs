@@ -1183,7 +1183,12 @@ async fn refuse_enums_missing_labels(
     let on_target = enum_labels(target, &names, "target").await?;
     let mut fixes = Vec::new();
     for (name, labels) in &on_source {
-        let present: BTreeSet<&String> = on_target.get(name).into_iter().flatten().collect();
+        // Not an enum on the target (a domain of that name?): no label can be added to it;
+        // `types_that_differ` names it with both definitions.
+        let Some(present) = on_target.get(name) else {
+            continue;
+        };
+        let present: BTreeSet<&String> = present.iter().collect();
         for label in labels.iter().filter(|l| !present.contains(l)) {
             fixes.push(format!(
                 "ALTER TYPE {name} ADD VALUE {};",
@@ -1295,9 +1300,30 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
             .map(|(extension, what)| format!("{what} (extension {extension})"))
             .collect::<Vec<_>>()
             .join(", ");
+        // In the schema the source has it in: its objects are named by that schema in the
+        // tables' definitions (`extns.citext`).
+        let names: Vec<&String> = missing_extensions.iter().map(|(e, _)| *e).collect();
+        let schemas: BTreeMap<String, String> = source
+            .query(
+                "SELECT e.extname::text, n.nspname::text FROM pg_extension e
+                 JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = ANY($1)",
+                &[&names],
+            )
+            .await
+            .map_err(|e| error::pg("Reading the extensions' schemas on the source", e))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
         let creates = missing_extensions
             .iter()
-            .map(|(extension, _)| format!("CREATE EXTENSION {};", quote_ident(extension)))
+            .map(|(extension, _)| match schemas.get(*extension) {
+                Some(schema) if schema != "public" => format!(
+                    "CREATE SCHEMA IF NOT EXISTS {schema}; CREATE EXTENSION {} SCHEMA {schema};",
+                    quote_ident(extension),
+                    schema = quote_ident(schema)
+                ),
+                _ => format!("CREATE EXTENSION {};", quote_ident(extension)),
+            })
             .collect::<Vec<_>>()
             .join(" ");
         return Err(Error::definite(format!(

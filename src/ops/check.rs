@@ -119,16 +119,25 @@ struct SourceFacts {
     user_types: BTreeMap<String, crate::cutover::schema::TypeShape>,
 }
 
+/// A FAIL line for a database that cannot be reached. The connection's own hint (a refused
+/// port, a password, a missing database) names what to check already; the generic advice
+/// is for the rest.
+fn cannot_connect(side: &str, error: &crate::error::Error, origin: &str) -> String {
+    let report = error.report();
+    let advice = if report.contains(origin) {
+        String::new()
+    } else {
+        format!("check {origin}, the network path and pg_hba.conf; ")
+    };
+    format!("{side}: cannot connect ({report}): {advice}the {side} checks were skipped")
+}
+
 async fn check_source(config: &Config, out: &mut Findings) -> Option<SourceFacts> {
     let conn = &config.source.conn;
     let client = match crate::tls::connect(conn, "the source").await {
         Ok(client) => client,
         Err(error) => {
-            out.fail(format!(
-                "source: cannot connect ({}): check {}, the network path and pg_hba.conf; the source checks were skipped",
-                error.report(),
-                conn.origin
-            ));
+            out.fail(cannot_connect("source", &error, &conn.origin));
             return None;
         }
     };
@@ -803,11 +812,7 @@ async fn check_target(config: &Config, source: Option<&SourceFacts>, out: &mut F
     let client = match crate::tls::connect(conn, "the target").await {
         Ok(client) => client,
         Err(error) => {
-            out.fail(format!(
-                "target: cannot connect ({}): check {}, the network path and pg_hba.conf; the target checks were skipped",
-                error.report(),
-                conn.origin
-            ));
+            out.fail(cannot_connect("target", &error, &conn.origin));
             return;
         }
     };

@@ -280,16 +280,16 @@ impl Reader {
         });
         let then = if forgotten {
             format!(
-                "sluice forgot its copy of {root}: keep publish_via_partition_root = true, empty {root} on the target (TRUNCATE {}) and start sluice run again; it copies {root} afresh before streaming resumes and skips the changes that copy holds",
+                "sluice forgot its copy of {root}: set publish_via_partition_root = true again if it is not, empty {root} on the target (TRUNCATE {}) and start sluice run again; it copies {root} afresh before streaming resumes and skips the changes that copy holds",
                 root.quoted()
             )
         } else {
             format!(
-                "{root} must be copied again: keep publish_via_partition_root = true, empty {root} on the target, and start sluice run with copy.enabled = true after a finished copy (it copies a table it has no copy of before streaming resumes)"
+                "{root} must be copied again: set publish_via_partition_root = true again if it is not, empty {root} on the target, and start sluice run with copy.enabled = true after a finished copy (it copies a table it has no copy of before streaming resumes)"
             )
         };
         Error::definite(format!(
-            "The source sent changes of {} (a partition of the selected {root}) under the partition's own name in the transaction ending at {at}: publication {} published it without publish_via_partition_root at that moment (set to false while sluice was stopped?), and sluice applies a partitioned table's changes only through its root. {then}",
+            "The source sent changes of {} (a partition of the selected {root}) under the partition's own name in the transaction ending at {at}: publication {} published it without publish_via_partition_root at that moment (set to false while sluice was stopped, or just now), and sluice applies a partitioned table's changes only through its root. {then}",
             relation.shown_name(),
             self.publication
         ))

@@ -505,7 +505,14 @@ pub async fn glob_misses(client: &Client, tables: &TablesConfig) -> Result<GlobM
         let root: Option<String> = row.get(3);
         if let Some(root) = root {
             let root = TableName::new(row.get::<_, String>(2), root);
-            if tables.selects(&name.qualified()) && !tables.selects(&root.qualified()) {
+            // A root the includes match but an exclude takes out was left out on purpose,
+            // and its partitions with it.
+            let root_included = tables.include.is_empty()
+                || tables
+                    .include
+                    .iter()
+                    .any(|glob| crate::config::glob_matches(glob, &root.qualified()));
+            if tables.selects(&name.qualified()) && !root_included {
                 misses.partitions.push((name.clone(), root));
             }
             partition_names.push(name.qualified());
