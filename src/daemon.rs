@@ -162,6 +162,9 @@ async fn validate_foreign_keys_when_caught_up(
     }
 }
 
+/// How long a stop waits for the open target transaction before cancelling its statement.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// SIGTERM or SIGINT (Ctrl-C), whichever comes first.
 pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -1103,6 +1106,7 @@ async fn run_pipeline(
         )),
     };
     let catalog = tls::connect(&config.target.conn, "the target").await?;
+    let cancel = target.cancel_token();
     let applier = Applier::start(
         TargetClients {
             apply: target,
@@ -1128,8 +1132,35 @@ async fn run_pipeline(
         validate_after,
     ));
     let mut reader_task = tokio::spawn(reader.run());
+    // A stop finishes or rolls back the open target transaction; a statement waiting on a
+    // target lock would keep it waiting as long as the lock is held. After a grace period
+    // the statement is cancelled: the transaction rolls back, and the next start applies
+    // it again.
+    let watchdog = {
+        let mut stop = shutdown.clone();
+        let conn = config.target.conn.clone();
+        tokio::spawn(async move {
+            while !*stop.borrow() {
+                if stop.changed().await.is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(STOP_GRACE).await;
+            tracing::warn!(
+                "the open target transaction did not end within {STOP_GRACE:?} of the stop request (a lock held on the target?): cancelling its statement; it rolls back and is applied again at the next start"
+            );
+            tls::cancel(&conn, &cancel).await;
+        })
+    };
     let applied = applier.run(items_rx, shutdown).await;
+    let cancelled = watchdog.is_finished();
+    watchdog.abort();
     validation.abort();
+    // The error a cancelled statement ends apply with is the stop's own doing.
+    let applied = match applied {
+        Err(error) if cancelled && error.sqlstate() == Some("57014") => Ok(()),
+        other => other,
+    };
     match applied {
         Ok(()) => {
             // Let the last acknowledgement reach the slot before the session closes.

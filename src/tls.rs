@@ -71,6 +71,29 @@ pub async fn connect(info: &ConnInfo, purpose: &str) -> Result<tokio_postgres::C
     }
 }
 
+/// Cancels the statement running on the session `token` belongs to (a new connection to
+/// the same server, as libpq's PQcancel). Failures are logged: the caller goes on either way.
+pub async fn cancel(info: &ConnInfo, token: &tokio_postgres::CancelToken) {
+    let result = if info.sslmode == SslMode::Disable || info.is_unix_socket() {
+        token.cancel_query(tokio_postgres::NoTls).await
+    } else {
+        match client_config(info) {
+            Ok(config) => {
+                token
+                    .cancel_query(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+                    .await
+            }
+            Err(error) => {
+                tracing::warn!(error = %error.report(), "cannot cancel the statement");
+                return;
+            }
+        }
+    };
+    if let Err(error) = result {
+        tracing::warn!(error = %error, "cancelling the statement failed");
+    }
+}
+
 /// What to do about a connection that failed for a reason retrying cannot change.
 fn connect_hint(error: &tokio_postgres::Error, info: &ConnInfo) -> Option<String> {
     let code = error.code().map(|c| c.code().to_string());

@@ -1117,3 +1117,46 @@ async fn an_update_of_a_row_missing_on_the_target_names_its_key() {
     pair.assert_same("accounts").await;
     daemon.terminate();
 }
+
+/// A stop while apply waits on a lock held on the target: it waited as long as the lock
+/// was held. After a grace period the statement is cancelled and rolled back; the daemon
+/// exits 0, and the next start applies the transaction once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_while_apply_waits_on_a_target_lock_ends_within_the_grace_period() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    let (locker, connection) =
+        tokio_postgres::connect(&pair.target.dsn("app"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    pair.source_client()
+        .await
+        .batch_execute("UPDATE accounts SET balance = balance + 1 WHERE id <= 10")
+        .await
+        .unwrap();
+    // Apply reaches the lock and waits there.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let asked = Instant::now();
+    let status = daemon.terminate();
+    assert!(status.success(), "{}", daemon.log());
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "the stop waited {:?} for the lock",
+        asked.elapsed()
+    );
+    assert!(
+        daemon.log().contains("cancelling its statement"),
+        "{}",
+        daemon.log()
+    );
+    locker.batch_execute("COMMIT").await.unwrap();
+    let daemon = pair.start_daemon(&config).await;
+    pair.wait_caught_up(&daemon).await;
+    pair.assert_same("accounts").await;
+}
