@@ -692,7 +692,6 @@ fn text_of(cell: &Cell) -> Result<Option<&str>> {
     }
 }
 
-/// Column-major text arrays from row-major cells: one `Vec<Option<&str>>` per column.
 /// The first `limit` keys of a batch, for messages: `(id, k)=(7, 'a')`, then how many
 /// more. Values are quoted as SQL literals (NULL as NULL).
 fn describe_keys(names: &[&str], arrays: &[Vec<Option<&str>>], limit: usize) -> String {
@@ -717,6 +716,7 @@ fn describe_keys(names: &[&str], arrays: &[Vec<Option<&str>>], limit: usize) -> 
     shown.join(", ")
 }
 
+/// Column-major text arrays from row-major cells: one `Vec<Option<&str>>` per column.
 fn column_arrays<'a, R>(
     rows: &'a [R],
     columns: usize,

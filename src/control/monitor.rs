@@ -401,28 +401,29 @@ async fn check_publication(
     )))
 }
 
-/// With the copy on and finished, forgets the tables' copies, so the next start copies them
-/// under a fresh snapshot and skips the stream's changes that snapshot holds, as for a table
-/// selected after the copy. Returns whether it did.
+/// With the copy on and finished, forgets the tables' copies (named as the status names
+/// them) so the next start copies them afresh. Returns whether it did.
 pub(crate) fn forget_copies(
     config: &Config,
     store: &crate::checkpoint::Store,
     tables: &[String],
 ) -> Result<bool> {
-    let copy_again = config.copy.enabled && crate::snapshot::copy_finished(store)?;
-    if copy_again {
-        for name in tables {
-            // The status's names are `TableName`'s `Display`; one that does not read back
-            // cannot be forgotten, and the copy would silently be kept: say so.
-            let table = crate::source::TableName::parse_shown(name).ok_or_else(|| {
+    if !config.copy.enabled {
+        return Ok(false);
+    }
+    // The status's names are `TableName`'s `Display`; one that does not read back cannot be
+    // forgotten, and the copy would silently be kept: say so.
+    let tables = tables
+        .iter()
+        .map(|name| {
+            crate::source::TableName::parse_shown(name).ok_or_else(|| {
                 Error::definite(format!(
                     "Cannot read the table name {name:?} back to forget its copy: empty it on the target and remove the state dir's copy records by starting with a fresh copy"
                 ))
-            })?;
-            crate::snapshot::state::forget_table(store, &table)?;
-        }
-    }
-    Ok(copy_again)
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    crate::snapshot::forget_finished_copies(store, &tables)
 }
 
 /// Logs a failed sample: the first at warn, repeats at debug so a long outage does not flood

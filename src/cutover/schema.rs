@@ -563,18 +563,6 @@ pub(crate) async fn type_shapes(
         .collect())
 }
 
-/// The types among `names` (quoted) that exist on the target but are not what the source
-/// has, one line each (types missing on the target are not listed).
-pub(crate) async fn types_that_differ(
-    source: &Client,
-    target: &Client,
-    names: &[String],
-) -> Result<Vec<String>> {
-    let on_source = type_shapes(source, names, "source").await?;
-    let on_target = type_shapes(target, names, "target").await?;
-    Ok(shape_differences(&on_source, &on_target))
-}
-
 /// A composite whose fields differ (by name, type or order: values travel as text, field by
 /// position, so they would land in the wrong fields), a domain over another base type or
 /// modifier (values rounded or refused), a range over another subtype, an enum lacking
@@ -1169,27 +1157,21 @@ async fn restore(pg_restore: &Path, args: &[&str]) -> Result<String> {
         .map_err(|e| Error::with_source(ErrorKind::Definite, "pg_restore wrote non-UTF-8 SQL", e))
 }
 
-/// Names (quoted) that exist on the target, out of `names`.
 /// A type already on the target is reused as it is. For an enum that lacks some of the
 /// source's labels, the rows holding them would fail only in the copy, hours later: say so
 /// now, with the statements that add them.
-async fn refuse_enums_missing_labels(
-    source: &Client,
-    target: &Client,
-    existing_types: &BTreeSet<String>,
+fn refuse_enums_missing_labels(
+    on_source: &BTreeMap<String, TypeShape>,
+    on_target: &BTreeMap<String, TypeShape>,
 ) -> Result<()> {
-    let names: Vec<String> = existing_types.iter().cloned().collect();
-    let on_source = enum_labels(source, &names, "source").await?;
-    let on_target = enum_labels(target, &names, "target").await?;
     let mut fixes = Vec::new();
-    for (name, labels) in &on_source {
+    for (name, ours) in on_source.iter().filter(|(_, s)| s.description == "enum") {
         // Not an enum on the target (a domain of that name?): no label can be added to it;
-        // `types_that_differ` names it with both definitions.
-        let Some(present) = on_target.get(name) else {
+        // `shape_differences` names it with both definitions.
+        let Some(theirs) = on_target.get(name).filter(|t| t.description == "enum") else {
             continue;
         };
-        let present: BTreeSet<&String> = present.iter().collect();
-        for label in labels.iter().filter(|l| !present.contains(l)) {
+        for label in ours.labels.iter().filter(|l| !theirs.labels.contains(l)) {
             fixes.push(format!(
                 "ALTER TYPE {name} ADD VALUE {};",
                 crate::source::quote_literal(label)
@@ -1205,25 +1187,7 @@ async fn refuse_enums_missing_labels(
     )))
 }
 
-/// Enum type name (as given) → its labels in order, for the names that are enums.
-async fn enum_labels(
-    client: &Client,
-    names: &[String],
-    side: &str,
-) -> Result<BTreeMap<String, Vec<String>>> {
-    let rows = client
-        .query(
-            "SELECT n.name, array_agg(e.enumlabel::text ORDER BY e.enumsortorder)
-             FROM unnest($1::text[]) AS n(name)
-             JOIN pg_enum e ON e.enumtypid = to_regtype(n.name)
-             GROUP BY n.name",
-            &[&names],
-        )
-        .await
-        .map_err(|e| error::pg(format!("Reading the enum labels on the {side}"), e))?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-}
-
+/// Names (quoted) that exist on the target, out of `names`.
 async fn existing(target: &Client, names: &[String], function: &str) -> Result<BTreeSet<String>> {
     let rows = target
         .query(
@@ -1354,9 +1318,11 @@ pub async fn command(config: &Config, args: &SchemaArgs) -> Result<i32> {
     let existing_roots = existing(&target, &root_names, "to_regclass").await?;
     let type_names: Vec<String> = needs.types.values().map(|t| t.quoted()).collect();
     let existing_types = existing(&target, &type_names, "to_regtype").await?;
-    refuse_enums_missing_labels(&source, &target, &existing_types).await?;
     let existing_type_names: Vec<String> = existing_types.iter().cloned().collect();
-    let differing = types_that_differ(&source, &target, &existing_type_names).await?;
+    let on_source = type_shapes(&source, &existing_type_names, "source").await?;
+    let on_target = type_shapes(&target, &existing_type_names, "target").await?;
+    refuse_enums_missing_labels(&on_source, &on_target)?;
+    let differing = shape_differences(&on_source, &on_target);
     if !differing.is_empty() {
         return Err(Error::definite(format!(
             "The target already has types that differ from the source's (nothing was changed): {}. Values travel as text, a composite's fields by position: they would land in the wrong fields, or be rounded or refused. Make each equal on the target (or drop it there and let sluice schema create it), then sluice schema again",

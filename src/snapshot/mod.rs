@@ -98,6 +98,19 @@ pub fn copy_finished(store: &Store) -> Result<bool> {
     Ok(state::load_state(store)?.is_some_and(|s| s.finished))
 }
 
+/// After a finished copy, forgets the copies of `tables`, so the next start copies them
+/// under a fresh snapshot and skips the stream's changes that snapshot holds, as for a table
+/// selected after the copy. Returns whether it did (no finished copy: nothing to forget).
+pub fn forget_finished_copies(store: &Store, tables: &[TableName]) -> Result<bool> {
+    if !copy_finished(store)? {
+        return Ok(false);
+    }
+    for table in tables {
+        state::forget_table(store, table)?;
+    }
+    Ok(true)
+}
+
 /// Selected tables that a finished copy never copied: selected after it (a wider
 /// `[tables]`, a table created since). They are copied before streaming resumes, under a
 /// temporary slot's snapshot with a sync LSN, the way PostgreSQL's `ALTER SUBSCRIPTION ...

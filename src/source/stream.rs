@@ -134,7 +134,7 @@ pub const BUDGET_KIB: usize = 64 << 10;
 /// they hold until the applier has taken them in (dropped with the batch).
 pub struct ItemBatch {
     pub items: Vec<StreamItem>,
-    pub budget: Option<tokio::sync::OwnedSemaphorePermit>,
+    pub budget: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl StreamItem {
@@ -150,6 +150,7 @@ impl StreamItem {
         }
     }
 }
+
 /// A batch smaller than this means the reader is ahead of the source: it waits `COALESCE`.
 const TRICKLE: usize = 32;
 const COALESCE: Duration = Duration::from_millis(1);
@@ -274,9 +275,11 @@ impl Reader {
         txn_final_lsn: Option<Lsn>,
     ) -> Error {
         let at = txn_final_lsn.map_or_else(|| "-".to_string(), |lsn| lsn.to_string());
+        // A store that cannot be written leaves the copy in place: the message then says
+        // to copy the table again by hand.
         let forgotten = self.recopy.as_ref().is_some_and(|store| {
-            crate::snapshot::copy_finished(store).unwrap_or(false)
-                && crate::snapshot::state::forget_table(store, root).is_ok()
+            crate::snapshot::forget_finished_copies(store, std::slice::from_ref(root))
+                .unwrap_or(false)
         });
         let then = if forgotten {
             format!(
@@ -369,7 +372,7 @@ impl Reader {
                 };
                 let batch = ItemBatch {
                     items: batch,
-                    budget: Some(budget),
+                    budget,
                 };
                 if self.items.send(batch).await.is_err() {
                     return Ok(());
