@@ -159,8 +159,9 @@ pub struct Applier {
     /// Told of every source transaction as it arrives, for `lag_seconds`.
     status: SharedStatus,
     citus: bool,
-    /// `session_replication_role = replica` is in effect: statements on different tables
-    /// may be reordered.
+    /// `session_replication_role = replica` is in effect where the rows are stored (not on
+    /// Citus: see `target::checks_foreign_keys`): statements on different tables may be
+    /// reordered.
     replica_role: bool,
     plans: HashMap<u32, Arc<TablePlan>>,
     /// Source user types by OID (from Type messages), to name them in messages.
@@ -219,7 +220,7 @@ impl Applier {
             progress,
             status,
             citus,
-            replica_role,
+            replica_role: replica_role && !citus,
             plans: HashMap::new(),
             user_types: HashMap::new(),
             pending: Pending::default(),

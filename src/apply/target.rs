@@ -388,6 +388,19 @@ impl std::fmt::Display for Hook {
     }
 }
 
+/// Whether the target's foreign keys are checked as rows arrive, so rows must reach it in an
+/// order they allow. On plain PostgreSQL that is when the user may not act as a replica. On
+/// Citus it is always so: a distributed or reference table's foreign keys are enforced on
+/// the workers' shards, by sessions Citus opens itself, to which the coordinator session's
+/// `SET session_replication_role` is not passed on (`citus.propagate_set_commands` is `none`
+/// by default, and even `local` passes on only `SET LOCAL`).
+pub async fn checks_foreign_keys(target: &Client) -> Result<bool> {
+    if !may_act_as_replica(target).await? {
+        return Ok(true);
+    }
+    Ok(crate::citus::detect(target).await?.is_some())
+}
+
 /// Whether the target user may set `session_replication_role = replica` (superuser, or a
 /// granted SET privilege from 15). Tried in a transaction that is rolled back, so the
 /// session is left as it was.

@@ -987,6 +987,8 @@ async fn check_target_tables(
         out.warn(format!(
             "target: {user} may not SET session_replication_role = replica: foreign keys are checked as rows arrive (the copy loads a table after those it refers to, and a table that refers to itself in one piece) and apply keeps every change in exact source order, which is slower; connect as a superuser, or GRANT SET ON PARAMETER session_replication_role TO {user} (PostgreSQL 15+)"
         ));
+    } else if citus.is_some() {
+        out.pass("target: the user may SET session_replication_role = replica, but on Citus the foreign keys of distributed and reference tables are checked on the workers all the same: the copy loads a table after those it refers to, and apply keeps every change in exact source order");
     } else {
         out.pass("target: the user may SET session_replication_role = replica: the target's triggers and foreign keys stay quiet during copy and apply, as under PostgreSQL's own replication");
     }

@@ -531,8 +531,9 @@ struct Round {
     /// Per table: the other tables of this round its foreign keys on the target refer to.
     /// A chunk a foreign key refused waits for them to be copied before it is tried again.
     references: Vec<Vec<usize>>,
-    /// The target user may not set `session_replication_role = replica`: its foreign keys
-    /// are checked as rows arrive, so a table waits for those it refers to.
+    /// The target checks foreign keys as rows arrive (the user may not set
+    /// `session_replication_role = replica`, or the target is Citus), so a table waits for
+    /// those it refers to.
     checks_foreign_keys: bool,
     /// Chunks finished in this round, chunks being copied right now, and a wake-up for
     /// workers whose queued chunks all wait for rows a running chunk may provide.
@@ -603,7 +604,7 @@ async fn copy_tables(
     // TID range scans (PostgreSQL 14) make a ctid-bounded chunk read only its blocks.
     let tid_range_scans = version >= 140_000;
 
-    let checks_foreign_keys = !crate::apply::target::may_act_as_replica(&target).await?;
+    let checks_foreign_keys = crate::apply::target::checks_foreign_keys(&target).await?;
     let (references, self_referencing) = foreign_key_references(&target, &names).await?;
     let mut layouts = Vec::new();
     let mut round_records = Vec::new();
