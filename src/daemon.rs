@@ -496,7 +496,7 @@ async fn create_publication(
     // A partitioned table's partitions are checked by their own identity, not the root's.
     let unmatched: Vec<String> = tables
         .iter()
-        .filter(|t| t.replica_identity == 'n' || (t.replica_identity == 'd' && !t.has_primary_key))
+        .filter(|t| t.lacks_identity())
         .map(|t| t.name.to_string())
         .chain(tables.iter().flat_map(|t| {
             t.partitions_without_identity

@@ -708,6 +708,98 @@ async fn partitions_without_a_replica_identity_are_named_and_never_published() {
     );
 }
 
+/// PostgreSQL uses neither a DEFERRABLE primary key nor a dropped USING INDEX index as a
+/// replica identity: published, such a table's UPDATEs and DELETEs fail on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_postgresql_cannot_use_as_identity_are_named_and_never_published() {
+    let pg = PgCluster::builder().start();
+    let source = pg.create_database("app").await;
+    let target = pg.create_database("target").await;
+    let schema = "CREATE TABLE accounts (id int PRIMARY KEY DEFERRABLE, balance int);
+                  CREATE TABLE ledger (id int NOT NULL, note text);
+                  CREATE UNIQUE INDEX ledger_id ON ledger (id);
+                  ALTER TABLE ledger REPLICA IDENTITY USING INDEX ledger_id;
+                  DROP INDEX ledger_id;
+                  CREATE TABLE logs (at date, msg text, PRIMARY KEY (at) DEFERRABLE) PARTITION BY RANGE (at);
+                  CREATE TABLE logs_2024 PARTITION OF logs FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');";
+    source.batch_execute(schema).await.unwrap();
+    target.batch_execute(schema).await.unwrap();
+    source
+        .batch_execute(
+            "INSERT INTO accounts VALUES (1, 10); INSERT INTO ledger VALUES (1, 'a');
+             INSERT INTO logs VALUES ('2024-03-01', 'x');",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &pg.url("app"),
+        &pg.url("target"),
+        &dir.path().join("state"),
+        "",
+    );
+    let text = check_exits(&config, 1).await;
+    line_with(
+        &text,
+        "FAIL",
+        &[
+            "table public.accounts: its primary key is DEFERRABLE",
+            "REPLICA IDENTITY FULL",
+        ],
+    );
+    line_with(
+        &text,
+        "FAIL",
+        &["table public.ledger: REPLICA IDENTITY USING INDEX, but that index was dropped"],
+    );
+    line_with(
+        &text,
+        "FAIL",
+        &["table public.logs: partitions public.logs_2024"],
+    );
+
+    let output = run(sluice(&config, &["run"]), Duration::from_secs(60)).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    for name in [
+        "public.accounts",
+        "public.ledger",
+        "public.logs_2024 (a partition of public.logs)",
+    ] {
+        assert!(
+            stderr(&output).contains(name),
+            "{name}: {}",
+            stderr(&output)
+        );
+    }
+    let publications: i64 = source
+        .query_one("SELECT count(*) FROM pg_publication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(publications, 0);
+    source
+        .batch_execute(
+            "UPDATE accounts SET balance = 11; UPDATE ledger SET note = 'b';
+             UPDATE logs SET msg = 'y';",
+        )
+        .await
+        .unwrap();
+
+    // Identities PostgreSQL can use: it passes.
+    source
+        .batch_execute(
+            "ALTER TABLE accounts REPLICA IDENTITY FULL;
+             CREATE UNIQUE INDEX ledger_id ON ledger (id);
+             ALTER TABLE ledger REPLICA IDENTITY USING INDEX ledger_id;
+             ALTER TABLE logs REPLICA IDENTITY FULL; ALTER TABLE logs_2024 REPLICA IDENTITY FULL;",
+        )
+        .await
+        .unwrap();
+    let text = check_exits(&config, 0).await;
+    assert!(!text.lines().any(|l| l.starts_with("FAIL")), "{text}");
+}
+
 /// A port nothing listens on: the message says where to look, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connection_says_where_to_look() {

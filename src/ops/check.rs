@@ -16,8 +16,8 @@ use crate::config::{format_size, Config, SplitBy};
 use crate::error::{self, Result};
 use crate::snapshot::plan;
 use crate::source::{
-    abbreviate, glob_misses, selected_tables, unreplicated_tables, SourceTable, TableName,
-    Unreplicated,
+    abbreviate, glob_misses, selected_tables, unreplicated_tables, IdentityKey, SourceTable,
+    TableName, Unreplicated,
 };
 
 #[derive(Debug, Clone, Args)]
@@ -718,8 +718,8 @@ fn replica_identity_findings(tables: &[SourceTable]) -> Vec<Finding> {
     let mut good = 0;
     for table in tables {
         let name = &table.name;
-        match (table.replica_identity, table.has_primary_key) {
-            ('d', true) | ('i', _) => good += 1,
+        match (table.replica_identity, table.identity_key) {
+            ('d' | 'i', IdentityKey::Usable) => good += 1,
             ('f', _) => out.push(Finding {
                 level: Level::Warn,
                 text: format!(
@@ -730,6 +730,20 @@ fn replica_identity_findings(tables: &[SourceTable]) -> Vec<Finding> {
                 level: Level::Fail,
                 text: format!(
                     "table {name}: REPLICA IDENTITY NOTHING: its UPDATEs and DELETEs cannot be replicated; add a primary key, or ALTER TABLE {} REPLICA IDENTITY FULL",
+                    name.quoted()
+                ),
+            }),
+            ('d', IdentityKey::Deferrable) => out.push(Finding {
+                level: Level::Fail,
+                text: format!(
+                    "table {name}: its primary key is DEFERRABLE, which PostgreSQL cannot use as the replica identity: its UPDATEs and DELETEs cannot be replicated (the source rejects them once published); ALTER TABLE {} REPLICA IDENTITY FULL, or USING INDEX on a unique index that is not deferrable (or make the key NOT DEFERRABLE)",
+                    name.quoted()
+                ),
+            }),
+            ('i', _) => out.push(Finding {
+                level: Level::Fail,
+                text: format!(
+                    "table {name}: REPLICA IDENTITY USING INDEX, but that index was dropped (PostgreSQL then acts as under NOTHING): its UPDATEs and DELETEs cannot be replicated; ALTER TABLE {} REPLICA IDENTITY USING INDEX on a unique index, or DEFAULT with a primary key, or FULL",
                     name.quoted()
                 ),
             }),
@@ -1352,7 +1366,10 @@ mod tests {
     fn table(name: &str, identity: char, pk: bool) -> SourceTable {
         SourceTable {
             replica_identity: identity,
-            has_primary_key: pk,
+            identity_key: match pk {
+                true => IdentityKey::Usable,
+                false => IdentityKey::Missing,
+            },
             ..SourceTable::keyed(TableName::parse(name))
         }
     }

@@ -7,5 +7,5 @@ pub mod tables;
 
 pub use tables::{
     abbreviate, display_ident, glob_misses, quote_ident, quote_literal, selected_tables,
-    unreplicated_tables, SourceTable, TableName, Unreplicated,
+    unreplicated_tables, IdentityKey, SourceTable, TableName, Unreplicated,
 };

@@ -286,7 +286,8 @@ pub struct SourceTable {
     pub oid: u32,
     /// `d` default, `n` nothing, `f` full, `i` index.
     pub replica_identity: char,
-    pub has_primary_key: bool,
+    /// The index REPLICA IDENTITY DEFAULT or USING INDEX stands on.
+    pub identity_key: IdentityKey,
     pub is_partitioned: bool,
     /// `pg_relation_size` plus TOAST, bytes (for copy planning and `check`).
     pub size_bytes: i64,
@@ -301,6 +302,58 @@ pub struct SourceTable {
     pub partitions_without_identity: Vec<TableName>,
 }
 
+/// Whether PostgreSQL can use the index a replica identity names (the primary key for
+/// DEFAULT, the chosen index for USING INDEX): without one the source rejects the table's
+/// UPDATEs and DELETEs once it is published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityKey {
+    Usable,
+    /// No primary key (DEFAULT), or the USING INDEX index was dropped (then PostgreSQL acts
+    /// as under NOTHING).
+    Missing,
+    /// The primary key is DEFERRABLE: PostgreSQL never uses a deferrable index as the
+    /// replica identity.
+    Deferrable,
+}
+
+impl IdentityKey {
+    /// The SQL expression, over `pg_class` aliased `alias`, that [`IdentityKey::from_sql`]
+    /// reads.
+    pub fn sql(alias: &str) -> String {
+        format!(
+            "CASE
+                WHEN {alias}.relreplident = 'i' AND EXISTS (SELECT 1 FROM pg_index i
+                     WHERE i.indrelid = {alias}.oid AND i.indisreplident) THEN 'usable'
+                WHEN {alias}.relreplident = 'i' THEN 'missing'
+                WHEN EXISTS (SELECT 1 FROM pg_index i
+                     WHERE i.indrelid = {alias}.oid AND i.indisprimary AND i.indimmediate) THEN 'usable'
+                WHEN EXISTS (SELECT 1 FROM pg_index i
+                     WHERE i.indrelid = {alias}.oid AND i.indisprimary) THEN 'deferrable'
+                ELSE 'missing'
+             END"
+        )
+    }
+
+    pub fn from_sql(text: &str) -> IdentityKey {
+        match text {
+            "usable" => IdentityKey::Usable,
+            "deferrable" => IdentityKey::Deferrable,
+            _ => IdentityKey::Missing,
+        }
+    }
+}
+
+impl SourceTable {
+    /// The source rejects this table's UPDATEs and DELETEs once it is published.
+    pub fn lacks_identity(&self) -> bool {
+        match self.replica_identity {
+            'f' => false,
+            'd' | 'i' => self.identity_key != IdentityKey::Usable,
+            _ => true,
+        }
+    }
+}
+
 #[cfg(test)]
 impl SourceTable {
     /// For unit tests: an empty, unpartitioned table with a primary key.
@@ -309,7 +362,7 @@ impl SourceTable {
             name,
             oid: 1,
             replica_identity: 'd',
-            has_primary_key: true,
+            identity_key: IdentityKey::Usable,
             is_partitioned: false,
             size_bytes: 0,
             estimated_rows: 0,
@@ -332,7 +385,7 @@ pub async fn selected_tables(client: &Client, tables: &TablesConfig) -> Result<V
         .query(
             &format!(
                 "SELECT n.nspname::text, c.relname::text, c.oid, c.relreplident::text,
-                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+                    {},
                     c.relkind = 'p',
                     COALESCE(pg_total_relation_size(c.oid) - pg_indexes_size(c.oid), 0)::int8,
                     c.reltuples::int8
@@ -343,7 +396,8 @@ pub async fn selected_tables(client: &Client, tables: &TablesConfig) -> Result<V
                AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'sluice')
                AND n.nspname NOT LIKE 'pg\\_%'
                AND {NOT_AN_EXTENSION_MEMBER}
-             ORDER BY 1, 2"
+             ORDER BY 1, 2",
+                IdentityKey::sql("c")
             ),
             &[],
         )
@@ -360,7 +414,7 @@ pub async fn selected_tables(client: &Client, tables: &TablesConfig) -> Result<V
             name,
             oid: row.get(2),
             replica_identity: identity.chars().next().unwrap_or('d'),
-            has_primary_key: row.get(4),
+            identity_key: IdentityKey::from_sql(row.get(4)),
             is_partitioned: row.get(5),
             size_bytes: row.get(6),
             estimated_rows: row.get(7),
@@ -375,11 +429,12 @@ pub async fn selected_tables(client: &Client, tables: &TablesConfig) -> Result<V
     if !partitioned.is_empty() {
         let rows = client
             .query(
-                "SELECT r.root,
+                &format!(
+                    "SELECT r.root,
                         COALESCE(sum(pg_total_relation_size(c.oid) - pg_indexes_size(c.oid)), 0)::int8,
                         COALESCE(sum(greatest(c.reltuples, 0)), 0)::int8,
-                        COALESCE(array_agg(n.nspname::text ORDER BY n.nspname, c.relname) FILTER (WHERE NOT c.identified), '{}'),
-                        COALESCE(array_agg(c.relname::text ORDER BY n.nspname, c.relname) FILTER (WHERE NOT c.identified), '{}')
+                        COALESCE(array_agg(n.nspname::text ORDER BY n.nspname, c.relname) FILTER (WHERE NOT c.identified), '{{}}'),
+                        COALESCE(array_agg(c.relname::text ORDER BY n.nspname, c.relname) FILTER (WHERE NOT c.identified), '{{}}')
                  FROM unnest($1::oid[]) AS r(root)
                  CROSS JOIN LATERAL pg_partition_tree(r.root) p
                  JOIN LATERAL (
@@ -387,15 +442,15 @@ pub async fn selected_tables(client: &Client, tables: &TablesConfig) -> Result<V
                             CASE WHEN (SELECT relreplident FROM pg_class WHERE oid = r.root) = 'f'
                                  -- Matched by all values: a partition must send whole rows.
                                  THEN l.relreplident = 'f'
-                                 ELSE l.relreplident IN ('f', 'i')
-                                      OR (l.relreplident = 'd' AND EXISTS (
-                                          SELECT 1 FROM pg_index i
-                                          WHERE i.indrelid = l.oid AND i.indisprimary))
+                                 ELSE l.relreplident = 'f' OR (l.relreplident IN ('d', 'i')
+                                      AND {} = 'usable')
                             END AS identified
                      FROM pg_class l WHERE l.oid = p.relid AND l.relkind = 'r'
                  ) c ON true
                  JOIN pg_namespace n ON n.oid = c.relnamespace
                  GROUP BY r.root",
+                    IdentityKey::sql("l")
+                ),
                 &[&partitioned],
             )
             .await
