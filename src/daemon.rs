@@ -822,6 +822,14 @@ async fn run_pipeline(
         }
         None => *selection = Some(tables.iter().map(|t| t.name.clone()).collect()),
     }
+    let left_out = snapshot::forget_unselected_copies(store, &tables)?;
+    if !left_out.is_empty() {
+        let names: Vec<String> = left_out.iter().map(|t| t.to_string()).collect();
+        tracing::warn!(
+            tables = crate::source::abbreviate(&names, 10),
+            "copied earlier but no longer selected (left out of [tables], or dropped on the source): their changes are not applied from now on, and their copies are forgotten; selected again, each is copied afresh once it is emptied on the target (TRUNCATE), as its rows there would miss the changes made meanwhile"
+        );
+    }
     // Before anything is created on the source: a target whose triggers would rewrite the
     // rows sluice writes is refused, not quietly made to differ.
     let names: Vec<TableName> = tables.iter().map(|t| t.name.clone()).collect();

@@ -111,6 +111,24 @@ pub fn forget_finished_copies(store: &Store, tables: &[TableName]) -> Result<boo
     Ok(true)
 }
 
+/// Forgets the finished copies of tables `[tables]` no longer selects, and returns their
+/// names. Their changes are not applied while they are left out (the stream skips tables it
+/// does not select), so the copied rows go stale: selected again, such a table must be
+/// copied afresh (the copy refuses it until it is emptied on the target), not streamed on
+/// from rows that miss what happened meanwhile.
+pub fn forget_unselected_copies(store: &Store, tables: &[SourceTable]) -> Result<Vec<TableName>> {
+    if !copy_finished(store)? {
+        return Ok(Vec::new());
+    }
+    let left_out: Vec<TableName> = state::load_tables(store)?
+        .into_iter()
+        .filter(|record| record.finished && !tables.iter().any(|t| t.name == record.name))
+        .map(|record| record.name)
+        .collect();
+    forget_finished_copies(store, &left_out)?;
+    Ok(left_out)
+}
+
 /// Selected tables that a finished copy never copied: selected after it (a wider
 /// `[tables]`, a table created since). They are copied before streaming resumes, under a
 /// temporary slot's snapshot with a sync LSN, the way PostgreSQL's `ALTER SUBSCRIPTION ...
