@@ -399,7 +399,7 @@ pub async fn unpublished_operations_message(
     Ok(Some(format!(
         "Publication {publication} does not publish {}: those changes would never reach the target, which would silently drift from the source. ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate') on the source",
         left_out.join(", "),
-        quote_ident(publication)
+        crate::source::display_ident(publication)
     )))
 }
 
@@ -621,6 +621,54 @@ async fn unless_stopped<T>(
 }
 
 /// What to do when the slot can no longer supply every change since the target's position.
+/// A migration under way (its slot exists, and this state dir or the target knows it) whose
+/// publication is missing: created now, it would not exist for the changes the slot still
+/// holds (logical decoding reads publications as of each change), so streaming would fail on
+/// the first of them, and say it was dropped. Most often `source.publication` was changed
+/// between runs: refused before anything is created, naming the publications there are.
+async fn refuse_a_publication_newer_than_the_slot(
+    source: &Client,
+    target: &Client,
+    store: &Store,
+    slot: &str,
+    config: &Config,
+) -> Result<()> {
+    let publication = &config.source.publication;
+    let publications: Vec<String> = source
+        .query("SELECT pubname::text FROM pg_publication ORDER BY 1", &[])
+        .await
+        .map_err(|e| error::pg("Listing the source's publications", e))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    if publications.contains(publication) {
+        return Ok(());
+    }
+    let Some(slot_now) = slot_info(source, slot).await? else {
+        return Ok(());
+    };
+    let under_way = store.position()?.is_some()
+        || snapshot::state::load_state(store)?.is_some()
+        || checkpoint::read_target_position(target, slot)
+            .await?
+            .is_some();
+    if !under_way {
+        return Ok(());
+    }
+    let from = slot_now
+        .confirmed_flush_lsn
+        .map(|lsn| format!(" (from {lsn})"))
+        .unwrap_or_default();
+    let existing = match publications.is_empty() {
+        true => "there is none on the source now".to_string(),
+        false => format!("the source has {}", publications.join(", ")),
+    };
+    Err(Error::definite(format!(
+        "Publication {} does not exist on the source, but slot {slot} of this migration resumes streaming{from}: a publication created now would not exist for the changes the slot still holds (logical decoding reads publications as of each change), so streaming would fail on the first of them. If source.publication was changed since the last run, set it back to the publication this migration streams through ({existing}). If the publication was dropped, the changes it published since are lost to this slot: {FRESH_COPY}",
+        crate::source::display_ident(publication)
+    )))
+}
+
 pub const FRESH_COPY: &str = "A fresh copy is needed: with sluice stopped, run `sluice teardown` (it drops the slot, the publication, sluice's schema on the target and the state dir's checkpoint), empty the target tables (or recreate them with `sluice schema`), then `sluice run` copies again";
 
 /// Takes the migration's lock on the target: a session-level advisory lock named after the
@@ -849,6 +897,7 @@ async fn run_pipeline(
             crate::source::abbreviate(&missing, 10)
         )));
     }
+    refuse_a_publication_newer_than_the_slot(&source, &target, store, slot, config).await?;
     ensure_publication(&source, &config.source.publication, &tables, &|names| {
         crate::control::monitor::forget_copies(config, store, names)
     })

@@ -814,6 +814,57 @@ async fn a_publication_that_leaves_out_operations_is_refused() {
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
 
+/// `source.publication` changed between runs of a migration under way: the new publication
+/// would be created after the changes the slot holds and the stream would fail on them
+/// ("dropped"). Refused before it is created, naming the publication to set back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publication_renamed_in_the_config_is_refused_before_it_is_created() {
+    let pair = Pair::with_schema("CREATE TABLE t (id int PRIMARY KEY, v text);").await;
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute("INSERT INTO t VALUES (1, 'a')")
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["t"]).await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+    source
+        .batch_execute("INSERT INTO t VALUES (2, 'while stopped')")
+        .await
+        .unwrap();
+
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("[source]\n", "[source]\npublication = \"pub_new\"\n", 1),
+    )
+    .unwrap();
+    let (code, _, stderr) = sluice(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("Publication pub_new does not exist on the source, but slot sluice")
+            && stderr.contains("set it back")
+            && stderr.contains("the source has sluice"),
+        "{stderr}"
+    );
+    let created: i64 = source
+        .query_one(
+            "SELECT count(*) FROM pg_publication WHERE pubname = 'pub_new'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(created, 0);
+
+    // Set back: streams on, the change made meanwhile included.
+    std::fs::write(&config, text).unwrap();
+    let mut daemon = pair.start_daemon(&config).await;
+    pair.catch_up_and_compare(&daemon, &["t"]).await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
+
 /// Another consumer holds the slot (here pg_recvlogical; as well a second sluice with its
 /// own state dir): sluice says who, keeps retrying, and streams once the slot is free.
 #[tokio::test(flavor = "multi_thread")]

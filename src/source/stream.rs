@@ -636,7 +636,7 @@ fn received(
             if message.contains("publication") && message.contains("does not exist") =>
         {
             Err(Error::definite(format!(
-                "Reading the replication stream: {message}. The publication was dropped on the source while the slot still had changes to send; logical decoding reads publications as of each change's position, so creating it again does not bring back the changes in between. {}",
+                "Reading the replication stream: {message}. The publication was dropped on the source while the slot still had changes to send (or source.publication now names one created after them: then set it back); logical decoding reads publications as of each change's position, so creating it again does not bring back the changes in between. {}",
                 crate::daemon::FRESH_COPY
             )))
         }
