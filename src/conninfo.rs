@@ -170,15 +170,8 @@ impl ConnInfo {
                 }
                 "port" => {
                     port = Some(value.parse::<u16>().map_err(|_| {
-                        format!(
-                            "the port is not a TCP port number (1 to 65535){}",
-                            // Shown only when it cannot be a stray part of the password.
-                            if value.chars().all(|c| c.is_ascii_digit()) && value.len() < 8 {
-                                format!(": {value}")
-                            } else {
-                                String::new()
-                            }
-                        )
+                        // Not shown: a password with an unencoded ':' puts its tail here.
+                        "the port is not a TCP port number (1 to 65535); if the password holds a ':', percent-encode it (%3A)".to_string()
                     })?)
                 }
                 "user" => user = Some(value),
@@ -402,6 +395,15 @@ fn parse_url(text: &str) -> std::result::Result<Vec<(String, String)>, String> {
         .split_once("://")
         .map(|(_, rest)| rest)
         .unwrap_or_default();
+    // An '@' after the first '/' or '?' is where the host part really ends: the user name or
+    // password holds one of / ? # unencoded, and splitting there would read part of the
+    // password as the port, database or a parameter (and show it). Said as such, showing
+    // nothing of it.
+    if let Some(end) = rest.find(['/', '?', '#']) {
+        if rest[end..].contains('@') {
+            return Err("the text before the last '@' holds a / ? or #: in a URL, a user name or password must have / ? # @ : % percent-encoded (%2F %3F %23 %40 %3A %25), or write the connection as key=value pairs (password='...')".to_string());
+        }
+    }
     let (rest, query) = match rest.split_once('?') {
         Some((rest, query)) => (rest, Some(query)),
         None => (rest, None),
@@ -663,6 +665,22 @@ mod tests {
                 "postgresql://u:secret@h/d?password=hunter2&sslmode=hunter2",
                 "hunter2",
             ),
+            // Unencoded / ? : in the password.
+            (
+                "postgresql://postgres:999999/x@127.0.0.1:5432/app",
+                "999999",
+            ),
+            ("postgresql://postgres:12345/x@127.0.0.1:5432/app", "12345"),
+            (
+                "postgresql://postgres:a?secret@127.0.0.1:5432/app",
+                "secret",
+            ),
+            (
+                "postgresql://postgres:p@ss:w/rd%41#?@127.0.0.1:5432/app",
+                "ss:w",
+            ),
+            ("postgresql://u:pre?sslmode=x@h/d", "pre"),
+            ("postgresql://u@h:4242:secret/d", "4242:secret"),
         ] {
             let error = ConnInfo::parse(text, "--source").unwrap_err().to_string();
             assert!(error.starts_with("--source: "), "{error}");
@@ -672,6 +690,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("not mysql://"), "{error}");
+        let error = ConnInfo::parse("postgresql://postgres:999999/x@127.0.0.1:5432/app", "x")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("percent-encoded (%2F %3F"), "{error}");
 
         assert!(ConnInfo::parse("just words", "x").is_err());
         assert!(ConnInfo::parse("  ", "--source")
