@@ -191,7 +191,10 @@ impl Store {
                 false,
                 Error::with_source(
                     ErrorKind::Definite,
-                    format!("Cannot open the checkpoint store in {}", state_dir.display()),
+                    format!(
+                        "Cannot open the checkpoint store in {} (if it reports corrupted data: move the state dir aside and start again with an empty one; the position resumes from the target's sluice.applied_position, see troubleshooting.md)",
+                        state_dir.display()
+                    ),
                     e,
                 ),
             )),

@@ -906,6 +906,16 @@ async fn run_pipeline(
     checkpoint::ensure_position_table(&target).await?;
     let target_position = checkpoint::read_target_position(&target, slot).await?;
 
+    if let Some(position) = target_position.as_ref().filter(|_| config.copy.enabled) {
+        let restored = snapshot::restore_copy_record(store, slot, position.caught_up_lsn, &tables)?;
+        if restored > 0 {
+            tracing::info!(
+                tables = restored,
+                applied = %position.applied_lsn,
+                "the state dir has no copy record, but the target holds this migration's position: the selected tables are taken as copied, and a table selected from now on is copied at the start that selects it"
+            );
+        }
+    }
     // The initial copy: unless disabled, or done (sled says so, or the target already holds
     // streamed changes: its position row is the authority).
     let late = if config.copy.enabled {

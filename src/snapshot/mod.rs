@@ -111,6 +111,48 @@ pub fn forget_finished_copies(store: &Store, tables: &[TableName]) -> Result<boo
     Ok(true)
 }
 
+/// A state dir without a copy record (lost, or started afresh) for a migration whose target
+/// already holds applied changes: the copy finished before (the target's position is the
+/// authority), but which tables it copied only the lost state dir knew. The tables selected
+/// now are taken as copied and recorded so, so that a table selected later is copied at its
+/// start rather than streamed into empty (nothing recorded, nothing was ever copied late).
+/// Returns how many were recorded; 0 when the state dir has a copy record.
+pub fn restore_copy_record(
+    store: &Store,
+    slot: &str,
+    position: Lsn,
+    tables: &[SourceTable],
+) -> Result<usize> {
+    if state::load_state(store)?.is_some() {
+        return Ok(0);
+    }
+    for table in tables {
+        state::save_table(
+            store,
+            &TableRecord {
+                name: table.name.clone(),
+                generation: 0,
+                sync_lsn: None,
+                chunks: Vec::new(),
+                finished: true,
+                rows: 0,
+                bytes: 0,
+            },
+        )?;
+    }
+    state::save_state(
+        store,
+        &state::CopyState {
+            slot: slot.to_string(),
+            consistent_point: position,
+            generation: 0,
+            finished: true,
+        },
+    )?;
+    store.flush()?;
+    Ok(tables.len())
+}
+
 /// Forgets the finished copies of tables `[tables]` no longer selects, and returns their
 /// names. Their changes are not applied while they are left out (the stream skips tables it
 /// does not select), so the copied rows go stale: selected again, such a table must be
