@@ -156,6 +156,43 @@ async fn teardown_works_on_a_source_frozen_by_cutover() {
     assert_eq!(leftovers(&setup).await, (0, 0, 0));
 }
 
+/// Another migration from the same source database into another target (its position row
+/// is not on this target) streams through the same default publication: dropping it under
+/// that slot would end that migration for good. Left, naming the slot.
+#[tokio::test]
+async fn teardown_leaves_the_publication_a_slot_into_another_target_uses() {
+    let setup = Setup::new("").await;
+    setup
+        .source
+        .batch_execute(
+            "CREATE TABLE public.t (id int PRIMARY KEY);
+             CREATE PUBLICATION sluice FOR TABLE public.t;",
+        )
+        .await
+        .unwrap();
+    for slot in ["sluice", "elsewhere"] {
+        setup
+            .source
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&slot],
+            )
+            .await
+            .unwrap();
+    }
+    sluice::checkpoint::ensure_position_table(&setup.target)
+        .await
+        .unwrap();
+    let output = setup.sluice(&["teardown", "--yes"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", show(&output));
+    let text = show(&output);
+    assert!(
+        text.contains("LEFT publication sluice: slot(s) elsewhere of this source database"),
+        "{text}"
+    );
+    assert_eq!(leftovers(&setup).await, (0, 1, 0));
+}
+
 /// Two migrations from one source into one target, each with its own slot, sharing the
 /// default publication name and the target's `sluice` schema: tearing one down leaves what
 /// the other still uses. A publication this user may not drop is left for its owner, after
@@ -196,7 +233,7 @@ async fn teardown_leaves_what_another_migration_uses_and_what_it_may_not_drop() 
     assert_eq!(output.status.code(), Some(0), "{}", show(&output));
     let text = show(&output);
     assert!(
-        text.contains("LEFT publication sluice: slot(s) other of another migration"),
+        text.contains("LEFT publication sluice: slot(s) other of this source database"),
         "{text}"
     );
     assert_eq!(leftovers(&setup).await, (0, 1, 1));

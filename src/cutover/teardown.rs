@@ -103,19 +103,23 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
                 )),
             })?,
     };
-    let other_slots_on_source: Vec<String> = match other_slots.is_empty() {
-        true => Vec::new(),
-        false => source
-            .query(
-                "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name = ANY($1) ORDER BY 1",
-                &[&other_slots],
-            )
-            .await
-            .map_err(|e| error::pg("Reading pg_replication_slots on the source", e))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect(),
-    };
+    // Any other pgoutput slot of this source database may stream through the publication:
+    // another migration into another target (its position rows are not here), or one with
+    // its own state dir. A publication dropped under it cannot be mended (logical decoding
+    // reads it as of each change), so it stays while such a slot exists.
+    let other_slots_on_source: Vec<String> = source
+        .query(
+            "SELECT slot_name::text FROM pg_replication_slots
+             WHERE slot_type = 'logical' AND plugin = 'pgoutput' AND NOT temporary
+               AND database = current_database() AND slot_name <> $1
+             ORDER BY 1",
+            &[slot],
+        )
+        .await
+        .map_err(|e| error::pg("Reading pg_replication_slots on the source", e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     // Only its owner (or a member of the owning role, or a superuser) may drop it: known
     // before anything is dropped, so the slot does not go first and the rest stay stuck.
     let publication_owner: Option<(bool, String)> = match publication_exists {
@@ -140,8 +144,9 @@ pub async fn command(config: &Config, args: &TeardownArgs) -> Result<i32> {
     let drop_publication = match &publication_owner {
         Some(_) if !other_slots_on_source.is_empty() => {
             left_alone.push(format!(
-                "LEFT publication {publication}: slot(s) {} of another migration from this source (position rows on the target) may stream through it; drop it when that one is torn down",
-                other_slots_on_source.join(", ")
+                "LEFT publication {publication}: slot(s) {} of this source database (another migration, or another pgoutput consumer) may stream through it, and a publication dropped under a slot cannot be mended; drop it when that one is torn down (DROP PUBLICATION {})",
+                other_slots_on_source.join(", "),
+                quote_ident(publication)
             ));
             false
         }
