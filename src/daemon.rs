@@ -897,6 +897,13 @@ async fn run_pipeline(
             crate::source::abbreviate(&missing, 10)
         )));
     }
+    let generated = snapshot::plan::generated_only_on_source(&source, &target, &name_refs).await?;
+    if !generated.is_empty() {
+        return Err(Error::definite(format!(
+            "Generated columns the target would leave empty: {}",
+            generated.join("; ")
+        )));
+    }
     refuse_a_publication_newer_than_the_slot(&source, &target, store, slot, config).await?;
     ensure_publication(&source, &config.source.publication, &tables, &|names| {
         crate::control::monitor::forget_copies(config, store, names)

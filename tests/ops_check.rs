@@ -800,6 +800,49 @@ async fn keys_postgresql_cannot_use_as_identity_are_named_and_never_published() 
     assert!(!text.lines().any(|l| l.starts_with("FAIL")), "{text}");
 }
 
+/// A column generated on the source and plain on the target would stay empty there:
+/// PostgreSQL sends no value for a generated column. `check` FAILs and `run` refuses, each
+/// with the statement that mends it; mended, the target computes the values itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_generated_only_on_the_source_is_refused_with_the_fix() {
+    let pg = PgCluster::builder().start();
+    let source = pg.create_database("app").await;
+    let target = pg.create_database("target").await;
+    source
+        .batch_execute(
+            "CREATE TABLE g1 (id int PRIMARY KEY, v int, g int GENERATED ALWAYS AS (v * 2) STORED);
+             INSERT INTO g1 (id, v) SELECT i, i FROM generate_series(1, 100) i;",
+        )
+        .await
+        .unwrap();
+    target
+        .batch_execute("CREATE TABLE g1 (id int PRIMARY KEY, v int, g int)")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &pg.url("app"),
+        &pg.url("target"),
+        &dir.path().join("state"),
+        "",
+    );
+    let text = check_exits(&config, 1).await;
+    let fix = "ALTER TABLE \"public\".\"g1\" DROP COLUMN \"g\", ADD COLUMN \"g\" integer GENERATED ALWAYS AS ((v * 2)) STORED";
+    line_with(
+        &text,
+        "FAIL",
+        &["public.g1.g is GENERATED ALWAYS AS ((v * 2)) STORED on the source but a plain column on the target", fix],
+    );
+    let output = run(sluice(&config, &["run"]), Duration::from_secs(60)).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains(fix), "{}", stderr(&output));
+
+    // The advice, followed.
+    target.batch_execute(fix).await.unwrap();
+    check_exits(&config, 0).await;
+}
+
 /// A port nothing listens on: the message says where to look, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connection_says_where_to_look() {

@@ -976,6 +976,16 @@ async fn check_target_tables(
             "target: {line}: values would land in the wrong fields, or be rounded or refused; make it equal on the target (or drop it there before sluice schema)"
         ));
     }
+    // Generated columns are compared through the source itself (a second connection, once):
+    // their expressions are not among the facts gathered above.
+    if let Ok(source_client) = crate::tls::connect(&config.source.conn, "the source").await {
+        let names: Vec<&TableName> = on_target.keys().collect();
+        for line in
+            crate::snapshot::plan::generated_only_on_source(&source_client, client, &names).await?
+        {
+            out.fail(format!("target: {line}"));
+        }
+    }
     for warning in unindexed_matches(client, source, &on_target).await? {
         out.warn(warning);
     }

@@ -87,6 +87,68 @@ pub async fn missing_on_target(target: &Client, names: &[&TableName]) -> Result<
         .collect())
 }
 
+/// Columns generated on the source (`GENERATED ALWAYS AS (...) STORED`) that are plain
+/// columns on the target: PostgreSQL sends no value for a generated column (neither the copy
+/// nor pgoutput before 18), so the target's column would stay NULL, or its default, for good
+/// without an error. One line per column, with the statements that make it generated on the
+/// target too.
+pub async fn generated_only_on_source(
+    source: &Client,
+    target: &Client,
+    names: &[&TableName],
+) -> Result<Vec<String>> {
+    let schemas: Vec<&str> = names.iter().map(|n| n.schema.as_str()).collect();
+    let tables: Vec<&str> = names.iter().map(|n| n.name.as_str()).collect();
+    let columns_query = |generated: &'static str| {
+        format!(
+            "SELECT n.nspname::text, c.relname::text, a.attname::text,
+                    format_type(a.atttypid, a.atttypmod),
+                    COALESCE(pg_get_expr(d.adbin, d.adrelid), '')
+             FROM unnest($1::text[], $2::text[]) AS u(s, t)
+             JOIN pg_namespace n ON n.nspname = u.s
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = u.t
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+             LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+             WHERE a.attgenerated {generated}"
+        )
+    };
+    let on_source = source
+        .query(&columns_query("<> ''"), &[&schemas, &tables])
+        .await
+        .map_err(|e| error::pg("Reading the generated columns of the selected tables", e))?;
+    if on_source.is_empty() {
+        return Ok(Vec::new());
+    }
+    let plain_on_target: std::collections::HashSet<(String, String, String)> = target
+        .query(&columns_query("= ''"), &[&schemas, &tables])
+        .await
+        .map_err(|e| {
+            error::pg(
+                "Reading the columns of the selected tables on the target",
+                e,
+            )
+        })?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    Ok(on_source
+        .iter()
+        .filter(|r| plain_on_target.contains(&(r.get(0), r.get(1), r.get(2))))
+        .map(|r| {
+            let table = TableName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+            let column: String = r.get(2);
+            let type_text: String = r.get(3);
+            let expression: String = r.get(4);
+            let column_sql = quote_ident(&column);
+            format!(
+                "{table}.{} is GENERATED ALWAYS AS ({expression}) STORED on the source but a plain column on the target, where it would stay empty (PostgreSQL sends no values for generated columns): ALTER TABLE {} DROP COLUMN {column_sql}, ADD COLUMN {column_sql} {type_text} GENERATED ALWAYS AS ({expression}) STORED",
+                crate::source::display_ident(&column),
+                table.quoted()
+            )
+        })
+        .collect())
+}
+
 /// The tables of `names` that hold at least one row on the target, as `schema.table`.
 pub async fn holding_rows_on_target(target: &Client, names: &[&TableName]) -> Result<Vec<String>> {
     let mut holding = Vec::new();
