@@ -1173,6 +1173,10 @@ async fn run_pipeline(
         silence_limit: crate::source::stream::silence_limit(wal_sender_timeout),
         liveness: (source, slot.clone()),
         selection: config.tables.clone(),
+        started_with: config
+            .copy
+            .enabled
+            .then(|| selection.clone().unwrap_or_default()),
         publication: config.source.publication.clone(),
         recopy: config.copy.enabled.then(|| store.clone()),
         budget: Arc::new(tokio::sync::Semaphore::new(

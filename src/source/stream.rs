@@ -115,6 +115,11 @@ pub struct Reader {
     /// owner `FOR ALL TABLES`, or shared with another migration); what it does not select
     /// is not applied.
     pub selection: crate::config::TablesConfig,
+    /// With the copy on: the tables this daemon started with. A table `[tables]` selects but
+    /// that is not among them (created, or added to the publication, since) is copied at the
+    /// next start under a fresh snapshot, which holds its changes until then: applied now,
+    /// they would land in a table not copied yet (stalls, or rows the copy then refuses).
+    pub started_with: Option<std::collections::BTreeSet<TableName>>,
     pub publication: String,
     /// With the copy on: the store whose copy records a table copied again is forgotten in.
     pub recopy: Option<crate::checkpoint::Store>,
@@ -246,10 +251,31 @@ impl Reader {
             self.selection.selects(&name.qualified()).then_some(name)
         });
         let partition = rows.len() > 1;
+        let copied_later = |name: &TableName| {
+            let later = self
+                .started_with
+                .as_ref()
+                .is_some_and(|tables| !tables.contains(name));
+            if later {
+                tracing::info!(
+                    table = %name,
+                    "selected by [tables] but new since this daemon started: its changes are not applied now; the next start of sluice run copies it under a fresh snapshot that holds them"
+                );
+            }
+            later
+        };
         match ancestor {
+            Some(root) if copied_later(&root) => Ok(Selected::No),
             Some(root) => Ok(Selected::PartitionOf(root)),
             None if !partition && self.selection.selects(&relation.qualified_name()) => {
-                Ok(Selected::Itself)
+                let namespace = match relation.namespace.is_empty() {
+                    true => "pg_catalog",
+                    false => relation.namespace.as_str(),
+                };
+                match copied_later(&TableName::new(namespace, relation.name.as_str())) {
+                    true => Ok(Selected::No),
+                    false => Ok(Selected::Itself),
+                }
             }
             None => {
                 tracing::warn!(
