@@ -1061,6 +1061,23 @@ async fn run_pipeline(
         )));
     }
 
+    // The state dir records applied changes (it is written only after the target's commit
+    // that holds the row), yet the target has no row: deleted by hand, or the target was
+    // restored or replaced. Resuming from the state dir could apply again what the target
+    // holds past it (doubled rows where no key catches them), so the row is asked for.
+    if let (None, Some(local)) = (&target_position, local_position) {
+        let system = store
+            .identity()?
+            .map(|identity| identity.source_system_identifier)
+            .unwrap_or_else(|| "<source system identifier>".to_string());
+        return Err(Error::definite(format!(
+            "The target holds no position for slot {slot} in {}, but the state dir {} records changes applied from it (up to at least {}): the row was deleted, or the target was restored or replaced. Streaming on could apply changes a second time. If the target's data is intact, put the row back as it was (from a backup of the target, or the last applied position in sluice's log or `sluice status`), e.g. INSERT INTO {} (slot, source_system_identifier, applied_lsn, caught_up_lsn) VALUES ('{slot}', '{system}', '<lsn>', '<lsn>'); otherwise start over. {FRESH_COPY}",
+            checkpoint::POSITION_TABLE,
+            store.dir().display(),
+            local.caught_up_lsn,
+            checkpoint::POSITION_TABLE,
+        )));
+    }
     // The target's row is the authority; the local cache can only be behind it.
     let resume = target_position.as_ref().map(|p| Position {
         applied_lsn: p.applied_lsn,

@@ -865,6 +865,65 @@ async fn a_publication_renamed_in_the_config_is_refused_before_it_is_created() {
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
 
+/// The target's position row deleted by hand while the state dir records applied changes:
+/// resuming from the state dir (behind the target after a kill -9) would apply changes a
+/// second time. Refused, asking for the row; put back, streaming goes on exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_target_position_row_is_refused_until_it_is_put_back() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute(
+            "INSERT INTO history (account, delta) SELECT g, g FROM generate_series(1, 100) g",
+        )
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["accounts", "history"])
+        .await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+
+    let target = pair.target_client().await;
+    let row = target
+        .query_one(
+            "SELECT source_system_identifier, applied_lsn::text, caught_up_lsn::text FROM sluice.applied_position",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (system, applied, caught_up): (String, String, String) =
+        (row.get(0), row.get(1), row.get(2));
+    target
+        .batch_execute("DELETE FROM sluice.applied_position")
+        .await
+        .unwrap();
+    let (code, _, stderr) = sluice(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("The target holds no position for slot sluice")
+            && stderr.contains(&format!("VALUES ('sluice', '{system}'")),
+        "{stderr}"
+    );
+
+    target
+        .execute(
+            "INSERT INTO sluice.applied_position (slot, source_system_identifier, applied_lsn, caught_up_lsn)
+             VALUES ('sluice', $1, $2::text::pg_lsn, $3::text::pg_lsn)",
+            &[&system, &applied, &caught_up],
+        )
+        .await
+        .unwrap();
+    let mut daemon = pair.start_daemon(&config).await;
+    source
+        .batch_execute("UPDATE accounts SET balance = balance + 1 WHERE id <= 5")
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["accounts", "history"])
+        .await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
+
 /// Another consumer holds the slot (here pg_recvlogical; as well a second sluice with its
 /// own state dir): sluice says who, keeps retrying, and streams once the slot is free.
 #[tokio::test(flavor = "multi_thread")]
