@@ -1222,6 +1222,13 @@ async fn a_table_dropped_on_the_source_is_named_as_dropped() {
         "{}",
         daemon.log()
     );
+    // Nothing to empty or copy for a dropped table.
+    assert!(
+        daemon.log().contains("Then start `sluice run` again")
+            && !daemon.log().contains("Then empty"),
+        "{}",
+        daemon.log()
+    );
     let config = pair.config("[tables]\nexclude = [\"public.tags\"]\n");
     let daemon = pair.start_daemon(&config).await;
     source
@@ -1430,6 +1437,66 @@ async fn a_table_published_while_running_waits_for_its_copy_at_the_next_start() 
     pair.wait_caught_up(&second).await;
     pair.assert_same("fresh").await;
     assert_all_same(&pair).await;
+}
+
+/// A table renamed on the source while sluice is stopped: its changes before the rename
+/// come under the old name, which no longer exists on the target. Copied afresh under the
+/// new name, those are in the copy and skipped; they stalled apply for good, and excluding
+/// the old name then made sluice skip the new name's changes too (decided once per table).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_renamed_while_stopped_is_copied_under_its_new_name_and_streams_on() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    seed(&pair).await;
+    let config = pair.config("[copy]\nenabled = true\njobs = 2\n");
+    let mut first = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
+    first.wait_for_log("initial copy finished").await;
+    pair.wait_caught_up(&first).await;
+    assert!(first.terminate().success(), "{}", first.log());
+
+    let source = pair.source_client().await;
+    source
+        .batch_execute(
+            "UPDATE tags SET weight = -2 WHERE weight = 2;
+             ALTER TABLE tags RENAME TO labels;
+             UPDATE labels SET weight = -3 WHERE weight = 3;",
+        )
+        .await
+        .unwrap();
+    let target = pair.target_client().await;
+    target
+        .batch_execute("ALTER TABLE tags RENAME TO labels")
+        .await
+        .unwrap();
+    let mut refused = Daemon::spawn(&config, &pair.dir.path().join("refused.log"));
+    let status = refused.wait(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "{status:?}\n{}",
+        refused.log()
+    );
+    assert!(
+        refused.log().contains("already hold rows") && refused.log().contains("public.labels"),
+        "{}",
+        refused.log()
+    );
+    target.batch_execute("TRUNCATE labels").await.unwrap();
+    let second = Daemon::spawn(&config, &pair.dir.path().join("second.log"));
+    second
+        .wait_for_log("selected since the copy finished")
+        .await;
+    pair.wait_caught_up(&second).await;
+    pair.assert_same("labels").await;
+    source
+        .batch_execute(
+            "UPDATE labels SET weight = -4 WHERE weight = 4;
+             INSERT INTO labels VALUES ('after', 5000);",
+        )
+        .await
+        .unwrap();
+    pair.wait_caught_up(&second).await;
+    for table in ["labels", "orders", "events"] {
+        pair.assert_same(table).await;
+    }
 }
 
 /// A copied table left out of `[tables]` for a while misses the changes made meanwhile (the

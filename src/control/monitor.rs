@@ -291,6 +291,10 @@ async fn check_publication(
     // there too); they are neither emptied nor copied again (a partition is never copied
     // on its own).
     let mut attached: Vec<String> = Vec::new();
+    // Dropped: nothing to copy again. Renamed: copied again under the new name (changes
+    // under it were held back until a start selects it), the old name is gone.
+    let mut not_to_copy: Vec<String> = Vec::new();
+    let mut renamed: Vec<String> = Vec::new();
     let options_changed = before.options != shape.options;
     for name in streaming.iter().filter(|_| !options_changed) {
         let was = before.tables.get(name);
@@ -333,12 +337,19 @@ async fn check_publication(
                         })
                     });
                 Some(match (renamed_to, fate) {
-                    (Some(new_name), _) => format!(
-                        "{name} was renamed to {new_name} (rename it on the target too, and make [tables] select the new name)"
-                    ),
-                    (None, Some(None)) => format!(
-                        "{name} was dropped on the source (take it out of [tables]; its rows stay on the target)"
-                    ),
+                    (Some(new_name), _) => {
+                        not_to_copy.push(name.clone());
+                        renamed.push(new_name.clone());
+                        format!(
+                            "{name} was renamed to {new_name} (rename it on the target too, and make [tables] select the new name)"
+                        )
+                    }
+                    (None, Some(None)) => {
+                        not_to_copy.push(name.clone());
+                        format!(
+                            "{name} was dropped on the source (take it out of [tables]; its rows stay on the target)"
+                        )
+                    }
                     (None, Some(Some((true, parent, _)))) => {
                         attached.push(name.clone());
                         format!(
@@ -371,6 +382,12 @@ async fn check_publication(
         }
     }
     affected.retain(|name| !attached.contains(name));
+    let mut to_copy: Vec<String> = affected
+        .iter()
+        .filter(|name| !not_to_copy.contains(name))
+        .cloned()
+        .collect();
+    to_copy.extend(renamed);
     if options_changed {
         changed.insert(
             0,
@@ -385,14 +402,14 @@ async fn check_publication(
         return Ok(());
     }
     let then = match forget_copies(config, store, &affected)? {
-        _ if affected.is_empty() => "Then start `sluice run` again".to_string(),
+        _ if to_copy.is_empty() => "Then start `sluice run` again".to_string(),
         true => format!(
             "Then empty {} on the target (TRUNCATE) and start `sluice run` again: it copies them afresh before streaming resumes, and skips the changes that copy already holds",
-            affected.join(", ")
+            to_copy.join(", ")
         ),
         false => format!(
             "Then bring {} on the target up to date yourself (`sluice verify` shows what differs; the copy is off) and start `sluice run` again",
-            affected.join(", ")
+            to_copy.join(", ")
         ),
     };
     Err(Error::definite(format!(

@@ -11,7 +11,6 @@
 //! Keepalives are forwarded only between transactions: acknowledging a keepalive position
 //! while a transaction is half received would let the slot skip it after a restart.
 
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -167,8 +166,10 @@ struct ReadState {
     /// The open transaction: whether to drop it, and its commit LSN for per-table skips.
     open: Option<(bool, Lsn)>,
     /// Relation OID → whether `[tables]` selects it (itself, or as a partition of a
-    /// selected table), decided at its first description on this connection.
-    selected: HashMap<u32, Selected>,
+    /// selected table), decided at its first description on this connection under each
+    /// name: a table renamed since (its older changes come under the old name) is decided
+    /// again under the new one, not left as it was for the old.
+    selected: HashMap<u32, (String, Selected)>,
 }
 
 /// Whether `[tables]` selects a relation the stream describes.
@@ -371,8 +372,14 @@ impl Reader {
                     // A description precedes every change of its relation: decided here,
                     // before the next event is decoded.
                     if let StreamItem::Relation { relation, .. } = &item {
-                        if let Entry::Vacant(entry) = state.selected.entry(relation.oid) {
-                            entry.insert(self.is_selected(relation).await?);
+                        let name = relation.qualified_name();
+                        let known = state
+                            .selected
+                            .get(&relation.oid)
+                            .is_some_and(|(decided_for, _)| *decided_for == name);
+                        if !known {
+                            let selected = self.is_selected(relation).await?;
+                            state.selected.insert(relation.oid, (name, selected));
                         }
                     }
                     // pgoutput names a domain by its base type: the source says which.
@@ -514,7 +521,7 @@ impl Reader {
         &self,
         message: LogicalMessage,
         relations: &mut RelationCache,
-        selected: &HashMap<u32, Selected>,
+        selected: &HashMap<u32, (String, Selected)>,
         txn_final_lsn: Option<Lsn>,
     ) -> Result<Option<StreamItem>> {
         let resolve = |relations: &RelationCache, oid: u32| -> Result<Arc<Relation>> {
@@ -529,7 +536,7 @@ impl Reader {
         // A table copied under a later snapshot already holds this transaction's changes;
         // one `[tables]` does not select is not sluice's. `Ok(true)`: skip the change.
         let synced = |relation: &Relation| -> Result<bool> {
-            let name = match selected.get(&relation.oid) {
+            let name = match selected.get(&relation.oid).map(|(_, selected)| selected) {
                 Some(Selected::No) => return Ok(true),
                 Some(Selected::PartitionOf(root)) => {
                     // Before the root's copy: that copy holds it, as for the root's own.
