@@ -924,6 +924,49 @@ async fn a_deleted_target_position_row_is_refused_until_it_is_put_back() {
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
 
+/// `lag --until-below 0` right after a commit, as a script's gate: the daemon's sample of the
+/// source's position may be older than the commit (here `monitor.interval` is 10 s, and a
+/// large transaction is decoded before any of it is sent), so the gate also holds the bound
+/// against the source's position read when it starts. It passed with the change unapplied.
+#[tokio::test(flavor = "multi_thread")]
+async fn lag_until_below_counts_a_commit_made_just_before() {
+    let pair = Pair::with_schema(
+        "CREATE TABLE big (id int PRIMARY KEY, v text);
+         INSERT INTO big SELECT g, 'a' FROM generate_series(1, 300000) g;",
+    )
+    .await;
+    let config = pair.config("[monitor]\ninterval = \"10s\"\n");
+    let mut daemon = pair.start_daemon(&config).await;
+    pair.catch_up_and_compare(&daemon, &["big"]).await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute("UPDATE big SET v = 'z'")
+        .await
+        .unwrap();
+    let (code, stdout, stderr) = sluice(&[
+        "lag",
+        "--until-below",
+        "0",
+        "--timeout",
+        "120s",
+        "--interval",
+        "100ms",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let applied: i64 = pair
+        .target_client()
+        .await
+        .query_one("SELECT count(*) FROM big WHERE v = 'z'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, 300000, "{stdout}");
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
+
 /// Another consumer holds the slot (here pg_recvlogical; as well a second sluice with its
 /// own state dir): sluice says who, keeps retrying, and streams once the slot is free.
 #[tokio::test(flavor = "multi_thread")]

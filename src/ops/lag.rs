@@ -63,6 +63,17 @@ pub async fn run(config: &Config, args: &LagArgs) -> Result<i32> {
             "--timeout only applies with --until-below BYTES",
         ));
     }
+    // The daemon's view of the source's position is a sample up to `monitor.interval` old:
+    // a commit made just before this command would not count yet, and a script's gate
+    // (`sluice lag --until-below 0 && ...`) would pass before it is applied. So the bound is
+    // also held against the source's position read now, once.
+    let floor = match bound {
+        Some(_) => tokio::time::timeout(Duration::from_secs(5), source_position_now(config))
+            .await
+            .ok()
+            .flatten(),
+        None => None,
+    };
     let started = Instant::now();
     // A timeout too long to represent is no timeout.
     let deadline = timeout.and_then(|t| started.checked_add(t));
@@ -141,7 +152,13 @@ pub async fn run(config: &Config, args: &LagArgs) -> Result<i32> {
             return Ok(0);
         }
         if let Some(bound) = bound {
-            if current.report.lag_bytes.is_some_and(|lag| lag <= bound) {
+            let caught_up = current.report.caught_up_lsn.or(current.report.applied_lsn);
+            let past_floor = match (floor, caught_up) {
+                (Some(floor), Some(caught_up)) => floor.bytes_since(caught_up) <= bound,
+                (Some(_), None) => false,
+                (None, _) => true,
+            };
+            if past_floor && current.report.lag_bytes.is_some_and(|lag| lag <= bound) {
                 // The bound is what was asked (SPEC), but a gate that passes while nothing
                 // replicates should say so where a script's log shows it.
                 let idle = match (current.origin, current.report.state) {
@@ -175,6 +192,20 @@ pub async fn run(config: &Config, args: &LagArgs) -> Result<i32> {
             _ = crate::daemon::wait_for_signal() => return Ok(if bound.is_some() { 1 } else { 0 }),
         }
     }
+}
+
+/// The source's WAL position now, read directly; `None` when the source cannot be read
+/// (the samples then say why).
+async fn source_position_now(config: &Config) -> Option<crate::lsn::Lsn> {
+    let client = crate::tls::connect(&config.source.conn, "the source")
+        .await
+        .ok()?;
+    let text: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .ok()?
+        .get(0);
+    text.parse().ok()
 }
 
 async fn take_sample(config: &Config) -> Result<(Sample, Origin)> {
