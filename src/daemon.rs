@@ -1078,6 +1078,28 @@ async fn run_pipeline(
             checkpoint::POSITION_TABLE,
         )));
     }
+    // A position the source has not written yet (a row edited by hand, or one of another
+    // source): streaming from it would acknowledge it to the slot, which then skips every
+    // change up to there, for good.
+    if let Some(position) = &target_position {
+        let now: String = source
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(|e| error::pg("Reading the source's WAL position", e))?
+            .get(0);
+        let now: Lsn = now.parse().map_err(|_| {
+            Error::definite(format!(
+                "The source returned an invalid WAL position {now:?}"
+            ))
+        })?;
+        let furthest = position.caught_up_lsn.max(position.applied_lsn);
+        if furthest > now {
+            return Err(Error::definite(format!(
+                "The target's position for slot {slot} in {} ({furthest}) is beyond the source's current WAL position ({now}): it was edited by hand, or belongs to another source. Streaming from it would tell the slot to skip every change up to there. Put the row back as it was (a backup of the target, or the last applied position in sluice's log); otherwise start over. {FRESH_COPY}",
+                checkpoint::POSITION_TABLE
+            )));
+        }
+    }
     // The target's row is the authority; the local cache can only be behind it.
     let resume = target_position.as_ref().map(|p| Position {
         applied_lsn: p.applied_lsn,

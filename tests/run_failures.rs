@@ -867,7 +867,8 @@ async fn a_publication_renamed_in_the_config_is_refused_before_it_is_created() {
 
 /// The target's position row deleted by hand while the state dir records applied changes:
 /// resuming from the state dir (behind the target after a kill -9) would apply changes a
-/// second time. Refused, asking for the row; put back, streaming goes on exactly once.
+/// second time. Refused, asking for the row; put back beyond the source's WAL, refused
+/// again; put back as it was, streaming goes on exactly once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deleted_target_position_row_is_refused_until_it_is_put_back() {
     let pair = Pair::with_schema(SCHEMA).await;
@@ -906,11 +907,26 @@ async fn a_deleted_target_position_row_is_refused_until_it_is_put_back() {
         "{stderr}"
     );
 
+    // Put back wrong: beyond anything the source has written. Acknowledged to the slot, it
+    // would skip every change up to there.
     target
         .execute(
             "INSERT INTO sluice.applied_position (slot, source_system_identifier, applied_lsn, caught_up_lsn)
-             VALUES ('sluice', $1, $2::text::pg_lsn, $3::text::pg_lsn)",
-            &[&system, &applied, &caught_up],
+             VALUES ('sluice', $1, 'FF/0', 'FF/0')",
+            &[&system],
+        )
+        .await
+        .unwrap();
+    let (code, _, stderr) = sluice(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("(FF/0) is beyond the source's current WAL position"),
+        "{stderr}"
+    );
+    target
+        .execute(
+            "UPDATE sluice.applied_position SET applied_lsn = $1::text::pg_lsn, caught_up_lsn = $2::text::pg_lsn",
+            &[&applied, &caught_up],
         )
         .await
         .unwrap();
