@@ -265,6 +265,20 @@ async fn supervise(
                         error.report()
                     );
                     strict_through = Some(seen);
+                    // Apply is not moving until the replay shows otherwise: said at once (a
+                    // replay of a large transaction takes a while), cleared by its first
+                    // commit, counted on by the stall that names the change.
+                    let mut cleared = false;
+                    status.update(|s| cleared = s.stalled_since.is_none());
+                    if cleared {
+                        stalled_since = None;
+                        stall_retry.reset();
+                    }
+                    let since = *stalled_since.get_or_insert_with(Instant::now);
+                    status.update(|s| {
+                        s.state = DaemonState::Stalled;
+                        s.stalled_since = Some(unix_now() - since.elapsed().as_secs_f64());
+                    });
                     Duration::ZERO
                 } else {
                     // Apply committed since the last stall (which clears the status's

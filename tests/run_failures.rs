@@ -357,6 +357,51 @@ async fn a_rejected_change_stalls_and_resumes_once_the_target_is_fixed() {
     );
 }
 
+/// A large INSERT the target rejects at one row: the replay that names the change keeps the
+/// insert run one statement (the target's error names the row), so it stalls in about the
+/// time the batch took, not row by row; status says `stalled` from the first failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_insert_rejected_at_one_row_stalls_naming_it() {
+    let pair = Pair::with_schema("CREATE TABLE big (id int PRIMARY KEY, v text);").await;
+    let target = pair.target_client().await;
+    target
+        .batch_execute("ALTER TABLE big ADD CONSTRAINT not_that CHECK (id <> 199999)")
+        .await
+        .unwrap();
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    let source = pair.source_client().await;
+    let started = Instant::now();
+    source
+        .batch_execute("INSERT INTO big SELECT g, 'x' FROM generate_series(1, 200000) g")
+        .await
+        .unwrap();
+    daemon.wait_for_log("apply stalled").await;
+    eprintln!("named the row after {:?}", started.elapsed());
+    let log = daemon.log();
+    assert!(
+        log.contains("public.big") && log.contains("(199999, x)"),
+        "{log}"
+    );
+    let (code, stdout, stderr) =
+        sluice(&["status", "--json", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["state"], "stalled", "{report}");
+    let rows: i64 = target
+        .query_one("SELECT count(*) FROM big", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "nothing of the transaction is on the target");
+    target
+        .batch_execute("ALTER TABLE big DROP CONSTRAINT not_that")
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["big"]).await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
+
 /// A target column narrower than the source's values (the runbook's "widen the target
 /// first" done the other way round) must stall, not keep a cut value: an explicit cast to
 /// varchar(n), char(n) or bit(n) truncates where storing into the column refuses.

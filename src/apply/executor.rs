@@ -603,6 +603,8 @@ impl Executor {
             if !matches!(s.state, DaemonState::Copying | DaemonState::Stopped) {
                 s.state = DaemonState::Streaming;
             }
+            // Streaming and caught up: an error of before (a lost connection) is over.
+            s.last_error = None;
         });
         Ok(())
     }
