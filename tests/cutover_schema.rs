@@ -501,7 +501,7 @@ async fn odd_identifiers_survive_schema_sequences_and_verify() {
     let output = setup.sluice(&["schema"]).await;
     assert_eq!(output.status.code(), Some(0), "{}", show(&output));
     assert!(
-        stdout(&output).contains("DEFERRED INDEX Sales Dept.By Region"),
+        stdout(&output).contains(r#"DEFERRED INDEX "Sales Dept"."By Region""#),
         "{}",
         show(&output)
     );

@@ -958,6 +958,9 @@ fn split_script(script: &str) -> (String, Vec<ScriptEntry>) {
     }
     for entry in &mut entries {
         entry.sql = strip_comment_lines(&entry.sql);
+        if let Some(title) = quoted_title(entry) {
+            entry.title = title;
+        }
     }
     entries.retain(|e| !e.sql.is_empty());
     (preamble.trim().to_string(), entries)
@@ -970,6 +973,67 @@ fn strip_comment_lines(sql: &str) -> String {
         .filter(|l| !(*l == "--" || l.starts_with("-- PostgreSQL database dump")))
         .collect();
     kept.join("\n").trim().to_string()
+}
+
+/// The title with names quoted where PostgreSQL needs it, as every message writes them:
+/// pg_restore's headers give names unquoted, and a constraint's as `table constraint`,
+/// which a name with a space or a dot makes ambiguous. A constraint's names come from its
+/// SQL (pg_dump quotes them); a one-name object's from the header. `None`: the header's.
+fn quoted_title(entry: &ScriptEntry) -> Option<String> {
+    if entry.kind.ends_with("CONSTRAINT") {
+        let rest = entry.sql.strip_prefix("ALTER TABLE ")?;
+        let rest = rest.strip_prefix("ONLY ").unwrap_or(rest);
+        let (table, after) = rest.split_once("ADD CONSTRAINT ")?;
+        let constraint = leading_identifier(after)?;
+        return Some(format!("{} {} {constraint}", entry.kind, table.trim()));
+    }
+    let one_name = [
+        "TABLE",
+        "INDEX",
+        "SEQUENCE",
+        "TYPE",
+        "DOMAIN",
+        "VIEW",
+        "MATERIALIZED VIEW",
+    ];
+    if !one_name.contains(&entry.kind.as_str()) {
+        return None;
+    }
+    Some(match entry.schema.as_str() {
+        "" | "-" => format!(
+            "{} {}",
+            entry.kind,
+            crate::source::display_ident(&entry.tag)
+        ),
+        schema => format!(
+            "{} {}",
+            entry.kind,
+            TableName::new(schema, entry.tag.as_str())
+        ),
+    })
+}
+
+/// The SQL identifier `text` starts with, as written (quoted with its doubled quotes, or
+/// plain).
+fn leading_identifier(text: &str) -> Option<&str> {
+    let text = text.trim_start();
+    if let Some(inner) = text.strip_prefix('"') {
+        let mut chars = inner.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            if c == '"' {
+                if chars.peek().is_some_and(|(_, next)| *next == '"') {
+                    chars.next();
+                    continue;
+                }
+                return Some(&text[..i + 2]);
+            }
+        }
+        return None;
+    }
+    let end = text
+        .find(|c: char| c.is_whitespace() || c == ';')
+        .unwrap_or(text.len());
+    (end > 0).then(|| &text[..end])
 }
 
 /// `orders orders_pkey; Type: CONSTRAINT; Schema: public; Owner: -` → `CONSTRAINT public.orders orders_pkey`
@@ -1817,6 +1881,18 @@ mod tests {
         assert_eq!(entries[1].title, "FK CONSTRAINT public.orders orders_fk");
         assert!(entries[1].sql.ends_with("REFERENCES public.c(id);"));
         assert!(!entries[1].sql.contains("unrestrict"));
+        // Names that need quotes keep them (pg_restore's headers drop them).
+        let script = "--\n-- Name: Order Items Order Items_pkey; Type: CONSTRAINT; Schema: Mixed Case; Owner: -\n--\n\nALTER TABLE ONLY \"Mixed Case\".\"Order Items\"\n    ADD CONSTRAINT \"Order Items_pkey\" PRIMARY KEY (id);\n\n--\n-- Name: a.b; Type: TABLE; Schema: sch.dot; Owner: -\n--\n\nCREATE TABLE \"sch.dot\".\"a.b\" (id integer);\n\n--\n-- Name: t t_fk; Type: FK CONSTRAINT; Schema: public; Owner: -\n--\n\nALTER TABLE ONLY public.t\n    ADD CONSTRAINT t_fk FOREIGN KEY (c) REFERENCES public.c(id);\n";
+        let (_, entries) = split_script(script);
+        let titles: Vec<&str> = entries.iter().map(|e| e.title.as_str()).collect();
+        assert_eq!(
+            titles,
+            [
+                "CONSTRAINT \"Mixed Case\".\"Order Items\" \"Order Items_pkey\"",
+                "TABLE \"sch.dot\".\"a.b\"",
+                "FK CONSTRAINT public.t t_fk",
+            ]
+        );
     }
 
     #[test]

@@ -201,7 +201,7 @@ pub async fn sequences_of(source: &Client, table_oids: &[u32]) -> Result<Vec<Seq
              )
              SELECT s.oid, n.nspname::text, s.relname::text,
                     q.seqincrement, q.seqmin, q.seqmax,
-                    array_agg(DISTINCT tn.nspname || '.' || t.relname || '.' || a.attname),
+                    array_agg(DISTINCT quote_ident(tn.nspname) || '.' || quote_ident(t.relname) || '.' || quote_ident(a.attname)),
                     (SELECT d.refobjid FROM pg_depend d
                      WHERE d.classid = 'pg_class'::regclass AND d.objid = s.oid
                        AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
