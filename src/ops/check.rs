@@ -101,6 +101,8 @@ struct Column {
     type_mod: i32,
     not_null: bool,
     has_default: bool,
+    /// The DEFAULT expression (`pg_get_expr`), for the ADD COLUMN a missing column needs.
+    default_expr: Option<String>,
 }
 
 /// What the target checks need from the source.
@@ -799,8 +801,10 @@ async fn columns_of(client: &Client, oids: &[u32]) -> Result<BTreeMap<u32, Vec<C
         .query(
             "SELECT a.attrelid, a.attname::text, format_type(a.atttypid, a.atttypmod),
                     a.attnotnull, a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '',
-                    a.atttypid, a.atttypmod
+                    a.atttypid, a.atttypmod,
+                    CASE WHEN a.attgenerated = '' THEN pg_get_expr(d.adbin, d.adrelid) END
              FROM pg_attribute a
+             LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
              WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
              ORDER BY a.attrelid, a.attnum",
             &[&oids],
@@ -816,6 +820,7 @@ async fn columns_of(client: &Client, oids: &[u32]) -> Result<BTreeMap<u32, Vec<C
             type_mod: row.get(6),
             not_null: row.get(3),
             has_default: row.get(4),
+            default_expr: row.get(7),
         });
     }
     Ok(columns)
@@ -1291,6 +1296,34 @@ async fn unindexed_matches(
     Ok(warnings)
 }
 
+/// The rest of the ADD COLUMN a missing column needs, so that the target's existing rows get
+/// what the source's got: its DEFAULT and NOT NULL (a sequence's default needs the sequence,
+/// which `sluice schema` creates; a volatile one gives each target row a value of its own).
+fn add_column_tail(column: &Column) -> String {
+    let mut tail = String::new();
+    match &column.default_expr {
+        Some(expr) if expr.contains("nextval(") => {
+            tail.push_str(&format!(
+                " DEFAULT {expr} (create its sequence first; `sluice schema` does)"
+            ));
+        }
+        Some(expr) => {
+            tail.push_str(&format!(" DEFAULT {expr}"));
+            if column.not_null {
+                tail.push_str(" NOT NULL");
+            }
+            if expr.contains('(') {
+                tail.push_str(" (a DEFAULT that calls a function, such as now() or random(), gives the existing target rows values of their own: set them to the source's)");
+            }
+        }
+        None if column.not_null => {
+            tail.push_str(" (NOT NULL on the source: add it once the rows hold values)")
+        }
+        None => {}
+    }
+    tail
+}
+
 /// Compares one table's columns. Types are compared by their `format_type` text: the same
 /// text is the same type; anything else would make apply fail or change values.
 fn column_findings(table: &TableName, source: &[Column], target: &[Column]) -> Vec<Finding> {
@@ -1302,12 +1335,13 @@ fn column_findings(table: &TableName, source: &[Column], target: &[Column]) -> V
             None => out.push(Finding {
                 level: Level::Fail,
                 text: format!(
-                    "target: table {table} has no column {} (source type {}): ALTER TABLE {} ADD COLUMN {} {}",
+                    "target: table {table} has no column {} (source type {}): ALTER TABLE {} ADD COLUMN {} {}{}",
                     column.name,
                     column.type_text,
                     table.quoted(),
                     crate::source::quote_ident(&column.name),
-                    column.type_text
+                    column.type_text,
+                    add_column_tail(column)
                 ),
             }),
             // Wider on the target (built-in types, whose OIDs are the same on both sides):
@@ -1392,6 +1426,7 @@ mod tests {
             type_mod: -1,
             not_null: false,
             has_default: false,
+            default_expr: None,
         }
     }
 
@@ -1440,10 +1475,12 @@ mod tests {
     fn replica_identities() {
         let findings = replica_identity_findings(&[
             table("public.a", 'd', true),
-            table("public.b", 'i', false),
+            table("public.b", 'i', true),
             table("public.c", 'f', false),
             table("public.d", 'n', true),
             table("public.e", 'd', false),
+            // USING INDEX whose index was dropped: PostgreSQL acts as under NOTHING.
+            table("public.f", 'i', false),
         ]);
         let levels: Vec<(Level, bool)> = findings
             .iter()
@@ -1455,11 +1492,13 @@ mod tests {
                 (Level::Pass, false),
                 (Level::Warn, true),
                 (Level::Fail, true),
+                (Level::Fail, true),
                 (Level::Fail, true)
             ]
         );
         assert!(findings[1].text.contains("public.c") && findings[1].text.contains("WAL"));
         assert!(findings[3].text.contains("public.e"));
+        assert!(findings[4].text.contains("public.f") && findings[4].text.contains("dropped"));
     }
 
     #[test]
@@ -1483,5 +1522,26 @@ mod tests {
         ));
         assert!(findings[1].text.contains("no column x"));
         assert!(findings[2].text.contains("note NOT NULL"));
+
+        // A missing column is added as the source has it: DEFAULT and NOT NULL, or the
+        // target's existing rows would differ from the source's.
+        let mut defaulted = column("c3", "integer");
+        defaulted.not_null = true;
+        defaulted.default_expr = Some("7".into());
+        let mut stamped = column("at", "timestamp with time zone");
+        stamped.default_expr = Some("now()".into());
+        let findings = column_findings(&name, &[defaulted, stamped], &[]);
+        assert!(
+            findings[0]
+                .text
+                .ends_with(r#"ADD COLUMN "c3" integer DEFAULT 7 NOT NULL"#),
+            "{findings:?}"
+        );
+        assert!(
+            findings[1]
+                .text
+                .contains("DEFAULT now() (a DEFAULT that calls a function"),
+            "{findings:?}"
+        );
     }
 }
