@@ -1031,6 +1031,28 @@ async fn run_pipeline(
         }
 
         None => {
+            // Another slot's position on this target, that slot still on the source: most
+            // likely this migration under its earlier slot name, whose changes since its
+            // position a new slot does not have. (Several migrations into one target are
+            // allowed, so this is said, not refused.)
+            let others = target
+                .query(
+                    "SELECT slot, applied_lsn::text FROM sluice.applied_position WHERE slot <> $1 ORDER BY slot",
+                    &[slot],
+                )
+                .await
+                .map_err(|e| error::pg("Reading sluice.applied_position on the target", e))?;
+            for other in &others {
+                let other_slot: String = other.get(0);
+                if slot_info(&source, &other_slot).await?.is_some() {
+                    tracing::warn!(
+                        slot,
+                        other_slot = %other_slot,
+                        other_position = %other.get::<_, String>(1),
+                        "the target holds the position of another slot of this source, which still exists: if this migration went on under that slot before (source.slot renamed), the changes since that position are not in the new slot; set source.slot back to it. A second migration into this target may ignore this"
+                    );
+                }
+            }
             let row = source
                 .query_one(
                     "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",

@@ -1028,6 +1028,36 @@ async fn lag_until_below_counts_a_commit_made_just_before() {
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
 
+/// `source.slot` renamed between runs, with a fresh state dir and the copy off: the new
+/// slot starts now, without the changes since the old one's position. Several migrations
+/// may share a target, so this is a warning that names the old slot, not a refusal.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_slot_beside_another_slots_position_is_warned_about() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    pair.catch_up_and_compare(&daemon, &["accounts"]).await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+
+    let text = std::fs::read_to_string(&config).unwrap();
+    let state = pair.state_dir();
+    let renamed = text
+        .replacen("[source]\n", "[source]\nslot = \"renamed\"\n", 1)
+        .replace(state.to_str().unwrap(), &format!("{}-new", state.display()));
+    std::fs::write(&config, renamed).unwrap();
+    let mut daemon =
+        crate::support::sluice::Daemon::spawn(&config, &pair.dir.path().join("renamed.log"));
+    daemon
+        .wait_for_log("the target holds the position of another slot of this source")
+        .await;
+    assert!(
+        daemon.log().contains("other_slot=sluice"),
+        "{}",
+        daemon.log()
+    );
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
+
 /// Another consumer holds the slot (here pg_recvlogical; as well a second sluice with its
 /// own state dir): sluice says who, keeps retrying, and streams once the slot is free.
 #[tokio::test(flavor = "multi_thread")]
