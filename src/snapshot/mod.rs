@@ -445,8 +445,18 @@ async fn copy_round(
             .collect();
         let occupied = plan::holding_rows_on_target(&target, &not_begun).await?;
         if !occupied.is_empty() {
+            // The slot exists but this state dir records no copy: a copy began under it and
+            // its state dir was lost, so the rows there are a part copy, never data "as of
+            // the slot's position" that streaming could go on from.
+            let interrupted = copy_state.is_none() && slot_info(source, slot).await?.is_some();
+            let otherwise = match interrupted {
+                true => format!(
+                    "; slot {slot} exists already while this state dir records no copy: if a copy under it was interrupted and its state dir lost, these rows are a part copy and must be emptied (copy.enabled = false would stream on from them with rows missing); set copy.enabled = false only if you loaded them yourself as of the slot's position"
+                ),
+                false => ", or set copy.enabled = false if the target already holds the data as of the slot's position".to_string(),
+            };
             return Err(Error::definite(format!(
-                "{} selected table(s) already hold rows on the target: {}. The initial copy only writes into empty tables: empty them (TRUNCATE), exclude them in [tables], or set copy.enabled = false if the target already holds the data as of the slot's position",
+                "{} selected table(s) already hold rows on the target: {}. The initial copy only writes into empty tables: empty them (TRUNCATE), or exclude them in [tables]{otherwise}",
                 occupied.len(),
                 crate::source::abbreviate(&occupied, 10)
             )));
