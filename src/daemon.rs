@@ -82,6 +82,17 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
             tracing::info!(state_dir = %state_dir.display(), "state dir (new: nothing recorded yet)")
         }
     }
+    // What the state dir knows, shown from the start: a daemon still connecting (a source
+    // that is down) would otherwise report the migration's counts as 0. The target's
+    // position replaces these once it is read.
+    if let Some(position) = store.position()? {
+        status.update(|s| {
+            s.applied_transactions = position.applied_transactions;
+            s.applied_changes = position.applied_changes;
+            s.applied_lsn.get_or_insert(position.applied_lsn);
+            s.caught_up_lsn.get_or_insert(position.caught_up_lsn);
+        });
+    }
     // Held for the daemon's lifetime: dropping it stops the server and removes the socket.
     let _socket = crate::control::socket::serve(&config.state.dir, status.clone())?;
     let metrics = match options.metrics_addr {

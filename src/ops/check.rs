@@ -722,6 +722,12 @@ fn replica_identity_findings(tables: &[SourceTable]) -> Vec<Finding> {
         let name = &table.name;
         match (table.replica_identity, table.identity_key) {
             ('d' | 'i', IdentityKey::Usable) => good += 1,
+            ('f', IdentityKey::Deferrable) => out.push(Finding {
+                level: Level::Warn,
+                text: format!(
+                    "table {name}: REPLICA IDENTITY FULL: every UPDATE and DELETE writes the whole old row to the WAL (more WAL, slower apply, matched on all columns); its primary key is DEFERRABLE, which PostgreSQL cannot use as the replica identity, so keep FULL, or use REPLICA IDENTITY USING INDEX on a unique index that is not deferrable"
+                ),
+            }),
             ('f', _) => out.push(Finding {
                 level: Level::Warn,
                 text: format!(
