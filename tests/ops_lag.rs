@@ -385,3 +385,24 @@ async fn output_into_a_closed_pipe_ends_quietly() {
         assert_eq!(output.status.code(), Some(0), "{args:?}: {errors}");
     }
 }
+
+/// A one-shot `lag` that cannot read the source or the target prints why and exits 1: a
+/// script's `sluice lag || alert` must not take an unknown lag for success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shot_lag_that_cannot_measure_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &unreachable_url("app"),
+        &unreachable_url("target"),
+        &dir.path().join("state"),
+        "",
+    );
+    let output = run(sluice(&config, &["lag"]), Duration::from_secs(30)).await;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(
+        text.contains(" lag - ") && text.contains("error: "),
+        "{text}"
+    );
+}
