@@ -895,6 +895,14 @@ async fn run_pipeline(
         }
         None => *selection = Some(tables.iter().map(|t| t.name.clone()).collect()),
     }
+    let replaced = snapshot::forget_copies_of_other_tables(store, &tables)?;
+    if !replaced.is_empty() {
+        let names: Vec<String> = replaced.iter().map(|t| t.to_string()).collect();
+        tracing::warn!(
+            tables = crate::source::abbreviate(&names, 10),
+            "another table than the one copied under each of these names (dropped and created again, or another renamed to it, while sluice was stopped): their copies are forgotten, and each is copied afresh once it is emptied on the target (TRUNCATE), as its rows there are the other table's"
+        );
+    }
     let left_out = snapshot::forget_unselected_copies(store, &tables)?;
     if !left_out.is_empty() {
         let names: Vec<String> = left_out.iter().map(|t| t.to_string()).collect();
@@ -939,12 +947,35 @@ async fn run_pipeline(
     let target_position = checkpoint::read_target_position(&target, slot).await?;
 
     if let Some(position) = target_position.as_ref().filter(|_| config.copy.enabled) {
-        let restored = snapshot::restore_copy_record(store, slot, position.caught_up_lsn, &tables)?;
-        if restored > 0 {
+        if snapshot::state::load_state(store)?.is_none() {
+            // A table empty on the target while the source has rows was never copied (one
+            // published since, while the state dir was gone): copied at this start.
+            let names: Vec<&TableName> = tables.iter().map(|t| &t.name).collect();
+            let on_target: BTreeSet<String> =
+                snapshot::plan::holding_rows_on_target(&target, &names)
+                    .await?
+                    .into_iter()
+                    .collect();
+            let on_source: BTreeSet<String> =
+                snapshot::plan::holding_rows_on_target(&source, &names)
+                    .await?
+                    .into_iter()
+                    .collect();
+            let (taken, not_taken): (Vec<SourceTable>, Vec<SourceTable>) =
+                tables.iter().cloned().partition(|t| {
+                    let name = t.name.to_string();
+                    on_target.contains(&name) || !on_source.contains(&name)
+                });
+            snapshot::restore_copy_record(store, slot, position.caught_up_lsn, &taken)?;
+            let shown = |list: &[SourceTable]| {
+                let names: Vec<String> = list.iter().map(|t| t.name.to_string()).collect();
+                crate::source::abbreviate(&names, 10)
+            };
             tracing::info!(
-                tables = restored,
+                taken_as_copied = shown(&taken),
+                to_copy = shown(&not_taken),
                 applied = %position.applied_lsn,
-                "the state dir has no copy record, but the target holds this migration's position: the selected tables are taken as copied, and a table selected from now on is copied at the start that selects it"
+                "the state dir has no copy record, but the target holds this migration's position: the selected tables are taken as copied, except those empty on the target while the source has rows, which are copied now; a table selected from now on is copied at the start that selects it"
             );
         }
     }
@@ -953,6 +984,15 @@ async fn run_pipeline(
     let late = if config.copy.enabled {
         snapshot::tables_to_copy_late(store, &tables)?
     } else {
+        // What the copy would take: with it off, streamed on from whatever the target holds.
+        let stale = snapshot::tables_to_copy_late(store, &tables)?;
+        if !stale.is_empty() {
+            let names: Vec<String> = stale.iter().map(|t| t.to_string()).collect();
+            tracing::warn!(
+                tables = crate::source::abbreviate(&names, 10),
+                "selected, but not in this migration's copy (selected since it, or left out of [tables] for a while): with copy.enabled = false their changes are applied to whatever rows the target holds; bring them up to date yourself (sluice verify shows what differs), or set copy.enabled = true and empty them (TRUNCATE) to have sluice copy them"
+            );
+        }
         Vec::new()
     };
     if !late.is_empty() {

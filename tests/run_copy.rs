@@ -1499,6 +1499,98 @@ async fn a_table_renamed_while_stopped_is_copied_under_its_new_name_and_streams_
     }
 }
 
+/// While sluice was stopped a copied table was dropped and another renamed to its name:
+/// the copy recorded under the name is the dropped table's. The table now under the name is
+/// copied afresh once emptied, never streamed on from the other table's rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_replaced_under_the_same_name_while_stopped_is_copied_afresh() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    seed(&pair).await;
+    let config = pair.config("[copy]\nenabled = true\njobs = 2\n");
+    let mut first = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
+    first.wait_for_log("initial copy finished").await;
+    pair.wait_caught_up(&first).await;
+    assert!(first.terminate().success(), "{}", first.log());
+
+    let swap = "CREATE TABLE tags_next (name text, weight int);
+                ALTER TABLE tags_next REPLICA IDENTITY FULL;
+                DROP TABLE tags;
+                ALTER TABLE tags_next RENAME TO tags;";
+    let source = pair.source_client().await;
+    source.batch_execute(swap).await.unwrap();
+    source
+        .batch_execute(
+            "ALTER PUBLICATION sluice ADD TABLE tags;
+             INSERT INTO tags SELECT 'next' || g, g FROM generate_series(1, 50) g;",
+        )
+        .await
+        .unwrap();
+    let target = pair.target_client().await;
+    target.batch_execute(swap).await.unwrap();
+    target
+        .batch_execute("INSERT INTO tags VALUES ('stale', 1)")
+        .await
+        .unwrap();
+    let mut refused = Daemon::spawn(&config, &pair.dir.path().join("refused.log"));
+    let status = refused.wait(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "{status:?}\n{}",
+        refused.log()
+    );
+    let log = refused.log();
+    assert!(
+        log.contains("another table than the one copied under each of these names")
+            && log.contains("already hold rows")
+            && log.contains("public.tags"),
+        "{log}"
+    );
+    target.batch_execute("TRUNCATE tags").await.unwrap();
+    let second = Daemon::spawn(&config, &pair.dir.path().join("second.log"));
+    second
+        .wait_for_log("selected since the copy finished")
+        .await;
+    pair.wait_caught_up(&second).await;
+    assert_all_same(&pair).await;
+}
+
+/// The state dir lost, and a table created and published before the next start: empty on
+/// the target while the source has rows, it is not taken as copied but copied at that start.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_published_while_the_state_dir_was_lost_is_copied() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    seed(&pair).await;
+    let config = pair.config("[copy]\nenabled = true\njobs = 2\n");
+    let mut first = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
+    first.wait_for_log("initial copy finished").await;
+    pair.wait_caught_up(&first).await;
+    assert!(first.terminate().success(), "{}", first.log());
+
+    std::fs::remove_dir_all(pair.state_dir()).unwrap();
+    let fresh = "CREATE TABLE fresh (id int PRIMARY KEY, v text);";
+    pair.target_client()
+        .await
+        .batch_execute(fresh)
+        .await
+        .unwrap();
+    pair.source_client()
+        .await
+        .batch_execute(&format!(
+            "{fresh}
+             INSERT INTO fresh SELECT g, 'n' FROM generate_series(1, 500) g;
+             ALTER PUBLICATION sluice ADD TABLE fresh;"
+        ))
+        .await
+        .unwrap();
+    let second = Daemon::spawn(&config, &pair.dir.path().join("second.log"));
+    second
+        .wait_for_log("selected since the copy finished")
+        .await;
+    pair.wait_caught_up(&second).await;
+    pair.assert_same("fresh").await;
+    assert_all_same(&pair).await;
+}
+
 /// A copied table left out of `[tables]` for a while misses the changes made meanwhile (the
 /// stream skips it): selected again, it is copied afresh once emptied, never streamed on
 /// from its stale rows.

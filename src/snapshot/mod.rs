@@ -131,6 +131,7 @@ pub fn restore_copy_record(
             store,
             &TableRecord {
                 name: table.name.clone(),
+                oid: Some(table.oid),
                 generation: 0,
                 sync_lsn: None,
                 chunks: Vec::new(),
@@ -151,6 +152,31 @@ pub fn restore_copy_record(
     )?;
     store.flush()?;
     Ok(tables.len())
+}
+
+/// Forgets the finished copies recorded under a selected table's name for another table
+/// (another OID: the one copied was dropped and a table created again, or another renamed
+/// to its name, while sluice was stopped), and returns their names: the rows on the target
+/// are the other table's, so the one selected now is copied afresh once emptied there.
+pub fn forget_copies_of_other_tables(
+    store: &Store,
+    tables: &[SourceTable],
+) -> Result<Vec<TableName>> {
+    if !copy_finished(store)? {
+        return Ok(Vec::new());
+    }
+    let replaced: Vec<TableName> = state::load_tables(store)?
+        .into_iter()
+        .filter(|record| {
+            record.finished
+                && tables
+                    .iter()
+                    .any(|t| t.name == record.name && record.oid.is_some_and(|oid| oid != t.oid))
+        })
+        .map(|record| record.name)
+        .collect();
+    forget_finished_copies(store, &replaced)?;
+    Ok(replaced)
 }
 
 /// Forgets the finished copies of tables `[tables]` no longer selects, and returns their
@@ -449,7 +475,9 @@ async fn copy_round(
             // its state dir was lost, so the rows there are a part copy, never data "as of
             // the slot's position" that streaming could go on from.
             let interrupted = copy_state.is_none() && slot_info(source, slot).await?.is_some();
+            let late = copy_state.as_ref().is_some_and(|c| c.finished);
             let otherwise = match interrupted {
+                _ if late => "; they are selected since the copy (or were left out for a while), so their rows there miss changes the stream did not apply: empty them to have them copied afresh".to_string(),
                 true => format!(
                     "; slot {slot} exists already while this state dir records no copy: if a copy under it was interrupted and its state dir lost, these rows are a part copy and must be emptied (copy.enabled = false would stream on from them with rows missing); set copy.enabled = false only if you loaded them yourself as of the slot's position"
                 ),
@@ -737,6 +765,7 @@ async fn copy_tables(
         empty_target_table(ctx, &target, &layout, records.get(&table.name)).await?;
         let record = TableRecord {
             name: table.name.clone(),
+            oid: Some(table.oid),
             generation,
             sync_lsn,
             chunks: chunks.clone(),
@@ -1145,6 +1174,7 @@ mod tests {
     fn record(name: &str, finished: bool) -> TableRecord {
         TableRecord {
             name: TableName::new("public", name),
+            oid: None,
             generation: 0,
             sync_lsn: None,
             chunks: Vec::new(),

@@ -66,6 +66,11 @@ pub enum ChunkRange {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableRecord {
     pub name: TableName,
+    /// The source table's OID when it was copied (absent in records of earlier versions):
+    /// a table of the same name with another OID is another table (dropped and created
+    /// again, or another one renamed to the name), and this copy is not its.
+    #[serde(default)]
+    pub oid: Option<u32>,
     /// The snapshot generation the table's copied rows belong to.
     pub generation: u32,
     /// For generation > 0: the temporary slot's consistent point. Streaming skips this
