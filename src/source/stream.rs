@@ -212,39 +212,45 @@ impl Reader {
     /// Whether `[tables]` selects a published relation: by its own name, or, for a partition
     /// (changes come per partition unless the publication publishes via the root), by the
     /// name of a partitioned table above it (never its own: partitions are never selected on
-    /// their own). A relation the source no longer knows (dropped
-    /// since the change) is applied, as before: a missing target table stalls, never
-    /// silently.
+    /// their own). A relation the source's catalog does not show is looked for again for a
+    /// moment (the walsender may send a transaction as soon as its commit record is flushed,
+    /// before other sessions see what it created), then decided by its own name (dropped
+    /// since the change: a missing target table stalls, never silently).
     async fn is_selected(&self, relation: &Relation) -> Result<Selected> {
         let (source, _) = &self.liveness;
-        let rows = source
-            .query(
-                "WITH RECURSIVE up(oid, depth) AS (
-                     SELECT $1::oid, 0
-                   UNION ALL
-                     SELECT i.inhparent, up.depth + 1 FROM up
-                     JOIN pg_catalog.pg_class c ON c.oid = up.oid AND c.relispartition
-                     JOIN pg_catalog.pg_inherits i ON i.inhrelid = up.oid
-                 )
-                 SELECT n.nspname::text, c.relname::text
-                 FROM up JOIN pg_catalog.pg_class c ON c.oid = up.oid
-                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                 ORDER BY up.depth",
-                &[&relation.oid],
-            )
-            .await
-            .map_err(|e| {
-                crate::error::pg(
-                    format!(
-                        "Looking up whether [tables] selects {} on the source",
-                        relation.shown_name()
-                    ),
-                    e,
+        let mut attempts = 0;
+        let rows = loop {
+            let rows = source
+                .query(
+                    "WITH RECURSIVE up(oid, depth) AS (
+                         SELECT $1::oid, 0
+                       UNION ALL
+                         SELECT i.inhparent, up.depth + 1 FROM up
+                         JOIN pg_catalog.pg_class c ON c.oid = up.oid AND c.relispartition
+                         JOIN pg_catalog.pg_inherits i ON i.inhrelid = up.oid
+                     )
+                     SELECT n.nspname::text, c.relname::text
+                     FROM up JOIN pg_catalog.pg_class c ON c.oid = up.oid
+                     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                     ORDER BY up.depth",
+                    &[&relation.oid],
                 )
-            })?;
-        if rows.is_empty() {
-            return Ok(Selected::Itself);
-        }
+                .await
+                .map_err(|e| {
+                    crate::error::pg(
+                        format!(
+                            "Looking up whether [tables] selects {} on the source",
+                            relation.shown_name()
+                        ),
+                        e,
+                    )
+                })?;
+            attempts += 1;
+            if !rows.is_empty() || attempts >= 20 {
+                break rows;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         // A partition is selected through the topmost partitioned table `[tables]` selects
         // (as the copy and the publication take it), even when a glob matches its own name.
         let ancestor = rows.iter().skip(1).rev().find_map(|row| {
