@@ -903,14 +903,6 @@ async fn run_pipeline(
             "another table than the one copied under each of these names (dropped and created again, or another renamed to it, while sluice was stopped): their copies are forgotten, and each is copied afresh once it is emptied on the target (TRUNCATE), as its rows there are the other table's"
         );
     }
-    let left_out = snapshot::forget_unselected_copies(store, &tables)?;
-    if !left_out.is_empty() {
-        let names: Vec<String> = left_out.iter().map(|t| t.to_string()).collect();
-        tracing::warn!(
-            tables = crate::source::abbreviate(&names, 10),
-            "copied earlier but no longer selected (left out of [tables], or dropped on the source): their changes are not applied from now on, and their copies are forgotten; selected again, each is copied afresh once it is emptied on the target (TRUNCATE), as its rows there would miss the changes made meanwhile"
-        );
-    }
     // Before anything is created on the source: a target whose triggers would rewrite the
     // rows sluice writes is refused, not quietly made to differ.
     let names: Vec<TableName> = tables.iter().map(|t| t.name.clone()).collect();
@@ -938,10 +930,32 @@ async fn run_pipeline(
         )));
     }
     refuse_a_publication_newer_than_the_slot(&source, &target, store, slot, config).await?;
-    ensure_publication(&source, &config.source.publication, &tables, &|names| {
-        crate::control::monitor::forget_copies(config, store, names)
-    })
-    .await?;
+    // The copy was made for another publication: `source.publication` was changed, and the
+    // tables it lacks were never out of this migration's publication. Their copies stay.
+    let made_for = snapshot::state::load_state(store)?
+        .and_then(|copy| copy.publication)
+        .filter(|made_for| *made_for != config.source.publication);
+    let published =
+        ensure_publication(
+            &source,
+            &config.source.publication,
+            &tables,
+            &|names| match &made_for {
+                Some(_) => Ok(false),
+                None => crate::control::monitor::forget_copies(config, store, names),
+            },
+        )
+        .await;
+    if let (Err(error), Some(made_for)) = (&published, &made_for) {
+        return Err(Error::definite(format!(
+            "{} Note: this migration's copy was made for publication {}, and source.publication now names {}: if that was not meant, set source.publication back to {} (nothing was forgotten or lost)",
+            error.report(),
+            crate::source::display_ident(made_for),
+            crate::source::display_ident(&config.source.publication),
+            crate::source::display_ident(made_for)
+        )));
+    }
+    published?;
 
     checkpoint::ensure_position_table(&target).await?;
     let target_position = checkpoint::read_target_position(&target, slot).await?;
@@ -966,7 +980,13 @@ async fn run_pipeline(
                     let name = t.name.to_string();
                     on_target.contains(&name) || !on_source.contains(&name)
                 });
-            snapshot::restore_copy_record(store, slot, position.caught_up_lsn, &taken)?;
+            snapshot::restore_copy_record(
+                store,
+                slot,
+                &config.source.publication,
+                position.caught_up_lsn,
+                &taken,
+            )?;
             let shown = |list: &[SourceTable]| {
                 let names: Vec<String> = list.iter().map(|t| t.name.to_string()).collect();
                 crate::source::abbreviate(&names, 10)
@@ -1289,6 +1309,16 @@ async fn run_pipeline(
     // Foreign keys the copy had to create NOT VALID hold once apply has passed every
     // table's sync position (the rows they refer to have then arrived).
     let validate_after = table_sync.values().max().copied().unwrap_or(Lsn::ZERO);
+    // Only now, with every start-up check passed: a start refused for something else
+    // streams nothing, and its tables' copies stay good.
+    let left_out = snapshot::forget_unselected_copies(store, &tables)?;
+    if !left_out.is_empty() {
+        let names: Vec<String> = left_out.iter().map(|t| t.to_string()).collect();
+        tracing::warn!(
+            tables = crate::source::abbreviate(&names, 10),
+            "copied earlier but no longer selected (left out of [tables], or dropped on the source): their changes are not applied from now on, and their copies are forgotten; selected again, each is copied afresh once it is emptied on the target (TRUNCATE), as its rows there would miss the changes made meanwhile"
+        );
+    }
     let reader = Reader {
         client,
         items: items_tx,

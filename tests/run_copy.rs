@@ -1591,6 +1591,63 @@ async fn a_table_published_while_the_state_dir_was_lost_is_copied() {
     assert_all_same(&pair).await;
 }
 
+/// `source.publication` changed to another existing publication that lacks some tables: a
+/// config mistake, not tables left out of this migration's publication. Refused naming the
+/// publication the copy was made for, and nothing is forgotten: set back, it streams on
+/// without copying again.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_publication_in_the_config_forgets_no_copy() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    seed(&pair).await;
+    let config = pair.config("[copy]\nenabled = true\njobs = 2\n");
+    let mut first = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
+    first.wait_for_log("initial copy finished").await;
+    pair.wait_caught_up(&first).await;
+    assert!(first.terminate().success(), "{}", first.log());
+
+    let source = pair.source_client().await;
+    source
+        .batch_execute(
+            "CREATE PUBLICATION other FOR TABLE orders WITH (publish_via_partition_root = true)",
+        )
+        .await
+        .unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("[source]\n", "[source]\npublication = \"other\"\n", 1),
+    )
+    .unwrap();
+    let mut refused = Daemon::spawn(&config, &pair.dir.path().join("refused.log"));
+    let status = refused.wait(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "{status:?}\n{}",
+        refused.log()
+    );
+    let log = refused.log();
+    assert!(
+        log.contains("this migration's copy was made for publication sluice")
+            && !log.contains("forgot its copies"),
+        "{log}"
+    );
+
+    std::fs::write(&config, text).unwrap();
+    let second = Daemon::spawn(&config, &pair.dir.path().join("second.log"));
+    second.wait_for_log("streaming slot").await;
+    assert!(
+        !second.log().contains("selected since the copy finished"),
+        "{}",
+        second.log()
+    );
+    source
+        .batch_execute("UPDATE tags SET weight = weight + 1 WHERE weight < 10")
+        .await
+        .unwrap();
+    pair.wait_caught_up(&second).await;
+    assert_all_same(&pair).await;
+}
+
 /// A copied table left out of `[tables]` for a while misses the changes made meanwhile (the
 /// stream skips it): selected again, it is copied afresh once emptied, never streamed on
 /// from its stale rows.

@@ -120,6 +120,7 @@ pub fn forget_finished_copies(store: &Store, tables: &[TableName]) -> Result<boo
 pub fn restore_copy_record(
     store: &Store,
     slot: &str,
+    publication: &str,
     position: Lsn,
     tables: &[SourceTable],
 ) -> Result<usize> {
@@ -148,6 +149,7 @@ pub fn restore_copy_record(
             consistent_point: position,
             generation: 0,
             finished: true,
+            publication: Some(publication.to_string()),
         },
     )?;
     store.flush()?;
@@ -512,6 +514,7 @@ async fn copy_round(
                     consistent_point: exported.consistent_point,
                     generation: 0,
                     finished: false,
+                    publication: Some(publication.clone()),
                 };
                 state::save_state(&ctx.store, &fresh)?;
                 *copy_state = Some(fresh.clone());
@@ -558,6 +561,7 @@ async fn copy_round(
                     consistent_point,
                     generation: 0,
                     finished: false,
+                    publication: Some(publication.clone()),
                 };
                 state::save_state(&ctx.store, &fresh)?;
                 *copy_state = Some(fresh.clone());
@@ -1196,6 +1200,7 @@ mod tests {
             consistent_point: Lsn(1),
             generation: 0,
             finished: false,
+            publication: None,
         };
         state::save_state(&store, &copy).unwrap();
         state::save_table(&store, &record("a", true)).unwrap();

@@ -35,6 +35,11 @@ pub struct CopyState {
     pub generation: u32,
     /// Data copied and deferred DDL applied: `sluice run` streams without copying.
     pub finished: bool,
+    /// The publication the copy was made for (absent in states of earlier versions): a
+    /// start whose `source.publication` names another one is a config mistake, not tables
+    /// left out of this migration's publication.
+    #[serde(default)]
+    pub publication: Option<String>,
 }
 
 /// A chunk of a table: the whole table, a range of heap blocks `[first, end)` (`end =
