@@ -1648,6 +1648,59 @@ async fn another_publication_in_the_config_forgets_no_copy() {
     assert_all_same(&pair).await;
 }
 
+/// Renamed away and back while sluice was stopped: the changes made under the other name
+/// come under it, which `[tables]` does not select, and were skipped, silently. They belong
+/// to the selected table (its OID): sluice stops, forgets its copy, and copies it afresh
+/// once it is emptied.
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_under_a_former_name_stop_and_the_table_is_copied_afresh() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    seed(&pair).await;
+    let config = pair.config(
+        "[copy]\nenabled = true\njobs = 2\n[tables]\ninclude = [\"public.orders\", \"public.events\", \"public.tags\"]\n",
+    );
+    let mut first = Daemon::spawn(&config, &pair.dir.path().join("first.log"));
+    first.wait_for_log("initial copy finished").await;
+    pair.wait_caught_up(&first).await;
+    assert!(first.terminate().success(), "{}", first.log());
+
+    pair.source_client()
+        .await
+        .batch_execute(
+            "ALTER TABLE tags RENAME TO tags_away;
+             UPDATE tags_away SET weight = -weight WHERE weight <= 5;
+             ALTER TABLE tags_away RENAME TO tags;
+             UPDATE tags SET weight = 0 WHERE weight = 6;",
+        )
+        .await
+        .unwrap();
+    let mut stopped = Daemon::spawn(&config, &pair.dir.path().join("stopped.log"));
+    let status = stopped.wait(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "{status:?}\n{}",
+        stopped.log()
+    );
+    assert!(
+        stopped.log().contains(
+            "The source sent changes of public.tags under its former name public.tags_away"
+        ),
+        "{}",
+        stopped.log()
+    );
+    pair.target_client()
+        .await
+        .batch_execute("TRUNCATE tags")
+        .await
+        .unwrap();
+    let second = Daemon::spawn(&config, &pair.dir.path().join("second.log"));
+    second
+        .wait_for_log("selected since the copy finished")
+        .await;
+    pair.wait_caught_up(&second).await;
+    assert_all_same(&pair).await;
+}
+
 /// A copied table left out of `[tables]` for a while misses the changes made meanwhile (the
 /// stream skips it): selected again, it is copied afresh once emptied, never streamed on
 /// from its stale rows.

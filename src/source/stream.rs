@@ -180,6 +180,10 @@ enum Selected {
     /// A partition whose changes arrive under its own name, of this selected table: the
     /// publication published it without `publish_via_partition_root` at that position.
     PartitionOf(TableName),
+    /// A selected table's changes under a name it had before (renamed since the change,
+    /// while sluice was stopped or behind): sluice applies by name, so it cannot apply them
+    /// to the table now under the selected name.
+    FormerName(TableName),
     No,
 }
 
@@ -271,6 +275,21 @@ impl Reader {
             }
             later
         };
+        // Renamed since this change: the selected table is the one under its current name.
+        if let Some(row) = rows.first().filter(|_| !partition) {
+            let current = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+            let namespace = match relation.namespace.is_empty() {
+                true => "pg_catalog",
+                false => relation.namespace.as_str(),
+            };
+            let named = TableName::new(namespace, relation.name.as_str());
+            if current != named && self.selection.selects(&current.qualified()) {
+                return Ok(match copied_later(&current) {
+                    true => Selected::No,
+                    false => Selected::FormerName(current),
+                });
+            }
+        }
         match ancestor {
             Some(root) if copied_later(&root) => Ok(Selected::No),
             Some(root) => Ok(Selected::PartitionOf(root)),
@@ -328,6 +347,38 @@ impl Reader {
             "The source sent changes of {} (a partition of the selected {root}) under the partition's own name in the transaction ending at {at}: publication {} published it without publish_via_partition_root at that moment (set to false while sluice was stopped, or just now), and sluice applies a partitioned table's changes only through its root. {then}",
             relation.shown_name(),
             self.publication
+        ))
+    }
+
+    /// A change of a selected table that arrived under a name it had before (renamed while
+    /// sluice was stopped, or while apply was behind): sluice applies by name and cannot
+    /// apply it to the table now under the selected name, nor skip it. It stops, and (copy
+    /// on) forgets that table's copy, so that the next start copies it afresh under a new
+    /// snapshot, which holds this change.
+    fn change_under_a_former_name(
+        &self,
+        relation: &Relation,
+        current: &TableName,
+        txn_final_lsn: Option<Lsn>,
+    ) -> Error {
+        let at = txn_final_lsn.map_or_else(|| "-".to_string(), |lsn| lsn.to_string());
+        let forgotten = self.recopy.as_ref().is_some_and(|store| {
+            crate::snapshot::forget_finished_copies(store, std::slice::from_ref(current))
+                .unwrap_or(false)
+        });
+        let then = if forgotten {
+            format!(
+                "sluice forgot its copy of {current}: rename the table on the target too if it is not, empty it (TRUNCATE {}) and start sluice run again; it copies {current} afresh before streaming resumes and skips the changes that copy holds",
+                current.quoted()
+            )
+        } else {
+            format!(
+                "{current} must be copied again: rename it on the target too, empty it there, and start sluice run with copy.enabled = true after a finished copy (it copies a table it has no copy of before streaming resumes)"
+            )
+        };
+        Error::definite(format!(
+            "The source sent changes of {current} under its former name {} in the transaction ending at {at}: it was renamed since (while sluice was stopped or behind), and sluice applies changes by table name. {then}",
+            relation.shown_name()
         ))
     }
 
@@ -553,6 +604,16 @@ impl Reader {
                         return Ok(true);
                     }
                     return Err(self.change_under_a_partition_name(relation, root, txn_final_lsn));
+                }
+                Some(Selected::FormerName(current)) => {
+                    // Before the current name's copy: that copy holds it.
+                    let copied = txn_final_lsn
+                        .zip(self.table_sync.get(current))
+                        .is_some_and(|(final_lsn, sync_lsn)| final_lsn < *sync_lsn);
+                    if copied {
+                        return Ok(true);
+                    }
+                    return Err(self.change_under_a_former_name(relation, current, txn_final_lsn));
                 }
                 _ => TableName::new(relation.namespace.clone(), relation.name.clone()),
             };
