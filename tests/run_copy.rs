@@ -1420,6 +1420,13 @@ async fn a_table_published_while_running_waits_for_its_copy_at_the_next_start() 
         "{}",
         first.log()
     );
+    let (code, stdout, stderr) =
+        sluice(&["status", "--json", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("public.fresh is selected but new since this daemon started"),
+        "{stdout}"
+    );
     let on_target: i64 = pair
         .target_client()
         .await

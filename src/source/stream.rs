@@ -272,6 +272,15 @@ impl Reader {
                     table = %name,
                     "selected by [tables] but new since this daemon started: its changes are not applied now; the next start of sluice run copies it under a fresh snapshot that holds them"
                 );
+                // Where `status` readers see it too: lag and cutover do not count it.
+                let warning = format!(
+                    "{name} is selected but new since this daemon started: its changes wait for the copy the next start makes; restart sluice run (stop it, start it) to copy it"
+                );
+                self.status.update(|s| {
+                    if !s.warnings.contains(&warning) {
+                        s.warnings.push(warning);
+                    }
+                });
             }
             later
         };
