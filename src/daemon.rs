@@ -874,6 +874,8 @@ async fn run_pipeline(
     }
 
     let mut tables = selected_tables(&source, &config.tables).await?;
+    // This daemon's first pipeline run (not a restart after a lost connection or a stall).
+    let first_run = selection.is_none();
     // A restart within this daemon (a lost connection, the one-by-one replay after a
     // refused batch) keeps the tables it started with: a table created since, or one that
     // now matches, is for the next start, which copies it. Picked up here, its checks (not
@@ -922,7 +924,12 @@ async fn run_pipeline(
             crate::source::abbreviate(&missing, 10)
         )));
     }
-    let generated = snapshot::plan::generated_only_on_source(&source, &target, &name_refs).await?;
+    // At the first start a refusal; after, apply stalls on it (`Applier::plan`) and goes on
+    // once the target is mended, rather than the daemon ending.
+    let generated = match first_run {
+        true => snapshot::plan::generated_only_on_source(&source, &target, &name_refs).await?,
+        false => Vec::new(),
+    };
     if !generated.is_empty() {
         return Err(Error::definite(format!(
             "Generated columns the target would leave empty: {}",

@@ -1101,6 +1101,44 @@ async fn tables_created_and_written_in_one_transaction_are_decided_by_name() {
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
 
+/// A generated column added on the source while streaming, added as a plain column on the
+/// target: pgoutput sends no value for it, so it stayed NULL there, silently. Apply stalls
+/// with the statement that makes it generated on the target, and goes on once it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_column_generated_on_the_source_while_streaming_stalls_until_the_target_computes_it() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    let source = pair.source_client().await;
+    let target = pair.target_client().await;
+    target
+        .batch_execute("ALTER TABLE accounts ADD COLUMN doubled bigint")
+        .await
+        .unwrap();
+    source
+        .batch_execute(
+            "ALTER TABLE accounts ADD COLUMN doubled bigint GENERATED ALWAYS AS (balance * 2) STORED",
+        )
+        .await
+        .unwrap();
+    source
+        .batch_execute("UPDATE accounts SET balance = 21 WHERE id = 1")
+        .await
+        .unwrap();
+    daemon.wait_for_log("apply stalled").await;
+    let fix = r#"ALTER TABLE "public"."accounts" DROP COLUMN "doubled", ADD COLUMN "doubled" bigint GENERATED ALWAYS AS ((balance * 2)) STORED"#;
+    assert!(daemon.log().contains(fix), "{}", daemon.log());
+    target.batch_execute(fix).await.unwrap();
+    pair.catch_up_and_compare(&daemon, &["accounts"]).await;
+    let doubled: i64 = target
+        .query_one("SELECT doubled FROM accounts WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(doubled, 42);
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
+
 /// Another consumer holds the slot (here pg_recvlogical; as well a second sluice with its
 /// own state dir): sluice says who, keeps retrying, and streams once the slot is free.
 #[tokio::test(flavor = "multi_thread")]

@@ -168,6 +168,8 @@ pub struct Applier {
     /// reordered.
     replica_role: bool,
     plans: HashMap<u32, Arc<TablePlan>>,
+    /// Per relation: its generated columns on the source (from its last description).
+    generated: HashMap<u32, Vec<crate::source::stream::GeneratedColumn>>,
     /// Source user types by OID (from Type messages), to name them in messages.
     user_types: HashMap<u32, String>,
     pending: Pending,
@@ -226,6 +228,7 @@ impl Applier {
             citus,
             replica_role: replica_role && !citus,
             plans: HashMap::new(),
+            generated: HashMap::new(),
             user_types: HashMap::new(),
             pending: Pending::default(),
             open_txn: None,
@@ -337,7 +340,12 @@ impl Applier {
             StreamItem::Type { oid, name } => {
                 self.user_types.insert(oid, name);
             }
-            StreamItem::Relation { relation, changed } => {
+            StreamItem::Relation {
+                relation,
+                changed,
+                generated,
+            } => {
+                self.generated.insert(relation.oid, generated);
                 if changed || self.plans.contains_key(&relation.oid) {
                     // Pending rows were planned against the old shape: apply them first.
                     self.flush().await?;
@@ -483,6 +491,33 @@ impl Applier {
             false => None,
         };
         let table = target::load(&self.catalog, &name, layout.as_ref()).await?;
+        // Generated on the source, plain on the target: pgoutput sends no value for it, so
+        // it would stay empty there for every row from now on.
+        let plain: Vec<String> = self
+            .generated
+            .get(&relation.oid)
+            .into_iter()
+            .flatten()
+            .filter(|column| table.column(&column.name).is_some())
+            .map(|column| {
+                let quoted = crate::source::quote_ident(&column.name);
+                format!(
+                    "ALTER TABLE {} DROP COLUMN {quoted}, ADD COLUMN {quoted} {} GENERATED ALWAYS AS ({}) STORED",
+                    name.quoted(),
+                    column.type_text,
+                    column.expression
+                )
+            })
+            .collect();
+        if !plain.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Apply,
+                format!(
+                    "{name} has columns generated on the source that are plain columns on the target, where they would stay empty (PostgreSQL sends no values for generated columns): {}; sluice retries by itself",
+                    plain.join("; ")
+                ),
+            ));
+        }
         let mut columns = Vec::with_capacity(relation.columns.len());
         let source_columns: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
         for column in &relation.columns {

@@ -45,6 +45,9 @@ pub enum StreamItem {
     Relation {
         relation: Arc<Relation>,
         changed: bool,
+        /// Its generated columns (pgoutput leaves them out), from the source's catalog: a
+        /// plain column of that name on the target would stay empty.
+        generated: Vec<GeneratedColumn>,
     },
     Insert {
         relation: Arc<Relation>,
@@ -122,6 +125,14 @@ pub struct Reader {
     pub publication: String,
     /// With the copy on: the store whose copy records a table copied again is forgotten in.
     pub recopy: Option<crate::checkpoint::Store>,
+}
+
+/// A column the source computes (`GENERATED ALWAYS AS (expression) STORED`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GeneratedColumn {
+    pub name: String,
+    pub type_text: String,
+    pub expression: String,
 }
 
 /// Items per hand-over to the applier, at most: one channel operation and one wake-up per
@@ -391,6 +402,37 @@ impl Reader {
         ))
     }
 
+    /// The relation's generated columns, from the source's catalog now (a column generated
+    /// since the change is one the target must compute too from then on).
+    async fn generated_columns(&self, relation: &Relation) -> Result<Vec<GeneratedColumn>> {
+        let (source, _) = &self.liveness;
+        let rows = source
+            .query(
+                "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod),
+                        COALESCE(pg_catalog.pg_get_expr(d.adbin, d.adrelid), '')
+                 FROM pg_catalog.pg_attribute a
+                 LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                 WHERE a.attrelid = $1::oid AND a.attnum > 0 AND NOT a.attisdropped
+                   AND a.attgenerated <> ''",
+                &[&relation.oid],
+            )
+            .await
+            .map_err(|e| {
+                crate::error::pg(
+                    format!("Reading the generated columns of {}", relation.shown_name()),
+                    e,
+                )
+            })?;
+        Ok(rows
+            .iter()
+            .map(|row| GeneratedColumn {
+                name: row.get(0),
+                type_text: row.get(1),
+                expression: row.get(2),
+            })
+            .collect())
+    }
+
     /// The source's name for a type (schema-qualified: the session's search_path is
     /// empty), or `None` when it cannot be asked.
     async fn type_name(&self, oid: u32) -> Option<String> {
@@ -434,10 +476,15 @@ impl Reader {
             let mut batch_bytes = 0;
             let mut next = Some(first);
             while let Some(event) = next.take() {
-                if let Some(item) = self.on_event(received(event)?, &mut state)? {
+                if let Some(mut item) = self.on_event(received(event)?, &mut state)? {
                     // A description precedes every change of its relation: decided here,
                     // before the next event is decoded.
-                    if let StreamItem::Relation { relation, .. } = &item {
+                    if let StreamItem::Relation {
+                        relation,
+                        generated,
+                        ..
+                    } = &mut item
+                    {
                         let name = relation.qualified_name();
                         let known = state
                             .selected
@@ -447,6 +494,7 @@ impl Reader {
                             let selected = self.is_selected(relation).await?;
                             state.selected.insert(relation.oid, (name, selected));
                         }
+                        *generated = self.generated_columns(relation).await?;
                     }
                     // pgoutput names a domain by its base type: the source says which.
                     let item = match item {
@@ -644,6 +692,7 @@ impl Reader {
                 Some(StreamItem::Relation {
                     relation,
                     changed: changed.is_some(),
+                    generated: Vec::new(),
                 })
             }
             LogicalMessage::Insert(insert) => {
