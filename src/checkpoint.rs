@@ -390,6 +390,20 @@ pub const POSITION_TABLE: &str = "sluice.applied_position";
 
 /// Creates sluice's schema and position table on the target when missing.
 pub async fn ensure_position_table(target: &Client) -> Result<()> {
+    // Present already (every start but the first): nothing to create, so a target that is
+    // read-only for a while (maintenance, a failover) stalls apply rather than failing here.
+    let present: bool = target
+        .query_one(
+            "SELECT to_regclass('sluice.applied_position') IS NOT NULL
+                    AND to_regclass('sluice.table_sync') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(|e| error::pg("Looking for sluice.applied_position on the target", e))?
+        .get(0);
+    if present {
+        return Ok(());
+    }
     target
         .batch_execute(
             // Quietly: "already exists, skipping" notices on every reconnect are noise.
@@ -413,7 +427,14 @@ pub async fn ensure_position_table(target: &Client) -> Result<()> {
              COMMIT;",
         )
         .await
-        .map_err(|e| error::pg("Creating sluice.applied_position on the target", e))
+        .map_err(|e| {
+            let hint = match e.code().map(|c| c.code()) {
+                Some("42501") => ": the target user may not create schema sluice or tables in it; GRANT CREATE ON DATABASE (for the schema) or CREATE ON SCHEMA sluice to it, or create them as their owner (`sluice schema` does)",
+                Some("25006") => ": the target is read-only (default_transaction_read_only, or a standby); make it writable",
+                _ => "",
+            };
+            error::pg(format!("Creating sluice.applied_position on the target{hint}"), e)
+        })
 }
 
 /// Records on the target the per-table positions of tables copied under a later snapshot

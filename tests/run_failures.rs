@@ -1139,6 +1139,47 @@ async fn a_column_generated_on_the_source_while_streaming_stalls_until_the_targe
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
 
+/// A target read-only for a while (maintenance, a failover onto a standby not yet promoted):
+/// apply stalls and goes on once it is writable. The restart after the rejected batch
+/// re-created sluice's tables, failed on the read-only target, and ended the daemon.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_target_stalls_apply_until_it_is_writable() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    let target = pair.target_client().await;
+    target
+        .batch_execute("ALTER DATABASE app SET default_transaction_read_only = on")
+        .await
+        .unwrap();
+    // The apply session predates the setting: end it, so that its successor is read-only.
+    target
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = 'app' AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+        )
+        .await
+        .unwrap();
+    let source = pair.source_client().await;
+    source
+        .batch_execute("UPDATE accounts SET balance = 7 WHERE id = 1")
+        .await
+        .unwrap();
+    daemon.wait_for_log("apply stalled").await;
+    assert!(daemon.is_running(), "{}", daemon.log());
+    assert!(daemon.log().contains("read-only"), "{}", daemon.log());
+    target
+        .batch_execute(
+            "ALTER DATABASE app SET default_transaction_read_only = off;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = 'app' AND pid <> pg_backend_pid() AND backend_type = 'client backend';",
+        )
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["accounts"]).await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
+
 /// Another consumer holds the slot (here pg_recvlogical; as well a second sluice with its
 /// own state dir): sluice says who, keeps retrying, and streams once the slot is free.
 #[tokio::test(flavor = "multi_thread")]

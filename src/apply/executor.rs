@@ -553,7 +553,9 @@ impl Executor {
         };
         let result = self.client.batch_execute(&statement).await;
         self.in_target_txn = false;
-        result.map_err(|e| self.apply_error("committing", e))?;
+        result.map_err(|e| {
+            self.apply_error("the commit (deferred constraints are checked here)", e)
+        })?;
         self.position = Position {
             applied_lsn: end_lsn,
             caught_up_lsn: caught_up,
