@@ -424,7 +424,7 @@ pub async fn unpublished_operations_message(
     Ok(Some(format!(
         "Publication {publication} does not publish {}: those changes would never reach the target, which would silently drift from the source. ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate') on the source",
         left_out.join(", "),
-        crate::source::display_ident(publication)
+        quote_ident(publication)
     )))
 }
 
@@ -1175,23 +1175,6 @@ async fn run_pipeline(
         )));
     }
 
-    // The state dir records applied changes (it is written only after the target's commit
-    // that holds the row), yet the target has no row: deleted by hand, or the target was
-    // restored or replaced. Resuming from the state dir could apply again what the target
-    // holds past it (doubled rows where no key catches them), so the row is asked for.
-    if let (None, Some(local)) = (&target_position, local_position) {
-        let system = store
-            .identity()?
-            .map(|identity| identity.source_system_identifier)
-            .unwrap_or_else(|| "<source system identifier>".to_string());
-        return Err(Error::definite(format!(
-            "The target holds no position for slot {slot} in {}, but the state dir {} records changes applied from it (up to at least {}): the row was deleted, or the target was restored or replaced. Streaming on could apply changes a second time. If the target's data is intact, put the row back as it was (from a backup of the target, or the last applied position in sluice's log or `sluice status`), e.g. INSERT INTO {} (slot, source_system_identifier, applied_lsn, caught_up_lsn) VALUES ('{slot}', '{system}', '<lsn>', '<lsn>'); otherwise start over. {FRESH_COPY}",
-            checkpoint::POSITION_TABLE,
-            store.dir().display(),
-            local.caught_up_lsn,
-            checkpoint::POSITION_TABLE,
-        )));
-    }
     // A position the source has not written yet (a row edited by hand, or one of another
     // source): streaming from it would acknowledge it to the slot, which then skips every
     // change up to there, for good.
@@ -1248,6 +1231,23 @@ async fn run_pipeline(
                 store.dir().display()
             )));
         }
+    }
+    // The state dir records applied changes (it is written only after the target's commit
+    // that holds the row), yet the target has no row: deleted by hand, or the target was
+    // restored or replaced. Resuming from the state dir could apply again what the target
+    // holds past it (doubled rows where no key catches them), so the row is asked for.
+    if let (None, Some(local)) = (&target_position, local_position) {
+        let system = store
+            .identity()?
+            .map(|identity| identity.source_system_identifier)
+            .unwrap_or_else(|| "<source system identifier>".to_string());
+        return Err(Error::definite(format!(
+            "The target holds no position for slot {slot} in {}, but the state dir {} records changes applied from it (up to at least {}): the row was deleted, or the target was restored or replaced. Streaming on could apply changes a second time. If the target's data is intact, put the row back as it was (from a backup of the target, or the last applied position in sluice's log or `sluice status`), e.g. INSERT INTO {} (slot, source_system_identifier, applied_lsn, caught_up_lsn) VALUES ('{slot}', '{system}', '<lsn>', '<lsn>'); otherwise start over. {FRESH_COPY}",
+            checkpoint::POSITION_TABLE,
+            store.dir().display(),
+            local.caught_up_lsn,
+            checkpoint::POSITION_TABLE,
+        )));
     }
     let position = resume.unwrap_or_default();
 

@@ -1180,6 +1180,45 @@ async fn a_read_only_target_stalls_apply_until_it_is_writable() {
     assert!(daemon.terminate().success(), "{}", daemon.log());
 }
 
+/// An update of a table without a key (REPLICA IDENTITY FULL) whose old row is missing on
+/// the target: `verify` cannot name rows without a key, so the stall prints the old values
+/// it looked for, and putting that row back lets apply go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_by_values_missing_on_the_target_prints_the_row() {
+    let pair = Pair::with_schema(
+        "CREATE TABLE nokey (a int, b text);
+         ALTER TABLE nokey REPLICA IDENTITY FULL;
+         INSERT INTO nokey SELECT g, 'b' || g FROM generate_series(1, 10) g;",
+    )
+    .await;
+    let config = pair.config("");
+    let mut daemon = pair.start_daemon(&config).await;
+    let target = pair.target_client().await;
+    target
+        .batch_execute("DELETE FROM nokey WHERE a = 5")
+        .await
+        .unwrap();
+    pair.source_client()
+        .await
+        .batch_execute("UPDATE nokey SET b = b || 'X' WHERE a = 5")
+        .await
+        .unwrap();
+    daemon.wait_for_log("apply stalled").await;
+    assert!(
+        daemon
+            .log()
+            .contains(r#"no target row has the old values ("a" = '5', "b" = 'b5')"#),
+        "{}",
+        daemon.log()
+    );
+    target
+        .batch_execute("INSERT INTO nokey VALUES (5, 'b5')")
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["nokey"]).await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+}
+
 /// Another consumer holds the slot (here pg_recvlogical; as well a second sluice with its
 /// own state dir): sluice says who, keeps retrying, and streams once the slot is free.
 #[tokio::test(flavor = "multi_thread")]

@@ -517,11 +517,31 @@ impl Executor {
         let result = self.client.execute(&statement, &params).await;
         let changed = result.map_err(|e| self.apply_error(&what, e))?;
         if changed == 0 {
-            if matches!(change, ValueChange::Update { .. }) {
+            if let ValueChange::Update { old, .. } = &change {
+                // Matched by all its values (no key): the row looked for is the fix, since
+                // `verify` cannot name rows of a table without a key.
+                let shown: Vec<String> = old
+                    .iter()
+                    .zip(columns.iter())
+                    .map(|(cell, column)| {
+                        let value = match cell {
+                            Cell::Null => "NULL".to_string(),
+                            Cell::Unchanged => "(unchanged TOAST value)".to_string(),
+                            Cell::Text(bytes) => {
+                                let text = String::from_utf8_lossy(bytes);
+                                let cut: String = text.chars().take(200).collect();
+                                let more = if cut.len() < text.len() { "..." } else { "" };
+                                format!("{}{more}", crate::source::quote_literal(&cut))
+                            }
+                        };
+                        format!("{} = {value}", crate::source::quote_ident(&column.name))
+                    })
+                    .collect();
                 return Err(Error::new(
                     ErrorKind::Apply,
                     format!(
-                        "{what}: no target row has the old values (source transaction at {}). Repair the target (`sluice verify` finds the difference); sluice retries by itself",
+                        "{what}: no target row has the old values ({}) (source transaction at {}). Put a row with those values on the target (the source changed it from them), or repair the table from the source (`sluice verify` finds the difference); sluice retries by itself",
+                        shown.join(", "),
                         self.lsn
                     ),
                 ));
