@@ -1340,6 +1340,7 @@ async fn run_pipeline(
             .copy
             .enabled
             .then(|| selection.clone().unwrap_or_default()),
+        started_oids: tables.iter().map(|t| (t.oid, t.name.clone())).collect(),
         publication: config.source.publication.clone(),
         recopy: config.copy.enabled.then(|| store.clone()),
         budget: Arc::new(tokio::sync::Semaphore::new(

@@ -122,6 +122,9 @@ pub struct Reader {
     /// next start under a fresh snapshot, which holds its changes until then: applied now,
     /// they would land in a table not copied yet (stalls, or rows the copy then refuses).
     pub started_with: Option<std::collections::BTreeSet<TableName>>,
+    /// The selected tables this daemon started with, by OID: a change of one under another
+    /// name (renamed since, even renamed back) is that table's, not an unselected one's.
+    pub started_oids: HashMap<u32, TableName>,
     pub publication: String,
     /// With the copy on: the store whose copy records a table copied again is forgotten in.
     pub recopy: Option<crate::checkpoint::Store>,
@@ -295,6 +298,18 @@ impl Reader {
             }
             later
         };
+        // A table this daemon streams, under a name it had at another moment (renamed and
+        // perhaps renamed back since): its changes, whatever `[tables]` says of the name.
+        let namespace = match relation.namespace.is_empty() {
+            true => "pg_catalog",
+            false => relation.namespace.as_str(),
+        };
+        let named = TableName::new(namespace, relation.name.as_str());
+        if let Some(started) = self.started_oids.get(&relation.oid) {
+            if *started != named {
+                return Ok(Selected::FormerName(started.clone()));
+            }
+        }
         // Renamed since this change: the selected table is the one under its current name.
         if let Some(row) = rows.first().filter(|_| !partition) {
             let current = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
@@ -397,7 +412,7 @@ impl Reader {
             )
         };
         Error::definite(format!(
-            "The source sent changes of {current} under its former name {} in the transaction ending at {at}: it was renamed since (while sluice was stopped or behind), and sluice applies changes by table name. {then}",
+            "The source sent changes of {current} under another name it had, {}, in the transaction ending at {at}: it was renamed (while sluice was stopped, or since the daemon started; perhaps renamed back), and sluice applies changes by table name. {then}",
             relation.shown_name()
         ))
     }
