@@ -960,6 +960,8 @@ async fn a_publication_narrowed_or_a_table_swapped_while_streaming_stops_and_is_
     daemon
         .wait_for_log("selected since the copy finished")
         .await;
+    // The late copy runs before streaming; the target's position is caught up already.
+    daemon.wait_for_log("streaming slot").await;
     pair.wait_caught_up(&daemon).await;
     assert_all_same(&pair).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -996,6 +998,8 @@ async fn a_publication_narrowed_or_a_table_swapped_while_streaming_stops_and_is_
     daemon
         .wait_for_log("selected since the copy finished")
         .await;
+    // The late copy runs before streaming; the target's position is caught up already.
+    daemon.wait_for_log("streaming slot").await;
     pair.wait_caught_up(&daemon).await;
     assert_all_same(&pair).await;
     assert!(daemon.terminate().success(), "{}", daemon.log());
@@ -1048,6 +1052,8 @@ async fn a_table_dropped_from_the_publication_stops_the_daemon_and_is_copied_aga
     daemon
         .wait_for_log("selected since the copy finished")
         .await;
+    // The late copy runs before streaming; the target's position is caught up already.
+    daemon.wait_for_log("streaming slot").await;
     pair.wait_caught_up(&daemon).await;
     assert_all_same(&pair).await;
 
@@ -1380,6 +1386,8 @@ async fn a_table_selected_after_the_state_dir_was_lost_is_still_copied() {
     let with_tags = pair.config("[copy]\nenabled = true\njobs = 2\n");
     let third = Daemon::spawn(&with_tags, &pair.dir.path().join("third.log"));
     third.wait_for_log("selected since the copy finished").await;
+    // The late copy runs before streaming; the target's position is caught up already.
+    third.wait_for_log("streaming slot").await;
     pair.wait_caught_up(&third).await;
     assert_all_same(&pair).await;
 }
@@ -1441,6 +1449,8 @@ async fn a_table_published_while_running_waits_for_its_copy_at_the_next_start() 
     second
         .wait_for_log("selected since the copy finished")
         .await;
+    // The late copy runs before streaming; the target's position is caught up already.
+    second.wait_for_log("streaming slot").await;
     pair.wait_caught_up(&second).await;
     pair.assert_same("fresh").await;
     assert_all_same(&pair).await;
@@ -1491,6 +1501,8 @@ async fn a_table_renamed_while_stopped_is_copied_under_its_new_name_and_streams_
     second
         .wait_for_log("selected since the copy finished")
         .await;
+    // The late copy runs before streaming; the target's position is caught up already.
+    second.wait_for_log("streaming slot").await;
     pair.wait_caught_up(&second).await;
     pair.assert_same("labels").await;
     source
@@ -1557,6 +1569,8 @@ async fn a_table_replaced_under_the_same_name_while_stopped_is_copied_afresh() {
     second
         .wait_for_log("selected since the copy finished")
         .await;
+    // The late copy runs before streaming; the target's position is caught up already.
+    second.wait_for_log("streaming slot").await;
     pair.wait_caught_up(&second).await;
     assert_all_same(&pair).await;
 }
@@ -1593,6 +1607,8 @@ async fn a_table_published_while_the_state_dir_was_lost_is_copied() {
     second
         .wait_for_log("selected since the copy finished")
         .await;
+    // The late copy runs before streaming; the target's position is caught up already.
+    second.wait_for_log("streaming slot").await;
     pair.wait_caught_up(&second).await;
     pair.assert_same("fresh").await;
     assert_all_same(&pair).await;
@@ -1704,6 +1720,8 @@ async fn changes_under_a_former_name_stop_and_the_table_is_copied_afresh() {
     second
         .wait_for_log("selected since the copy finished")
         .await;
+    // The late copy runs before streaming; the target's position is caught up already.
+    second.wait_for_log("streaming slot").await;
     pair.wait_caught_up(&second).await;
     assert_all_same(&pair).await;
 }
@@ -1754,6 +1772,8 @@ async fn a_table_renamed_away_and_back_while_streaming_stops_sluice() {
     second
         .wait_for_log("selected since the copy finished")
         .await;
+    // The late copy runs before streaming; the target's position is caught up already.
+    second.wait_for_log("streaming slot").await;
     pair.wait_caught_up(&second).await;
     assert_all_same(&pair).await;
 }
