@@ -145,14 +145,19 @@ impl Relation {
         }
     }
 
-    /// The name for messages, quoted where PostgreSQL needs it (as `TableName` shows it).
-    pub fn shown_name(&self) -> String {
+    /// The table's name (an empty namespace is `pg_catalog`).
+    pub fn table_name(&self) -> crate::source::TableName {
         let namespace = if self.namespace.is_empty() {
             "pg_catalog"
         } else {
             &self.namespace
         };
-        crate::source::TableName::new(namespace, self.name.as_str()).to_string()
+        crate::source::TableName::new(namespace, self.name.as_str())
+    }
+
+    /// The name for messages, quoted where PostgreSQL needs it (as `TableName` shows it).
+    pub fn shown_name(&self) -> String {
+        self.table_name().to_string()
     }
 
     /// Indexes of the columns flagged as part of the replica identity key.

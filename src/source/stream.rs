@@ -300,11 +300,7 @@ impl Reader {
         };
         // A table this daemon streams, under a name it had at another moment (renamed and
         // perhaps renamed back since): its changes, whatever `[tables]` says of the name.
-        let namespace = match relation.namespace.is_empty() {
-            true => "pg_catalog",
-            false => relation.namespace.as_str(),
-        };
-        let named = TableName::new(namespace, relation.name.as_str());
+        let named = relation.table_name();
         if let Some(started) = self.started_oids.get(&relation.oid) {
             if *started != named {
                 return Ok(Selected::FormerName(started.clone()));
@@ -313,11 +309,6 @@ impl Reader {
         // Renamed since this change: the selected table is the one under its current name.
         if let Some(row) = rows.first().filter(|_| !partition) {
             let current = TableName::new(row.get::<_, String>(0), row.get::<_, String>(1));
-            let namespace = match relation.namespace.is_empty() {
-                true => "pg_catalog",
-                false => relation.namespace.as_str(),
-            };
-            let named = TableName::new(namespace, relation.name.as_str());
             if current != named && self.selection.selects(&current.qualified()) {
                 return Ok(match copied_later(&current) {
                     true => Selected::No,
@@ -329,11 +320,7 @@ impl Reader {
             Some(root) if copied_later(&root) => Ok(Selected::No),
             Some(root) => Ok(Selected::PartitionOf(root)),
             None if !partition && self.selection.selects(&relation.qualified_name()) => {
-                let namespace = match relation.namespace.is_empty() {
-                    true => "pg_catalog",
-                    false => relation.namespace.as_str(),
-                };
-                match copied_later(&TableName::new(namespace, relation.name.as_str())) {
+                match copied_later(&named) {
                     true => Ok(Selected::No),
                     false => Ok(Selected::Itself),
                 }
@@ -349,6 +336,16 @@ impl Reader {
         }
     }
 
+    /// With the copy on, forgets `table`'s finished copy so that the next start copies it
+    /// afresh. A store that cannot be written leaves the copy in place (`false`): the message
+    /// then says to copy the table again by hand.
+    fn forget_for_recopy(&self, table: &TableName) -> bool {
+        self.recopy.as_ref().is_some_and(|store| {
+            crate::snapshot::forget_finished_copies(store, std::slice::from_ref(table))
+                .unwrap_or(false)
+        })
+    }
+
     /// A change of a selected partitioned table's partition that arrived under the
     /// partition's own name, after the root's copy: sluice applies a partitioned table's
     /// changes through its root (the target may be partitioned otherwise, and the root's
@@ -362,12 +359,7 @@ impl Reader {
         txn_final_lsn: Option<Lsn>,
     ) -> Error {
         let at = txn_final_lsn.map_or_else(|| "-".to_string(), |lsn| lsn.to_string());
-        // A store that cannot be written leaves the copy in place: the message then says
-        // to copy the table again by hand.
-        let forgotten = self.recopy.as_ref().is_some_and(|store| {
-            crate::snapshot::forget_finished_copies(store, std::slice::from_ref(root))
-                .unwrap_or(false)
-        });
+        let forgotten = self.forget_for_recopy(root);
         let then = if forgotten {
             format!(
                 "sluice forgot its copy of {root}: set publish_via_partition_root = true again if it is not, empty {root} on the target (TRUNCATE {}) and start sluice run again; it copies {root} afresh before streaming resumes and skips the changes that copy holds",
@@ -397,10 +389,7 @@ impl Reader {
         txn_final_lsn: Option<Lsn>,
     ) -> Error {
         let at = txn_final_lsn.map_or_else(|| "-".to_string(), |lsn| lsn.to_string());
-        let forgotten = self.recopy.as_ref().is_some_and(|store| {
-            crate::snapshot::forget_finished_copies(store, std::slice::from_ref(current))
-                .unwrap_or(false)
-        });
+        let forgotten = self.forget_for_recopy(current);
         let then = if forgotten {
             format!(
                 "sluice forgot its copy of {current}: rename the table on the target too if it is not, empty it (TRUNCATE {}) and start sluice run again; it copies {current} afresh before streaming resumes and skips the changes that copy holds",
