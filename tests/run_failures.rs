@@ -258,7 +258,7 @@ async fn a_rejected_change_stalls_and_resumes_once_the_target_is_fixed() {
     let pair = Pair::with_schema(SCHEMA).await;
     let target = pair.target_client().await;
     target
-        .batch_execute("ALTER TABLE history DROP COLUMN note")
+        .batch_execute("ALTER TABLE history DROP COLUMN note, DROP COLUMN delta")
         .await
         .unwrap();
     let config = pair.config("");
@@ -275,8 +275,10 @@ async fn a_rejected_change_stalls_and_resumes_once_the_target_is_fixed() {
     let log = daemon.log();
     assert!(log.contains("public.history"), "names the table:\n{log}");
     assert!(
-        log.contains(r#"ALTER TABLE "public"."history" ADD COLUMN "note" text"#),
-        "names the column and the statement that adds it:\n{log}"
+        log.contains(
+            r#"ALTER TABLE "public"."history" ADD COLUMN "delta" integer, ADD COLUMN "note" text"#
+        ),
+        "names every missing column and one statement that adds them all:\n{log}"
     );
     assert!(daemon.is_running(), "a stall keeps the daemon up");
     // Status counts the stall and the data's age as they go on, not once per retry, and
@@ -315,7 +317,7 @@ async fn a_rejected_change_stalls_and_resumes_once_the_target_is_fixed() {
         .get(0);
     assert_eq!(balance, 0);
     target
-        .batch_execute("ALTER TABLE history ADD COLUMN note text")
+        .batch_execute("ALTER TABLE history ADD COLUMN delta int, ADD COLUMN note text")
         .await
         .unwrap();
     pair.wait_caught_up(&daemon).await;

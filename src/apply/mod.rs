@@ -518,7 +518,7 @@ impl Applier {
                 ),
             ));
         }
-        let mut columns = Vec::with_capacity(relation.columns.len());
+        let mut wanted = Vec::with_capacity(relation.columns.len());
         let source_columns: Vec<&str> = relation.columns.iter().map(|c| c.name.as_str()).collect();
         for column in &relation.columns {
             let source_type = match table.column(&column.name) {
@@ -531,12 +531,9 @@ impl Applier {
                     }
                 },
             };
-            columns.push(
-                table
-                    .require_column(&column.name, source_type.as_deref(), &source_columns)?
-                    .clone(),
-            );
+            wanted.push((column.name.as_str(), source_type));
         }
+        let columns = table.require_columns(&wanted, &source_columns)?;
         for column in &relation.columns {
             let source = (column.type_oid, column.type_modifier);
             if let Some(target) = table.lossy_column(&column.name, source) {

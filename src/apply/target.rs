@@ -49,50 +49,89 @@ impl TargetTable {
         self.columns.get(name)
     }
 
-    /// The target column for a source column, or an apply error that names both and, when
-    /// known, the type to add it with. `source_columns` are all the source's columns: a
-    /// target column that is not among them may be this one under its old name (a RENAME
-    /// on the source only), which adding a column would not mend.
-    pub fn require_column(
+    /// The target columns for the source's `wanted` columns (name, and the type to add it
+    /// with when the target lacks it and the type is known), in order; or an apply error
+    /// that names every missing column at once (fixing them one stall at a time would take
+    /// one retry round each) with the ALTER TABLE that adds them. `source_columns` are all
+    /// the source's columns: a target column that is not among them may be a missing one
+    /// under its old name (a RENAME on the source only), which adding a column would not
+    /// mend.
+    pub fn require_columns(
         &self,
-        name: &str,
-        source_type: Option<&str>,
+        wanted: &[(&str, Option<String>)],
         source_columns: &[&str],
-    ) -> Result<&SqlColumn> {
-        self.columns.get(name).ok_or_else(|| {
-            let column = crate::source::quote_ident(name);
-            let fix = match source_type {
-                Some(type_name) => format!("ALTER TABLE {} ADD COLUMN {column} {type_name}", self.quoted),
-                None => format!("ALTER TABLE {} ADD COLUMN {column} ... with the source's type", self.quoted),
-            };
-            let mut renamed: Vec<&str> = self
-                .columns
-                .keys()
-                .map(String::as_str)
-                .filter(|target| !source_columns.contains(target))
-                .collect();
-            renamed.sort_unstable();
-            let rename = match renamed.as_slice() {
-                [] => String::new(),
-                [old] => format!(
-                    "; or, if the source renamed {old:?} to {name:?}: ALTER TABLE {} RENAME COLUMN {} TO {column}",
-                    self.quoted,
-                    crate::source::quote_ident(old)
-                ),
-                several => format!(
-                    "; or, if the source renamed one of {} to {name:?}: ALTER TABLE {} RENAME COLUMN ... TO {column}",
-                    several.join(", "),
-                    self.quoted
-                ),
-            };
-            Error::new(
-                ErrorKind::Apply,
+    ) -> Result<Vec<SqlColumn>> {
+        let missing: Vec<&(&str, Option<String>)> = wanted
+            .iter()
+            .filter(|(name, _)| !self.columns.contains_key(*name))
+            .collect();
+        if missing.is_empty() {
+            return Ok(wanted
+                .iter()
+                .filter_map(|(name, _)| self.columns.get(*name).cloned())
+                .collect());
+        }
+        let additions: Vec<String> = missing
+            .iter()
+            .map(|(name, source_type)| {
+                let column = crate::source::quote_ident(name);
+                match source_type {
+                    Some(type_name) => format!("ADD COLUMN {column} {type_name}"),
+                    None => format!("ADD COLUMN {column} ... with the source's type"),
+                }
+            })
+            .collect();
+        let fix = format!("ALTER TABLE {} {}", self.quoted, additions.join(", "));
+        let mut renamed: Vec<&str> = self
+            .columns
+            .keys()
+            .map(String::as_str)
+            .filter(|target| !source_columns.contains(target))
+            .collect();
+        renamed.sort_unstable();
+        let message = match missing.as_slice() {
+            [(name, _)] => {
+                let rename = match renamed.as_slice() {
+                    [] => String::new(),
+                    [old] => format!(
+                        "; or, if the source renamed {old:?} to {name:?}: ALTER TABLE {} RENAME COLUMN {} TO {}",
+                        self.quoted,
+                        crate::source::quote_ident(old),
+                        crate::source::quote_ident(name)
+                    ),
+                    several => format!(
+                        "; or, if the source renamed one of {} to {name:?}: ALTER TABLE {} RENAME COLUMN ... TO {}",
+                        several.join(", "),
+                        self.quoted,
+                        crate::source::quote_ident(name)
+                    ),
+                };
                 format!(
                     "Column {name:?} of {} does not exist on the target: add it ({fix}, with the source column's DEFAULT and NOT NULL too, or the target's existing rows differ from the source's){rename}; sluice retries by itself",
                     self.name
-                ),
-            )
-        })
+                )
+            }
+            several => {
+                let names: Vec<String> = several
+                    .iter()
+                    .map(|(name, _)| format!("{name:?}"))
+                    .collect();
+                let rename = match renamed.as_slice() {
+                    [] => String::new(),
+                    old => format!(
+                        "; or, where the source renamed a column ({} on the target only), ALTER TABLE {} RENAME COLUMN ... TO ... instead",
+                        old.join(", "),
+                        self.quoted
+                    ),
+                };
+                format!(
+                    "Columns {} of {} do not exist on the target: add them ({fix}, with the source columns' DEFAULT and NOT NULL too, or the target's existing rows differ from the source's){rename}; sluice retries by itself",
+                    names.join(", "),
+                    self.name
+                )
+            }
+        };
+        Err(Error::new(ErrorKind::Apply, message))
     }
 
     /// The target column's type when storing the source's values into it would change them
@@ -625,7 +664,7 @@ mod tests {
             has_inheritance_children: false,
         };
         let error = table
-            .require_column("new_name", Some("integer"), &["id", "new_name"])
+            .require_columns(&[("new_name", Some("integer".into()))], &["id", "new_name"])
             .unwrap_err()
             .to_string();
         assert!(
@@ -639,10 +678,36 @@ mod tests {
         );
         // Every target column is still on the source: nothing to rename.
         let error = table
-            .require_column("extra", None, &["id", "old_name", "extra"])
+            .require_columns(&[("extra", None)], &["id", "old_name", "extra"])
             .unwrap_err()
             .to_string();
         assert!(!error.contains("RENAME"), "{error}");
+        // Several missing: all named, one statement adds them all.
+        let error = table
+            .require_columns(
+                &[
+                    ("id", None),
+                    ("note", Some("text".into())),
+                    ("amount", Some("numeric(12,2)".into())),
+                ],
+                &["id", "old_name", "note", "amount"],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(r#"Columns "note", "amount" of public.t do not exist on the target"#),
+            "{error}"
+        );
+        assert!(
+            error.contains(r#"ALTER TABLE "public"."t" ADD COLUMN "note" text, ADD COLUMN "amount" numeric(12,2)"#),
+            "{error}"
+        );
+        // Present columns come back in the order asked.
+        let found = table
+            .require_columns(&[("old_name", None), ("id", None)], &["id", "old_name"])
+            .unwrap();
+        let names: Vec<&str> = found.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["old_name", "id"]);
     }
 
     fn refused(tables: usize) -> ReplicaRole {
