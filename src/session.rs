@@ -28,7 +28,16 @@ const RENDERING: [(&str, &str); 8] = [
 /// `app1` is on the path), so an unpinned path made such values point at another object
 /// on the other side. With it empty they are written schema-qualified (pg_catalog is
 /// always searched), and so are the type names sluice reads with `format_type`.
-pub const SCHEMA_SAFE: &str = "SELECT pg_catalog.set_config('search_path', '', false)";
+///
+/// `standard_conforming_strings` is pinned on in the same statement: sluice's SQL writes
+/// backslashes in string literals as themselves (`LIKE 'pg\_%'`, [`quote_literal`]), which
+/// a legacy database's `standard_conforming_strings = off` read as escapes (the catalog
+/// filter then matched every schema starting with `pg` and one more character, and left
+/// their tables out of the selection without a word).
+///
+/// [`quote_literal`]: crate::source::quote_literal
+pub const SCHEMA_SAFE: &str = "SELECT pg_catalog.set_config('search_path', '', false), \
+     pg_catalog.set_config('standard_conforming_strings', 'on', false)";
 
 /// `SET name = 'value'; ...` for a SQL session.
 pub fn rendering_sql() -> String {

@@ -435,7 +435,9 @@ async fn full_identity_rows_are_matched_whatever_the_databases_output_settings()
          CREATE TABLE legacy (b bytea, at timestamptz, d date, iv interval, f float8,
                               ok bool, ip inet, code char(5), doc xml, tags text[],
                               r regclass, n text);
-         ALTER TABLE legacy REPLICA IDENTITY FULL;",
+         ALTER TABLE legacy REPLICA IDENTITY FULL;
+         CREATE SCHEMA pgapp;
+         CREATE TABLE pgapp.orders (id int PRIMARY KEY, note text);",
     )
     .await;
     // Different on each side, as two clusters set up years apart would be.
@@ -447,7 +449,8 @@ async fn full_identity_rows_are_matched_whatever_the_databases_output_settings()
              ALTER DATABASE app SET IntervalStyle = 'sql_standard';
              ALTER DATABASE app SET TimeZone = 'America/New_York';
              ALTER DATABASE app SET extra_float_digits = 0;
-             ALTER DATABASE app SET search_path = app1, public;",
+             ALTER DATABASE app SET search_path = app1, public;
+             ALTER DATABASE app SET standard_conforming_strings = off;",
         )
         .await
         .unwrap();
@@ -459,17 +462,24 @@ async fn full_identity_rows_are_matched_whatever_the_databases_output_settings()
              ALTER DATABASE app SET TimeZone = 'Asia/Kolkata';
              ALTER DATABASE app SET extra_float_digits = 1;
              ALTER DATABASE app SET xmloption = document;
-             ALTER DATABASE app SET array_nulls = off;",
+             ALTER DATABASE app SET array_nulls = off;
+             ALTER DATABASE app SET standard_conforming_strings = off;",
         )
         .await
         .unwrap();
     let source = pair.source_client().await;
+    // This test's own literals are written with standard strings.
+    source
+        .batch_execute("SET standard_conforming_strings = on")
+        .await
+        .unwrap();
     // One row through the copy.
     source
         .batch_execute(
             r#"INSERT INTO public.legacy VALUES
                  ('\x00'::bytea, '2026-11-21 23:30:00+00', '2026-01-01', '1 day', 2.5, true,
-                  '10.9.9.9', 'C', 'fragment <i>copied</i>', '{z,NULL}', 'app1.x', 'copied');"#,
+                  '10.9.9.9', 'C', 'fragment <i>copied</i>', '{z,NULL}', 'app1.x', 'copied');
+               INSERT INTO pgapp.orders VALUES (1, 'copied');"#,
         )
         .await
         .unwrap();
@@ -509,6 +519,23 @@ async fn full_identity_rows_are_matched_whatever_the_databases_output_settings()
         .map(|r| r.get(0))
         .collect();
     assert_eq!(names, ["copied updated", "one updated", "two updated"]);
+    // A schema named pg and one more character is a user schema under a legacy
+    // standard_conforming_strings = off too: selected, copied and streamed.
+    source
+        .batch_execute(r"INSERT INTO pgapp.orders VALUES (2, 'stre\amed')")
+        .await
+        .unwrap();
+    pair.wait_caught_up(&daemon).await;
+    let orders: Vec<String> = pair
+        .target_client()
+        .await
+        .query("SELECT note FROM pgapp.orders ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(orders, ["copied", r"stre\amed"]);
     // Each regclass names the table it named on the source, and NULL elements stayed NULL.
     let target = pair.target_client().await;
     let row = target
