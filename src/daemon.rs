@@ -351,7 +351,7 @@ pub async fn ensure_publication(
     source: &Client,
     publication: &str,
     tables: &[SourceTable],
-    forget_copies: &dyn Fn(&[String]) -> Result<bool>,
+    forget_copies: &dyn Fn(&[String]) -> Result<Vec<String>>,
 ) -> Result<()> {
     if tables.is_empty() {
         return Err(Error::config(
@@ -366,12 +366,13 @@ pub async fn ensure_publication(
     // copies are forgotten and the next start copies them afresh, as the monitor does
     // when this happens while streaming.
     let then = |names: &[String]| -> Result<String> {
-        Ok(match forget_copies(names)? {
-            true => format!(
+        let forgotten = forget_copies(names)?;
+        Ok(match forgotten.is_empty() {
+            false => format!(
                 " Their changes while left out were not sent: sluice forgot its copies of {}, so once the publication is mended, empty them on the target (TRUNCATE) and start sluice run again; it copies them afresh before streaming resumes (a table selected since the copy is simply copied)",
-                names.join(", ")
+                forgotten.join(", ")
             ),
-            false => String::new(),
+            true => String::new(),
         })
     };
     if !missing.is_empty() {
@@ -386,7 +387,7 @@ pub async fn ensure_publication(
             then(&dropped)?
         };
         return Err(Error::definite(format!(
-            "{}{then}",
+            "{}.{then}",
             unpublished_message(publication, &missing)
         )));
     }
@@ -942,17 +943,34 @@ async fn run_pipeline(
     let made_for = snapshot::state::load_state(store)?
         .and_then(|copy| copy.publication)
         .filter(|made_for| *made_for != config.source.publication);
-    let published =
-        ensure_publication(
-            &source,
-            &config.source.publication,
-            &tables,
-            &|names| match &made_for {
-                Some(_) => Ok(false),
-                None => crate::control::monitor::forget_copies(config, store, names),
-            },
-        )
-        .await;
+    let published = ensure_publication(
+        &source,
+        &config.source.publication,
+        &tables,
+        // Only tables the copy holds have a copy to forget; one never copied is simply
+        // copied once published.
+        &|names| {
+            if made_for.is_some() {
+                return Ok(Vec::new());
+            }
+            let copied: Vec<String> = snapshot::state::load_tables(store)?
+                .into_iter()
+                .filter(|record| record.finished)
+                .map(|record| record.name.to_string())
+                .filter(|name| names.contains(name))
+                .collect();
+            if copied.is_empty() {
+                return Ok(copied);
+            }
+            Ok(
+                match crate::control::monitor::forget_copies(config, store, &copied)? {
+                    true => copied,
+                    false => Vec::new(),
+                },
+            )
+        },
+    )
+    .await;
     if let (Err(error), Some(made_for)) = (&published, &made_for) {
         return Err(Error::definite(format!(
             "{} Note: this migration's copy was made for publication {}, and source.publication now names {}: if that was not meant, set source.publication back to {} (nothing was forgotten or lost)",

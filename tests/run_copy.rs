@@ -2160,18 +2160,33 @@ async fn a_table_left_out_of_the_publication_while_stopped_is_copied_again() {
         .batch_execute(
             "ALTER PUBLICATION sluice DROP TABLE left_out;
              UPDATE left_out SET v = 'changed while left out' WHERE id <= 10;
-             INSERT INTO left_out VALUES (1000, 'new while left out');",
+             INSERT INTO left_out VALUES (1000, 'new while left out');
+             CREATE TABLE fresh (id int PRIMARY KEY);
+             INSERT INTO fresh SELECT generate_series(1, 10);",
         )
+        .await
+        .unwrap();
+    // A table created since, never published nor copied: refused too, but it has no copy
+    // to forget.
+    pair.target_client()
+        .await
+        .batch_execute("CREATE TABLE fresh (id int PRIMARY KEY)")
         .await
         .unwrap();
     let (code, _, stderr) = sluice(&["run", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 1, "{stderr}");
     assert!(
-        stderr.contains("sluice forgot its copies of public.left_out"),
+        stderr.contains(
+            "does not publish these selected tables: public.fresh, public.left_out. Add them"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("sluice forgot its copies of public.left_out, so"),
         "{stderr}"
     );
     source
-        .batch_execute("ALTER PUBLICATION sluice ADD TABLE left_out")
+        .batch_execute("ALTER PUBLICATION sluice ADD TABLE left_out, fresh")
         .await
         .unwrap();
     pair.target_client()
@@ -2188,4 +2203,5 @@ async fn a_table_left_out_of_the_publication_while_stopped_is_copied_again() {
     );
     pair.assert_same("left_out").await;
     pair.assert_same("kept").await;
+    pair.assert_same("fresh").await;
 }
