@@ -119,6 +119,12 @@ async fn sequences_follow_the_source_and_never_go_back() {
         "{}",
         show(&output)
     );
+    // Kept where it is, and the line says so rather than calling last_value its next value.
+    assert!(
+        stdout(&output).contains("at the source's exact position already (last_value 40)"),
+        "{}",
+        show(&output)
+    );
     assert_eq!(next_value(t, "public.a_id_seq", 1).await, 42);
 
     // A margin moves them further, in increments.

@@ -92,6 +92,8 @@ pub enum SeqAction {
     /// target takes the source's exact state, `setval(seq, last_value, is_called)`, so its
     /// next `nextval` does what the source's would (wrap, or fail).
     Mirror { state: SeqState },
+    /// As `Mirror`, with the target in that exact state already (a second run).
+    Mirrored { state: SeqState },
 }
 
 /// Decides the target's new position (pure, so the rules are unit-tested).
@@ -113,10 +115,7 @@ pub fn plan(
         });
     let Some(wanted_next) = wanted_next else {
         return Ok(if target == source {
-            SeqAction::Keep {
-                target_next: target.last_value,
-                wanted_next: source.last_value,
-            }
+            SeqAction::Mirrored { state: source }
         } else {
             SeqAction::Mirror { state: source }
         });
@@ -410,6 +409,17 @@ pub async fn sync(
                 );
                 report.set += 1;
             }
+            SeqAction::Mirrored { state } => {
+                crate::say!(
+                    "KEPT {} (used by {used_by}): at the source's exact position already (last_value {}{}): its next value plus a margin of {margin} is outside the sequence's range [{}, {}]",
+                    sequence.name,
+                    state.last_value,
+                    if state.is_called { "" } else { ", never used" },
+                    sequence.min,
+                    sequence.max,
+                );
+                report.kept += 1;
+            }
             SeqAction::Keep {
                 target_next,
                 wanted_next,
@@ -554,6 +564,11 @@ mod tests {
         );
         // Run again: the same state is kept.
         let action = plan(&cycling, state(40, true), state(40, true), 0).unwrap();
-        assert!(matches!(action, SeqAction::Keep { .. }), "{action:?}");
+        assert_eq!(
+            action,
+            SeqAction::Mirrored {
+                state: state(40, true)
+            }
+        );
     }
 }
