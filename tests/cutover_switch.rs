@@ -163,8 +163,26 @@ async fn cutover_dry_run_changes_nothing_and_without_progress_it_stops() {
         assert!(out.contains("no applied position for slot sluice"), "{out}");
         assert!(out.contains("sluice run is not running"), "{out}");
         assert!(!out.contains("FROZEN"), "{out}");
+        assert!(!out.contains("still frozen"), "{out}");
         assert!(!read_only(&setup).await);
     }
+    // Still frozen by an earlier cutover: "nothing was changed" comes with the freeze that
+    // stays, and its undo.
+    app.batch_execute("ALTER DATABASE src SET default_transaction_read_only = on")
+        .await
+        .unwrap();
+    let output = setup.sluice(&["cutover", "--dry-run"]).await;
+    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
+    let out = stdout(&output);
+    assert!(
+        out.contains("Cutover NOT ready (nothing was changed)")
+            && out.contains("the source database src is still frozen by an earlier cutover")
+            && out.contains(r#"ALTER DATABASE "src" RESET default_transaction_read_only"#),
+        "{out}"
+    );
+    app.batch_execute("ALTER DATABASE src RESET default_transaction_read_only")
+        .await
+        .unwrap();
 
     let stand_in = daemon_stand_in(&setup).await;
     let output = setup
@@ -419,13 +437,19 @@ async fn cutover_is_not_ready_while_a_prepared_transaction_is_pending() {
             && out.contains("role(s) app turn the freeze off"),
         "{out}"
     );
+    // The printed fix works as given, from a new session of the frozen database.
+    let fix = out
+        .split("turn the freeze off for their own sessions: ")
+        .nth(1)
+        .and_then(|rest| rest.split(" then run cutover again").next())
+        .unwrap_or_else(|| panic!("no fix printed: {out}"));
     setup
         .pg
         .connect("src")
         .await
-        .batch_execute("BEGIN READ WRITE; ALTER ROLE app IN DATABASE src RESET default_transaction_read_only; COMMIT")
+        .batch_execute(fix)
         .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{fix}: {e}"));
     let output = cutover().await;
     stand_in.abort();
     assert_eq!(output.status.code(), Some(0), "{}", show(&output));

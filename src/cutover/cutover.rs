@@ -293,6 +293,13 @@ pub async fn command(config: &Config, args: &CutoverArgs) -> Result<i32> {
         for problem in &problems {
             crate::say!("  - {problem}");
         }
+        // "Nothing was changed" must not read as "the source takes writes": an earlier
+        // cutover's freeze is still in place until it is undone.
+        if source_frozen(&source).await {
+            crate::say!(
+                "Note: the source database {database} is still frozen by an earlier cutover (default_transaction_read_only = on): new transactions there are read-only. To let the application write again: {undo_sql}"
+            );
+        }
         return Ok(1);
     }
     let outcome = freeze_and_switch(
@@ -621,9 +628,22 @@ async fn freeze_and_switch(
                 );
             }
             if !overriding_roles.is_empty() {
+                // Run on the frozen database, the ALTER ROLEs need a read-write transaction
+                // of their own, as the freeze's undo does.
+                let resets: Vec<String> = overriding_roles
+                    .iter()
+                    .map(|role| {
+                        let role = quote_ident(role);
+                        format!(
+                            "ALTER ROLE {role} RESET default_transaction_read_only; ALTER ROLE {role} IN DATABASE {} RESET default_transaction_read_only;",
+                            quote_ident(database)
+                        )
+                    })
+                    .collect();
                 crate::say!(
-                    "  - role(s) {} turn the freeze off for their own sessions: ALTER ROLE ... RESET default_transaction_read_only (and ALTER ROLE ... IN DATABASE ... RESET default_transaction_read_only) for each, then run cutover again",
-                    overriding_roles.join(", ")
+                    "  - role(s) {} turn the freeze off for their own sessions: BEGIN READ WRITE; {} COMMIT; then run cutover again",
+                    overriding_roles.join(", "),
+                    resets.join(" ")
                 );
             }
             if !still_writable.is_empty() {
