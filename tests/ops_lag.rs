@@ -406,3 +406,19 @@ async fn a_one_shot_lag_that_cannot_measure_exits_1() {
         "{text}"
     );
 }
+
+/// Before the first `sluice run` (or after `teardown`) there is no slot, so there is no lag
+/// to measure: a one-shot says why and exits 1, as when the source cannot be read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shot_lag_before_the_slot_exists_exits_1() {
+    let pair =
+        crate::support::sluice::Pair::with_schema("CREATE TABLE t (id int PRIMARY KEY);").await;
+    let config = pair.config("");
+    let (code, stdout, stderr) =
+        crate::support::sluice::sluice(&["lag", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(" lag - ") && stdout.contains("Slot sluice does not exist on the source"),
+        "{stdout}"
+    );
+}

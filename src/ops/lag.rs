@@ -180,9 +180,10 @@ pub async fn run(config: &Config, args: &LagArgs) -> Result<i32> {
             }
         } else if !args.follow {
             // One line, and the lag could not be measured (the source or the target could
-            // not be read): a script's `sluice lag || alert` must not see success.
-            let unmeasured =
-                current.report.lag_bytes.is_none() && current.report.last_error.is_some();
+            // not be read; with no daemon, no slot or no applied position to measure from):
+            // a script's `sluice lag || alert` must not see success.
+            let unmeasured = current.report.lag_bytes.is_none()
+                && (current.report.last_error.is_some() || origin == Origin::Direct);
             return Ok(if unmeasured { 1 } else { 0 });
         }
         previous = Some(current);
