@@ -1567,3 +1567,66 @@ async fn a_stop_while_apply_waits_on_a_target_lock_ends_within_the_grace_period(
     pair.wait_caught_up(&daemon).await;
     pair.assert_same("accounts").await;
 }
+
+/// A target table another session keeps locked: apply waits without an error, so status
+/// names the session it waits for (an operator saw only `lag_seconds` grow), and the
+/// warning goes once the lock is released.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lock_held_on_the_target_is_named_in_status_while_apply_waits() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    let config = pair.config("");
+    let daemon = pair.start_daemon(&config).await;
+    let locker = pair.target_client().await;
+    let locker_pid: i32 = locker
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    pair.source_client()
+        .await
+        .batch_execute("UPDATE accounts SET balance = 7 WHERE id = 1")
+        .await
+        .unwrap();
+    let lock_warning = || {
+        let (code, stdout, stderr) =
+            sluice(&["status", "--json", "--config", config.to_str().unwrap()]);
+        assert_eq!(code, 0, "{stderr}");
+        let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let warning = report["warnings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|w| w.as_str())
+            .find(|w| w.starts_with("Apply has waited"))
+            .map(String::from);
+        (warning, report)
+    };
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let warning = loop {
+        let (warning, report) = lock_warning();
+        if let Some(warning) = warning {
+            assert_eq!(report["state"], "streaming", "{report}");
+            break warning;
+        }
+        assert!(Instant::now() < deadline, "no lock-wait warning: {report}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(warning.contains(&format!("pid {locker_pid} ")), "{warning}");
+    assert!(warning.contains("idle in transaction"), "{warning}");
+    assert!(
+        warning.contains("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE"),
+        "{warning}"
+    );
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    pair.wait_caught_up(&daemon).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let (Some(warning), _) = lock_warning() {
+        assert!(Instant::now() < deadline, "the warning stayed: {warning}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_all_same(&pair).await;
+}

@@ -42,6 +42,7 @@ pub mod batch;
 pub mod executor;
 pub mod sql;
 pub mod target;
+pub mod waits;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -151,7 +152,9 @@ pub struct TargetClients {
 }
 
 pub struct Applier {
-    catalog: Client,
+    catalog: Arc<Client>,
+    /// Names, in a status warning, the sessions a waiting apply statement waits for.
+    _lock_waits: waits::LockWaitWatcher,
     /// Permits for rows handed to the executor and not yet executed.
     in_flight: Arc<Semaphore>,
     rows_in_flight_limit: usize,
@@ -200,6 +203,14 @@ impl Applier {
         progress: Arc<Progress>,
     ) -> Result<Applier> {
         let citus = crate::citus::detect(&target.catalog).await?.is_some();
+        let apply_pid: i32 = target
+            .apply
+            .query_one("SELECT pg_catalog.pg_backend_pid()", &[])
+            .await
+            .map_err(|e| crate::error::pg("Preparing the apply session on the target", e))?
+            .get(0);
+        let catalog = Arc::new(target.catalog);
+        let lock_waits = waits::LockWaitWatcher::start(catalog.clone(), apply_pid, status.clone());
         let (executor, replica_role) = Executor::new(
             target.apply,
             store,
@@ -216,7 +227,8 @@ impl Applier {
             .min(Semaphore::MAX_PERMITS)
             .min(u32::MAX as usize);
         Ok(Applier {
-            catalog: target.catalog,
+            catalog,
+            _lock_waits: lock_waits,
             in_flight: Arc::new(Semaphore::new(rows_in_flight_limit)),
             rows_in_flight_limit,
             kib_in_flight: Arc::new(Semaphore::new(KIB_IN_FLIGHT)),
