@@ -238,6 +238,8 @@ async fn supervise(
         }
         let progress = Arc::new(Progress::default());
         let started = Instant::now();
+        let mut caught_up_before = None;
+        status.update(|s| caught_up_before = s.caught_up_lsn);
         let outcome = pipeline(
             config,
             store,
@@ -258,12 +260,24 @@ async fn supervise(
                 .or_default() += 1;
             s.last_error = Some(error.report());
         });
-        // A pipeline that ran a while before failing starts its backoff afresh.
-        if started.elapsed() > Duration::from_secs(60) {
+        // A pipeline that ran a while, or committed something on the target, before failing
+        // starts its backoff afresh: after a server restart that went well, the next outage
+        // is a new one (growing across them, a restart a minute later waited 20 s after the
+        // server was back). Failing again before anything commits still backs off.
+        let mut caught_up_after = None;
+        status.update(|s| caught_up_after = s.caught_up_lsn);
+        if started.elapsed() > Duration::from_secs(60) || caught_up_after > caught_up_before {
             retry.reset();
         }
         let wait = match error.kind() {
             ErrorKind::Transient => {
+                // Nothing is applied until the pipeline is back: not `streaming` meanwhile
+                // (last_error says why). A stall stays a stall.
+                status.update(|s| {
+                    if matches!(s.state, DaemonState::Streaming | DaemonState::Copying) {
+                        s.state = DaemonState::Starting;
+                    }
+                });
                 let wait = retry.step();
                 tracing::warn!("{}; retrying in {:.1}s", error.report(), wait.as_secs_f64());
                 wait

@@ -90,6 +90,26 @@ async fn schema_then_run_then_deferred_ddl_then_verify_then_teardown() {
     // A slot dropped behind sluice's back: starting again on this state dir would stream
     // from a new slot's "now" and lose what is written in between. Refused, with nothing
     // created.
+    // The walsender outlives its client by a moment: the slot is active until it ends.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let inactive: bool = source
+            .query_one(
+                "SELECT NOT active FROM pg_replication_slots WHERE slot_name = 'sluice'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if inactive {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot stays active"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     source
         .batch_execute(
             "SELECT pg_drop_replication_slot('sluice');

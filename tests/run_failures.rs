@@ -1630,3 +1630,66 @@ async fn a_lock_held_on_the_target_is_named_in_status_while_apply_waits() {
     }
     assert_all_same(&pair).await;
 }
+
+/// While the target is down nothing is applied: status says `starting` (reconnecting, with
+/// the reason in last_error), not `streaming`. And an outage after a recovery that applied
+/// something is a new one: its retries start from the shortest wait again, not from where
+/// the last outage's backoff had grown to (a restart a minute later waited 20 s after the
+/// server was back).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_outage_shows_as_starting_and_each_outage_backs_off_afresh() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    let config = pair.config("");
+    let daemon = pair.start_daemon(&config).await;
+    let source = pair.source_client().await;
+    let status = || {
+        let (code, stdout, stderr) =
+            sluice(&["status", "--json", "--config", config.to_str().unwrap()]);
+        assert_eq!(code, 0, "{stderr}");
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap()
+    };
+    let retries_after = |from: usize| -> Vec<f64> {
+        daemon.log()[from..]
+            .split("retrying in ")
+            .skip(1)
+            .filter_map(|rest| rest.split('s').next()?.parse().ok())
+            .collect()
+    };
+    for outage in 0..2 {
+        let log_before = daemon.log().len();
+        pair.target.stop();
+        source
+            .batch_execute(&format!(
+                "INSERT INTO history (account, delta) VALUES (1, {outage})"
+            ))
+            .await
+            .unwrap();
+        // Long enough for the backoff to grow: several retries.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let report = loop {
+            let report = status();
+            if report["state"] == "starting" && retries_after(log_before).len() >= 3 {
+                break report;
+            }
+            assert!(Instant::now() < deadline, "{report}\n{}", daemon.log());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(
+            report["last_error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("the target"),
+            "{report}"
+        );
+        let retries = retries_after(log_before);
+        assert!(
+            retries[0] <= 0.5,
+            "outage {outage} started its backoff at {retries:?}:\n{}",
+            daemon.log()
+        );
+        pair.target.start_again();
+        pair.wait_caught_up(&daemon).await;
+        assert_eq!(status()["state"], "streaming");
+    }
+    assert_all_same(&pair).await;
+}
