@@ -404,12 +404,27 @@ pub async fn ensure_position_table(target: &Client) -> Result<()> {
     if present {
         return Ok(());
     }
+    // A schema created for sluice by an administrator (what `check` offers instead of the
+    // database's CREATE privilege) is used as it is: `CREATE SCHEMA IF NOT EXISTS` checks
+    // that privilege even when the schema exists.
+    let schema_exists: bool = target
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = 'sluice')",
+            &[],
+        )
+        .await
+        .map_err(|e| error::pg("Looking for schema sluice on the target", e))?
+        .get(0);
+    let create_schema = match schema_exists {
+        true => "",
+        false => "CREATE SCHEMA IF NOT EXISTS sluice;",
+    };
     target
-        .batch_execute(
+        .batch_execute(&format!(
             // Quietly: "already exists, skipping" notices on every reconnect are noise.
             "BEGIN;
              SET LOCAL client_min_messages = warning;
-             CREATE SCHEMA IF NOT EXISTS sluice;
+             {create_schema}
              CREATE TABLE IF NOT EXISTS sluice.applied_position (
                  slot text PRIMARY KEY,
                  source_system_identifier text NOT NULL,
@@ -424,8 +439,8 @@ pub async fn ensure_position_table(target: &Client) -> Result<()> {
                  sync_lsn pg_lsn NOT NULL,
                  PRIMARY KEY (slot, table_schema, table_name)
              );
-             COMMIT;",
-        )
+             COMMIT;"
+        ))
         .await
         .map_err(|e| {
             let hint = match e.code().map(|c| c.code()) {

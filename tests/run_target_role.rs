@@ -280,3 +280,33 @@ async fn without_the_replica_role_tables_are_copied_after_those_their_foreign_ke
     )
     .await;
 }
+
+/// A target user without CREATE on the database, for whom an administrator created schema
+/// sluice (what `check` offers instead of the GRANT): `check` passes and so does `run`
+/// (`CREATE SCHEMA IF NOT EXISTS` checks the database privilege even when the schema exists).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sluice_schema_created_by_an_administrator_is_used_without_create_on_the_database() {
+    let pair = pair_with_a_plain_target_user().await;
+    pair.target_client()
+        .await
+        .batch_execute(
+            "REVOKE CREATE ON DATABASE app FROM writer;
+             CREATE SCHEMA sluice AUTHORIZATION writer;",
+        )
+        .await
+        .unwrap();
+    let config = config_as_writer(&pair, "sluice", "enabled = true\n");
+    let (code, stdout, stderr) = sluice(&["check", "--config", config.to_str().unwrap()]);
+    assert!(stdout.contains("\n0 FAIL"), "{stdout}{stderr}");
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let log = pair.dir.path().join("run.log");
+    let daemon = Daemon::spawn(&config, &log);
+    daemon.wait_for_log("initial copy finished").await;
+    pair.source_client()
+        .await
+        .batch_execute("INSERT INTO customers VALUES (300001, 'streamed')")
+        .await
+        .unwrap();
+    pair.catch_up_and_compare(&daemon, &["customers", "orders"])
+        .await;
+}
