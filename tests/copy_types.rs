@@ -327,3 +327,65 @@ async fn row_level_security_never_hides_rows_from_the_copy() {
         "{stdout}"
     );
 }
+
+/// SELECT on a table without USAGE on its schema: `check` said the table was readable and
+/// the copy failed with PostgreSQL's bare "permission denied for schema". Both name the
+/// GRANT now, and with it the copy goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_schema_without_usage_is_named_with_its_grant() {
+    let pair = start_pair().await;
+    pair.schema("CREATE SCHEMA sales; CREATE TABLE sales.items (id int PRIMARY KEY);")
+        .await;
+    pair.src
+        .batch_execute(
+            "CREATE ROLE reader LOGIN REPLICATION;
+             INSERT INTO sales.items SELECT generate_series(1, 20);
+             GRANT SELECT ON sales.items TO reader;
+             CREATE PUBLICATION sluice FOR ALL TABLES;",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[source]\nurl = \"postgresql://reader@127.0.0.1:{}/app\"\n[target]\nurl = \"{}\"\n[state]\ndir = \"{}\"\n",
+        pair.source.port,
+        pair.target.url("app"),
+        dir.path().join("state").display()
+    );
+    let config_path = dir.path().join("sluice.toml");
+    std::fs::write(&config_path, &text).unwrap();
+    let (code, stdout, _) =
+        crate::support::sluice::sluice(&["check", "--config", config_path.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("FAIL")
+            && l.contains("schema sales is not usable by this user")
+            && l.contains("GRANT USAGE ON SCHEMA \"sales\"")),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("may read all"), "{stdout}");
+
+    let config =
+        sluice::config::Config::parse(&text, "test", &sluice::config::Overrides::default())
+            .unwrap();
+    let store = Store::open(&config.state.dir).unwrap();
+    let ctx = pair.context(config.clone(), &store).await;
+    let error = initial_copy(&ctx).await.unwrap_err().report();
+    assert!(
+        error.contains("sales.items") && error.contains("GRANT USAGE ON SCHEMA"),
+        "{error}"
+    );
+    pair.src
+        .batch_execute("GRANT USAGE ON SCHEMA sales TO reader")
+        .await
+        .unwrap();
+    let ctx = pair.context(config, &store).await;
+    initial_copy(&ctx).await.unwrap();
+    let on_target: i64 = pair
+        .dst
+        .query_one("SELECT count(*) FROM sales.items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(on_target, 20);
+}

@@ -546,6 +546,29 @@ async fn check_read_privilege(
         .await
         .map_err(|e| error::pg("Checking SELECT privileges on the source", e))?;
     let denied: BTreeSet<u32> = rows.iter().map(|r| r.get::<_, u32>(0)).collect();
+    // SELECT on a table is of no use without USAGE on its schema (the copy fails there).
+    let unusable: Vec<String> = client
+        .query(
+            "SELECT DISTINCT n.nspname::text
+             FROM unnest($1::oid[]) AS o
+             JOIN pg_catalog.pg_class AS c ON c.oid = o
+             JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace
+             WHERE NOT has_schema_privilege(n.oid, 'USAGE')
+             ORDER BY 1",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| error::pg("Checking schema USAGE privileges on the source", e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for schema in &unusable {
+        out.fail(format!(
+            "source: schema {} is not usable by this user (no USAGE privilege), so its tables cannot be read: GRANT USAGE ON SCHEMA {} TO the sluice user",
+            crate::source::display_ident(schema),
+            crate::source::quote_ident(schema)
+        ));
+    }
     // Row-level security filters what this user's COPY reads (the stream is not filtered):
     // the copy refuses such a table (row_security = off) rather than copy part of it.
     if copy_enabled {
@@ -558,7 +581,7 @@ async fn check_read_privilege(
             ));
         }
     }
-    if denied.is_empty() {
+    if denied.is_empty() && unusable.is_empty() {
         out.pass(format!(
             "source: the user may read all {} selected tables",
             tables.len()

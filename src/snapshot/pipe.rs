@@ -289,6 +289,8 @@ impl Worker {
 fn source_error(what: &str, e: tokio_postgres::Error) -> Error {
     let hint = if is_row_security_refusal(&e) {
         ": row-level security policies would hide rows from this user, so nothing is copied rather than a part; let the source user bypass them (ALTER ROLE ... BYPASSRLS, as a superuser), connect as the table's owner, or exclude the table in [tables]"
+    } else if e.code().map(|c| c.code()) == Some("42501") {
+        ": the source user may not read the table; GRANT USAGE ON SCHEMA (of the table) and SELECT ON the table TO it, or exclude the table in [tables] (`sluice check` lists what is missing)"
     } else {
         ""
     };
@@ -307,6 +309,9 @@ fn target_error(what: &str, e: tokio_postgres::Error) -> Error {
     let hint = match e.code().map(|c| c.code()) {
         _ if is_row_security_refusal(&e) => {
             ": row-level security policies on the target table apply to this user; let it bypass them (ALTER ROLE ... BYPASSRLS) or connect as the table's owner"
+        }
+        Some("42501") => {
+            ": the target user lacks a privilege the copy needs (INSERT on the table, USAGE on its schema); GRANT it, or connect as the table's owner (`sluice check` lists what is missing)"
         }
         // untranslatable_character: a text value, not a column type.
         Some("22P05") => {
