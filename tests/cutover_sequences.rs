@@ -180,16 +180,22 @@ async fn a_sequence_the_user_may_not_set_is_named_with_its_grants_and_the_rest_s
         ),
     )
     .unwrap();
-    let output = setup.sluice_with(&config, &["sync-sequences"]).await;
-    assert_eq!(output.status.code(), Some(1), "{}", show(&output));
-    let out = stdout(&output);
-    assert!(
-        out.lines().any(|l| l.starts_with("FAILED public.closed_id_seq")
-            && l.contains(
-                r#"on the target: GRANT SELECT, UPDATE ON SEQUENCE "public"."closed_id_seq" TO "seq_user""#
-            )),
-        "{out}"
-    );
+    // The dry run says what the real run will be refused (it said WOULD SET, exit 0).
+    for args in [
+        &["sync-sequences", "--dry-run"][..],
+        &["sync-sequences"][..],
+    ] {
+        let output = setup.sluice_with(&config, args).await;
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {}", show(&output));
+        let out = stdout(&output);
+        assert!(
+            out.lines().any(|l| l.starts_with("FAILED public.closed_id_seq")
+                && l.contains(
+                    r#"on the target: GRANT SELECT, UPDATE ON SEQUENCE "public"."closed_id_seq" TO "seq_user""#
+                )),
+            "{args:?}: {out}"
+        );
+    }
     let open: i64 = setup
         .target
         .query_one("SELECT last_value FROM public.open_id_seq", &[])

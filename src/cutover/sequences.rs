@@ -361,7 +361,30 @@ pub async fn sync(
         };
         let set = |value: i64, is_called: bool| async move {
             if dry_run {
-                return Ok(());
+                // What the real run would be refused: said by the dry run too.
+                let may: bool = target
+                    .query_one(
+                        "SELECT pg_catalog.has_sequence_privilege($1::text::regclass, 'UPDATE')",
+                        &[&sequence.name.quoted()],
+                    )
+                    .await
+                    .map_err(|e| {
+                        error::pg(
+                            format!(
+                                "Reading the privileges on sequence {} on the target",
+                                sequence.name
+                            ),
+                            e,
+                        )
+                    })?
+                    .get(0);
+                return match may {
+                    true => Ok(()),
+                    false => Err(Error::definite(format!(
+                        "Setting sequence {} on the target would fail: permission denied (no UPDATE privilege)",
+                        sequence.name
+                    ))),
+                };
             }
             target
                 .execute(
