@@ -55,6 +55,10 @@ pub enum Work {
     Rollback,
 }
 
+/// The refusal of `session_replication_role = replica` was logged by this process.
+static REPLICA_ROLE_REFUSAL_SAID: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 pub struct Executor {
     client: Client,
     store: Store,
@@ -96,7 +100,10 @@ impl Executor {
             .await
         {
             Ok(()) => true,
-            Err(error) => {
+            // Said once per daemon, not at every reconnect (runbook.md).
+            Err(error)
+                if !REPLICA_ROLE_REFUSAL_SAID.swap(true, std::sync::atomic::Ordering::Relaxed) =>
+            {
                 tracing::warn!(
                     "The target user may not set session_replication_role = replica ({}): \
                      applying with triggers and foreign-key checks on, in exact source order \
@@ -109,6 +116,7 @@ impl Executor {
                 );
                 false
             }
+            Err(_) => false,
         };
         Ok((
             Executor {
