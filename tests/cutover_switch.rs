@@ -337,6 +337,19 @@ async fn cutover_is_not_ready_while_a_session_opened_before_the_freeze_may_survi
         "{out}"
     );
     assert!(!read_only(&setup).await);
+    // Owned by a superuser: membership in it would make the user one, so the advice is
+    // to hand the database over instead.
+    setup
+        .source
+        .batch_execute("ALTER DATABASE src OWNER TO postgres")
+        .await
+        .unwrap();
+    let out = stdout(&cutover().await);
+    assert!(
+        out.contains("ALTER DATABASE \"src\" OWNER TO \"owner\"")
+            && !out.contains("GRANT \"postgres\" TO"),
+        "{out}"
+    );
 
     // Owning it, but unable to end a superuser's session.
     setup

@@ -120,7 +120,8 @@ async fn preflight(
                 "SELECT current_user::text, current_database()::text, d.datdba::regrole::text,
                         r.rolsuper OR pg_has_role(current_user, d.datdba, 'MEMBER'),
                         r.rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'USAGE'),
-                        r.rolsuper OR pg_has_role(current_user, 'pg_signal_backend', 'USAGE')
+                        r.rolsuper OR pg_has_role(current_user, 'pg_signal_backend', 'USAGE'),
+                        (SELECT o.rolsuper FROM pg_roles o WHERE o.oid = d.datdba)
                  FROM pg_database d, pg_roles r
                  WHERE d.datname = current_database() AND r.rolname = current_user",
                 &[],
@@ -130,10 +131,18 @@ async fn preflight(
         let (user, database, owner): (String, String, String) =
             (row.get(0), row.get(1), row.get(2));
         if !row.get::<_, bool>(3) {
+            // Membership in a superuser owner would make the user a superuser (SET ROLE):
+            // handing the database to it is the narrower grant.
+            let grant = match row.get::<_, Option<bool>>(6).unwrap_or(false) {
+                true => format!(
+                    "ALTER DATABASE {} OWNER TO {} (its owner {owner} is a superuser: membership in it would make {user} one too)",
+                    quote_ident(&database),
+                    quote_ident(&user)
+                ),
+                false => format!("GRANT {} TO {}", quote_ident(&owner), quote_ident(&user)),
+            };
             problems.push(format!(
-                "the source user {user} may not freeze database {database} (ALTER DATABASE needs its owner {owner} or a superuser): run cutover as {owner}, or GRANT {} TO {}",
-                quote_ident(&owner),
-                quote_ident(&user)
+                "the source user {user} may not freeze database {database} (ALTER DATABASE needs its owner {owner} or a superuser): run cutover as {owner}, or {grant}"
             ));
         }
         let mut missing = Vec::new();
