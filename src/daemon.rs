@@ -348,6 +348,30 @@ async fn supervise(
     }
 }
 
+/// A source user without the right to replicate gets its refusal before the publication is
+/// created (it was left behind by a start that failed only at the slot).
+async fn refuse_a_user_that_may_not_replicate(source: &Client) -> Result<()> {
+    let row = source
+        .query_one(
+            "SELECT r.rolsuper OR r.rolreplication
+                    OR (EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'rds_replication')
+                        AND pg_catalog.pg_has_role('rds_replication', 'MEMBER')),
+                    current_user::text
+             FROM pg_catalog.pg_roles AS r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(|e| error::pg("Reading the source user's replication right", e))?;
+    if row.get::<_, bool>(0) {
+        return Ok(());
+    }
+    let name: String = row.get(1);
+    let (shown, user) = (crate::source::display_ident(&name), quote_ident(&name));
+    Err(Error::definite(format!(
+        "The source user {shown} may not replicate, so no slot can be created or read: ALTER ROLE {user} REPLICATION (RDS: GRANT rds_replication TO {user}), then start sluice run again"
+    )))
+}
+
 /// Sleeps unless shutdown comes first; `false` means shut down.
 async fn sleep_or_shutdown(wait: Duration, mut shutdown: watch::Receiver<bool>) -> bool {
     if *shutdown.borrow() {
@@ -951,6 +975,7 @@ async fn run_pipeline(
             generated.join("; ")
         )));
     }
+    refuse_a_user_that_may_not_replicate(&source).await?;
     refuse_a_publication_newer_than_the_slot(&source, &target, store, slot, config).await?;
     // The copy was made for another publication: `source.publication` was changed, and the
     // tables it lacks were never out of this migration's publication. Their copies stay.

@@ -310,3 +310,38 @@ async fn a_sluice_schema_created_by_an_administrator_is_used_without_create_on_t
     pair.catch_up_and_compare(&daemon, &["customers", "orders"])
         .await;
 }
+
+/// A source user without REPLICATION: `run` says so before creating anything on the source
+/// (the publication was left behind by a start that failed only at the slot).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_user_that_may_not_replicate_is_refused_before_anything_is_created() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    pair.source_client()
+        .await
+        .batch_execute(
+            "CREATE ROLE reader LOGIN;
+             GRANT CREATE ON DATABASE app TO reader;
+             GRANT SELECT ON customers, orders TO reader;
+             ALTER TABLE customers OWNER TO reader;
+             ALTER TABLE orders OWNER TO reader;",
+        )
+        .await
+        .unwrap();
+    let config = pair.config_named(
+        "sluice",
+        &format!(
+            "host=127.0.0.1 port={} user=reader dbname=app",
+            pair.source.port
+        ),
+        &pair.target.dsn("app"),
+        "",
+    );
+    let (code, stdout, stderr) = sluice(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("The source user reader may not replicate")
+            && stderr.contains(r#"ALTER ROLE "reader" REPLICATION"#),
+        "{stderr}"
+    );
+    assert_eq!(source_objects(&pair).await, (0, 0));
+}
