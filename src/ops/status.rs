@@ -205,7 +205,11 @@ fn problem(report: &mut StatusReport, problems: &mut Vec<String>, error: crate::
         .errors_by_kind
         .entry(error.kind().as_str().to_string())
         .or_default() += 1;
-    problems.push(error.report());
+    // What the daemon stopped on is often what this reading finds again: said once.
+    let text = error.report();
+    if !problems.iter().any(|said| said.contains(&text)) {
+        problems.push(text);
+    }
 }
 
 async fn read_source(config: &Config) -> Result<crate::control::monitor::SlotSample> {
@@ -417,6 +421,25 @@ fn tables_section(tables: &[TableStatus]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_problem_the_daemon_stopped_on_is_said_once() {
+        let mut report = StatusReport::default();
+        let mut problems = vec!["sluice run stopped on: password authentication failed".into()];
+        problem(
+            &mut report,
+            &mut problems,
+            crate::error::Error::definite("password authentication failed"),
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        problem(
+            &mut report,
+            &mut problems,
+            crate::error::Error::definite("something else"),
+        );
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(report.errors_by_kind["definite"], 2);
+    }
 
     fn table(n: usize, state: TableState) -> TableStatus {
         TableStatus {
