@@ -605,7 +605,7 @@ async fn definite_errors_at_start_up_exit_1_within_seconds() {
     assert_eq!(code, 1, "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(20));
     assert!(
-        stderr.contains("the user lacks the REPLICATION attribute: ALTER ROLE <user> REPLICATION"),
+        stderr.contains(r#"The source user plain may not replicate, so no slot can be created or read: ALTER ROLE "plain" REPLICATION"#),
         "{stderr}"
     );
 }
