@@ -1140,8 +1140,16 @@ async fn run_pipeline(
             "created the deferred indexes and constraints before streaming"
         );
     }
-    if !to_analyze.is_empty() {
-        snapshot::analyze_in_background(config.target.conn.clone(), to_analyze);
+    if !to_analyze.is_empty()
+        && unless_stopped(
+            &shutdown,
+            snapshot::analyze_copied(&target, &to_analyze),
+            "stopping while analyzing the copied tables; autovacuum or ANALYZE by hand gives them statistics",
+        )
+        .await?
+        .is_none()
+    {
+        return Ok(());
     }
     // The state dir's positions, kept on the target too, and the target's for what a lost
     // or restored state dir no longer knows (the state dir's are the later ones).

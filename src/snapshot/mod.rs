@@ -222,39 +222,33 @@ pub fn tables_to_copy_late(store: &Store, tables: &[SourceTable]) -> Result<Vec<
 }
 
 /// Gives the planner statistics on the freshly copied tables (`ANALYZE`, as pgcopydb and
-/// PostgreSQL's own restore advice do), in the background: streaming need not wait for it,
-/// and a target whose autovacuum is off for the load still gets statistics before cutover.
-/// A failure only warns (autovacuum, or the operator, analyzes later); a stop cuts it short.
-pub fn analyze_in_background(target: crate::conninfo::ConnInfo, tables: Vec<TableName>) {
-    tokio::spawn(async move {
-        let started = std::time::Instant::now();
-        let client = match tls::connect(&target, "the target").await {
-            Ok(client) => client,
-            Err(e) => {
-                tracing::warn!(error = %e.report(), "could not connect to ANALYZE the copied tables; run ANALYZE on the target before cutover");
-                return;
-            }
-        };
-        let mut analyzed = 0;
-        for table in &tables {
-            match client
-                .batch_execute(&format!("ANALYZE {}", table.quoted()))
-                .await
-            {
-                Ok(()) => analyzed += 1,
-                Err(e) => tracing::warn!(
-                    table = %table,
-                    error = %error::pg("ANALYZE on the target", e).report(),
-                    "the copied table was not analyzed; autovacuum or ANALYZE by hand gives it statistics"
-                ),
-            }
+/// PostgreSQL's own restore advice do), before streaming starts: an autoanalyze that ran
+/// while a table was still empty (during its copy) left it with zero rows in the planner's
+/// eyes, and the first batched UPDATE, planned before a background ANALYZE finished, scanned
+/// the whole table once per row it matched (minutes, with `state` streaming). A failure
+/// only warns (autovacuum, or the operator, analyzes later).
+pub async fn analyze_copied(target: &Client, tables: &[TableName]) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut analyzed = 0;
+    for table in tables {
+        match target
+            .batch_execute(&format!("ANALYZE {}", table.quoted()))
+            .await
+        {
+            Ok(()) => analyzed += 1,
+            Err(e) => tracing::warn!(
+                table = %table,
+                error = %error::pg("ANALYZE on the target", e).report(),
+                "the copied table was not analyzed; autovacuum or ANALYZE by hand gives it statistics"
+            ),
         }
-        tracing::info!(
-            tables = analyzed,
-            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
-            "analyzed the copied tables on the target"
-        );
-    });
+    }
+    tracing::info!(
+        tables = analyzed,
+        seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+        "analyzed the copied tables on the target"
+    );
+    Ok(())
 }
 
 /// Per-table positions for streaming: a table re-copied under a fresh snapshot (its original
