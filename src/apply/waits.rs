@@ -1,4 +1,5 @@
-//! Says when the apply session waits on the target for a lock another session holds.
+//! Says when the apply session waits on the target for a lock another session holds, or
+//! runs one statement for minutes.
 //!
 //! A target table locked by someone else (a long migration script, an `idle in transaction`
 //! session, a `LOCK TABLE`) makes apply wait without an error: `state` stays `streaming`
@@ -18,6 +19,8 @@ use crate::control::SharedStatus;
 /// Lock waits shorter than this are ordinary on a busy target.
 const REPORT_AFTER: Duration = Duration::from_secs(10);
 const LOOK_EVERY: Duration = Duration::from_secs(2);
+/// A statement running this long without waiting on a lock is worth a word.
+const LONG_STATEMENT: Duration = Duration::from_secs(120);
 /// Every warning of the watcher starts so, and only those are replaced or removed.
 const PREFIX: &str = "Apply has waited ";
 
@@ -67,7 +70,7 @@ async fn lock_wait(
 ) -> Result<Option<String>, tokio_postgres::Error> {
     let rows = catalog
         .query(
-            "SELECT a.wait_event::text,
+            "SELECT a.wait_event_type::text || ': ' || a.wait_event::text,
                     extract(epoch FROM now() - a.query_start)::float8,
                     b.pid, b.usename::text, b.application_name::text, b.state::text,
                     extract(epoch FROM now() - COALESCE(b.xact_start, b.state_change))::float8,
@@ -75,7 +78,7 @@ async fn lock_wait(
              FROM pg_catalog.pg_stat_activity AS a
              LEFT JOIN pg_catalog.pg_stat_activity AS b
                     ON b.pid = ANY (pg_catalog.pg_blocking_pids(a.pid))
-             WHERE a.pid = $1 AND a.state = 'active' AND a.wait_event_type = 'Lock'
+             WHERE a.pid = $1 AND a.state = 'active'
              ORDER BY b.pid",
             &[&apply_pid],
         )
@@ -86,10 +89,22 @@ async fn lock_wait(
     // Counted from the statement's start (`pg_locks.waitstart` is 14+ only): a statement
     // that waits on a row lock after working a while is said to wait a little longer.
     let waited: f64 = first.get::<_, Option<f64>>(1).unwrap_or(0.0);
+    let wait = first.get::<_, Option<String>>(0);
+    let Some(lock) = wait.as_deref().and_then(|w| w.strip_prefix("Lock: ")) else {
+        // Not waiting on a lock: a statement that runs this long is a very large
+        // transaction's, or one the target plans badly (statistics of a table analyzed
+        // while it was empty): said, so that `streaming` with a growing lag has a reason.
+        if waited < LONG_STATEMENT.as_secs_f64() {
+            return Ok(None);
+        }
+        return Ok(Some(format!(
+            "{PREFIX}{waited:.0} s for one statement on the target to finish ({}): a very large source transaction takes that long; otherwise look at the statement in pg_stat_activity (pid {apply_pid}) and at the table's statistics (ANALYZE)",
+            wait.unwrap_or_else(|| "on the CPU".to_string())
+        )));
+    };
     if waited < REPORT_AFTER.as_secs_f64() {
         return Ok(None);
     }
-    let lock: String = first.get::<_, Option<String>>(0).unwrap_or_default();
     let holders: Vec<String> = rows
         .iter()
         .filter_map(|row| {
