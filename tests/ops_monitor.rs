@@ -200,4 +200,16 @@ async fn a_slot_the_source_invalidated_is_a_definite_error_asking_for_a_fresh_co
     assert_eq!(json["wal_status"], "lost");
     let last_error = json["last_error"].as_str().unwrap_or_default();
     assert!(last_error.contains("A fresh copy is needed"), "{json}");
+
+    // And `check` FAILs it, as `run` refuses it (it said PASS "already exists").
+    let output = run(sluice(&config, &["check"]), Duration::from_secs(60)).await;
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("FAIL")
+            && l.contains("was invalidated by the source")
+            && l.contains("A fresh copy is needed")),
+        "{text}"
+    );
+    assert!(!text.contains("already exists"), "{text}");
 }

@@ -438,7 +438,8 @@ async fn check_source_settings(
                     r.rolsuper, r.rolreplication, current_user::text,
                     CASE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_replication')
                          THEN pg_has_role('rds_replication', 'member') ELSE false END,
-                    current_setting('max_slot_wal_keep_size', true)
+                    current_setting('max_slot_wal_keep_size', true),
+                    (SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1)
              FROM pg_roles r WHERE r.rolname = current_user",
             &[&config.source.slot],
         )
@@ -455,7 +456,18 @@ async fn check_source_settings(
 
     let (max_slots, used_slots, slot_exists): (i32, i32, bool) =
         (row.get(1), row.get(2), row.get(3));
-    if slot_exists {
+    let wal_status: Option<String> = row.get(11);
+    if slot_exists && wal_status.as_deref() == Some("lost") {
+        // `run` refuses it at once: so does the preflight.
+        out.fail(format!(
+            "source: {}",
+            crate::control::monitor::slot_lost_error(
+                &config.source.slot,
+                "was invalidated by the source (wal_status = lost, max_slot_wal_keep_size exceeded)",
+            )
+            .report()
+        ));
+    } else if slot_exists {
         out.pass(format!(
             "source: slot {} already exists (used {used_slots} of max_replication_slots = {max_slots})",
             config.source.slot
