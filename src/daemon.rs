@@ -372,6 +372,27 @@ async fn refuse_a_user_that_may_not_replicate(source: &Client) -> Result<()> {
     )))
 }
 
+/// A slot to create where none is free is refused before the publication is created (it
+/// was left behind by a start that failed only at the slot).
+async fn refuse_a_new_slot_without_room(source: &Client, slot: &str) -> Result<()> {
+    let row = source
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1),
+                    (SELECT count(*) FROM pg_catalog.pg_replication_slots)::int4,
+                    current_setting('max_replication_slots')::int4",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| error::pg("Reading the source's replication slots", e))?;
+    let (exists, used, max): (bool, i32, i32) = (row.get(0), row.get(1), row.get(2));
+    if exists || used < max {
+        return Ok(());
+    }
+    Err(Error::definite(format!(
+        "No free replication slot on the source for slot {slot} (max_replication_slots = {max}, {used} in use): drop an unused slot (pg_drop_replication_slot) or raise max_replication_slots and restart the source, then start sluice run again"
+    )))
+}
+
 /// Sleeps unless shutdown comes first; `false` means shut down.
 async fn sleep_or_shutdown(wait: Duration, mut shutdown: watch::Receiver<bool>) -> bool {
     if *shutdown.borrow() {
@@ -976,6 +997,7 @@ async fn run_pipeline(
         )));
     }
     refuse_a_user_that_may_not_replicate(&source).await?;
+    refuse_a_new_slot_without_room(&source, slot).await?;
     refuse_a_publication_newer_than_the_slot(&source, &target, store, slot, config).await?;
     // The copy was made for another publication: `source.publication` was changed, and the
     // tables it lacks were never out of this migration's publication. Their copies stay.

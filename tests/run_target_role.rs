@@ -345,3 +345,31 @@ async fn a_source_user_that_may_not_replicate_is_refused_before_anything_is_crea
     );
     assert_eq!(source_objects(&pair).await, (0, 0));
 }
+
+/// No replication slot free for the new one: refused before the publication is created
+/// (a start that failed only at the slot left it behind).
+#[tokio::test(flavor = "multi_thread")]
+async fn no_free_slot_is_refused_before_anything_is_created() {
+    let pair = Pair::with_schema(SCHEMA).await;
+    let source = pair.source_client().await;
+    source
+        .batch_execute(
+            "SELECT pg_create_physical_replication_slot('taken_' || g)
+             FROM generate_series(1, current_setting('max_replication_slots')::int) g",
+        )
+        .await
+        .unwrap();
+    let config = pair.config("");
+    let (code, stdout, stderr) = sluice(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("No free replication slot on the source for slot sluice"),
+        "{stderr}"
+    );
+    let publications: i64 = source
+        .query_one("SELECT count(*) FROM pg_publication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(publications, 0);
+}
