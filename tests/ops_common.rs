@@ -44,12 +44,20 @@ pub fn sluice(config: &Path, args: &[&str]) -> tokio::process::Command {
     command
 }
 
-/// Runs to completion; panics when it takes longer than `limit`.
+/// Runs to completion; panics when it takes longer than `limit`. A binary the test has just
+/// written may still be open for writing in a child another test thread forked meanwhile
+/// (until that child execs): "Text file busy" is waited out.
 pub async fn run(mut command: tokio::process::Command, limit: Duration) -> Output {
-    tokio::time::timeout(limit, command.output())
-        .await
-        .unwrap_or_else(|_| panic!("{command:?} did not finish within {limit:?}"))
-        .expect("run the sluice binary")
+    for _ in 0..100 {
+        match tokio::time::timeout(limit, command.output()).await {
+            Err(_) => panic!("{command:?} did not finish within {limit:?}"),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(result) => return result.expect("run the sluice binary"),
+        }
+    }
+    panic!("{command:?}: the binary stayed busy (Text file busy)")
 }
 
 pub fn stdout(output: &Output) -> String {
